@@ -1,0 +1,37 @@
+"""pyprune_fast: fast pruning criteria, masks and sparse kernels for large vision transformers and LLMs.
+
+import pyprune_fast as ppf
+scores = ppf.score(model, "snip", batches, loss_fn=loss)
+masks = ppf.masks.global_unstructured(scores, sparsity=0.9)
+ppf.apply_masks(model, masks)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from . import criteria, masks, ops
+from .masks import apply_masks
+
+__version__ = "0.1.0"
+
+__all__ = ["apply_masks", "backend_info", "criteria", "masks", "ops", "score"]
+
+
+def backend_info() -> dict:
+    """What is loaded: the backend ('native' or 'reference'), how the library was built, whether CPU
+    and CUDA kernels are registered, the CUDA archs they were compiled for, and why not, if not.
+    Loads (or builds) the compiled library on first call."""
+    from . import _extension
+
+    return dict(_extension.state())
+
+
+def score(model: nn.Module, criterion: str, data: Iterable | None = None, **kwargs) -> dict[str, Tensor]:
+    """Scores `model` with the named criterion; the same as `criteria.<criterion>(model, data, **kwargs)`."""
+    if criterion not in criteria.CRITERIA:
+        valid = ", ".join(sorted(criteria.CRITERIA))
+        raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {valid}")
+    return criteria.CRITERIA[criterion](model, data, **kwargs)

@@ -1,0 +1,121 @@
+"""How the C++/CUDA library is built: one definition for setup.py (AOT) and _extension.py (JIT).
+
+Importable without torch (setup.py may run in an isolated build environment); the functions that need
+torch import it themselves.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_CSRC = os.path.join(os.path.dirname(PACKAGE_DIR), "csrc")
+PACKAGED_CSRC = os.path.join(PACKAGE_DIR, "_csrc")  # sources copied into wheels for JIT builds
+DEFAULT_ARCHS = "8.0;9.0"
+LIBRARY_NAME = "_C"
+
+# -fno-trapping-math: lets GCC vectorize float compares (we never read FP exception flags).
+# -fopenmp: at::parallel_for is OpenMP in torch's builds; without it the CPU kernels run on one thread.
+# The library then needs libgomp.so.1, which torch itself has already loaded.
+CXX_FLAGS = ["-O3", "-fno-trapping-math", "-fvisibility=hidden"] + (
+    ["-fopenmp"] if sys.platform.startswith("linux") else []
+)
+LINK_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def csrc_dir() -> str:
+    """The C++/CUDA sources: the repository's csrc/ in a checkout, the packaged copy in a wheel."""
+    for candidate in (REPO_CSRC, PACKAGED_CSRC):
+        if os.path.isfile(os.path.join(candidate, "ops.cpp")):
+            return candidate
+    raise FileNotFoundError(f"pyprune_fast C++ sources not found in {REPO_CSRC} or {PACKAGED_CSRC}")
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit that holds nvcc: $CUDA_HOME/$CUDA_PATH, /usr/local/cuda, or nvcc on PATH."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if (
+            home
+            and os.path.isfile(os.path.join(home, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+        ):
+            return home
+    return None
+
+
+def nvidia_wheel_dirs() -> tuple[list[str], list[str]]:
+    """Include and library directories of the CUDA libraries that ship in torch's `nvidia` wheels."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return [], []
+    includes, libs = [], []
+    for root in spec.submodule_search_locations:
+        for sub in sorted(glob.glob(os.path.join(root, "*"))):
+            if os.path.isdir(os.path.join(sub, "include")):
+                includes.append(os.path.join(sub, "include"))
+            if os.path.isdir(os.path.join(sub, "lib")):
+                libs.append(os.path.join(sub, "lib"))
+    return includes, libs
+
+
+def cuda_decision() -> tuple[bool, str]:
+    """Whether to build the CUDA part, and why (or why not)."""
+    import torch
+
+    wanted = os.environ.get("PYPRUNE_FAST_BUILD_CUDA", "auto").lower()
+    if wanted in ("0", "no", "false", "off"):
+        return False, "PYPRUNE_FAST_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return False, "this torch build has no CUDA"
+    home = find_cuda_home()
+    if home is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc in {home}"
+
+
+def cuda_archs() -> str:
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+
+
+def build_config() -> dict:
+    """Sources and flags shared by the AOT (setup.py) and JIT (_extension.py) builds."""
+    src = csrc_dir()
+    with_cuda, why = cuda_decision()
+    sources = [os.path.join(src, "ops.cpp")] + sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))
+    includes = [os.path.join(src, "include")]
+    cxx = list(CXX_FLAGS)
+    nvcc = list(NVCC_FLAGS)
+    ldflags = list(LINK_FLAGS)
+    if with_cuda:
+        home = find_cuda_home()
+        os.environ.setdefault("CUDA_HOME", home)
+        import torch.utils.cpp_extension as cpp_extension
+
+        cpp_extension.CUDA_HOME = home
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_archs()
+        sources += sorted(glob.glob(os.path.join(src, "cuda", "*.cu")))
+        wheel_includes, _ = nvidia_wheel_dirs()
+        includes += wheel_includes
+        # The arch list is baked into the library (reported by backend_info); ';' is not shell-safe.
+        define = f"-DPYPRUNE_FAST_CUDA_ARCHS={cuda_archs().replace(';', '_').replace(' ', '_')}"
+        cxx.append(define)
+        nvcc.append(define)
+    return {
+        "sources": sources,
+        "include_dirs": includes,
+        "cxx_flags": cxx,
+        "nvcc_flags": nvcc,
+        "ldflags": ldflags,
+        "with_cuda": with_cuda,
+        "cuda_reason": why,
+        "archs": cuda_archs() if with_cuda else "",
+    }

@@ -1,0 +1,160 @@
+"""Finds and loads the compiled operator library.
+
+Order: `PYPRUNE_FAST_BACKEND=reference` forces the pure-PyTorch path; otherwise the library built
+ahead of time by setup.py (`pyprune_fast/_C*.so`); otherwise a just-in-time build of the same sources
+with torch.utils.cpp_extension (ninja, cached per torch version and source state). If none works the
+reference path is used and `backend_info()` says why.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+import warnings
+
+from . import _build
+
+_lock = threading.Lock()
+_state: dict | None = None
+
+
+def _cache_dir() -> str:
+    import torch
+
+    root = os.environ.get("PYPRUNE_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyprune_fast"
+    )
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{_build.cuda_archs()}".replace(";", "_")
+    return os.path.join(root, hashlib.sha1(tag.encode()).hexdigest()[:12])
+
+
+def _load_aot() -> str | None:
+    spec = importlib.util.find_spec(f"pyprune_fast.{_build.LIBRARY_NAME}")
+    if spec is None or spec.origin is None:
+        return None
+    import torch
+
+    torch.ops.load_library(spec.origin)
+    return spec.origin
+
+
+def _stale(build_dir: str) -> bool:
+    """Whether the cached library is missing or older than a source file (then ninja rebuilds)."""
+    libs = glob.glob(os.path.join(build_dir, "pyprune_fast_C*.so"))
+    if not libs:
+        return True
+    built = max(os.path.getmtime(p) for p in libs)
+    sources = glob.glob(os.path.join(_build.csrc_dir(), "**", "*"), recursive=True)
+    return any(os.path.getmtime(p) > built for p in sources if os.path.isfile(p))
+
+
+def _load_jit(config: dict) -> str:
+    from torch.utils import cpp_extension
+
+    build_dir = _cache_dir()
+    os.makedirs(build_dir, exist_ok=True)
+    if _stale(build_dir):
+        what = "C++/CUDA" if config["with_cuda"] else "C++"
+        print(
+            f"pyprune_fast: building the {what} extension (first use; cached in {build_dir}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    cpp_extension.load(
+        name="pyprune_fast_C",
+        sources=config["sources"],
+        extra_include_paths=config["include_dirs"],
+        extra_cflags=config["cxx_flags"],
+        extra_cuda_cflags=config["nvcc_flags"],
+        extra_ldflags=config["ldflags"],
+        build_directory=build_dir,
+        with_cuda=config["with_cuda"],
+        is_python_module=False,
+        verbose=os.environ.get("PYPRUNE_FAST_VERBOSE_BUILD") == "1",
+    )
+    return build_dir
+
+
+def _registered_kernels() -> tuple[bool, bool]:
+    import torch
+
+    has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key("pyprune_fast::saliency", "CPU")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("pyprune_fast::saliency", "CUDA")
+    return has_cpu, has_cuda
+
+
+def _load() -> dict:
+    import torch
+
+    backend = os.environ.get("PYPRUNE_FAST_BACKEND", "auto").lower()
+    state = {
+        "backend": "reference",
+        "requested": backend,
+        "library": None,
+        "build": None,
+        "cpu_ops": False,
+        "cuda_ops": False,
+        "cuda_archs": None,
+        "reason": None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if backend == "reference":
+        state["reason"] = "PYPRUNE_FAST_BACKEND=reference"
+        return state
+    if backend not in ("auto", "native"):
+        raise ValueError(f"PYPRUNE_FAST_BACKEND must be 'auto', 'native' or 'reference', got {backend!r}")
+    try:
+        path = _load_aot()
+        if path is not None:
+            state["build"] = "ahead-of-time (setup.py)"
+        else:
+            config = _build.build_config()
+            path = _load_jit(config)
+            state["build"] = "just-in-time (torch.utils.cpp_extension.load)"
+            if not config["with_cuda"]:
+                state["cuda_reason"] = config["cuda_reason"]
+        state["library"] = path
+    except Exception as exc:  # noqa: BLE001 - any build/load failure falls back, and is reported
+        if backend == "native":
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        state["reason"] = f"the compiled library could not be loaded: {type(exc).__name__}: {first_line[:300]}"
+        state["error"] = str(exc)
+        warnings.warn(
+            f"pyprune_fast: using the pure-PyTorch reference path; {state['reason']} "
+            "(backend_info()['error'] has the full message)",
+            stacklevel=3,
+        )
+        return state
+    state["cpu_ops"], state["cuda_ops"] = _registered_kernels()
+    built = dict(item.split("=", 1) for item in torch.ops.pyprune_fast.build_info().split(";") if item)
+    state["cuda_archs"] = built.get("cuda_archs", "").replace("_", ";") or None
+    from . import ops
+
+    ops._register_python_side()
+    state["backend"] = "native"
+    return state
+
+
+def state() -> dict:
+    """Loads the library once (thread-safe) and returns what was loaded."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _load()
+    return _state
+
+
+def native_available(device_type: str) -> bool:
+    """Whether compiled kernels serve tensors of this device type ('cpu' or 'cuda')."""
+    s = state()
+    if s["backend"] != "native":
+        return False
+    return s["cuda_ops"] if device_type == "cuda" else device_type == "cpu" and s["cpu_ops"]

@@ -1,0 +1,22 @@
+"""Pruning criteria: `NAME(model, data=None, *, loss_fn=None, params=None, layers=None,
+num_batches=None, forward=None, **options) -> {parameter name: float32 score}`; higher = kept."""
+
+from ._api import CRITERIA
+from .feature import afr, feature_l1, refer
+from .gradient import grasp, obd, snip
+from .magnitude import magnitude
+from .synflow import synflow
+from .wanda import wanda
+
+__all__ = [
+    "CRITERIA",
+    "afr",
+    "feature_l1",
+    "grasp",
+    "magnitude",
+    "obd",
+    "refer",
+    "snip",
+    "synflow",
+    "wanda",
+]

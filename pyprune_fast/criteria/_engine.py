@@ -1,0 +1,321 @@
+"""The one engine every criterion shares: choosing parameters and layers, iterating batches,
+collecting features, summing gradients over batches, and giving the model back exactly as it was."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+LayerSelector = Sequence[str] | Sequence[type] | type | tuple[type, ...] | None
+Forward = Callable[[nn.Module, Any], Any]
+
+SCORED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def default_param_names(model: nn.Module) -> list[str]:
+    """Names of the weights of every Linear and Conv1d/2d/3d, in `named_parameters()` order."""
+    owned = {
+        id(m.weight) for m in model.modules() if isinstance(m, SCORED_MODULES) and isinstance(m.weight, nn.Parameter)
+    }
+    return [n for n, p in model.named_parameters() if id(p) in owned]
+
+
+def select_params(model: nn.Module, params: ParamSelector) -> dict[str, nn.Parameter]:
+    """The scored parameters by name: the default weights, the given names, or those a predicate accepts."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = default_param_names(model)
+    elif callable(params):
+        names = [n for n, p in named.items() if params(n, p)]
+    elif isinstance(params, str):
+        raise TypeError("params must be a list of parameter names or a predicate (name, param) -> bool, got a str")
+    else:
+        names = list(params)
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise ValueError(f"params names not in model.named_parameters(): {unknown}")
+    if not names:
+        raise ValueError(
+            "no parameters selected for scoring (params= selected nothing, or the model has no Linear/Conv)"
+        )
+    return {n: named[n] for n in names}
+
+
+def owner_modules(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """Modules that directly own one of the scored parameters, in `named_modules()` order."""
+    ids = {id(p) for p in params.values()}
+    return {name: m for name, m in model.named_modules() if any(id(p) in ids for p in m.parameters(recurse=False))}
+
+
+def select_layers(model: nn.Module, layers: LayerSelector, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """Layers whose outputs are the features F^l: owners of scored weights by default, else by name or type."""
+    if layers is None:
+        chosen = owner_modules(model, params)
+    else:
+        if isinstance(layers, type) or (
+            isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
+        ):
+            layers = [layers] if isinstance(layers, type) else list(layers)
+        items = list(layers)
+        modules = dict(model.named_modules())
+        if all(isinstance(x, type) for x in items):
+            chosen = {n: m for n, m in modules.items() if isinstance(m, tuple(items))}
+        elif all(isinstance(x, str) for x in items):
+            unknown = [n for n in items if n not in modules]
+            if unknown:
+                raise ValueError(f"layers names not in model.named_modules(): {unknown}")
+            chosen = {n: modules[n] for n in items}
+        else:
+            raise TypeError("layers must be a list of module names or of module types")
+    if not chosen:
+        raise ValueError("no layers selected for the feature objective (layers= selected nothing)")
+    return chosen
+
+
+def first_tensor(value: Any) -> Tensor:
+    """The tensor of a module output: itself, or the first tensor of a tuple/list/dict/ModelOutput."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            if isinstance(v, Tensor):
+                return v
+    raise TypeError(f"expected a Tensor output (or a tuple/dict holding one), got {type(value).__name__}")
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return type(value)({k: to_device(v, device) for k, v in value.items()})
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """A batch is `(inputs, targets)`; a bare tensor or dict is inputs without targets."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    return batch, None
+
+
+def default_loss(outputs: Any, targets: Any) -> Tensor:
+    """Cross-entropy for integer class targets; any other target needs an explicit loss_fn."""
+    if isinstance(targets, Tensor) and not targets.is_floating_point():
+        return nn.functional.cross_entropy(first_tensor(outputs).float(), targets)
+    raise ValueError(
+        "this criterion needs a loss: pass loss_fn=(outputs, targets) -> scalar "
+        "(the default, cross-entropy, needs integer class targets)"
+    )
+
+
+@dataclass
+class Job:
+    """Everything a criterion needs, resolved from its keyword arguments."""
+
+    model: nn.Module
+    data: Iterable | None
+    params: dict[str, nn.Parameter]
+    loss_fn: Callable[[Any, Any], Tensor] | None = None
+    layers_arg: LayerSelector = None
+    num_batches: int | None = None
+    forward: Forward | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.params)
+
+    @property
+    def tensors(self) -> list[nn.Parameter]:
+        return list(self.params.values())
+
+    def layers(self) -> dict[str, nn.Module]:
+        return select_layers(self.model, self.layers_arg, self.params)
+
+    def batches(self) -> Iterator[tuple[Any, Any]]:
+        """(inputs, targets) on the model's device, at most num_batches of them, at least one."""
+        if self.data is None:
+            raise ValueError("this criterion needs data: an iterable of (inputs, targets) batches")
+        if self.num_batches is not None and self.num_batches < 1:
+            raise ValueError(f"num_batches must be a positive int or None, got {self.num_batches!r}")
+        count = 0
+        for batch in self.data:
+            if self.num_batches is not None and count >= self.num_batches:
+                break
+            inputs, targets = split_batch(batch)
+            yield to_device(inputs, self.device), to_device(targets, self.device)
+            count += 1
+        if count == 0:
+            raise ValueError("data yielded no batches")
+
+    def run(self, inputs: Any) -> Any:
+        return self.forward(self.model, inputs) if self.forward is not None else self.model(inputs)
+
+    def loss(self, outputs: Any, targets: Any) -> Tensor:
+        return (self.loss_fn or default_loss)(outputs, targets)
+
+    def scores(self, values: Sequence[Tensor]) -> dict[str, Tensor]:
+        return {n: v.float() for n, v in zip(self.names, values)}
+
+
+def make_job(
+    model: nn.Module,
+    data: Iterable | None,
+    *,
+    loss_fn=None,
+    params: ParamSelector = None,
+    layers: LayerSelector = None,
+    num_batches: int | None = None,
+    forward: Forward | None = None,
+) -> Job:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable (model, inputs) -> outputs, got {type(forward).__name__}")
+    selected = select_params(model, params)
+    device = next(iter(selected.values())).device
+    return Job(model, data, selected, loss_fn, layers, num_batches, forward, device)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Eval mode, gradients enabled for exactly the scored parameters; then every module's training
+    flag and every parameter's requires_grad are put back. Gradients are taken with
+    torch.autograd.grad, so `.grad` is never touched; our hooks are removed by their own contexts."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    scored = {id(p) for p in params}
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(id(p) in scored)
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Identity(nn.Module):
+    """Stands in for an attention block's out_proj: weight = I, bias = 0, so the block returns the
+    attention output before projection."""
+
+    def __init__(self, proj: nn.Linear) -> None:
+        super().__init__()
+        eye = torch.eye(proj.in_features, dtype=proj.weight.dtype, device=proj.weight.device)
+        self.weight = eye
+        self.bias = None if proj.bias is None else torch.zeros_like(proj.bias.detach())
+
+
+@contextlib.contextmanager
+def observable_attention(model: nn.Module) -> Iterator[None]:
+    """nn.MultiheadAttention applies out_proj's weight functionally, so no hook sees out_proj's input
+    or output. Inside this context each attention block computes with an identity projection and its
+    real out_proj is then called as a module on the result: the same values, and out_proj's hooks
+    (inputs for Wanda, outputs for the feature criteria) fire like any Linear's."""
+    blocks = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    handles, real = [], []
+    for block in blocks:
+        proj = block.out_proj
+        real.append(proj)
+
+        def project(_module, _args, output, proj=proj):
+            return (proj(output[0]), *output[1:])
+
+        block.out_proj = _Identity(proj)
+        handles.append(block.register_forward_hook(project))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for block, proj in zip(blocks, real):
+            block.out_proj = proj
+
+
+@contextlib.contextmanager
+def capture_outputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """Forward hooks that record each layer's latest output tensor (with its autograd graph)."""
+    seen: dict[str, Tensor] = {}
+    handles = []
+    for name, module in layers.items():
+
+        def hook(_module, _args, output, name=name):
+            seen[name] = first_tensor(output)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_inputs(layers: dict[str, nn.Module], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """Forward pre-hooks that pass each layer's input tensor to `on_input(name, x)`."""
+    handles = []
+    for name, module in layers.items():
+
+        def hook(_module, args, name=name):
+            on_input(name, first_tensor(args))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def grads_of(
+    objective: Tensor, params: Sequence[Tensor], *, retain_graph: bool | None = None, create_graph: bool = False
+) -> list[Tensor]:
+    """∂objective/∂p for each p; zeros for parameters the objective does not reach."""
+    if not isinstance(objective, Tensor) or objective.numel() != 1:
+        raise ValueError(
+            f"the objective must be a scalar tensor, got {type(objective).__name__} "
+            f"{tuple(objective.shape) if isinstance(objective, Tensor) else ''}"
+        )
+    if not objective.requires_grad:
+        raise ValueError("the objective does not depend on any scored parameter (no gradient path)")
+    grads = torch.autograd.grad(
+        objective.reshape(()), list(params), retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
+    )
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+class GradSum:
+    """Σ over batches of gradients, kept in float32."""
+
+    def __init__(self) -> None:
+        self.total: list[Tensor] | None = None
+
+    def add(self, grads: Sequence[Tensor]) -> None:
+        if self.total is None:
+            self.total = [g.detach().float() if g.dtype != torch.float32 else g.detach().clone() for g in grads]
+        else:
+            torch._foreach_add_(self.total, [g.detach().float() for g in grads])
+
+    def value(self) -> list[Tensor]:
+        assert self.total is not None, "no batch was added"
+        return self.total
+
+
+def as_float32(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors in float32 (the same tensors when they already are)."""
+    return [t.detach() if t.dtype == torch.float32 else t.detach().float() for t in tensors]

@@ -1,0 +1,90 @@
+"""Feature-preserving criteria: the gradient of an objective on the layers' outputs F^l.
+
+F^l is the output of each chosen layer, viewed as an N x D matrix with N the batch size. By default
+the layers are the modules that own a scored weight and are called in the forward pass
+(nn.MultiheadAttention's out_proj is made observable; other weights used functionally are not);
+with `layers=` every named layer must produce an output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ._api import criterion
+from ._engine import GradSum, Job, as_float32, capture_outputs, grads_of, observable_attention
+
+
+def _l1_objective(features: list[Tensor]) -> Tensor:
+    return sum(f.float().abs().sum() for f in features)
+
+
+def _refer_objective(features: list[Tensor]) -> Tensor:
+    return ops.svd_mean_list([f.reshape(f.shape[0], -1) for f in features]).sum()
+
+
+def feature_gradients(
+    job: Job, objective: Callable[[list[Tensor]], Tensor], with_loss: bool = False
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Σ_batches ∂objective(F)/∂w and, when asked, Σ_batches ∂L/∂w from the same forward passes."""
+    layers = job.layers()
+    feat_sum, loss_sum = GradSum(), GradSum()
+    with observable_attention(job.model), capture_outputs(layers) as seen:
+        for inputs, targets in job.batches():
+            seen.clear()
+            outputs = job.run(inputs)
+            missing = [n for n in layers if n not in seen]
+            if missing and job.layers_arg is not None:
+                raise ValueError(f"these layers produced no output in the forward pass: {missing}")
+            if not seen:
+                raise ValueError("none of the feature layers was called in the forward pass")
+            if with_loss:
+                loss_sum.add(grads_of(job.loss(outputs, targets), job.tensors, retain_graph=True))
+            feat_sum.add(grads_of(objective([seen[n] for n in layers if n in seen]), job.tensors))
+    return feat_sum.value(), (loss_sum.value() if with_loss else None)
+
+
+@criterion
+def feature_l1(job: Job) -> list[Tensor]:
+    """Feature-preserving saliency (seed paper 000): S(w) = |∂(Σ_l ‖F^l‖₁)/∂w ⊙ w|, summed over batches."""
+    grads, _ = feature_gradients(job, _l1_objective)
+    scores, _ = ops.saliency(grads, as_float32(job.tensors))
+    return scores
+
+
+@criterion
+def refer(job: Job) -> list[Tensor]:
+    """ReFer: S(w) = |∂(Σ_l mean σ(F^l))/∂w ⊙ w|, σ the min(N, D) singular values of layer l's
+    output reshaped to (N, -1), N the batch size; the gradient summed over batches."""
+    grads, _ = feature_gradients(job, _refer_objective)
+    scores, _ = ops.saliency(grads, as_float32(job.tensors))
+    return scores
+
+
+def _standardized(scores: list[Tensor], stats: ops.Stats, what: str) -> list[Tensor]:
+    if stats.nonfinite.item() > 0:
+        raise ValueError(
+            f"afr: the {what} scores hold {int(stats.nonfinite.item())} non-finite values "
+            f"({int(stats.nan.item())} NaN); they cannot be standardized"
+        )
+    mean, std = stats.mean().float(), stats.std().float()
+    inv = torch.where(std > 0, 1.0 / std, torch.zeros_like(std))
+    return [(s - mean) * inv for s in scores]
+
+
+@criterion
+def afr(job: Job) -> list[Tensor]:
+    """AFR: S = z(ReFer) + z(SNIP), each z-scored over all scored entries together,
+    z(s) = (s - mean) / std with the population standard deviation (z = 0 where std = 0).
+
+    One forward per batch serves both gradients; the mean and std come from the fused saliency op's
+    statistics."""
+    feat_grads, loss_grads = feature_gradients(job, _refer_objective, with_loss=True)
+    weights = as_float32(job.tensors)
+    refer_scores, refer_stats = ops.saliency(feat_grads, weights)
+    snip_scores, snip_stats = ops.saliency(loss_grads, weights)
+    z_refer = _standardized(refer_scores, refer_stats, "ReFer")
+    z_snip = _standardized(snip_scores, snip_stats, "SNIP")
+    return torch._foreach_add(z_refer, z_snip)

@@ -1,0 +1,70 @@
+"""Criteria from the gradient (and curvature) of the loss: SNIP, GraSP, OBD."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .. import ops
+from ._api import criterion
+from ._engine import GradSum, Job, as_float32, first_tensor, grads_of
+
+
+def loss_gradient(job: Job, temperature: float | None = None) -> list[Tensor]:
+    """g = Σ_batches ∂L/∂w (float32), L = loss_fn(outputs [/ temperature], targets)."""
+    total = GradSum()
+    for inputs, targets in job.batches():
+        outputs = job.run(inputs)
+        if temperature is not None:
+            outputs = first_tensor(outputs) / temperature
+        total.add(grads_of(job.loss(outputs, targets), job.tensors))
+    return total.value()
+
+
+@criterion
+def snip(job: Job) -> list[Tensor]:
+    """SNIP (Lee et al. 2019): S(w) = |∂L/∂w ⊙ w|, the gradient summed over the batches.
+
+    Equal to |∂L/∂m| at m = 1 for the mask m in w ⊙ m. Computed by the fused saliency op."""
+    grads = loss_gradient(job)
+    scores, _ = ops.saliency(grads, as_float32(job.tensors))
+    return scores
+
+
+@criterion
+def grasp(job: Job, *, temperature: float = 200.0) -> list[Tensor]:
+    """GraSP (Wang et al. 2020), returned as S(w) = w ⊙ (H g) so that lower is pruned.
+
+    g = Σ_b ∇L_b and H g = Σ_b ∇(∇L_b · stopgrad(g)) from a second pass (Hessian-vector product by
+    double backward), with L_b = loss_fn(outputs_b / temperature, targets_b). This is the negation of
+    the paper's S = -w ⊙ Hg, whose largest entries the paper removes."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    g = loss_gradient(job, temperature)
+    hg = GradSum()
+    # Double backward: the fused attention kernels have no second derivative, the math one does.
+    with sdpa_kernel(SDPBackend.MATH):
+        for inputs, targets in job.batches():
+            outputs = first_tensor(job.run(inputs)) / temperature
+            grads = grads_of(job.loss(outputs, targets), job.tensors, create_graph=True)
+            z = sum((gb.float() * gi).sum() for gb, gi in zip(grads, g))
+            hg.add(grads_of(z, job.tensors))
+    return [w.detach().float() * h for w, h in zip(job.tensors, hg.value())]
+
+
+@criterion
+def obd(job: Job) -> list[Tensor]:
+    """Optimal Brain Damage with the empirical Fisher: S(w) = ½ · F_diag · w², where
+    F_diag = (1/B) Σ_b (∂L_b/∂w)² over the B batches (per-batch gradients, squared, averaged).
+
+    Accumulated batch by batch by the fused saliency op (acc += ½ |g_b ⊙ w|²)."""
+    weights = as_float32(job.tensors)
+    acc = [torch.zeros_like(w) for w in weights]
+    count = 0
+    for inputs, targets in job.batches():
+        grads = grads_of(job.loss(job.run(inputs), targets), job.tensors)
+        ops.saliency_accumulate_(acc, as_float32(grads), weights, scale=0.5, power=2)
+        count += 1
+    torch._foreach_mul_(acc, 1.0 / count)
+    return acc

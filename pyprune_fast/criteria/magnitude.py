@@ -1,0 +1,14 @@
+"""Magnitude: the data-free baseline."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._api import criterion
+from ._engine import Job
+
+
+@criterion
+def magnitude(job: Job) -> list[Tensor]:
+    """S(w) = |w|. Needs no data."""
+    return [p.detach().abs().float() for p in job.tensors]

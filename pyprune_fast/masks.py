@@ -1,0 +1,67 @@
+"""Keep-masks from scores (True = kept) and their application to a model.
+
+Rule shared by every granularity and backend: exactly round(sparsity × N) entries of each group are
+pruned, the lowest scores first; among equal scores the lower flat index (tensors in dict order, each
+row-major) is pruned first; NaN is refused, ±inf are ordinary values, -0.0 equals 0.0."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+
+
+def check_scores(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Validates a score dict and a sparsity; returns the scores as a plain dict."""
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a dict of name -> Tensor, got {type(scores).__name__}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    for name, s in scores.items():
+        if not isinstance(s, Tensor):
+            raise TypeError(f"scores[{name!r}] must be a Tensor, got {type(s).__name__}")
+        if not s.is_floating_point():
+            raise TypeError(f"scores[{name!r}] must be a floating-point tensor, got {s.dtype}")
+        if bool(torch.isnan(s).any()):
+            raise ValueError(f"scores[{name!r}] contains NaN; scores must not be NaN")
+    return dict(scores)
+
+
+def global_unstructured(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """One threshold over all tensors: exactly round(sparsity × total) entries pruned."""
+    return reference.global_unstructured(check_scores(scores, sparsity), float(sparsity))
+
+
+def layerwise(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Each tensor its own group: exactly round(sparsity × numel) entries pruned in each."""
+    return reference.layerwise(check_scores(scores, sparsity), float(sparsity))
+
+
+def sparsity_of(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of pruned (False) entries over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return math.nan if total == 0 else 1.0 - kept / total
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
+    """Zeros, in place, every parameter entry whose mask is False; returns the model."""
+    named = dict(model.named_parameters())
+    unknown = [n for n in masks if n not in named]
+    if unknown:
+        raise ValueError(f"masks name parameters the model does not have: {unknown}")
+    for name, mask in masks.items():
+        param = named[name]
+        if mask.shape != param.shape:
+            raise ValueError(
+                f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has {tuple(param.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor (True = keep), got {mask.dtype}")
+        param.masked_fill_(~mask.to(param.device), 0)
+    return model

