@@ -41,6 +41,27 @@ def layerwise(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor
     return reference.layerwise(check_scores(scores, sparsity), float(sparsity))
 
 
+def per_row(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Each output row its own group (Wanda's rule): every tensor viewed as (out, -1) and exactly
+    round(sparsity × row length) entries pruned in each row."""
+    return reference.per_row(check_scores(scores, sparsity), float(sparsity))
+
+
+def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:
+    """N:M semi-structured keep-masks: each tensor viewed as (out, -1), groups of m consecutive entries
+    along a row, the n highest of each group kept (among equal scores the lower index is kept)."""
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+        raise TypeError(f"n and m must be ints, got n={n!r}, m={m!r}")
+    if not 0 <= n <= m or m < 1:
+        raise ValueError(f"n:m must satisfy 0 <= n <= m and m >= 1, got {n}:{m}")
+    scores = check_scores(scores, 0.0)
+    for name, s in scores.items():
+        row = reference.rows_of(s).shape[1]
+        if row % m:
+            raise ValueError(f"scores[{name!r}]: row length {row} (shape {tuple(s.shape)}) is not divisible by m={m}")
+    return reference.n_m(scores, n, m)
+
+
 def sparsity_of(masks: Mapping[str, Tensor]) -> float:
     """Fraction of pruned (False) entries over all masks."""
     total = sum(m.numel() for m in masks.values())

@@ -96,3 +96,35 @@ def global_unstructured(scores: dict[str, Tensor], sparsity: float) -> dict[str,
 def layerwise(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
     """Each tensor pruned on its own: round(sparsity * numel) lowest entries of each."""
     return {n: prune_lowest(s, round(sparsity * s.numel())).view(s.shape) for n, s in scores.items()}
+
+
+def rows_of(score: Tensor) -> Tensor:
+    """A score tensor viewed as (out, -1): row i holds output i's entries, row-major."""
+    return score.reshape(score.shape[0], -1) if score.dim() > 0 else score.reshape(1, 1)
+
+
+def per_row(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Each output row its own group (Wanda's rule): round(sparsity * row length) lowest entries of
+    every row pruned, ties by lower index first."""
+    out = {}
+    for name, s in scores.items():
+        rows = _sortable(rows_of(s)).view(rows_of(s).shape)
+        count = round(sparsity * rows.shape[1])
+        keep = torch.ones_like(rows, dtype=torch.bool)
+        if count > 0:
+            order = torch.sort(rows, dim=1, stable=True).indices[:, :count]
+            keep.scatter_(1, order, False)
+        out[name] = keep.view(s.shape)
+    return out
+
+
+def n_m(scores: dict[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
+    """N:M keep-masks: each weight viewed as (out, -1), groups of m consecutive entries along a row,
+    the n highest of each group kept; among equal scores the lower index is kept."""
+    out = {}
+    for name, s in scores.items():
+        groups = _sortable(rows_of(s)).view(-1, m)
+        order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
+        out[name] = keep.view(s.shape)
+    return out
