@@ -12,39 +12,123 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import ops, reference
 
 
-def check_scores(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Validates a score dict and a sparsity; returns the scores as a plain dict."""
+def _prepare(scores: Mapping[str, Tensor], sparsity: float) -> tuple[list[str], list[Tensor], list[str]]:
+    """Validates a score dict and a sparsity: (names, tensors in one dtype, labels for errors)."""
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a dict of name -> Tensor, got {type(scores).__name__}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
-    for name, s in scores.items():
+    names, tensors = list(scores), list(scores.values())
+    for name, s in zip(names, tensors):
         if not isinstance(s, Tensor):
             raise TypeError(f"scores[{name!r}] must be a Tensor, got {type(s).__name__}")
         if not s.is_floating_point():
             raise TypeError(f"scores[{name!r}] must be a floating-point tensor, got {s.dtype}")
-        if bool(torch.isnan(s).any()):
-            raise ValueError(f"scores[{name!r}] contains NaN; scores must not be NaN")
-    return dict(scores)
+        if s.device != tensors[0].device:
+            raise ValueError(f"scores[{name!r}] is on {s.device} but scores[{names[0]!r}] is on {tensors[0].device}")
+    if tensors:
+        dtype = tensors[0].dtype
+        for s in tensors[1:]:
+            dtype = torch.promote_types(dtype, s.dtype)
+        tensors = [s if s.dtype == dtype else s.to(dtype) for s in tensors]
+    return names, tensors, [f"scores[{n!r}]" for n in names]
 
 
-def global_unstructured(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """One threshold over all tensors: exactly round(sparsity × total) entries pruned."""
-    return reference.global_unstructured(check_scores(scores, sparsity), float(sparsity))
+def check_scores(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Validates a score dict (NaN included) and a sparsity; returns the scores as a plain dict."""
+    names, tensors, labels = _prepare(scores, sparsity)
+    _refuse_nan(tensors, labels)
+    return dict(zip(names, tensors))
 
 
-def layerwise(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Each tensor its own group: exactly round(sparsity × numel) entries pruned in each."""
-    return reference.layerwise(check_scores(scores, sparsity), float(sparsity))
+def _refuse_nan(tensors: list[Tensor], labels: list[str]) -> None:
+    if tensors:
+        ops._raise_on_nan(torch.stack([torch.isnan(t).sum() for t in tensors]).cpu(), labels)
 
 
-def per_row(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+def _targets(apply_to: nn.Module | Mapping[str, Tensor], names: list[str], tensors: list[Tensor]) -> list[Tensor]:
+    """The parameters pruned in place: by score name, in a model or a dict; shapes must match."""
+    if isinstance(apply_to, nn.Module):
+        named = dict(apply_to.named_parameters())
+    elif isinstance(apply_to, Mapping):
+        named = dict(apply_to)
+    else:
+        raise TypeError(f"apply_to must be an nn.Module or a dict of name -> Tensor, got {type(apply_to).__name__}")
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise ValueError(f"apply_to has no parameters named {missing}")
+    targets = []
+    for name, s in zip(names, tensors):
+        p = named[name]
+        if p.shape != s.shape:
+            raise ValueError(f"apply_to[{name!r}] has shape {tuple(p.shape)} but its scores have {tuple(s.shape)}")
+        if not p.is_floating_point():
+            raise TypeError(f"apply_to[{name!r}] must be floating point, got {p.dtype}")
+        if p.device != s.device:
+            raise ValueError(f"apply_to[{name!r}] is on {p.device} but its scores are on {s.device}")
+        targets.append(p)
+    return targets
+
+
+def _ones(tensors: list[Tensor]) -> list[Tensor]:
+    return [torch.ones_like(t, dtype=torch.bool) for t in tensors]
+
+
+def global_unstructured(
+    scores: Mapping[str, Tensor], sparsity: float, *, apply_to: nn.Module | Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor] | None:
+    """One threshold over all tensors: exactly round(sparsity × total) entries pruned, the lowest first,
+    ties by flat index (tensors in dict order, each row-major).
+
+    The exact k-th smallest score comes from a radix select over all tensors (no concatenation, no
+    sort) and the masks from one fused compare pass. With `apply_to=` (a model, or a dict of
+    parameters, keyed like the scores) the pruned weights are zeroed in place instead and no mask is
+    kept (returns None): for models whose masks would not fit."""
+    names, tensors, labels = _prepare(scores, sparsity)
+    targets = None if apply_to is None else _targets(apply_to, names, tensors)
+    k = round(float(sparsity) * sum(t.numel() for t in tensors))
+    if k == 0:
+        _refuse_nan(tensors, labels)
+        return None if targets is not None else dict(zip(names, _ones(tensors)))
+    value, counts = ops.select_counts(tensors, k, labels)
+    if targets is not None:
+        ops.threshold_apply_(targets, tensors, value, counts, k)
+        return None
+    return dict(zip(names, ops.threshold_masks(tensors, value, counts, k)))
+
+
+def _group_masks(scores, sparsity, apply_to, group_sizes, build):
+    """Masks of a granularity whose groups lie inside single tensors; with apply_to, tensor by tensor
+    so that only one tensor's mask exists at a time."""
+    names, tensors, labels = _prepare(scores, sparsity)
+    counts = [round(float(sparsity) * group_sizes(t)) for t in tensors]
+    if apply_to is None:
+        return dict(zip(names, build(tensors, counts, labels)))
+    targets = _targets(apply_to, names, tensors)
+    with torch.no_grad():
+        for target, t, count, label in zip(targets, tensors, counts, labels):
+            target.masked_fill_(~build([t], [count], [label])[0], 0)
+    return None
+
+
+def layerwise(
+    scores: Mapping[str, Tensor], sparsity: float, *, apply_to: nn.Module | Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor] | None:
+    """Each tensor its own group: exactly round(sparsity × numel) entries pruned in each, lowest first,
+    ties by flat index. `apply_to=` prunes in place instead (see global_unstructured)."""
+    return _group_masks(scores, sparsity, apply_to, lambda t: t.numel(), ops.layerwise_masks)
+
+
+def per_row(
+    scores: Mapping[str, Tensor], sparsity: float, *, apply_to: nn.Module | Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor] | None:
     """Each output row its own group (Wanda's rule): every tensor viewed as (out, -1) and exactly
-    round(sparsity × row length) entries pruned in each row."""
-    return reference.per_row(check_scores(scores, sparsity), float(sparsity))
+    round(sparsity × row length) entries pruned in each row, lowest first, ties by lower index.
+    `apply_to=` prunes in place instead (see global_unstructured)."""
+    return _group_masks(scores, sparsity, apply_to, lambda t: reference.rows_of(t).shape[1], ops.per_row_masks)
 
 
 def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:

@@ -151,6 +151,108 @@ def svd_mean_list(features: Sequence[Tensor]) -> Tensor:
     return reference.svd_mean_list(features)
 
 
+SELECT_TYPES = FLOAT_TYPES + (torch.float64,)
+
+
+def _check_select_args(name: str, tensors: Sequence[Tensor]) -> None:
+    _check_float_list(name, tensors, SELECT_TYPES)
+    if not tensors:
+        raise ValueError(f"{name} must hold at least one tensor")
+    for i, t in enumerate(tensors):
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(f"{name}[{i}] is {t.dtype} but {name}[0] is {tensors[0].dtype}; all must have one dtype")
+    _check_same_device({name: tensors})
+
+
+def _raise_on_nan(nan: Tensor, names: Sequence[str]) -> None:
+    """One synchronization for the whole call: ValueError naming the first tensor holding NaN."""
+    if bool(nan.any()):
+        first = int(torch.nonzero(nan)[0, 0])
+        raise ValueError(f"{names[first]} contains NaN ({int(nan[first])} values); scores must not be NaN")
+
+
+def select_counts(tensors: Sequence[Tensor], k: int, names: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+    """(value, counts): the k-th smallest value over all tensors and int64 [elements < value, elements ==
+    value], on the tensors' device. NaN is refused with a ValueError naming the tensor."""
+    names = names or [f"tensors[{i}]" for i in range(len(tensors))]
+    if _native(tensors):
+        value, counts, nan = torch.ops.pyprune_fast.kth_smallest_counts(list(tensors), int(k))
+    else:
+        value, counts, nan = reference.kth_smallest_counts(tensors, int(k))
+    _raise_on_nan(nan, names)
+    return value, counts
+
+
+def _check_k(k: int, total: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}] (the number of elements), got {k}")
+
+
+def kth_smallest(tensors: Sequence[Tensor], k: int) -> Tensor:
+    """The exact k-th smallest value (1-based) over all elements of all tensors, as a 0-d tensor of
+    their dtype, without concatenating or sorting them.
+
+    Radix select on order-preserving integer keys: a few histogram passes over the tensors (one per
+    16-bit digit on CPU, per 11-bit digit on CUDA), memory O(threads × bins). float32/float16/bfloat16/
+    float64, any shapes and strides, empty tensors allowed, more than 2³¹ elements per tensor or in
+    total. -0.0 and 0.0 are one value, ±inf ordinary values; NaN is refused (ValueError naming the
+    tensor)."""
+    tensors = _as_list("tensors", tensors)
+    _check_select_args("tensors", tensors)
+    _check_k(k, sum(t.numel() for t in tensors))
+    return select_counts(tensors, k)[0]
+
+
+def threshold_masks(tensors: Sequence[Tensor], value: Tensor, counts: Tensor, k: int) -> list[Tensor]:
+    """Keep-masks (bool, shaped like the tensors) with the k lowest entries of all tensors pruned; among
+    entries equal to the threshold the lower flat index (tensors in order, each row-major) is pruned
+    first. value/counts: `select_counts(tensors, k)`. One fused compare pass; a second (tie-counting)
+    pass only when the threshold value is partly pruned."""
+    if _native(tensors):
+        return list(torch.ops.pyprune_fast.threshold_masks(list(tensors), value, counts, int(k)))
+    return reference.threshold_masks(tensors, value, counts, int(k))
+
+
+@torch.no_grad()
+def threshold_apply_(
+    params: Sequence[Tensor], tensors: Sequence[Tensor], value: Tensor, counts: Tensor, k: int
+) -> None:
+    """The selection of `threshold_masks` applied in place: params[i] entries whose score tensors[i]
+    entry is pruned are set to zero, without materializing the masks."""
+    if not _native(tensors):
+        for p, m in zip(params, reference.threshold_masks(tensors, value, counts, int(k))):
+            p.masked_fill_(~m, 0)
+        return
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    torch.ops.pyprune_fast.threshold_apply_(work, list(tensors), value, counts, int(k))
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
+
+
+def layerwise_masks(tensors: Sequence[Tensor], ks: Sequence[int], names: Sequence[str]) -> list[Tensor]:
+    """Each tensor its own group: the ks[i] lowest entries of tensors[i] pruned (ties by flat index)."""
+    if _native(tensors):
+        masks, nan = torch.ops.pyprune_fast.layerwise_masks(list(tensors), [int(k) for k in ks])
+    else:
+        masks, nan = reference.layerwise_masks(tensors, ks)
+    _raise_on_nan(nan, names)
+    return list(masks)
+
+
+def per_row_masks(tensors: Sequence[Tensor], counts: Sequence[int], names: Sequence[str]) -> list[Tensor]:
+    """Each row of each tensor (viewed as (size(0), -1)) its own group: counts[i] lowest entries of
+    every row of tensors[i] pruned, ties by lower index."""
+    if _native(tensors):
+        masks, nan = torch.ops.pyprune_fast.per_row_masks(list(tensors), [int(c) for c in counts])
+    else:
+        masks, nan = reference.per_row_masks(tensors, counts)
+    _raise_on_nan(nan, names)
+    return list(masks)
+
+
 # --- fake (meta) implementations, registered once the library is loaded -------------------------
 
 
@@ -166,7 +268,32 @@ def _fake_saliency_accumulate_(acc, grads, weights, scale=1.0, power=1):
     return _stats_like(weights)
 
 
+def _fake_kth_smallest_counts(xs, k):
+    return (
+        xs[0].new_empty(()),
+        xs[0].new_empty((2,), dtype=torch.int64),
+        xs[0].new_empty((len(xs),), dtype=torch.int64),
+    )
+
+
+def _fake_threshold_masks(xs, value, counts, k):
+    return [torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format) for x in xs]
+
+
+def _fake_threshold_apply_(params, xs, value, counts, k):
+    return None
+
+
+def _fake_group_masks(xs, counts):
+    return _fake_threshold_masks(xs, None, None, 0), xs[0].new_empty((len(xs),), dtype=torch.int64)
+
+
 def _register_python_side() -> None:
     """Called by _extension after the compiled library has defined the ops."""
     torch.library.register_fake("pyprune_fast::saliency", _fake_saliency)
     torch.library.register_fake("pyprune_fast::saliency_accumulate_", _fake_saliency_accumulate_)
+    torch.library.register_fake("pyprune_fast::kth_smallest_counts", _fake_kth_smallest_counts)
+    torch.library.register_fake("pyprune_fast::threshold_masks", _fake_threshold_masks)
+    torch.library.register_fake("pyprune_fast::threshold_apply_", _fake_threshold_apply_)
+    torch.library.register_fake("pyprune_fast::layerwise_masks", _fake_group_masks)
+    torch.library.register_fake("pyprune_fast::per_row_masks", _fake_group_masks)

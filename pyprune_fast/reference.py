@@ -4,6 +4,7 @@ and the path used when `PYPRUNE_FAST_BACKEND=reference` or no compiled library i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -80,42 +81,38 @@ def prune_lowest(values: Tensor, count: int) -> Tensor:
     return keep
 
 
-def global_unstructured(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Keep-masks with exactly round(sparsity * total) entries pruned over all tensors together,
-    lowest first, ties by flat index (tensors in dict order, each row-major)."""
-    total = sum(s.numel() for s in scores.values())
-    flat = torch.cat([_sortable(s).cpu() for s in scores.values()]) if scores else torch.zeros(0)
-    keep = prune_lowest(flat, round(sparsity * total))
-    out, start = {}, 0
-    for name, s in scores.items():
-        out[name] = keep[start : start + s.numel()].view(s.shape).to(s.device)
-        start += s.numel()
-    return out
+def threshold_masks(xs: Sequence[Tensor], value: Tensor, counts: Tensor, k: int) -> list[Tensor]:
+    """Keep-masks with the k lowest entries of all tensors pruned, ties by flat index (tensors in order,
+    each row-major): a stable sort of the concatenation (value and counts are not needed here)."""
+    keep = prune_lowest(torch.cat([_sortable(x) for x in xs]), k)
+    return [m.view(x.shape) for m, x in zip(torch.split(keep, [x.numel() for x in xs]), xs)]
 
 
-def layerwise(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Each tensor pruned on its own: round(sparsity * numel) lowest entries of each."""
-    return {n: prune_lowest(s, round(sparsity * s.numel())).view(s.shape) for n, s in scores.items()}
+def _nan_counts(xs: Sequence[Tensor]) -> Tensor:
+    return torch.stack([torch.isnan(x).sum() for x in xs]).long()
+
+
+def layerwise_masks(xs: Sequence[Tensor], ks: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+    """Each tensor its own group: ks[i] lowest entries of xs[i] pruned. Masks and NaN counts."""
+    return [prune_lowest(x, k).view(x.shape) for x, k in zip(xs, ks)], _nan_counts(xs)
 
 
 def rows_of(score: Tensor) -> Tensor:
     """A score tensor viewed as (out, -1): row i holds output i's entries, row-major."""
-    return score.reshape(score.shape[0], -1) if score.dim() > 0 else score.reshape(1, 1)
+    return score.reshape(score.shape[0], math.prod(score.shape[1:])) if score.dim() > 0 else score.reshape(1, 1)
 
 
-def per_row(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Each output row its own group (Wanda's rule): round(sparsity * row length) lowest entries of
-    every row pruned, ties by lower index first."""
-    out = {}
-    for name, s in scores.items():
-        rows = _sortable(rows_of(s)).view(rows_of(s).shape)
-        count = round(sparsity * rows.shape[1])
+def per_row_masks(xs: Sequence[Tensor], counts: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+    """Each row of each tensor (viewed as (size(0), -1)) its own group: counts[i] lowest entries of every
+    row of xs[i] pruned, ties by lower index (a stable sort per row). Masks and NaN counts."""
+    masks = []
+    for x, count in zip(xs, counts):
+        rows = rows_of(_sortable(x).view(x.shape))
         keep = torch.ones_like(rows, dtype=torch.bool)
-        if count > 0:
-            order = torch.sort(rows, dim=1, stable=True).indices[:, :count]
-            keep.scatter_(1, order, False)
-        out[name] = keep.view(s.shape)
-    return out
+        if count > 0 and rows.numel():
+            keep.scatter_(1, torch.sort(rows, dim=1, stable=True).indices[:, :count], False)
+        masks.append(keep.view(x.shape))
+    return masks, _nan_counts(xs)
 
 
 def n_m(scores: dict[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
@@ -128,3 +125,16 @@ def n_m(scores: dict[str, Tensor], n: int, m: int) -> dict[str, Tensor]:
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
         out[name] = keep.view(s.shape)
     return out
+
+
+def kth_smallest_counts(xs: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(value, counts, nan): the k-th smallest value (1-based) of all elements in the inputs' dtype,
+    int64 [elements < value, elements == value], int64 NaN count per tensor. By sorting."""
+    device = xs[0].device
+    nan = torch.stack([torch.isnan(x).sum() for x in xs]).long()
+    flat = torch.cat([_sortable(x) for x in xs])
+    if int(nan.sum()) > 0:
+        return torch.zeros((), dtype=xs[0].dtype, device=device), torch.zeros(2, dtype=torch.long, device=device), nan
+    value = torch.sort(flat).values[k - 1]
+    counts = torch.stack([(flat < value).sum(), (flat == value).sum()]).long()
+    return value.to(xs[0].dtype), counts, nan

@@ -10,16 +10,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "pyprune_fast/cpu_simd.h"
 #include "pyprune_fast/saliency_job.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PPF_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PPF_TARGET_CLONES
-#endif
-
-// The 64-byte vector helpers below are internal and always inlined; their ABI does not matter.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace pyprune_fast {
 namespace {

@@ -1,0 +1,51 @@
+// Host-side preparation of the selection ops, shared by the CPU and CUDA launchers: checks, the dense
+// views the kernels walk, and the chunk plan.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "pyprune_fast/multi_tensor.h"
+
+namespace pyprune_fast {
+
+struct SelectJob {
+  std::vector<at::Tensor> dense;  // the tensors the kernels walk (the inputs themselves when possible)
+  std::vector<int64_t> numels;
+  ChunkPlan plan;
+  at::ScalarType dtype;
+  int64_t total = 0;
+};
+
+// row_major: the walk must follow each tensor's row-major (flat index) order, as the tie rule of the
+// masks needs; otherwise any dense memory order will do (selection does not depend on order).
+inline SelectJob make_select_job(at::TensorList xs, c10::DeviceType device, bool row_major, const char* name = "xs") {
+  TORCH_CHECK(!xs.empty(), name, " must hold at least one tensor");
+  SelectJob job;
+  job.dtype = xs[0].scalar_type();
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor& x = xs[i];
+    TORCH_CHECK(x.scalar_type() == job.dtype, name, "[", i, "] is ", x.scalar_type(), " but ", name, "[0] is ",
+                job.dtype, "; all tensors must have one dtype");
+    TORCH_CHECK(x.device() == xs[0].device() && x.device().type() == device, name, "[", i, "] is on ", x.device(),
+                " but ", name, "[0] is on ", xs[0].device());
+    dtype_code(x, name);
+    const bool keep = row_major ? x.is_contiguous() : x.is_non_overlapping_and_dense();
+    job.dense.push_back(keep ? x : x.contiguous());
+    job.numels.push_back(x.numel());
+    job.total += x.numel();
+  }
+  job.plan = plan_chunks(job.numels);
+  return job;
+}
+
+// The selection results every launcher returns: value (0-d, the inputs' dtype), counts int64 [2] =
+// (elements < value, elements == value), nan int64 [len(xs)] = NaN count per tensor.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> selection_outputs(const SelectJob& job) {
+  const auto opts = job.dense[0].options();
+  return {at::empty({}, opts), at::zeros({2}, opts.dtype(at::kLong)),
+          at::zeros({static_cast<int64_t>(job.dense.size())}, opts.dtype(at::kLong))};
+}
+
+}  // namespace pyprune_fast
