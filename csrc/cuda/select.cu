@@ -1,0 +1,508 @@
+// CUDA kernels of the exact selection ops. The k-th smallest value comes from radix select with
+// 11-bit digits (2048-bin shared-memory histograms): per pass one histogram launch over every chunk of
+// every tensor and one single-thread launch that picks the bin (radix.h's select_bin) and extends the
+// prefix kept in device memory, so the host never waits. Masks and in-place pruning are one compare
+// pass; ties are ranked in flat order (ballot + popc tiles) only in the chunk where the partly pruned
+// threshold value crosses the count. Per-row masks: one block per row, 8-bit digits.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "pyprune_fast/cuda_utils.cuh"
+#include "pyprune_fast/radix.h"
+#include "pyprune_fast/select_job.h"
+
+namespace pyprune_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kDigitGpu = 11;
+constexpr int kRowDigit = 8;
+constexpr int kTensorWords = 4;  // scores pointer, numel, output pointer, output element size
+
+// Selection state in device memory (int64 words).
+struct State {
+  unsigned long long prefix;  // key bits decided so far
+  long long rank;             // rank of the k-th key among keys carrying the prefix (1-based)
+  long long less;             // keys below the prefix's range
+  long long equal;            // keys in the selected bin of the last pass
+  long long nan;              // NaN in all tensors
+};
+constexpr int kStateWords = sizeof(State) / sizeof(int64_t);
+
+// Device table: per tensor kTensorWords words, then per chunk (tensor, offset).
+at::Tensor make_table(const SelectJob& job, const std::vector<at::Tensor>& outputs) {
+  std::vector<int64_t> words;
+  for (size_t t = 0; t < job.dense.size(); ++t) {
+    words.push_back(reinterpret_cast<int64_t>(job.dense[t].data_ptr()));
+    words.push_back(job.numels[t]);
+    words.push_back(outputs.empty() ? 0 : reinterpret_cast<int64_t>(outputs[t].data_ptr()));
+    words.push_back(outputs.empty() ? 0 : outputs[t].element_size());
+  }
+  for (int64_t c = 0; c < job.plan.size(); ++c) {
+    words.push_back(job.plan.tensor[c]);
+    words.push_back(job.plan.offset[c]);
+  }
+  return table_to_device(words, job.dense[0].device());
+}
+
+struct ChunkRef {
+  int64_t tensor, offset, n;
+  const int64_t* entry;
+};
+
+__device__ __forceinline__ ChunkRef chunk_ref(const int64_t* table, int64_t n_tensors, int64_t c) {
+  const int64_t* chunk = table + n_tensors * kTensorWords + 2 * c;
+  const int64_t* entry = table + chunk[0] * kTensorWords;
+  return {chunk[0], chunk[1], min(kChunk, entry[1] - chunk[1]), entry};
+}
+
+// Rank of this thread's flag among the flags of lower threads of the block, and the block's total.
+__device__ __forceinline__ int block_rank(bool flag, int* total) {
+  __shared__ int warp_counts[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, sum = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    sum += warp_counts[w];
+  }
+  __syncthreads();  // warp_counts is reused by the next call
+  *total = sum;
+  return before + __popc(ballot & ((1u << lane) - 1));
+}
+
+template <typename Fmt>
+__global__ void __launch_bounds__(kThreads)
+    histogram_kernel(const int64_t* __restrict table, int64_t n_tensors, int64_t chunks, int pass,
+                     const int64_t* __restrict state_words, unsigned long long* __restrict hist,
+                     unsigned long long* __restrict nan_per_tensor) {
+  using Bits = typename Fmt::Bits;
+  using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
+  const State* state = reinterpret_cast<const State*>(state_words);
+  if (pass > 0 && state->nan > 0) return;
+  __shared__ unsigned int bins[1 << kDigitGpu];
+  const int n_bins = 1 << Plan::bits(pass);
+  for (int b = threadIdx.x; b < n_bins; b += kThreads) bins[b] = 0;
+  __syncthreads();
+  const Bits prefix = static_cast<Bits>(state->prefix);
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    const ChunkRef ref = chunk_ref(table, n_tensors, c);
+    const Bits* p = reinterpret_cast<const Bits*>(ref.entry[0]) + ref.offset;
+    unsigned int nans = 0;
+    for (int64_t i = threadIdx.x; i < ref.n; i += kThreads) {
+      const Bits bits = __ldg(p + i);
+      if (pass == 0) {
+        if (Fmt::is_nan(bits)) {
+          ++nans;
+        } else {
+          atomicAdd(&bins[Plan::digit(Fmt::key(bits), 0)], 1u);
+        }
+      } else {
+        const Bits key = Fmt::key(bits);
+        if (Plan::in_prefix(key, prefix, pass)) atomicAdd(&bins[Plan::digit(key, pass)], 1u);
+      }
+    }
+    if (nans) atomicAdd(&nan_per_tensor[ref.tensor], static_cast<unsigned long long>(nans));
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < n_bins; b += kThreads) {
+    if (bins[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(bins[b]));
+  }
+}
+
+template <typename Fmt>
+__global__ void select_bin_kernel(const unsigned long long* __restrict hist, int pass, int64_t* state_words,
+                                  const unsigned long long* __restrict nan_per_tensor, int64_t n_tensors) {
+  using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
+  State* state = reinterpret_cast<State*>(state_words);
+  if (pass == 0) {
+    long long nan = 0;
+    for (int64_t t = 0; t < n_tensors; ++t) nan += static_cast<long long>(nan_per_tensor[t]);
+    state->nan = nan;
+  }
+  if (state->nan > 0) return;
+  unsigned long long below = 0;
+  const int bin = select_bin<unsigned long long>(hist, 1 << Plan::bits(pass),
+                                                 static_cast<unsigned long long>(state->rank), &below);
+  state->less += static_cast<long long>(below);
+  state->rank -= static_cast<long long>(below);
+  state->prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
+  state->equal = static_cast<long long>(hist[bin]);
+}
+
+template <typename Fmt>
+__global__ void finish_kernel(const int64_t* state_words, typename Fmt::Bits* value, int64_t* counts,
+                              const unsigned long long* nan_per_tensor, int64_t* nan_out, int64_t n_tensors) {
+  const State* state = reinterpret_cast<const State*>(state_words);
+  using Bits = typename Fmt::Bits;
+  *value = state->nan > 0 ? Bits(0) : key_to_bits<Bits>(static_cast<Bits>(state->prefix));
+  counts[0] = state->less;
+  counts[1] = state->equal;
+  for (int64_t t = 0; t < n_tensors; ++t) nan_out[t] = static_cast<int64_t>(nan_per_tensor[t]);
+}
+
+int grid_for(int64_t chunks) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Several blocks per SM; enough blocks that none counts more than 2^31 keys in 32-bit bins.
+  const int64_t grid = std::max<int64_t>(std::min<int64_t>(chunks, 8 * sms), ceil_div(chunks, 32768));
+  return static_cast<int>(std::max<int64_t>(grid, 1));
+}
+
+// Runs the radix passes; value (0-d, dtype of xs), counts int64 [2], nan int64 [n] come back filled.
+template <typename Fmt>
+void select_on_device(const SelectJob& job, int64_t k, at::Tensor& value, at::Tensor& counts, at::Tensor& nan) {
+  using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
+  const auto device = job.dense[0].device();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n_tensors = static_cast<int64_t>(job.dense.size()), chunks = job.plan.size();
+  at::Tensor state = table_to_device({0, k, 0, 0, 0}, device);
+  static_assert(kStateWords == 5, "State layout");
+  at::Tensor hist = at::empty({1 << kDigitGpu}, state.options());
+  at::Tensor nan_acc = at::zeros({n_tensors}, state.options());
+  const at::Tensor table = make_table(job, {});
+  auto* hist_ptr = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+  auto* nan_ptr = reinterpret_cast<unsigned long long*>(nan_acc.data_ptr<int64_t>());
+  for (int pass = 0; pass < Plan::kPasses; ++pass) {
+    hist.zero_();
+    if (chunks > 0) {
+      histogram_kernel<Fmt><<<grid_for(chunks), kThreads, 0, stream>>>(table.data_ptr<int64_t>(), n_tensors, chunks,
+                                                                        pass, state.data_ptr<int64_t>(), hist_ptr,
+                                                                        nan_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    select_bin_kernel<Fmt><<<1, 1, 0, stream>>>(hist_ptr, pass, state.data_ptr<int64_t>(), nan_ptr, n_tensors);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  finish_kernel<Fmt><<<1, 1, 0, stream>>>(state.data_ptr<int64_t>(),
+                                          reinterpret_cast<typename Fmt::Bits*>(value.data_ptr()),
+                                          counts.data_ptr<int64_t>(), nan_ptr, nan.data_ptr<int64_t>(), n_tensors);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename F>
+auto dispatch_format(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kHalf:
+      return f.template operator()<F16Format>();
+    case at::kBFloat16:
+      return f.template operator()<BF16Format>();
+    case at::kDouble:
+      return f.template operator()<F64Format>();
+    default:
+      return f.template operator()<F32Format>();
+  }
+}
+
+void check_k(int64_t k, int64_t total) {
+  TORCH_CHECK(k >= 1 && k <= total, "k must be in [1, ", total, "] (the number of elements), got ", k);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kth_smallest_counts_cuda(at::TensorList xs, int64_t k) {
+  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
+  const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/false);
+  check_k(k, job.total);
+  auto [value, counts, nan] = selection_outputs(job);
+  dispatch_format(job.dtype, [&]<typename Fmt>() {
+    select_on_device<Fmt>(job, k, value, counts, nan);
+    return 0;
+  });
+  return {value, counts, nan};
+}
+
+// The threshold on the device: key of value, need = k - less, equal.
+template <typename Fmt>
+struct DeviceThreshold {
+  typename Fmt::Bits key;
+  long long need, equal;
+  __device__ static DeviceThreshold load(const typename Fmt::Bits* value, const int64_t* counts, int64_t k) {
+    return {Fmt::key(*value), static_cast<long long>(k - counts[0]), static_cast<long long>(counts[1])};
+  }
+  __device__ bool ranked() const { return need > 0 && need < equal; }
+};
+
+template <typename Fmt>
+__global__ void __launch_bounds__(kThreads)
+    tie_count_kernel(const int64_t* __restrict table, int64_t n_tensors, const typename Fmt::Bits* value,
+                     const int64_t* counts, int64_t k, int64_t* __restrict ties) {
+  using Bits = typename Fmt::Bits;
+  const auto th = DeviceThreshold<Fmt>::load(value, counts, k);
+  const int64_t c = blockIdx.x;
+  if (!th.ranked()) {
+    if (threadIdx.x == 0) ties[c] = 0;
+    return;
+  }
+  const ChunkRef ref = chunk_ref(table, n_tensors, c);
+  const Bits* p = reinterpret_cast<const Bits*>(ref.entry[0]) + ref.offset;
+  __shared__ unsigned long long total;
+  if (threadIdx.x == 0) total = 0;
+  __syncthreads();
+  unsigned int mine = 0;
+  for (int64_t i = threadIdx.x; i < ref.n; i += kThreads) mine += Fmt::key(__ldg(p + i)) == th.key;
+  mine = warp_sum<unsigned int>(mine);
+  if (threadIdx.x % 32 == 0 && mine) atomicAdd(&total, static_cast<unsigned long long>(mine));
+  __syncthreads();
+  if (threadIdx.x == 0) ties[c] = static_cast<int64_t>(total);
+}
+
+template <int kSize>
+__device__ __forceinline__ void zero_if_pruned(char* out, int64_t i, bool keep) {
+  if (keep) return;
+  if constexpr (kSize == 2) reinterpret_cast<uint16_t*>(out)[i] = 0;
+  if constexpr (kSize == 4) reinterpret_cast<uint32_t*>(out)[i] = 0;
+  if constexpr (kSize == 8) reinterpret_cast<uint64_t*>(out)[i] = 0;
+}
+
+// kApply = false: out is the bool mask; true: out is the parameter, whose pruned entries become 0.
+template <typename Fmt, bool kApply>
+__global__ void __launch_bounds__(kThreads)
+    threshold_kernel(const int64_t* __restrict table, int64_t n_tensors, const typename Fmt::Bits* value,
+                     const int64_t* counts, int64_t k, const int64_t* __restrict ties,
+                     const int64_t* __restrict ties_inclusive) {
+  using Bits = typename Fmt::Bits;
+  const auto th = DeviceThreshold<Fmt>::load(value, counts, k);
+  const ChunkRef ref = chunk_ref(table, n_tensors, blockIdx.x);
+  const Bits* p = reinterpret_cast<const Bits*>(ref.entry[0]) + ref.offset;
+  char* out = reinterpret_cast<char*>(ref.entry[2]) + ref.offset * ref.entry[3];
+  const int size = static_cast<int>(ref.entry[3]);
+  auto emit = [&](int64_t i, bool keep) {
+    if constexpr (!kApply) {
+      reinterpret_cast<bool*>(out)[i] = keep;
+    } else if (size == 2) {
+      zero_if_pruned<2>(out, i, keep);
+    } else if (size == 8) {
+      zero_if_pruned<8>(out, i, keep);
+    } else {
+      zero_if_pruned<4>(out, i, keep);
+    }
+  };
+  long long first_rank = 0;
+  bool ranked = th.ranked();
+  bool keep_ties = th.need <= 0;
+  if (ranked) {
+    const long long end = ties_inclusive[blockIdx.x];
+    first_rank = end - ties[blockIdx.x];
+    if (end <= th.need || first_rank >= th.need) {  // every tie of this chunk pruned, or every one kept
+      ranked = false;
+      keep_ties = first_rank >= th.need;
+    }
+  }
+  if (!ranked) {
+    for (int64_t i = threadIdx.x; i < ref.n; i += kThreads) {
+      const Bits key = Fmt::key(__ldg(p + i));
+      emit(i, key > th.key || (keep_ties && key == th.key));
+    }
+    return;
+  }
+  long long running = first_rank;
+  for (int64_t base = 0; base < ref.n; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    const Bits key = i < ref.n ? Fmt::key(__ldg(p + i)) : Bits(0);
+    const bool tie = i < ref.n && key == th.key;
+    int tile_ties;
+    const int rank = block_rank(tie, &tile_ties);
+    if (i < ref.n) emit(i, key > th.key || (tie && running + rank >= th.need));
+    running += tile_ties;
+  }
+}
+
+template <typename Fmt, bool kApply>
+void threshold_on_device(const SelectJob& job, const std::vector<at::Tensor>& outputs, const at::Tensor& value,
+                         const at::Tensor& counts, int64_t k) {
+  const int64_t n_tensors = static_cast<int64_t>(job.dense.size()), chunks = job.plan.size();
+  if (chunks == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor table = make_table(job, outputs);
+  const at::Tensor value_c = value.to(job.dense[0].device(), job.dtype).contiguous();
+  const at::Tensor counts_c = counts.to(job.dense[0].device(), at::kLong).contiguous();
+  const auto* v = reinterpret_cast<const typename Fmt::Bits*>(value_c.data_ptr());
+  at::Tensor ties = at::empty({chunks}, counts_c.options());
+  tie_count_kernel<Fmt><<<chunks, kThreads, 0, stream>>>(table.data_ptr<int64_t>(), n_tensors, v,
+                                                         counts_c.data_ptr<int64_t>(), k, ties.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor inclusive = at::cumsum(ties, 0);
+  threshold_kernel<Fmt, kApply><<<chunks, kThreads, 0, stream>>>(table.data_ptr<int64_t>(), n_tensors, v,
+                                                                 counts_c.data_ptr<int64_t>(), k,
+                                                                 ties.data_ptr<int64_t>(),
+                                                                 inclusive.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<at::Tensor> empty_masks(const SelectJob& job) {
+  std::vector<at::Tensor> masks;
+  for (const auto& x : job.dense) masks.push_back(at::empty(x.sizes(), x.options().dtype(at::kBool)));
+  return masks;
+}
+
+std::vector<at::Tensor> threshold_masks_cuda(at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
+                                             int64_t k) {
+  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
+  const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  std::vector<at::Tensor> masks = empty_masks(job);
+  dispatch_format(job.dtype, [&]<typename Fmt>() {
+    threshold_on_device<Fmt, false>(job, masks, value, counts, k);
+    return 0;
+  });
+  return masks;
+}
+
+void threshold_apply_cuda(at::TensorList params, at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
+                          int64_t k) {
+  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
+  const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  TORCH_CHECK(params.size() == xs.size(), "params and scores must have the same length, got ", params.size(), " and ",
+              xs.size());
+  std::vector<at::Tensor> outputs;
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].sizes() == xs[i].sizes(), "params[", i, "] has shape ", params[i].sizes(), " but scores[",
+                i, "] has shape ", xs[i].sizes());
+    TORCH_CHECK(params[i].is_contiguous(), "params[", i, "] must be contiguous");
+    TORCH_CHECK(params[i].is_floating_point(), "params[", i, "] must be floating point, got ", params[i].scalar_type());
+    TORCH_CHECK(params[i].device() == xs[i].device(), "params[", i, "] is on ", params[i].device(), " but scores[", i,
+                "] is on ", xs[i].device());
+    outputs.push_back(params[i]);
+  }
+  dispatch_format(job.dtype, [&]<typename Fmt>() {
+    threshold_on_device<Fmt, true>(job, outputs, value, counts, k);
+    return 0;
+  });
+}
+
+// Each tensor its own group: the pipeline above per tensor, with device-side results only.
+std::tuple<std::vector<at::Tensor>, at::Tensor> layerwise_masks_cuda(at::TensorList xs, at::IntArrayRef ks) {
+  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
+  const SelectJob all = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  TORCH_CHECK(ks.size() == xs.size(), "ks must have one count per tensor, got ", ks.size(), " for ", xs.size());
+  std::vector<at::Tensor> masks = empty_masks(all);
+  at::Tensor nan = at::zeros({static_cast<int64_t>(xs.size())}, all.dense[0].options().dtype(at::kLong));
+  dispatch_format(all.dtype, [&]<typename Fmt>() {
+    for (size_t i = 0; i < xs.size(); ++i) {
+      TORCH_CHECK(ks[i] >= 0 && ks[i] <= xs[i].numel(), "ks[", i, "] must be in [0, ", xs[i].numel(), "], got ", ks[i]);
+      if (xs[i].numel() == 0) continue;
+      const SelectJob one = make_select_job({all.dense[i]}, c10::DeviceType::CUDA, true);
+      auto [value, counts, one_nan] = selection_outputs(one);
+      // k = 0 still runs the selection (for its NaN count) at k = 1, whose `less` is 0: need = 0.
+      select_on_device<Fmt>(one, std::max<int64_t>(ks[i], 1), value, counts, one_nan);
+      threshold_on_device<Fmt, false>(one, {masks[i]}, value, counts, ks[i]);
+      nan.narrow(0, static_cast<int64_t>(i), 1).copy_(one_nan);
+    }
+    return 0;
+  });
+  return {masks, nan};
+}
+
+// One block per row: radix select over the row with 8-bit digits, then the masked write with ties
+// ranked by index.
+template <typename Fmt>
+__global__ void __launch_bounds__(kThreads) per_row_kernel(const typename Fmt::Bits* __restrict x,
+                                                           bool* __restrict mask, int64_t len, int64_t count,
+                                                           unsigned long long* __restrict nan_count) {
+  using Bits = typename Fmt::Bits;
+  using Plan = RadixPlan<Fmt::kWidth, kRowDigit>;
+  const Bits* p = x + blockIdx.x * len;
+  bool* m = mask + blockIdx.x * len;
+  __shared__ unsigned int bins[1 << kRowDigit];
+  __shared__ unsigned long long s_prefix;
+  __shared__ long long s_rank, s_less, s_equal;
+  __shared__ unsigned int s_nan;
+  if (threadIdx.x == 0) {
+    s_prefix = 0;
+    s_rank = count > 0 ? count : 1;
+    s_less = 0;
+    s_equal = 0;
+    s_nan = 0;
+  }
+  for (int pass = 0; pass < Plan::kPasses; ++pass) {
+    for (int b = threadIdx.x; b < (1 << kRowDigit); b += kThreads) bins[b] = 0;
+    __syncthreads();
+    const Bits prefix = static_cast<Bits>(s_prefix);
+    unsigned int nans = 0;
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+      const Bits bits = p[i];
+      if (pass == 0 && Fmt::is_nan(bits)) {
+        ++nans;
+        continue;
+      }
+      const Bits key = Fmt::key(bits);
+      if (Plan::in_prefix(key, prefix, pass)) atomicAdd(&bins[Plan::digit(key, pass)], 1u);
+    }
+    if (nans) atomicAdd(&s_nan, nans);
+    __syncthreads();
+    if (s_nan > 0) {  // refused: report, keep everything
+      if (threadIdx.x == 0) atomicAdd(nan_count, static_cast<unsigned long long>(s_nan));
+      for (int64_t i = threadIdx.x; i < len; i += kThreads) m[i] = true;
+      return;
+    }
+    if (threadIdx.x == 0) {
+      unsigned int below = 0;
+      const int bin = select_bin<unsigned int>(bins, 1 << Plan::bits(pass), static_cast<unsigned int>(s_rank), &below);
+      s_less += below;
+      s_rank -= below;
+      s_prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
+      s_equal = bins[bin];
+    }
+    __syncthreads();
+  }
+  const Bits t = static_cast<Bits>(s_prefix);
+  const long long need = count - (count > 0 ? s_less : 0);
+  if (need <= 0 || need >= s_equal) {
+    const bool keep_ties = need <= 0;
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+      const Bits key = Fmt::key(p[i]);
+      m[i] = key > t || (keep_ties && key == t);
+    }
+    return;
+  }
+  long long running = 0;
+  for (int64_t base = 0; base < len; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    const Bits key = i < len ? Fmt::key(p[i]) : Bits(0);
+    const bool tie = i < len && key == t;
+    int tile_ties;
+    const int rank = block_rank(tie, &tile_ties);
+    if (i < len) m[i] = key > t || (tie && running + rank >= need);
+    running += tile_ties;
+  }
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> per_row_masks_cuda(at::TensorList xs, at::IntArrayRef counts) {
+  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
+  const SelectJob all = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  TORCH_CHECK(counts.size() == xs.size(), "counts must have one count per tensor, got ", counts.size(), " for ",
+              xs.size());
+  std::vector<at::Tensor> masks = empty_masks(all);
+  at::Tensor nan = at::zeros({static_cast<int64_t>(xs.size())}, all.dense[0].options().dtype(at::kLong));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_format(all.dtype, [&]<typename Fmt>() {
+    for (size_t i = 0; i < xs.size(); ++i) {
+      const at::Tensor& x = all.dense[i];
+      if (x.numel() == 0) continue;
+      const int64_t rows = x.dim() == 0 ? 1 : x.size(0), len = x.numel() / rows;
+      TORCH_CHECK(counts[i] >= 0 && counts[i] <= len, "counts[", i, "] must be in [0, ", len, "], got ", counts[i]);
+      TORCH_CHECK(rows <= INT32_MAX, "xs[", i, "] has ", rows, " rows; at most 2^31 - 1 are supported");
+      TORCH_CHECK(len <= INT32_MAX, "xs[", i, "] has rows of ", len, " entries; at most 2^31 - 1 are supported");
+      per_row_kernel<Fmt><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+          reinterpret_cast<const typename Fmt::Bits*>(x.data_ptr()), masks[i].data_ptr<bool>(), len, counts[i],
+          reinterpret_cast<unsigned long long*>(nan.data_ptr<int64_t>() + i));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return 0;
+  });
+  return {masks, nan};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyprune_fast, CUDA, m) {
+  m.impl("kth_smallest_counts", &kth_smallest_counts_cuda);
+  m.impl("threshold_masks", &threshold_masks_cuda);
+  m.impl("threshold_apply_", &threshold_apply_cuda);
+  m.impl("layerwise_masks", &layerwise_masks_cuda);
+  m.impl("per_row_masks", &per_row_masks_cuda);
+}
+
+}  // namespace pyprune_fast

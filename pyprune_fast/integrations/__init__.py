@@ -1,0 +1,1 @@
+"""Adapters that put pyprune_fast behind other pruning libraries' APIs."""

@@ -1,0 +1,75 @@
+"""A drop-in for `torch.nn.utils.prune.global_unstructured` that selects with pyprune_fast's exact
+radix select instead of concatenating every score and calling `torch.topk`.
+
+    from pyprune_fast.integrations import torch_prune
+    torch_prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.9)
+
+Same signature, errors and results as torch's function, including its reparametrization
+(`weight_orig` parameter, `weight_mask` buffer, forward pre-hook; repeated calls combine masks) and
+its rule that only entries not yet pruned compete: `amount` is a fraction of (or a number of) the
+entries whose current mask is 1. Differences, both deliberate: among equal scores the lower flat
+index (parameters in order, each row-major) is pruned first, where `torch.topk` picks arbitrarily;
+and NaN scores are refused (ValueError) instead of being treated as the largest. Pruning methods
+other than L1Unstructured (RandomUnstructured, custom methods) are handed to torch unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.nn.utils import prune
+
+from .. import ops
+
+
+def _unpruned_scores(importance: list[Tensor], masks: list[Tensor | None]) -> list[Tensor]:
+    """|score| of the entries that still compete: all of them, or those whose mask is 1."""
+    return [s.detach().abs() if m is None else s.detach().abs()[m == 1] for s, m in zip(importance, masks)]
+
+
+def global_unstructured(parameters, pruning_method, importance_scores=None, **kwargs) -> None:
+    """`torch.nn.utils.prune.global_unstructured` with pyprune_fast's selection (see the module doc)."""
+    if not isinstance(parameters, Iterable):
+        raise TypeError("global_unstructured(): parameters is not an Iterable")
+    importance_scores = importance_scores if importance_scores is not None else {}
+    if not isinstance(importance_scores, dict):
+        raise TypeError("global_unstructured(): importance_scores must be of type dict")
+    parameters = list(parameters)
+    method = pruning_method(**kwargs)
+    if method.PRUNING_TYPE != "unstructured":
+        raise TypeError(
+            'Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. '
+            f"Found method {pruning_method} of type {method.PRUNING_TYPE}"
+        )
+    if type(method) is not prune.L1Unstructured:
+        return prune.global_unstructured(parameters, pruning_method, importance_scores=importance_scores, **kwargs)
+
+    importance = [importance_scores.get((module, name), getattr(module, name)) for module, name in parameters]
+    masks = [getattr(module, name + "_mask", None) for module, name in parameters]
+    candidates = _unpruned_scores(importance, masks)
+    labels = [
+        f"importance of {type(module).__name__}.{name} (parameters[{i}])" for i, (module, name) in enumerate(parameters)
+    ]
+    competing = sum(c.numel() for c in candidates)
+    count = prune._compute_nparams_toprune(method.amount, competing)
+    prune._validate_pruning_amount(count, competing)
+    if count == 0:
+        keeps = [torch.ones_like(c, dtype=torch.bool) for c in candidates]
+    else:
+        dtype = candidates[0].dtype
+        for c in candidates[1:]:
+            dtype = torch.promote_types(dtype, c.dtype)
+        candidates = [c.to(dtype) for c in candidates]
+        value, counts = ops.select_counts(candidates, count, labels)
+        keeps = ops.threshold_masks(candidates, value, counts, count)
+    for (module, name), mask, keep in zip(parameters, masks, keeps):
+        param = getattr(module, name)
+        if mask is None:
+            new_mask = keep.to(param.dtype).view_as(param)
+        else:
+            new_mask = mask.to(param.dtype).clone()
+            new_mask[mask == 1] = keep.to(param.dtype)
+        prune.custom_from_mask(module, name, mask=new_mask)
+    return None
