@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from . import ops
 
@@ -154,4 +155,88 @@ def torch_prune_case(device: str = "cpu", amount: float = 0.9) -> Case:
         ours=lambda: run(torch_prune.global_unstructured),
         baselines={"torch.nn.utils.prune.global_unstructured": lambda: run(prune.global_unstructured)},
         elements=n,
+    )
+
+
+CHANNEL_NEEDS = {"zeros", "x_sum", "g_sum", "dot", "dot_sq"}
+
+
+def capture_feature_maps(
+    model_name: str, batch: int = 8, seed: int = 0
+) -> list[tuple[torch.nn.Module, Tensor, Tensor]]:
+    """(layer, output, ∂loss/∂output) of every Conv/Linear of a randomly initialized torchvision model
+    (weights=None, nothing downloaded) for one batch of random 224 × 224 images and labels."""
+    import torchvision
+
+    from .criteria._channel_stats import CHANNEL_MODULES
+    from .criteria._engine import observable_attention
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, model_name)(weights=None).eval()
+    if model_name.startswith("vit"):
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initializes it
+    seen: list[tuple[torch.nn.Module, Tensor]] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, _a, out: seen.append((mod, out)))
+        for m in model.modules()
+        if isinstance(m, CHANNEL_MODULES)
+    ]
+    with observable_attention(model):
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.randn(batch, 3, 224, 224)), torch.randint(0, 1000, (batch,))
+        )
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, [out for _, out in seen])
+    return [(m, out.detach(), g) for (m, out), g in zip(seen, grads)]
+
+
+def fused_channel_stats(maps) -> list:
+    """Ours: each layer's batch reduced for all channels at once (what the channel criteria's hooks do)."""
+    from .criteria._channel_stats import ChannelStats
+
+    stats = []
+    for module, out, grad in maps:
+        s = ChannelStats(module, CHANNEL_NEEDS)
+        s.add_output(out)
+        s.add_gradient(out, grad)
+        stats.append(s)
+    return stats
+
+
+def looped_channel_stats(maps) -> list[dict[str, Tensor]]:
+    """What users write in a hook: a Python loop over the channels, the same sums per channel."""
+    results = []
+    for module, out, grad in maps:
+        linear = isinstance(module, torch.nn.Linear)
+        channels = out.shape[-1] if linear else out.shape[1]
+        sums: dict[str, list[Tensor]] = {k: [] for k in CHANNEL_NEEDS}
+        for c in range(channels):
+            x = (out[..., c] if linear else out[:, c]).reshape(out.shape[0], -1)
+            g = (grad[..., c] if linear else grad[:, c]).reshape(out.shape[0], -1)
+            dots = (x * g).sum(1)
+            sums["zeros"].append((x <= 0).sum())
+            sums["x_sum"].append(x.sum(0))
+            sums["g_sum"].append(g.sum(0))
+            sums["dot"].append(dots.sum())
+            sums["dot_sq"].append(dots.square().sum())
+        results.append({k: torch.stack(v) for k, v in sums.items()})
+    return results
+
+
+def channel_stats_case(model_name: str = "resnet50", batch: int = 8) -> Case:
+    """The per-channel feature-map statistics of taylor, fisher, ide and apoz (Σx, Σ∇, Σ xᵀ∇,
+    Σ (xᵀ∇)², zero counts) over one batch's feature maps and gradients of every Conv/Linear layer of a
+    torchvision model: one whole-tensor pass per layer (ours) vs a Python loop over channels."""
+    from .criteria._channel_stats import channel_view
+
+    maps = capture_feature_maps(model_name, batch)
+    n = sum(out.numel() for _, out, _ in maps)
+    return Case(
+        group=f"channel stats {model_name} batch {batch}x224x224 cpu",
+        ours=lambda: fused_channel_stats(maps),
+        baselines={"loop over channels": lambda: looped_channel_stats(maps)},
+        elements=n,
+        bytes_moved=n * 8,
+        extra={"layers": len(maps), "channels": sum(channel_view(o, m).shape[1] for m, o, _ in maps)},
     )

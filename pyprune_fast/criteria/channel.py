@@ -263,7 +263,7 @@ def fisher(req: Request) -> dict[str, Tensor]:
 def ide(req: Request) -> dict[str, Tensor]:
     """Seed 004, eq. 4.10: S_c = (E_n[x_n]ᵀ E_n[∇_n])²."""
     stats = gradient_stats(req, {"x_sum", "g_sum"})
-    return {n: (s.mean("x_sum") * s.mean("g_sum")).sum(1).square() for n, s in stats.items()}
+    return {n: (s.mean("x_sum") * s.mean("g_sum")).sum(s.position_dim).square() for n, s in stats.items()}
 
 
 @channel_criterion
