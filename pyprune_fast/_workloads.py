@@ -240,3 +240,26 @@ def channel_stats_case(model_name: str = "resnet50", batch: int = 8) -> Case:
         bytes_moved=n * 8,
         extra={"layers": len(maps), "channels": sum(channel_view(o, m).shape[1] for m, o, _ in maps)},
     )
+
+
+def looped_map_ranks(maps) -> list[Tensor]:
+    """What users write for HRank: per channel, the ranks of its maps over the batch."""
+    return [
+        torch.stack([torch.linalg.matrix_rank(out[:, c].float()).sum() for c in range(out.shape[1])])
+        for _, out, _ in maps
+    ]
+
+
+def hrank_case(model_name: str = "resnet50", batch: int = 8) -> Case:
+    """HRank's per-channel feature-map ranks over one batch of a torchvision CNN's Conv2d outputs: one
+    batched matrix_rank per layer (ours) vs one per channel."""
+    from .criteria._channel_stats import map_ranks
+
+    maps = [(m, out, g) for m, out, g in capture_feature_maps(model_name, batch) if isinstance(m, torch.nn.Conv2d)]
+    return Case(
+        group=f"hrank ranks {model_name} batch {batch}x224x224 cpu",
+        ours=lambda: [map_ranks(out, m)[0] for m, out, _ in maps],
+        baselines={"loop over channels": lambda: looped_map_ranks(maps)},
+        elements=sum(out.numel() for _, out, _ in maps),
+        extra={"layers": len(maps)},
+    )
