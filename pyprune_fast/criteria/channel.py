@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._channel_stats import CHANNEL_MODULES, ChannelStats
-from ._engine import Job, make_job, observable_attention, preserved, select_layers
+from ._engine import Job, first_tensor, make_job, observable_attention, preserved, select_layers
 
 CHANNEL_CRITERIA: dict[str, Callable[..., dict[str, Tensor]]] = {}
 
@@ -169,7 +169,7 @@ def _observing(job: Job, watched: dict[str, nn.Module], on_output: Callable[[str
         for name, module in watched.items():
 
             def hook(_module, _args, output, name=name):
-                on_output(name, output if isinstance(output, Tensor) else output[0])
+                on_output(name, first_tensor(output))
 
             handles.append(module.register_forward_hook(hook))
         try:
