@@ -11,6 +11,7 @@ from torch import nn
 
 from pyprune_fast import masks
 from pyprune_fast.criteria import channel
+from tests.conftest import DEVICES
 from tests.models import image_batches, small_cnn, tiny_vit
 
 MODELS = {"cnn": small_cnn, "vit": tiny_vit}
@@ -299,3 +300,15 @@ def test_channel_masks_bad_input():
         masks.channels({"a": torch.ones(3)}, 1.5)
     with pytest.raises(ValueError, match="NaN"):
         masks.channels({"a": torch.tensor([1.0, float("nan")])}, 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_criterion_on_device_matches_cpu(device):
+    model, data = small_cnn(4, torch.float64).eval(), image_batches(4, dtype=torch.float64)
+    on_device = copy.deepcopy(model).to(device)
+    moved = [(x.to(device), y.to(device)) for x, y in data]
+    for name, fn in channel.CHANNEL_CRITERIA.items():
+        expected = fn(model, data)
+        got = fn(on_device, moved)
+        assert all(s.device.type == device for s in got.values()), name
+        close({n: s.cpu() for n, s in got.items()}, expected)
