@@ -12,23 +12,33 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import ops, reference
 
 
 def check_scores(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
     """Validates a score dict and a sparsity; returns the scores as a plain dict."""
-    if not isinstance(scores, Mapping):
-        raise TypeError(f"scores must be a dict of name -> Tensor, got {type(scores).__name__}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    scores = _check_score_types(scores)
+    for name, s in scores.items():
+        if bool(torch.isnan(s).any()):
+            raise _nan_error(name)
+    return scores
+
+
+def _check_score_types(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a dict of name -> Tensor, got {type(scores).__name__}")
     for name, s in scores.items():
         if not isinstance(s, Tensor):
             raise TypeError(f"scores[{name!r}] must be a Tensor, got {type(s).__name__}")
         if not s.is_floating_point():
             raise TypeError(f"scores[{name!r}] must be a floating-point tensor, got {s.dtype}")
-        if bool(torch.isnan(s).any()):
-            raise ValueError(f"scores[{name!r}] contains NaN; scores must not be NaN")
     return dict(scores)
+
+
+def _nan_error(name: str) -> ValueError:
+    return ValueError(f"scores[{name!r}] contains NaN; scores must not be NaN")
 
 
 def global_unstructured(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
@@ -49,17 +59,22 @@ def per_row(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
 
 def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:
     """N:M semi-structured keep-masks: each tensor viewed as (out, -1), groups of m consecutive entries
-    along a row, the n highest of each group kept (among equal scores the lower index is kept)."""
+    along a row, the n highest of each group kept (among equal scores the lower index is kept).
+    One fused op for all tensors (ops.nm_mask), NaN detected in the same pass (one synchronization)."""
     if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
         raise TypeError(f"n and m must be ints, got n={n!r}, m={m!r}")
     if not 0 <= n <= m or m < 1:
         raise ValueError(f"n:m must satisfy 0 <= n <= m and m >= 1, got {n}:{m}")
-    scores = check_scores(scores, 0.0)
+    scores = _check_score_types(scores)
     for name, s in scores.items():
         row = reference.rows_of(s).shape[1]
         if row % m:
             raise ValueError(f"scores[{name!r}]: row length {row} (shape {tuple(s.shape)}) is not divisible by m={m}")
-    return reference.n_m(scores, n, m)
+    names = list(scores)
+    keep, nan = ops.nm_mask(list(scores.values()), n, m)
+    if bool(nan.any()):
+        raise _nan_error(names[int(nan.nonzero()[0, 0])])
+    return dict(zip(names, keep))
 
 
 def sparsity_of(masks: Mapping[str, Tensor]) -> float:
