@@ -1,13 +1,14 @@
-// CPU kernels of compress_24 / decompress_24 (one task per range of metadata words; the per-word
-// rules are pyprune_fast/sparse24.h, shared with the CUDA kernels) and the CPU path of sparse24_linear:
-// the weight decompressed to float32, one matmul, bias and activation in float32, one rounding to x's
-// dtype — the numerics of the CUDA kernel (fp32 accumulation, fused epilogue).
+// CPU kernels of compress_24 / decompress_24 (rows in memory order; the per-chunk rules and the
+// metadata layout are pyprune_fast/sparse24.h, shared with the CUDA kernels) and the CPU path of
+// sparse24_linear: the weight decompressed to float32, one matmul, bias and activation in float32, one
+// rounding to x's dtype — the numerics of the CUDA kernel (fp32 accumulation, fused epilogue).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <functional>
 
 #include "pyprune_fast/sparse24_args.h"
@@ -17,21 +18,26 @@ namespace {
 
 using namespace sparse24;
 
-constexpr int64_t kWordGrain = 1024;
-
+// One task per range of 16-row tiles (a tile owns its metadata words); rows are walked in memory order.
 template <typename T>
 int64_t compress_typed(const at::Tensor& w, const std::optional<at::Tensor>& mask, at::Tensor& values,
                        at::Tensor& meta) {
-  const int64_t in = w.size(1);
+  const int64_t out = w.size(0), in = w.size(1);
   const T* wp = w.data_ptr<T>();
   const bool* mp = mask ? mask->data_ptr<bool>() : nullptr;
   T* vp = values.data_ptr<T>();
-  int32_t* ep = meta.data_ptr<int32_t>();
+  uint32_t* ep = reinterpret_cast<uint32_t*>(meta.data_ptr<int32_t>());
   return at::parallel_reduce(
-      0, meta.numel(), kWordGrain, int64_t{0},
+      0, out / kTileRows, 1, int64_t{0},
       [&](int64_t begin, int64_t end, int64_t invalid) {
-        for (int64_t word = begin; word < end; ++word) {
-          ep[word] = static_cast<int32_t>(compress_word(wp, mp, vp, word, in, &invalid));
+        std::fill(ep + begin * (in / kTileCols) * kTileWords, ep + end * (in / kTileCols) * kTileWords, 0u);
+        for (int64_t r = begin * kTileRows; r < end * kTileRows; ++r) {
+          for (int64_t c = 0; c < in / 4; ++c) {
+            const int64_t at = r * in + 4 * c;
+            const unsigned nibble =
+                compress_chunk(wp + at, mp ? mp + at : nullptr, vp + r * (in / 2) + 2 * c, &invalid);
+            ep[word_of(r, c, in)] |= nibble << shift_of(r, c);
+          }
         }
         return invalid;
       },
@@ -59,17 +65,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor&
   return {values, meta, at::scalar_tensor(invalid, w.options().dtype(at::kLong))};
 }
 
-// Decompresses into dense (type Out, [out, in], contiguous); returns the number of invalid nibbles.
+// Decompresses into dense (type Out, [out, in], contiguous), rows in memory order; returns the number of
+// invalid nibbles.
 template <typename T, typename Out>
 int64_t decompress_typed(const at::Tensor& values, const at::Tensor& meta, at::Tensor& dense) {
-  const int64_t in = dense.size(1);
+  const int64_t out = dense.size(0), in = dense.size(1);
   const T* vp = values.data_ptr<T>();
   const uint32_t* ep = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
   Out* dp = dense.data_ptr<Out>();
   return at::parallel_reduce(
-      0, meta.numel(), kWordGrain, int64_t{0},
+      0, out, 1, int64_t{0},
       [&](int64_t begin, int64_t end, int64_t invalid) {
-        for (int64_t word = begin; word < end; ++word) invalid += decompress_word(vp, ep[word], dp, word, in);
+        for (int64_t r = begin; r < end; ++r) {
+          for (int64_t c = 0; c < in / 4; ++c) {
+            const unsigned nibble = ep[word_of(r, c, in)] >> shift_of(r, c) & 0xfu;
+            invalid += decompress_chunk(vp + r * (in / 2) + 2 * c, nibble, dp + r * in + 4 * c);
+          }
+        }
         return invalid;
       },
       std::plus<int64_t>());

@@ -29,6 +29,9 @@
 // 16-byte loads. pyprune_fast/sparse/mma_emulation.py emulates the instruction on this layout.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 #include "pyprune_fast/common.h"
@@ -58,43 +61,52 @@ PPF_HD Slot slot_of(int64_t word, int i, int64_t in) {
   return {mt * kTileRows + 8 * h + g, kt * (kTileCols / 4) + 4 * p + q};
 }
 
-// Inverse of slot_of: the word holding the nibble of chunk `chunk` of row `row` (at bits
-// 16 * ((row / 8) % 2) + 4 * (chunk % 4) of it).
+// Inverse of slot_of: the word holding the nibble of chunk `chunk` of row `row`, and its bit offset.
 PPF_HD int64_t word_of(int64_t row, int64_t chunk, int64_t in) {
   const int64_t mt = row / kTileRows, kt = chunk / (kTileCols / 4);
   const int64_t g = row % 8, p = (chunk / 4) % 2;
   return (mt * (in / kTileCols) + kt) * kTileWords + 2 * g + p;
 }
+PPF_HD int shift_of(int64_t row, int64_t chunk) { return static_cast<int>(16 * ((row / 8) % 2) + 4 * (chunk % 4)); }
 
 // The two kept positions of a chunk from its flags (bit i set = position i is non-zero / masked in):
 // the set positions in increasing order, padded with the lowest unset positions when fewer than two
-// are set (the padding stores zeros). Returns the number of set flags; with more than two set, the
-// chunk is not 2:4 and the caller reports it.
-PPF_HD int pick_pair(unsigned flags, int& i0, int& i1) {
-  const int count = static_cast<int>((flags & 1u) + (flags >> 1 & 1u) + (flags >> 2 & 1u) + (flags >> 3 & 1u));
+// are set (the padding stores zeros); with more than two set (not 2:4, reported by the caller), the
+// lowest two. As the nibble i0 | i1 << 2.
+constexpr unsigned pair_nibble(unsigned flags) {
   unsigned chosen = flags & 0xfu;
-  int have = count;
+  int have = 0;
+  for (int i = 0; i < 4; ++i) have += static_cast<int>(chosen >> i & 1u);
   for (int i = 0; i < 4 && have < 2; ++i) {
     if (!(chosen >> i & 1u)) {
       chosen |= 1u << i;
       ++have;
     }
   }
-  i0 = -1;
-  i1 = -1;
-  for (int i = 0; i < 4; ++i) {
-    if (chosen >> i & 1u) {
-      if (i0 < 0) {
-        i0 = i;
-      } else if (i1 < 0) {
-        i1 = i;
-      }
-    }
+  unsigned positions[2] = {0, 0};
+  int found = 0;
+  for (unsigned i = 0; i < 4 && found < 2; ++i) {
+    if (chosen >> i & 1u) positions[found++] = i;
   }
-  return count;
+  return positions[0] | positions[1] << 2;
 }
 
-PPF_HD unsigned nibble_of(int i0, int i1) { return static_cast<unsigned>(i0) | static_cast<unsigned>(i1) << 2; }
+// pair_nibble and the number of set flags of every 4-bit flags value, 4 bits each.
+constexpr uint64_t pair_table() {
+  uint64_t t = 0;
+  for (unsigned f = 0; f < 16; ++f) t |= static_cast<uint64_t>(pair_nibble(f)) << (4 * f);
+  return t;
+}
+constexpr uint64_t count_table() {
+  uint64_t t = 0;
+  for (unsigned f = 0; f < 16; ++f) {
+    t |= static_cast<uint64_t>((f & 1) + (f >> 1 & 1) + (f >> 2 & 1) + (f >> 3 & 1)) << (4 * f);
+  }
+  return t;
+}
+constexpr uint64_t kPairTable = pair_table();
+constexpr uint64_t kCountTable = count_table();
+static_assert(kPairTable == 0x498e4dcc49884444ull, "flags 0..15 -> nibbles 4 4 4 4 8 8 9 4 c c d 4 e 8 9 4");
 
 // Positions of a nibble; false when it is not one of the six ordered pairs (i0 < i1).
 PPF_HD bool positions_of(unsigned nibble, int& i0, int& i1) {
@@ -103,48 +115,64 @@ PPF_HD bool positions_of(unsigned nibble, int& i0, int& i1) {
   return i0 < i1;
 }
 
+// Compresses one chunk: src[0..3] (mask: its keep-flags, or nullptr) -> its two kept values in
+// dst[0], dst[1]; returns the nibble and adds 1 to *invalid when the chunk is not 2:4 (more than two
+// non-zeros; with a mask: not exactly two kept).
+// Non-zero test (NaN counts as non-zero, -0.0 as zero); from the bits for the 16-bit types.
+PPF_HD bool nonzero(float v) { return v != 0.f; }
+PPF_HD bool nonzero(c10::Half v) { return (v.x & 0x7fffu) != 0; }
+PPF_HD bool nonzero(c10::BFloat16 v) { return (v.x & 0x7fffu) != 0; }
+
+template <typename T>
+PPF_HD unsigned compress_chunk(const T* src, const bool* mask, T* dst, int64_t* invalid) {
+  unsigned flags = 0;
+  for (int j = 0; j < 4; ++j) {
+    const bool on = mask ? mask[j] : nonzero(src[j]);
+    flags |= static_cast<unsigned>(on) << j;
+  }
+  const unsigned nibble = static_cast<unsigned>(kPairTable >> (4 * flags) & 0xfu);
+  const unsigned count = static_cast<unsigned>(kCountTable >> (4 * flags) & 0xfu);
+  *invalid += mask ? count != 2 : count > 2;
+  dst[0] = src[nibble & 3u];
+  dst[1] = src[nibble >> 2];
+  return nibble;
+}
+
+// Writes one dense chunk dst[0..3] (type Out) from its two kept values src[0..1] and its nibble;
+// returns 1 (and writes zeros) when the nibble is not an ordered pair.
+template <typename T, typename Out>
+PPF_HD int decompress_chunk(const T* src, unsigned nibble, Out* dst) {
+  for (int j = 0; j < 4; ++j) dst[j] = Out(0.f);
+  int i0, i1;
+  if (!positions_of(nibble, i0, i1)) return 1;
+  dst[i0] = static_cast<Out>(src[0]);
+  dst[i1] = static_cast<Out>(src[1]);
+  return 0;
+}
+
 // Compresses the 8 chunks of metadata word `word` of w [out, in] (mask: optional keep-flags of the same
-// shape). Writes their values, returns the word and adds to *invalid the chunks that are not 2:4
-// (more than two non-zeros; with a mask: not exactly two kept).
+// shape) into values [out, in/2]; returns the word.
 template <typename T>
 PPF_HD uint32_t compress_word(const T* w, const bool* mask, T* values, int64_t word, int64_t in, int64_t* invalid) {
   uint32_t bits = 0;
   for (int i = 0; i < kNibblesPerWord; ++i) {
     const Slot s = slot_of(word, i, in);
     const int64_t base = s.row * in + 4 * s.chunk;
-    unsigned flags = 0;
-    for (int j = 0; j < 4; ++j) {
-      const bool on = mask ? mask[base + j] : static_cast<float>(w[base + j]) != 0.f;
-      flags |= static_cast<unsigned>(on) << j;
-    }
-    int i0, i1;
-    const int count = pick_pair(flags, i0, i1);
-    *invalid += mask ? count != 2 : count > 2;
-    T* out = values + s.row * (in / 2) + 2 * s.chunk;
-    out[0] = w[base + i0];
-    out[1] = w[base + i1];
-    bits |= nibble_of(i0, i1) << (4 * i);
+    bits |= compress_chunk(w + base, mask ? mask + base : nullptr, values + s.row * (in / 2) + 2 * s.chunk, invalid)
+            << (4 * i);
   }
   return bits;
 }
 
-// Writes the 8 dense chunks of metadata word `word` (32 bits `bits`) into dense [out, in] (type Out);
-// returns the number of nibbles that are not an ordered pair (those chunks are written as zeros).
+// Writes the 8 dense chunks of metadata word `word` (bits `bits`) into dense [out, in]; returns the
+// number of nibbles that are not an ordered pair.
 template <typename T, typename Out>
 PPF_HD int decompress_word(const T* values, uint32_t bits, Out* dense, int64_t word, int64_t in) {
   int invalid = 0;
   for (int i = 0; i < kNibblesPerWord; ++i) {
     const Slot s = slot_of(word, i, in);
-    Out* out = dense + s.row * in + 4 * s.chunk;
-    for (int j = 0; j < 4; ++j) out[j] = Out(0.f);
-    int i0, i1;
-    if (!positions_of(bits >> (4 * i) & 0xfu, i0, i1)) {
-      ++invalid;
-      continue;
-    }
-    const T* v = values + s.row * (in / 2) + 2 * s.chunk;
-    out[i0] = static_cast<Out>(v[0]);
-    out[i1] = static_cast<Out>(v[1]);
+    invalid += decompress_chunk(values + s.row * (in / 2) + 2 * s.chunk, bits >> (4 * i) & 0xfu,
+                                dense + s.row * in + 4 * s.chunk);
   }
   return invalid;
 }
