@@ -5,7 +5,7 @@ import torch
 
 import pyprune_fast as ppf
 from pyprune_fast import masks, ops, reference
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, native_or_skip
 from tests.models import image_batches, tiny_vit
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -110,23 +110,16 @@ def test_n_m_composes_with_criteria_scores():
     assert_masks(list(keep.values()), list(scores.values()), 2, 4)
 
 
-def _native_or_skip(device):
-    from pyprune_fast import _extension
-
-    if not _extension.native_available(device):
-        pytest.skip(f"no compiled {device} kernels loaded ({_extension.state()['reason']})")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    _native_or_skip(device)
+    native_or_skip(device)
     scores = [torch.randn(4, 8, device=device), torch.randn(2, 3, 4, device=device).half()]
     torch.library.opcheck(torch.ops.pyprune_fast.nm_mask.default, (scores, 2, 4))
 
 
 @pytest.mark.cuda
 def test_cuda_matches_cpu_on_many_tensors():
-    _native_or_skip("cuda")
+    native_or_skip("cuda")
     g = torch.Generator().manual_seed(7)
     scores = [torch.randint(0, 5, (i % 7 + 1, 4 * (i % 300 + 1)), generator=g).float() for i in range(400)]
     cpu_keep, _ = ops.nm_mask(scores, 2, 4)

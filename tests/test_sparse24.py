@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pyprune_fast import ops, reference
 from pyprune_fast.sparse import mma_emulation as emu
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, native_or_skip
 
 VALID_NIBBLES = {0b0100, 0b1000, 0b1001, 0b1100, 0b1101, 0b1110}  # (i0, i1) with i0 < i1, i0 in the low bits
 
@@ -336,16 +336,9 @@ def test_bad_linear_bias_and_activation():
         ops.sparse24_linear(x, values, bad)
 
 
-def _native_or_skip(device):
-    from pyprune_fast import _extension
-
-    if not _extension.native_available(device):
-        pytest.skip(f"no compiled {device} kernels loaded ({_extension.state()['reason']})")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    _native_or_skip(device)
+    native_or_skip(device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     w, keep = random_24(64, 128, dtype=dtype, device=device)
     values, meta = ops.compress_24(w)
@@ -375,7 +368,7 @@ def cuda_case(out, cols, tokens, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 64), (128, 192), (192, 256), (768, 3072), (3072, 768)])
 def test_cuda_kernel_equals_masked_dense_for_every_token_count(dtype, shape):
-    _native_or_skip("cuda")
+    native_or_skip("cuda")
     out, cols = shape
     for tokens in TOKENS:
         w, x, bias = cuda_case(out, cols, tokens, dtype, seed=tokens)
@@ -389,7 +382,7 @@ def test_cuda_kernel_equals_masked_dense_for_every_token_count(dtype, shape):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_on_llm_shapes_and_layouts(dtype):
-    _native_or_skip("cuda")
+    native_or_skip("cuda")
     for out, cols, tokens in [(4096, 4096, 2048), (11008, 4096, 77), (4096, 11008, 9), (4096, 4096, 8192)]:
         w, x, bias = cuda_case(out, cols, tokens, dtype, seed=out + tokens)
         values, meta = ops.compress_24(w)
@@ -409,7 +402,7 @@ def test_cuda_kernel_on_llm_shapes_and_layouts(dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_matches_torch_semi_structured(dtype):
-    _native_or_skip("cuda")
+    native_or_skip("cuda")
     from torch.sparse import to_sparse_semi_structured
 
     for out, cols, tokens in [(768, 3072, 128), (3072, 768, 256), (4096, 4096, 64)]:
@@ -424,7 +417,7 @@ def test_cuda_kernel_matches_torch_semi_structured(dtype):
 
 @pytest.mark.cuda
 def test_cuda_compression_matches_cpu_and_float32_is_refused():
-    _native_or_skip("cuda")
+    native_or_skip("cuda")
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         w, keep = random_24(256, 512, dtype=dtype, seed=9)
         cpu = ops.compress_24(w, keep)

@@ -53,15 +53,7 @@ __global__ void __launch_bounds__(kThreads)
     default:
       nan = select_chunk<float, float>(reinterpret_cast<const float*>(e[0]) + off, keep, groups, n, m);
   }
-  __shared__ unsigned long long per_warp[kThreads / 32];
-  const unsigned long long warp_nan = warp_sum<unsigned long long>(static_cast<unsigned long long>(nan));
-  if (threadIdx.x % 32 == 0) per_warp[threadIdx.x / 32] = warp_nan;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) total += per_warp[w];
-    if (total) atomicAdd(nan_counts + chunk[0], total);
-  }
+  add_block_count<kThreads>(nan, nan_counts + chunk[0]);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> nm_mask_cuda(at::TensorList scores, int64_t n, int64_t m) {

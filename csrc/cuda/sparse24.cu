@@ -19,18 +19,6 @@ using namespace sparse24;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;
 
-__device__ void add_block_count(int64_t local, unsigned long long* total) {
-  __shared__ unsigned long long per_warp[kThreads / 32];
-  const unsigned long long w = warp_sum<unsigned long long>(static_cast<unsigned long long>(local));
-  if (threadIdx.x % 32 == 0) per_warp[threadIdx.x / 32] = w;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long sum = 0;
-    for (int i = 0; i < kThreads / 32; ++i) sum += per_warp[i];
-    if (sum) atomicAdd(total, sum);
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     compress_kernel(const T* __restrict w, const bool* __restrict mask, T* __restrict values,
@@ -40,7 +28,7 @@ __global__ void __launch_bounds__(kThreads)
        word += static_cast<int64_t>(gridDim.x) * kThreads) {
     meta[word] = static_cast<int32_t>(compress_word(w, mask, values, word, in, &local));
   }
-  add_block_count(local, invalid);
+  add_block_count<kThreads>(local, invalid);
 }
 
 template <typename T>
@@ -52,7 +40,7 @@ __global__ void __launch_bounds__(kThreads)
        word += static_cast<int64_t>(gridDim.x) * kThreads) {
     local += decompress_word(values, meta[word], dense, word, in);
   }
-  add_block_count(local, invalid);
+  add_block_count<kThreads>(local, invalid);
 }
 
 unsigned blocks_for(int64_t words) {

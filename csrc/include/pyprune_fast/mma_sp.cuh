@@ -19,6 +19,14 @@
 
 #include <cstdint>
 
+// mma.sp::ordered_metadata needs PTX ISA 8.5 (CUDA 12.5); older toolkits get plain mma.sp, which
+// accepts the same metadata (ours is always ordered) but may run slower on some GPUs (PTX ISA notes).
+#if __CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5)
+#define PPF_MMA_SP "mma.sp::ordered_metadata"
+#else
+#define PPF_MMA_SP "mma.sp"
+#endif
+
 namespace pyprune_fast {
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
@@ -54,7 +62,7 @@ template <>
 __device__ __forceinline__ void mma_sp_16832<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
                                                      uint32_t e) {
   asm volatile(
-      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+      PPF_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
@@ -64,7 +72,7 @@ template <>
 __device__ __forceinline__ void mma_sp_16832<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                             const uint32_t (&b)[4], uint32_t e) {
   asm volatile(
-      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+      PPF_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
