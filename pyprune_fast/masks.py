@@ -60,7 +60,7 @@ def per_row(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
 def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:
     """N:M semi-structured keep-masks: each tensor viewed as (out, -1), groups of m consecutive entries
     along a row, the n highest of each group kept (among equal scores the lower index is kept).
-    One fused op for all tensors (ops.nm_mask), NaN detected in the same pass (one synchronization)."""
+    One fused op for all tensors of a device (ops.nm_mask), NaN detected in the same pass."""
     if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
         raise TypeError(f"n and m must be ints, got n={n!r}, m={m!r}")
     if not 0 <= n <= m or m < 1:
@@ -70,11 +70,16 @@ def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tenso
         row = reference.rows_of(s).shape[1]
         if row % m:
             raise ValueError(f"scores[{name!r}]: row length {row} (shape {tuple(s.shape)}) is not divisible by m={m}")
-    names = list(scores)
-    keep, nan = ops.nm_mask(list(scores.values()), n, m)
-    if bool(nan.any()):
-        raise _nan_error(names[int(nan.nonzero()[0, 0])])
-    return dict(zip(names, keep))
+    by_device: dict[torch.device, list[str]] = {}
+    for name, s in scores.items():
+        by_device.setdefault(s.device, []).append(name)
+    out = {}
+    for names in by_device.values():  # one fused call per device (scores of a model split over GPUs)
+        keep, nan = ops.nm_mask([scores[name] for name in names], n, m)
+        if bool(nan.any()):
+            raise _nan_error(names[int(nan.nonzero()[0, 0])])
+        out.update(zip(names, keep))
+    return {name: out[name] for name in scores}
 
 
 def sparsity_of(masks: Mapping[str, Tensor]) -> float:

@@ -118,6 +118,14 @@ def test_opcheck(device):
 
 
 @pytest.mark.cuda
+def test_scores_on_several_devices():
+    scores = {"a": torch.randn(4, 8), "b": torch.randn(4, 8).cuda(), "c": torch.randn(8, 4)}
+    keep = masks.n_m(scores)
+    assert list(keep) == ["a", "b", "c"] and keep["b"].is_cuda
+    assert_masks(list(keep.values()), list(scores.values()), 2, 4)
+
+
+@pytest.mark.cuda
 def test_cuda_matches_cpu_on_many_tensors():
     native_or_skip("cuda")
     g = torch.Generator().manual_seed(7)
