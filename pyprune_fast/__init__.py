@@ -12,12 +12,12 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from . import criteria, masks, ops
+from . import criteria, masks, ops, sparse
 from .masks import apply_masks
 
 __version__ = "0.1.0"
 
-__all__ = ["apply_masks", "backend_info", "criteria", "masks", "ops", "score"]
+__all__ = ["apply_masks", "backend_info", "criteria", "masks", "ops", "score", "sparse"]
 
 
 def backend_info() -> dict:

@@ -155,3 +155,103 @@ def torch_prune_case(device: str = "cpu", amount: float = 0.9) -> Case:
         baselines={"torch.nn.utils.prune.global_unstructured": lambda: run(prune.global_unstructured)},
         elements=n,
     )
+
+
+# --- N:M masks and 2:4 semi-structured sparsity (issue 5) ---------------------------------------
+
+# Weight shapes [out, in] of the Linear layers of ViT-B/16 and of one LLaMA-7B decoder layer.
+VIT_B16_LINEARS = {"vit_b_16": [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(1000, 768)]}
+LLAMA7B_LAYER = {"llama_7b_layer": [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]}
+SPARSE24_SHAPES = {"vit_b_16": [(3072, 768), (768, 3072)], "llama_7b": [(4096, 4096), (11008, 4096), (4096, 11008)]}
+
+
+def loop_n_m(scores, n=2, m=4):
+    """What users write today (Wanda's and SparseGPT's loop): per tensor, a Python loop over the column
+    groups, topk of each [out, m] slice, scatter into the mask. Returns keep-masks (True = kept)."""
+    out = {}
+    for name, s in scores.items():
+        s = s.reshape(s.shape[0], -1).float()
+        pruned = torch.zeros_like(s, dtype=torch.bool)
+        for i in range(0, s.shape[1], m):
+            pruned.scatter_(1, i + torch.topk(s[:, i : i + m], m - n, dim=1, largest=False)[1], True)
+        out[name] = ~pruned
+    return out
+
+
+def vectorized_n_m(scores, n=2, m=4):
+    """The vectorized torch version: topk over a [-1, m] view of each tensor."""
+    out = {}
+    for name, s in scores.items():
+        groups = s.reshape(-1, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(n, dim=1).indices, True)
+        out[name] = keep.view(s.shape)
+    return out
+
+
+def n_m_case(model: str = "vit_b_16", device: str = "cpu", dtype: torch.dtype = torch.float32) -> Case:
+    """masks.n_m (2:4, one fused op for all weights) on random scores shaped like the model's Linear
+    weights, against the Wanda-style loop and vectorized topk."""
+    from . import masks
+
+    shapes = {**VIT_B16_LINEARS, **LLAMA7B_LAYER}[model]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    scores = {f"w{i}": torch.rand(s, generator=g).to(device=device, dtype=dtype) for i, s in enumerate(shapes)}
+    n = sum(s.numel() for s in scores.values())
+    return Case(
+        group=f"n_m 2:4 {model} {str(dtype).replace('torch.', '')} {device}",
+        ours=lambda: masks.n_m(scores),
+        baselines={"python loop (wanda)": lambda: loop_n_m(scores), "torch topk": lambda: vectorized_n_m(scores)},
+        elements=n,
+        bytes_moved=n * (torch.finfo(dtype).bits // 8 + 1),
+    )
+
+
+def random_24_weight(out: int, cols: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    """A random weight made 2:4 by magnitude."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = (torch.randn(out, cols, generator=g) / cols**0.5).to(device=device, dtype=dtype)
+    return w * vectorized_n_m({"w": w.abs()})["w"]
+
+
+def compress_case(model: str = "llama_7b", device: str = "cpu", dtype: torch.dtype = torch.float16) -> Case:
+    """compress_24 of 2:4 weights at the model's Linear shapes against torch's own conversion to the
+    CUTLASS layout (what to_sparse_semi_structured runs, in torch ops)."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    weights = [random_24_weight(o, i, dtype, device, seed=k) for k, (o, i) in enumerate(SPARSE24_SHAPES[model])]
+    n = sum(w.numel() for w in weights)
+    return Case(
+        group=f"compress_24 {model} {str(dtype).replace('torch.', '')} {device}",
+        ours=lambda: [ops.compress_24(w) for w in weights],
+        baselines={"torch cutlass conversion": lambda: [sparse_semi_structured_from_dense_cutlass(w) for w in weights]},
+        elements=n,
+        bytes_moved=n * weights[0].element_size() * 3 // 2 + n // 8,
+    )
+
+
+def sparse24_linear_case(out: int, cols: int, tokens: int, dtype: torch.dtype, device: str = "cuda") -> Case:
+    """ops.sparse24_linear (x [tokens, in] @ Wᵀ + b) against dense F.linear (cuBLAS on CUDA) and torch's
+    own 2:4 path (F.linear with to_sparse_semi_structured(W): cuSPARSELt or CUTLASS), same inputs."""
+    from torch.sparse import to_sparse_semi_structured
+
+    w = random_24_weight(out, cols, dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(tokens, cols, generator=g).to(device=device, dtype=dtype)
+    bias = torch.randn(out, generator=g).to(device=device, dtype=dtype)
+    values, meta = ops.compress_24(w)
+    baselines = {"dense F.linear": lambda: torch.nn.functional.linear(x, w, bias)}
+    try:
+        w_torch = to_sparse_semi_structured(w)
+        torch.nn.functional.linear(x, w_torch, bias)
+        baselines["torch 2:4 (semi_structured)"] = lambda: torch.nn.functional.linear(x, w_torch, bias)
+    except (RuntimeError, NotImplementedError, ValueError):
+        pass  # torch's 2:4 path does not cover this GPU, dtype or shape: compared against dense only
+    flops = 2 * tokens * out * cols
+    return Case(
+        group=f"sparse24_linear {out}x{cols} t{tokens} {str(dtype).replace('torch.', '')} {device}",
+        ours=lambda: ops.sparse24_linear(x, values, meta, bias),
+        baselines=baselines,
+        elements=flops,
+        bytes_moved=(out * cols // 2 + tokens * (cols + out)) * x.element_size() + out * cols // 8,
+        extra={"tokens": tokens, "out": out, "in": cols},
+    )

@@ -253,6 +253,172 @@ def per_row_masks(tensors: Sequence[Tensor], counts: Sequence[int], names: Seque
     return list(masks)
 
 
+# --- N:M masks and 2:4 semi-structured sparsity (issue 5) ---------------------------------------
+
+ACTIVATIONS = (None, "relu", "gelu")
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def nm_mask(scores: Sequence[Tensor], n: int, m: int) -> tuple[list[Tensor], Tensor]:
+    """N:M keep-flags of every tensor of a list in one fused pass: groups of m consecutive entries of
+    each (row-major) tensor, the n highest of each group kept,
+
+        rank_i = #{j : s_j > s_i} + #{j < i : s_j = s_i},   keep_i = rank_i < n
+
+    (ties: the lower index is kept; -0.0 = 0.0; ±inf ordinary). Returns bool masks shaped like the
+    scores and the number of NaN scores of each tensor (int64 [len(scores)], on the scores' device;
+    masks.n_m refuses NaN). float32/float16/bfloat16/float64 scores, any strides.
+    """
+    scores = _as_list("scores", scores)
+    _check_float_list("scores", scores, FLOAT_TYPES + (torch.float64,))
+    n, m = _check_int("n", n), _check_int("m", m)
+    if not 0 <= n <= m or m < 1:
+        raise ValueError(f"n:m must satisfy 0 <= n <= m and m >= 1, got {n}:{m}")
+    for i, s in enumerate(scores):
+        if s.numel() % m:
+            raise ValueError(f"scores[{i}] has {s.numel()} entries (shape {tuple(s.shape)}), not a multiple of m={m}")
+    _check_same_device({"scores": scores})
+    if not scores:
+        return [], torch.zeros(0, dtype=torch.int64)
+    if _native(scores):
+        keep, nan = torch.ops.pyprune_fast.nm_mask(scores, n, m)
+        return list(keep), nan
+    return reference.nm_mask(scores, n, m)
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_compressed(values: Tensor, meta: Tensor) -> tuple[int, int]:
+    """(out, in) of a compressed weight; values [out, in/2] float, meta int32 [out/16, in/32, 16]."""
+    _check_tensor("values", values)
+    _check_tensor("meta", meta)
+    _check_float_list("values", [values])
+    if values.dim() != 2 or values.shape[0] % 16 or (2 * values.shape[1]) % 32:
+        raise ValueError(
+            f"values must be [out, in/2] with out % 16 == 0 and in % 32 == 0, got shape {tuple(values.shape)}"
+        )
+    out, cols = values.shape[0], 2 * values.shape[1]
+    if meta.dtype != torch.int32:
+        raise TypeError(f"meta must be int32, got {meta.dtype}")
+    if tuple(meta.shape) != (out // 16, cols // 32, 16):
+        raise ValueError(
+            f"meta must have shape {(out // 16, cols // 32, 16)} for values of shape {tuple(values.shape)}, "
+            f"got {tuple(meta.shape)}"
+        )
+    if meta.device != values.device:
+        raise ValueError(f"meta is on {meta.device} but values is on {values.device}")
+    return out, cols
+
+
+def check_features_24(in_features: int, out_features: int, what: str) -> None:
+    """The shape limit of sparse24_linear (its kernel's 64-wide tiles): in and out multiples of 64."""
+    if in_features % 64 or out_features % 64:
+        raise ValueError(
+            f"{what} needs in and out features that are multiples of 64, got in={in_features}, out={out_features}"
+        )
+
+
+def compress_24(w: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """2:4 weight w [out, in] -> (values [out, in/2] in w's dtype, meta int32 [out/16, in/32, 16]).
+
+    Each chunk of 4 consecutive entries of a row keeps its (at most two) non-zero entries, or with a
+    mask its (exactly two) masked-in entries, in increasing position order; meta holds the positions
+    i0 < i1 of each chunk as the nibble i0 | i1 << 2, laid out as the operand of
+    mma.sp::ordered_metadata m16n8k32 (csrc/include/pyprune_fast/sparse24.h). w that is not 2:4 (or a
+    mask that does not keep exactly 2 of 4) is a ValueError. out % 16 == 0 and in % 32 == 0;
+    float16/bfloat16/float32.
+    """
+    _check_tensor("w", w)
+    _check_float_list("w", [w])
+    if w.dim() != 2 or w.shape[0] % 16 or w.shape[1] % 32:
+        raise ValueError(f"w must be [out, in] with out % 16 == 0 and in % 32 == 0, got shape {tuple(w.shape)}")
+    if mask is not None:
+        _check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = keep), got {mask.dtype}")
+        if mask.shape != w.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but w has shape {tuple(w.shape)}")
+        if mask.device != w.device:
+            raise ValueError(f"mask is on {mask.device} but w is on {w.device}")
+    if _native([w]):
+        values, meta, invalid = torch.ops.pyprune_fast.compress_24(w, mask)
+    else:
+        values, meta, invalid = reference.compress_24(w, mask)
+    bad = int(invalid)
+    if bad:
+        groups = w.numel() // 4
+        if mask is None:
+            raise ValueError(
+                f"w is not 2:4 sparse: {bad} of its {groups} groups of 4 consecutive entries of a row hold more "
+                "than two non-zeros (make it 2:4 first, e.g. with masks.n_m, or pass mask=)"
+            )
+        raise ValueError(f"mask must keep exactly 2 of every 4 consecutive entries of a row; {bad} of {groups} do not")
+    return values, meta
+
+
+def decompress_24(values: Tensor, meta: Tensor) -> Tensor:
+    """(values, meta) from compress_24 -> the dense weight [out, in] (zeros at the pruned positions).
+    meta with an index pair that is not one of the six ordered pairs is a ValueError."""
+    _check_compressed(values, meta)
+    if _native([values]):
+        dense, invalid = torch.ops.pyprune_fast.decompress_24(values, meta)
+    else:
+        dense, invalid = reference.decompress_24(values, meta)
+    if int(invalid):
+        raise ValueError(f"meta holds {int(invalid)} groups whose index pair is not an ordered 2:4 pair (i0 < i1)")
+    return dense
+
+
+def sparse24_linear(
+    x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None, activation: str | None = None
+) -> Tensor:
+    """y = act(x @ Wᵀ + b) with W [out, in] given compressed (compress_24), for x [..., in].
+
+    CUDA: our own kernel on the sparse tensor cores (mma.sp::ordered_metadata m16n8k32, float16 or
+    bfloat16, float32 accumulation) with bias and activation fused in the epilogue; any number of
+    tokens. CPU: W decompressed to float32 and one matmul. Both compute in float32 and round once to
+    x's dtype. act: None, 'relu' or 'gelu' (exact: x/2 · (1 + erf(x/√2)), as nn.GELU()). in and out
+    must be multiples of 64; x, values and bias of one dtype. Differentiable in x and bias (not in
+    values). meta is trusted to come from compress_24 (decompress_24 validates it).
+    """
+    _check_tensor("x", x)
+    out, cols = _check_compressed(values, meta)
+    _check_float_list("x", [x])
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'relu' or 'gelu', got {activation!r}")
+    check_features_24(cols, out, "sparse24_linear")
+    if x.dim() < 1 or x.shape[-1] != cols:
+        raise ValueError(f"x must be [..., {cols}] for a weight of {cols} input features, got shape {tuple(x.shape)}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"x is {x.dtype} but values is {values.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"x is on {x.device} but values is on {values.device}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (out,) or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(
+                f"bias must be a [{out}] {x.dtype} tensor on {x.device}, got {tuple(bias.shape)} {bias.dtype} on "
+                f"{bias.device}"
+            )
+    if x.is_cuda and x.dtype == torch.float32:
+        raise TypeError("sparse24_linear on CUDA needs float16 or bfloat16 (the sparse tensor cores), got float32")
+    if values.requires_grad and torch.is_grad_enabled():
+        raise ValueError("sparse24_linear is not differentiable in values; freeze them (values.requires_grad_(False))")
+    act = activation or "none"
+    if _native([x]):
+        return torch.ops.pyprune_fast.sparse24_linear(x, values, meta, bias, act)
+    return reference.sparse24_linear(x, values, meta, bias, act)
+
+
 # --- fake (meta) implementations, registered once the library is loaded -------------------------
 
 
@@ -288,6 +454,55 @@ def _fake_group_masks(xs, counts):
     return _fake_threshold_masks(xs, None, None, 0), xs[0].new_empty((len(xs),), dtype=torch.int64)
 
 
+# fake implementations and autograd of the N:M and 2:4 ops (issue 5)
+
+
+def _fake_nm_mask(scores, n, m):
+    device = scores[0].device if scores else torch.device("cpu")
+    return [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in scores], torch.empty(
+        len(scores), dtype=torch.int64, device=device
+    )
+
+
+def _fake_compress_24(w, mask=None):
+    out, cols = w.shape
+    return (
+        w.new_empty((out, cols // 2)),
+        w.new_empty((out // 16, cols // 32, 16), dtype=torch.int32),
+        w.new_empty((), dtype=torch.int64),
+    )
+
+
+def _fake_decompress_24(values, meta):
+    return values.new_empty((values.shape[0], 2 * values.shape[1])), values.new_empty((), dtype=torch.int64)
+
+
+def _fake_sparse24_linear(x, values, meta, bias=None, activation="none"):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _setup_sparse24_linear(ctx, inputs, output):
+    x, values, meta, bias, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x, values, meta, bias, output)
+
+
+def _backward_sparse24_linear(ctx, grad):
+    x, values, meta, bias, y = ctx.saved_tensors
+    if ctx.activation == "relu":
+        grad = grad * (y > 0)
+    elif ctx.activation == "gelu":
+        pre = torch.ops.pyprune_fast.sparse24_linear(x, values, meta, bias, "none")
+        grad = torch.ops.aten.gelu_backward(grad.float(), pre.float()).to(grad.dtype)
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w, _ = torch.ops.pyprune_fast.decompress_24(values, meta)
+        grad_x = (grad.float() @ w.float()).to(x.dtype)
+    if bias is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
+    return grad_x, None, None, grad_bias, None
+
+
 def _register_python_side() -> None:
     """Called by _extension after the compiled library has defined the ops."""
     torch.library.register_fake("pyprune_fast::saliency", _fake_saliency)
@@ -297,3 +512,12 @@ def _register_python_side() -> None:
     torch.library.register_fake("pyprune_fast::threshold_apply_", _fake_threshold_apply_)
     torch.library.register_fake("pyprune_fast::layerwise_masks", _fake_group_masks)
     torch.library.register_fake("pyprune_fast::per_row_masks", _fake_group_masks)
+
+    # N:M and 2:4 ops (issue 5)
+    torch.library.register_fake("pyprune_fast::nm_mask", _fake_nm_mask)
+    torch.library.register_fake("pyprune_fast::compress_24", _fake_compress_24)
+    torch.library.register_fake("pyprune_fast::decompress_24", _fake_decompress_24)
+    torch.library.register_fake("pyprune_fast::sparse24_linear", _fake_sparse24_linear)
+    torch.library.register_autograd(
+        "pyprune_fast::sparse24_linear", _backward_sparse24_linear, setup_context=_setup_sparse24_linear
+    )
