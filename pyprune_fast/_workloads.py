@@ -3,6 +3,9 @@ pytest-benchmark suite (benchmarks/) and `pyprune-fast bench`."""
 
 from __future__ import annotations
 
+import functools
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,3 +63,50 @@ def saliency_case(device: str = "cpu", dtype: torch.dtype = torch.float32, scale
         elements=n,
         bytes_moved=n * (2 * weights[0].element_size() + 4),
     )
+
+
+# Every workload by name: `factory(device="cpu", scale=1.0) -> Case`. `pyprune-fast bench` runs each
+# one found here; add a workload by adding its factory.
+WORKLOADS: dict[str, Callable[..., Case]] = {
+    "saliency fp32": functools.partial(saliency_case, dtype=torch.float32),
+    "saliency bf16": functools.partial(saliency_case, dtype=torch.bfloat16),
+}
+
+
+def time_call(fn: Callable[[], object], device: str = "cpu", repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of fn after `warmup` untimed ones; each call waits for the GPU
+    (torch.cuda.synchronize) when the device is CUDA."""
+
+    def sync() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@dataclass
+class Timing:
+    """One implementation of a case: best and median wall seconds."""
+
+    impl: str
+    best: float
+    median: float
+
+
+def time_case(case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1) -> list[Timing]:
+    """Ours, then each baseline, timed in turn in the same process on the same inputs."""
+    impls = {"ours": case.ours, **case.baselines}
+    out = []
+    for impl, fn in impls.items():
+        times = time_call(fn, device, repeats, warmup)
+        out.append(Timing(impl, min(times), statistics.median(times)))
+    return out

