@@ -165,16 +165,18 @@ def _figure(width: float, height: float):
 
 
 def retention_plot(run: Run, path: str) -> None:
-    """One panel per metric: the metric vs sparsity, one line per criterion, the dense value dashed."""
+    """One panel per metric: its retention (value over the dense model's) vs the achieved sparsity, one
+    line per criterion; the raw value where the dense one is 0."""
     metrics = list(run.dense)
     fig = _figure(5.0 * len(metrics), 4.0)
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+        dense = run.dense[metric]
         for name in run.criteria:
             rows = sorted((r.achieved, r.metrics[metric]) for r in run.results if r.criterion == name)
-            ax.plot([x for x, _ in rows], [y for _, y in rows], marker="o", label=name)
-        ax.axhline(run.dense[metric], color="gray", linestyle="--", label="dense")
+            ax.plot([x for x, _ in rows], [y / dense if dense else y for _, y in rows], marker="o", label=name)
+        ax.axhline(1.0 if dense else 0.0, color="gray", linestyle="--", label="dense" if dense else None)
         ax.set_xlabel(f"sparsity of the scored weights ({run.granularity})")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"{metric} retention (dense = {dense:.4g})" if dense else metric)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{run.model}: what each criterion keeps")

@@ -85,3 +85,15 @@ def test_factories(monkeypatch):
     with pytest.raises(zoo.ModelSpecError, match="the factory returned str, not an nn.Module or Bundle"):
         zoo.load("tests.cli_factory:bare")
     assert isinstance(zoo.load("torch.nn:Identity").model, nn.Identity)
+
+
+def test_local_hugging_face_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    bundle = zoo.load(f"hf:{tmp_path}")
+    assert bundle.calibration is None and bundle.evaluate is None
+    assert sum(p.numel() for p in bundle.model.parameters()) > 0
