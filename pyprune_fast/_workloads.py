@@ -3,6 +3,9 @@ pytest-benchmark suite (benchmarks/) and `pyprune-fast bench`."""
 
 from __future__ import annotations
 
+import functools
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,10 +72,11 @@ def _score_tensors(total: int, pieces: int, device: str, seed: int = 0) -> list[
     return [torch.randn(n, generator=g).abs_().to(device) for n in sizes]
 
 
-def kth_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9) -> Case:
+def kth_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9, scale: float = 1.0) -> Case:
     """The exact k-th smallest score (k = sparsity × total) vs concatenating and selecting."""
     import numpy as np
 
+    total = max(pieces, int(total * scale))
     xs = _score_tensors(total, pieces, device)
     k = round(sparsity * total)
     baselines = {
@@ -94,10 +98,13 @@ def kth_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float 
     )
 
 
-def global_masks_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9) -> Case:
+def global_masks_case(
+    total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9, scale: float = 1.0
+) -> Case:
     """Global keep-masks at `sparsity` vs the threshold-by-concatenation users write."""
     from . import masks
 
+    total = max(pieces, int(total * scale))
     xs = _score_tensors(total, pieces, device)
     scores = {f"layer{i}.weight": x for i, x in enumerate(xs)}
     k = round(sparsity * total)
@@ -115,17 +122,21 @@ def global_masks_case(total: int, pieces: int = 20, device: str = "cpu", sparsit
     )
 
 
-def vit_b16_modules(device: str = "cpu") -> torch.nn.ModuleList:
+def vit_b16_modules(device: str = "cpu", scale: float = 1.0) -> torch.nn.ModuleList:
     """Modules with ViT-B/16's scored weight shapes (the conv patch embedding, 12 × (attention
-    out_proj, MLP fc1, fc2), the head), randomly initialized."""
-    mods = [torch.nn.Conv2d(3, 768, 16, 16)]
+    out_proj, MLP fc1, fc2), the head), randomly initialized; scale < 1 shrinks each output dim."""
+
+    def out(n: int) -> int:
+        return max(1, int(n * scale))
+
+    mods = [torch.nn.Conv2d(3, out(768), 16, 16)]
     for _ in range(12):
-        mods += [torch.nn.Linear(768, 768), torch.nn.Linear(768, 3072), torch.nn.Linear(3072, 768)]
-    mods.append(torch.nn.Linear(768, 1000))
+        mods += [torch.nn.Linear(768, out(768)), torch.nn.Linear(768, out(3072)), torch.nn.Linear(3072, out(768))]
+    mods.append(torch.nn.Linear(768, out(1000)))
     return torch.nn.ModuleList(mods).to(device)
 
 
-def torch_prune_case(device: str = "cpu", amount: float = 0.9) -> Case:
+def torch_prune_case(device: str = "cpu", amount: float = 0.9, scale: float = 1.0) -> Case:
     """Global L1 pruning of ViT-B/16's weights through torch.nn.utils.prune, ours (the drop-in) vs
     torch's; each round starts from the same unpruned weights."""
     from torch.nn.utils import prune
@@ -133,7 +144,7 @@ def torch_prune_case(device: str = "cpu", amount: float = 0.9) -> Case:
     from .integrations import torch_prune
 
     torch.manual_seed(0)
-    modules = vit_b16_modules(device)
+    modules = vit_b16_modules(device, scale)
     params = [(m, "weight") for m in modules]
     original = [m.weight.detach().clone() for m in modules]
 
@@ -188,12 +199,14 @@ def vectorized_n_m(scores, n=2, m=4):
     return out
 
 
-def n_m_case(model: str = "vit_b_16", device: str = "cpu", dtype: torch.dtype = torch.float32) -> Case:
+def n_m_case(
+    model: str = "vit_b_16", device: str = "cpu", dtype: torch.dtype = torch.float32, scale: float = 1.0
+) -> Case:
     """masks.n_m (2:4, one fused op for all weights) on random scores shaped like the model's Linear
     weights, against the Wanda-style loop and vectorized topk."""
     from . import masks
 
-    shapes = {**VIT_B16_LINEARS, **LLAMA7B_LAYER}[model]
+    shapes = [(max(1, int(o * scale)), i) for o, i in {**VIT_B16_LINEARS, **LLAMA7B_LAYER}[model]]
     g = torch.Generator(device="cpu").manual_seed(0)
     scores = {f"w{i}": torch.rand(s, generator=g).to(device=device, dtype=dtype) for i, s in enumerate(shapes)}
     n = sum(s.numel() for s in scores.values())
@@ -213,12 +226,15 @@ def random_24_weight(out: int, cols: int, dtype: torch.dtype, device: str, seed:
     return w * vectorized_n_m({"w": w.abs()})["w"]
 
 
-def compress_case(model: str = "llama_7b", device: str = "cpu", dtype: torch.dtype = torch.float16) -> Case:
+def compress_case(
+    model: str = "llama_7b", device: str = "cpu", dtype: torch.dtype = torch.float16, scale: float = 1.0
+) -> Case:
     """compress_24 of 2:4 weights at the model's Linear shapes against torch's own conversion to the
     CUTLASS layout (what to_sparse_semi_structured runs, in torch ops)."""
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
-    weights = [random_24_weight(o, i, dtype, device, seed=k) for k, (o, i) in enumerate(SPARSE24_SHAPES[model])]
+    shapes = [(max(16, int(o * scale) // 16 * 16), i) for o, i in SPARSE24_SHAPES[model]]
+    weights = [random_24_weight(o, i, dtype, device, seed=k) for k, (o, i) in enumerate(shapes)]
     n = sum(w.numel() for w in weights)
     return Case(
         group=f"compress_24 {model} {str(dtype).replace('torch.', '')} {device}",
@@ -255,3 +271,55 @@ def sparse24_linear_case(out: int, cols: int, tokens: int, dtype: torch.dtype, d
         bytes_moved=(out * cols // 2 + tokens * (cols + out)) * x.element_size() + out * cols // 8,
         extra={"tokens": tokens, "out": out, "in": cols},
     )
+
+
+# Every workload by name: `factory(device="cpu", scale=1.0) -> Case`, sizes named at scale 1 (scale < 1
+# shrinks them). `pyprune-fast bench` runs each one found here; add a workload by adding its factory.
+WORKLOADS: dict[str, Callable[..., Case]] = {
+    "saliency fp32": functools.partial(saliency_case, dtype=torch.float32),
+    "saliency bf16": functools.partial(saliency_case, dtype=torch.bfloat16),
+    "kth_smallest 200M scores": functools.partial(kth_case, 200_000_000),
+    "global masks 200M scores": functools.partial(global_masks_case, 200_000_000),
+    "prune global L1 ViT-B/16": torch_prune_case,
+    "2:4 masks ViT-B/16": functools.partial(n_m_case, "vit_b_16"),
+    "2:4 compress LLaMA-7B": functools.partial(compress_case, "llama_7b"),
+}
+
+
+def time_call(fn: Callable[[], object], device: str = "cpu", repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of fn after `warmup` untimed ones; each call waits for the GPU
+    (torch.cuda.synchronize) when the device is CUDA."""
+
+    def sync() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@dataclass
+class Timing:
+    """One implementation of a case: best and median wall seconds."""
+
+    impl: str
+    best: float
+    median: float
+
+
+def time_case(case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1) -> list[Timing]:
+    """Ours, then each baseline, timed in turn in the same process on the same inputs."""
+    impls = {"ours": case.ours, **case.baselines}
+    out = []
+    for impl, fn in impls.items():
+        times = time_call(fn, device, repeats, warmup)
+        out.append(Timing(impl, min(times), statistics.median(times)))
+    return out
