@@ -150,6 +150,7 @@ inline void gram_tile(const T* const* a, const T* const* b, int64_t k0, int64_t 
 template <typename T, int kBytes>
 inline void gram_task(const GramTask<T>& t, T* partials) {
   constexpr int TG = Tiles<kBytes>::kGram;
+  constexpr int64_t kLine = 64 / sizeof(T);
   const int64_t chunk = kChunkBytes / static_cast<int64_t>(sizeof(T));
   const int64_t blocks = (t.n + TG - 1) / TG;
   // Rows past the end repeat the last row: their results land in tile entries that are never read.
@@ -160,6 +161,11 @@ inline void gram_task(const GramTask<T>& t, T* partials) {
     for (int64_t ib = 0; ib < blocks; ++ib) {
       const T* a[TG];
       for (int r = 0; r < TG; ++r) a[r] = row(ib * TG + r);
+      if (k1 < t.c1) {  // these rows of the next chunk, into L2
+        for (int r = 0; r < TG; ++r) {
+          for (int64_t k = k1; k < std::min(t.c1, k1 + chunk); k += kLine) __builtin_prefetch(a[r] + k, 0, 2);
+        }
+      }
       for (int64_t jb = ib; jb < blocks; ++jb, out += TG * TG) {
         const T* b[TG];
         for (int c = 0; c < TG; ++c) b[c] = row(jb * TG + c);
@@ -170,9 +176,9 @@ inline void gram_task(const GramTask<T>& t, T* partials) {
 }
 
 // ---- backward: out = S F (S symmetric n x n, F n x ld) --------------------------------------------
-// A task copies its block of columns of F into a contiguous buffer (row by row, so the hardware
-// prefetcher sees long sequential runs instead of n short strided ones), computes S F into a second
-// buffer and copies that out row by row.
+// A task copies its block of columns of F into a buffer of panels (n x kVecs vectors each, contiguous:
+// no cache-set conflicts between the rows of a panel, whatever ld is), while prefetching the next
+// block into L2, and writes S F straight from the register tiles (the stores overlap the arithmetic).
 
 template <typename T>
 struct ApplyTask {
@@ -183,16 +189,16 @@ struct ApplyTask {
   int64_t c0, c1;  // the columns of this task
 };
 
-// Columns per task: both buffers (n x width each) stay in L2.
+// Columns per task: its panels (n x width values) stay in L2 next to the prefetched next block.
 int64_t apply_block(int64_t n, int64_t element_size, int64_t panel) {
   constexpr int64_t kBufferBytes = 256 * 1024;
   return std::max<int64_t>(1, kBufferBytes / (n * element_size * panel)) * panel;
 }
 
-// out rows [i0, i0 + R) (past the end: the last row again, written twice with the same values),
-// columns [col, col + NV * lanes); f and out have rows of w values.
+// out rows [i0, i0 + R) (past the end: the last row again, written twice with the same values), NV
+// vectors of columns; f has rows of ldf values, out rows of ldo values.
 template <typename T, int kBytes, int R, int NV>
-inline void apply_tile(const T* s, const T* f, T* out, int64_t n, int64_t w, int64_t i0, int64_t col) {
+inline void apply_tile(const T* s, const T* f, int64_t ldf, T* out, int64_t ldo, int64_t n, int64_t i0) {
   using S = Simd<T, kBytes>;
   constexpr int W = S::kLanes;
   int64_t row[R];
@@ -200,7 +206,7 @@ inline void apply_tile(const T* s, const T* f, T* out, int64_t n, int64_t w, int
   typename S::V acc[R][NV] = {};
   for (int64_t k = 0; k < n; ++k) {
     typename S::V fv[NV];
-    for (int v = 0; v < NV; ++v) fv[v] = S::load(f + k * w + col + v * W);
+    for (int v = 0; v < NV; ++v) fv[v] = S::load(f + k * ldf + v * W);
     const T* sk = s + k * n;  // row k of S = column k, by symmetry
     for (int r = 0; r < R; ++r) {
       const T sv = sk[row[r]];
@@ -208,33 +214,48 @@ inline void apply_tile(const T* s, const T* f, T* out, int64_t n, int64_t w, int
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) S::store(out + row[r] * w + col + v * W, acc[r][v]);
+    for (int v = 0; v < NV; ++v) S::store(out + row[r] * ldo + v * W, acc[r][v]);
   }
 }
 
-// `buffer` holds 2 * n * (c1 - c0) values.
+// `buffer` holds n * (c1 - c0) values: the full panels of P columns (panel p at p * n, rows of P
+// values), then the remaining columns (rows of `rest` values).
 template <typename T, int kBytes>
 inline void apply_task(const ApplyTask<T>& t, T* buffer) {
-  constexpr int W = Simd<T, kBytes>::kLanes, R = Tiles<kBytes>::kRows, NV = Tiles<kBytes>::kVecs;
-  const int64_t n = t.n, w = t.c1 - t.c0;
+  constexpr int W = Simd<T, kBytes>::kLanes, R = Tiles<kBytes>::kRows, NV = Tiles<kBytes>::kVecs, P = NV * W;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  const int64_t n = t.n, w = t.c1 - t.c0, full = w / P * P, rest = w - full;
   T* f = buffer;
-  T* out = buffer + n * w;
-  for (int64_t k = 0; k < n; ++k) std::memcpy(f + k * w, t.f + k * t.ld + t.c0, w * sizeof(T));
-  int64_t col = 0;
-  for (; col + NV * W <= w; col += NV * W) {
-    for (int64_t i0 = 0; i0 < n; i0 += R) apply_tile<T, kBytes, R, NV>(t.s, f, out, n, w, i0, col);
+  for (int64_t k = 0; k < n; ++k) {
+    const T* src = t.f + k * t.ld + t.c0;
+    for (int64_t p = 0; p < full; p += P) std::memcpy(f + p * n + k * P, src + p, P * sizeof(T));
+    std::memcpy(f + full * n + k * rest, src + full, rest * sizeof(T));
   }
-  for (; col + W <= w; col += W) {
-    for (int64_t i0 = 0; i0 < n; i0 += R) apply_tile<T, kBytes, R, 1>(t.s, f, out, n, w, i0, col);
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t c = col; c < w; ++c) {
-      T sum = 0;
-      for (int64_t k = 0; k < n; ++k) sum += t.s[k * n + i] * f[k * w + c];
-      out[i * w + c] = sum;
+  T* out = t.out + t.c0;
+  for (int64_t p = 0; p < full; p += P) {
+    if (t.c1 + p < t.ld) {  // the same panel of the next block, into L2
+      for (int64_t k = 0; k < n; ++k) {
+        for (int64_t c = 0; c < P; c += kLine) __builtin_prefetch(t.f + k * t.ld + t.c1 + p + c, 0, 2);
+      }
+    }
+    for (int64_t i0 = 0; i0 < n; i0 += R) {
+      apply_tile<T, kBytes, R, NV>(t.s, f + p * n, P, out + p, t.ld, n, i0);
     }
   }
-  for (int64_t i = 0; i < n; ++i) std::memcpy(t.out + i * t.ld + t.c0, out + i * w, w * sizeof(T));
+  const T* fr = f + full * n;
+  int64_t col = 0;
+  for (; col + W <= rest; col += W) {
+    for (int64_t i0 = 0; i0 < n; i0 += R) {
+      apply_tile<T, kBytes, R, 1>(t.s, fr + col, rest, out + full + col, t.ld, n, i0);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = col; c < rest; ++c) {
+      T sum = 0;
+      for (int64_t k = 0; k < n; ++k) sum += t.s[k * n + i] * fr[k * rest + c];
+      out[i * t.ld + full + c] = sum;
+    }
+  }
 }
 
 // ---- run-time choice of the vector width ---------------------------------------------------------
@@ -369,7 +390,7 @@ void apply_rows_cpu(const SvdMeanPlan& plan, const std::vector<at::Tensor>& scal
     const SvdMeanInput& in = plan.inputs[i];
     if (!in.row_gram) continue;
     const int64_t block = apply_block(in.n, sizeof(T), panel);
-    buffer_size = std::max(buffer_size, 2 * in.n * std::min(block, in.cols));
+    buffer_size = std::max(buffer_size, in.n * std::min(block, in.cols));
     advise_huge_pages(grads[i]);
     for (int64_t b = 0; b < in.batch; ++b) {
       const int64_t offset = b * in.rows * in.cols;
