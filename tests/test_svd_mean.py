@@ -10,6 +10,10 @@ matrices have κ ≤ 10 (κ ≈ 1.5 ... 4 for the Gaussian N ≪ D ones), so
   float32 (and fp16/bf16 inputs, computed in float32): values rtol 2e-5, gradients atol 2e-4 · max|grad|.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -319,3 +323,24 @@ def test_device_mismatch_is_an_error():
 def test_reference_matches_definition():
     f = gaussian((2, 5, 8), torch.float64, "cpu")
     torch.testing.assert_close(reference.svd_mean(f), torch.linalg.svdvals(f).mean(-1))
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_narrower_vector_kernels(capability):
+    """The AVX2 and baseline CPU kernels (chosen like ATen's, here through ATEN_CPU_CAPABILITY)."""
+    code = (
+        "import torch\n"
+        "from pyprune_fast import ops\n"
+        "from tests.test_svd_mean import SHAPES, conditioned, expected, ours, assert_matches\n"
+        "for dtype in (torch.float32, torch.float64):\n"
+        "    for case in ('N<D', 'N>D', 'odd tails', 'row'):\n"
+        "        shape = SHAPES[case]\n"
+        "        f = conditioned(shape, dtype, 'cpu', seed=len(case))\n"
+        "        w = torch.linspace(-1.0, 2.0, shape[0] if len(shape) == 3 else 1).reshape(shape[:-2])\n"
+        "        assert_matches(*ours(ops.svd_mean, f, w), *expected(f, w), dtype)\n"
+        "print('ok', torch.backends.cpu.get_cpu_capability())\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["ok", capability.upper()]

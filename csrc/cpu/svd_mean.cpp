@@ -3,19 +3,25 @@
 //   kGram x kGram dot products over column chunks that stay in L2. The columns of each matrix are split
 //   into fixed segments, one task each (at::parallel_for); the partial Gram matrices of a matrix are
 //   summed in segment order, so results do not depend on the number of threads.
-// - Eigendecompositions: LAPACK through at::linalg_eigh, all Gram matrices of one size in one call.
-// - Backward Z F: register tiles of kRows rows x kVecs vectors of columns, one task per column block.
-// The vector code uses GCC/Clang vector extensions at three widths, chosen at run time on x86-64:
-// 64 bytes (x86-64-v4, AVX-512), 32 bytes (x86-64-v3, AVX2 + FMA) and 16 bytes (baseline, or any
-// other CPU).
+//   The next chunk of each row block is prefetched into L2 while the current one is worked on.
+// - Eigendecompositions: LAPACK through at::linalg_eigh, one matrix per call, the matrices spread over
+//   the threads.
+// - Backward Z F: register tiles of kRows rows x kVecs vectors of columns, one task per column block
+//   (details below).
+// The vector code uses GCC/Clang vector extensions at three widths, chosen at run time on x86-64 like
+// ATen's own kernels (ATEN_CPU_CAPABILITY): 64 bytes (x86-64-v4, AVX-512), 32 bytes (x86-64-v3, AVX2 +
+// FMA) and 16 bytes (baseline, or any other CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -74,8 +80,15 @@ constexpr int combine_lane(int l) {
 
 template <typename V, int kLanes, int s, std::size_t... I>
 inline V combine(V x, V y, std::index_sequence<I...>) {
+#if defined(__clang__) || __GNUC__ >= 12
   return __builtin_shufflevector(x, y, combine_lane<kLanes, s, false>(I)...) +
          __builtin_shufflevector(x, y, combine_lane<kLanes, s, true>(I)...);
+#else  // GCC before 12 has only __builtin_shuffle, with the lane indices as a vector
+  using Index = std::conditional_t<sizeof(x[0]) == 8, int64_t, int32_t>;
+  typedef Index M __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(x, y, M{combine_lane<kLanes, s, false>(I)...}) +
+         __builtin_shuffle(x, y, M{combine_lane<kLanes, s, true>(I)...});
+#endif
 }
 
 template <typename V, int kLanes, int L, int S>
@@ -279,11 +292,16 @@ PPF_TARGET("arch=x86-64-v3") void apply_task_32(const ApplyTask<T>& t, T* buffer
 }
 #endif
 
+// The vector width in bytes: what both ATen's CPU capability (which ATEN_CPU_CAPABILITY can lower, as
+// for torch's own kernels) and this CPU allow.
 int vector_bytes() {
 #if PPF_X86_DISPATCH
   static const int bytes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v4") ? 64 : __builtin_cpu_supports("x86-64-v3") ? 32 : 16;
+    const std::string aten = at::get_cpu_capability();
+    if (aten == "AVX512" && __builtin_cpu_supports("x86-64-v4")) return 64;
+    if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("x86-64-v3")) return 32;
+    return 16;
   }();
   return bytes;
 #else
