@@ -64,4 +64,14 @@ TORCH_LIBRARY(pyprune_fast, m) {
   m.def(
       "sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, str activation=\"none\") "
       "-> Tensor");
+
+  // Mean singular value of every matrix through the Gram matrix of its smaller side (features[i]:
+  // [N, D] or [B, N, D], float32/float64, one dtype and device). Returns the values of all matrices in
+  // order (1-d) and, per input, the backward factor Z = U diag(1 / (k sigma)) U^T ([n, n] or [B, n, n],
+  // n = k = min(N, D); see csrc/include/pyprune_fast/svd_mean.h). Differentiable in `features` (the
+  // autograd formula is registered in pyprune_fast/ops.py); the factors are not differentiable.
+  m.def("svd_mean(Tensor[] features) -> (Tensor, Tensor[])");
+  // d values / d features for the upstream gradient `grad` of the values: grad_b Z_b F_b (N <= D) or
+  // grad_b F_b Z_b (N > D) for every matrix b.
+  m.def("svd_mean_backward(Tensor grad, Tensor[] features, Tensor[] factors) -> Tensor[]");
 }

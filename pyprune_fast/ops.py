@@ -124,30 +124,60 @@ def saliency_accumulate_(
     return Stats.from_tensor(stats)
 
 
-def _check_matrices(name: str, tensors: Sequence[Tensor]) -> None:
+def _check_matrices(name: str, tensors: Sequence[Tensor], dims: tuple[int, ...] = (2,)) -> None:
     _check_float_list(name, tensors, FLOAT_TYPES + (torch.float64,))
     for i, t in enumerate(tensors):
-        if t.dim() != 2:
-            raise ValueError(f"{name}[{i}] must be a 2-d [N, D] matrix, got shape {tuple(t.shape)}")
+        if t.dim() not in dims:
+            expected = "a 2-d [N, D] matrix" if dims == (2,) else "[N, D] or [B, N, D]"
+            raise ValueError(f"{name}[{i}] must be {expected}, got shape {tuple(t.shape)}")
+        if t.shape[-1] == 0 or t.shape[-2] == 0:
+            raise ValueError(f"{name}[{i}] must have N > 0 and D > 0 (its singular values), got shape {tuple(t.shape)}")
+
+
+def _svd_mean_dtype(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors in one compute dtype: float64 if any is float64, else float32 (half inputs included)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [t.to(dtype) for t in tensors]
 
 
 def svd_mean(features: Tensor) -> Tensor:
     """Mean singular value of each matrix: F [B, N, D] -> [B] (or [N, D] -> 0-d), differentiable.
-    Half inputs are computed in float32."""
+
+    value = Σ_i σ_i / k over the k = min(N, D) singular values, computed from the eigenvalues λ_i = σ_i²
+    of the Gram matrix of the smaller side (F Fᵀ or FᵀF); gradient U Vᵀ / k = G^{-1/2} F / k (or
+    F G^{-1/2} / k). Eigenvalues at or below k·eps·λ_max (the rounding level of the Gram matrix) count as
+    zero, so rank-deficient and zero inputs have finite gradients (the minimum-norm subgradient).
+    float32/float64; half inputs are computed in float32. Matrices with NaN or inf entries give NaN.
+    """
     if not isinstance(features, Tensor):
         raise TypeError(f"features must be a Tensor, got {type(features).__name__}")
-    if features.dim() not in (2, 3):
-        raise ValueError(f"features must be [N, D] or [B, N, D], got shape {tuple(features.shape)}")
-    _check_float_list("features", [features], FLOAT_TYPES + (torch.float64,))
+    _check_matrices("features", [features], dims=(2, 3))
+    (x,) = _svd_mean_dtype([features])
+    if _native([x]):
+        values, _ = torch.ops.pyprune_fast.svd_mean([x])
+        return values.reshape(x.shape[:-2])
     return reference.svd_mean(features)
 
 
 def svd_mean_list(features: Sequence[Tensor]) -> Tensor:
-    """svd_mean of each [N, D_l] matrix of a list (the layers of one batch), as a 1-d tensor."""
+    """svd_mean of each [N, D_l] matrix of a list (the layers of one batch: one N, any widths D_l), as a
+    1-d tensor, in one call: all matrices whose Gram matrices have the same size (N × N for every
+    D_l ≥ N) share one batched eigendecomposition. Mixed float32/float64 inputs are computed in float64."""
     features = _as_list("features", features)
     if not features:
         raise ValueError("features must hold at least one [N, D] matrix")
     _check_matrices("features", features)
+    for i, t in enumerate(features):
+        if t.shape[0] != features[0].shape[0]:
+            raise ValueError(
+                f"features[{i}] has N = {t.shape[0]} rows but features[0] has {features[0].shape[0]}: "
+                "every matrix of svd_mean_list must have the same N"
+            )
+    _check_same_device({"features": features})
+    xs = _svd_mean_dtype(features)
+    if _native(xs):
+        values, _ = torch.ops.pyprune_fast.svd_mean(xs)
+        return values
     return reference.svd_mean_list(features)
 
 
@@ -503,6 +533,35 @@ def _backward_sparse24_linear(ctx, grad):
     return grad_x, None, None, grad_bias, None
 
 
+def _fake_svd_mean(features):
+    total = sum(f.shape[0] if f.dim() == 3 else 1 for f in features)
+    factors = []
+    for f in features:
+        n = torch.sym_min(f.shape[-2], f.shape[-1])
+        factors.append(f.new_empty((*f.shape[:-2], n, n)))
+    return features[0].new_empty((total,)), factors
+
+
+def _fake_svd_mean_backward(grad, features, factors):
+    return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in features]
+
+
+# --- autograd of svd_mean -----------------------------------------------------------------------
+
+
+def _svd_mean_setup_context(ctx, inputs, output):
+    (features,) = inputs
+    _, factors = output
+    ctx.count = len(features)
+    ctx.save_for_backward(*features, *factors)
+
+
+def _svd_mean_backward(ctx, grad_values, _grad_factors):
+    saved = ctx.saved_tensors
+    features, factors = list(saved[: ctx.count]), list(saved[ctx.count :])
+    return (torch.ops.pyprune_fast.svd_mean_backward(grad_values, features, factors),)
+
+
 def _register_python_side() -> None:
     """Called by _extension after the compiled library has defined the ops."""
     torch.library.register_fake("pyprune_fast::saliency", _fake_saliency)
@@ -521,3 +580,7 @@ def _register_python_side() -> None:
     torch.library.register_autograd(
         "pyprune_fast::sparse24_linear", _backward_sparse24_linear, setup_context=_setup_sparse24_linear
     )
+
+    torch.library.register_fake("pyprune_fast::svd_mean", _fake_svd_mean)
+    torch.library.register_fake("pyprune_fast::svd_mean_backward", _fake_svd_mean_backward)
+    torch.library.register_autograd("pyprune_fast::svd_mean", _svd_mean_backward, setup_context=_svd_mean_setup_context)
