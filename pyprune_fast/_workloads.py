@@ -122,6 +122,34 @@ def global_masks_case(
     )
 
 
+def global_apply_case(
+    total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9, scale: float = 1.0
+) -> Case:
+    """Global pruning in place (masks.global_unstructured(apply_to=...), no masks kept) of `total`
+    weights scored by themselves, vs the threshold-by-concatenation then masked_fill_ users write.
+    Pruning is idempotent, so every round does the same work."""
+    from . import masks
+
+    total = max(pieces, int(total * scale))
+    xs = _score_tensors(total, pieces, device)
+    scores = {f"layer{i}.weight": x for i, x in enumerate(xs)}
+    params = {n: s.clone() for n, s in scores.items()}
+    k = round(sparsity * total)
+
+    def concat_threshold():
+        threshold = torch.kthvalue(torch.cat(xs), k).values
+        for n, s in scores.items():
+            params[n].masked_fill_(s <= threshold, 0)
+
+    return Case(
+        group=f"global prune in place {total / 1e6:.0f}M fp32 in {pieces} tensors {device}",
+        ours=lambda: masks.global_unstructured(scores, sparsity, apply_to=params),
+        baselines={"torch.cat + kthvalue + masked_fill_": concat_threshold},
+        elements=total,
+        bytes_moved=total * 12,
+    )
+
+
 def vit_b16_modules(device: str = "cpu", scale: float = 1.0) -> torch.nn.ModuleList:
     """Modules with ViT-B/16's scored weight shapes (the conv patch embedding, 12 × (attention
     out_proj, MLP fc1, fc2), the head), randomly initialized; scale < 1 shrinks each output dim."""
