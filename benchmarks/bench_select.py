@@ -21,6 +21,12 @@ KTH_IMPLS = ["ours", "numpy concatenate+partition", "torch.kthvalue(torch.cat)",
 
 
 @pytest.mark.parametrize("impl", KTH_IMPLS)
+def test_kth_86m(benchmark, impl):
+    """ViT-B/16's parameter count."""
+    run_case(benchmark, case("kth_case", 86_000_000), impl, rounds=3, memory=True)
+
+
+@pytest.mark.parametrize("impl", KTH_IMPLS)
 def test_kth_200m(benchmark, impl):
     run_case(benchmark, case("kth_case", 200_000_000), impl, rounds=3, memory=True)
 
@@ -40,6 +46,13 @@ def test_global_masks_200m(benchmark, impl):
 @pytest.mark.parametrize("impl", ["ours", "torch.cat + kthvalue + compare"])
 def test_global_masks_1b(benchmark, impl):
     run_case(benchmark, case("global_masks_case", 1_000_000_000), impl, rounds=2, memory=True)
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("impl", ["ours", "torch.cat + kthvalue + masked_fill_"])
+def test_global_apply_1b(benchmark, impl):
+    """Pruning in place without masks (apply_to=): for models whose masks would not fit."""
+    run_case(benchmark, case("global_apply_case", 1_000_000_000), impl, rounds=2, memory=True)
 
 
 @pytest.mark.parametrize("impl", ["ours", "torch.nn.utils.prune.global_unstructured"])

@@ -48,4 +48,30 @@ TORCH_LIBRARY(pyprune_fast, m) {
   // Each row of each tensor (viewed as (size(0), -1)) its own group: counts[i] lowest entries of every
   // row of xs[i] pruned, ties by lower index. Returns masks and NaN counts.
   m.def("per_row_masks(Tensor[] xs, int[] counts) -> (Tensor[], Tensor)");
+
+  // --- N:M masks and 2:4 semi-structured sparsity (issue 5) ------------------------------------
+  // Keep-flags of every tensor (bool, same shape): groups of m consecutive entries of the contiguous
+  // tensor, the n highest of each kept, ties to the lower index; and the number of NaN scores of each
+  // tensor (int64 [len(scores)]), which the caller refuses.
+  m.def("nm_mask(Tensor[] scores, int n, int m) -> (Tensor[], Tensor)");
+  // w [out, in] -> values [out, in/2] (w's dtype), meta int32 [out/16, in/32, 16] (the mma.sp
+  // metadata layout of csrc/include/pyprune_fast/sparse24.h), and the number of 4-wide chunks that
+  // are not 2:4 (int64 0-d; more than two non-zeros, or with a mask not exactly two kept).
+  m.def("compress_24(Tensor w, Tensor? mask=None) -> (Tensor, Tensor, Tensor)");
+  // (values, meta) -> dense w [out, in], and the number of chunks whose metadata is not an ordered pair.
+  m.def("decompress_24(Tensor values, Tensor meta) -> (Tensor, Tensor)");
+  // act(x @ W^T + bias) with W given compressed; activation 'none', 'relu' or 'gelu' (exact, erf).
+  m.def(
+      "sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, str activation=\"none\") "
+      "-> Tensor");
+
+  // Mean singular value of every matrix through the Gram matrix of its smaller side (features[i]:
+  // [N, D] or [B, N, D], float32/float64, one dtype and device). Returns the values of all matrices in
+  // order (1-d) and, per input, the backward factor Z = U diag(1 / (k sigma)) U^T ([n, n] or [B, n, n],
+  // n = k = min(N, D); see csrc/include/pyprune_fast/svd_mean.h). Differentiable in `features` (the
+  // autograd formula is registered in pyprune_fast/ops.py); the factors are not differentiable.
+  m.def("svd_mean(Tensor[] features) -> (Tensor, Tensor[])");
+  // d values / d features for the upstream gradient `grad` of the values: grad_b Z_b F_b (N <= D) or
+  // grad_b F_b Z_b (N > D) for every matrix b.
+  m.def("svd_mean_backward(Tensor grad, Tensor[] features, Tensor[] factors) -> Tensor[]");
 }

@@ -4,6 +4,7 @@ import pyprune_fast as ppf
 scores = ppf.score(model, "snip", batches, loss_fn=loss)
 masks = ppf.masks.global_unstructured(scores, sparsity=0.9)
 ppf.apply_masks(model, masks)
+ppf.save_masks("masks.safetensors", masks, {"criterion": "snip", "sparsity": 0.9})
 """
 
 from __future__ import annotations
@@ -12,12 +13,25 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from . import criteria, masks, ops, structured
+from . import criteria, masks, ops, sparse, structured
+from .io import load_masks, mask_metadata, save_masks
 from .masks import apply_masks
 
 __version__ = "0.1.0"
 
-__all__ = ["apply_masks", "backend_info", "criteria", "masks", "ops", "score", "structured"]
+__all__ = [
+    "apply_masks",
+    "backend_info",
+    "criteria",
+    "load_masks",
+    "mask_metadata",
+    "masks",
+    "ops",
+    "save_masks",
+    "score",
+    "sparse",
+    "structured",
+]
 
 
 def backend_info() -> dict:

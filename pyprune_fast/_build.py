@@ -67,6 +67,28 @@ def nvidia_wheel_dirs() -> tuple[list[str], list[str]]:
     return includes, libs
 
 
+def cuda_link_flags() -> list[str]:
+    """Linker flags for the CUDA libraries that the kernels call directly, each with an rpath (neither is
+    loaded by `import torch`): cuSOLVER, from torch's `nvidia` wheel (which ships only
+    libcusolver.so.<major>, no unversioned link) or else the toolkit's, and torch's lazily loaded
+    libtorch_cuda_linalg, which holds ATen's cuSOLVER handles (in builds without it they are in
+    libtorch_cuda)."""
+    import torch
+
+    _, wheel_libs = nvidia_wheel_dirs()
+    found = sorted(p for d in wheel_libs for p in glob.glob(os.path.join(d, "libcusolver.so.*")))
+    if found:
+        lib_dir, name = os.path.split(found[0])
+        flags = [f"-L{lib_dir}", f"-l:{name}", f"-Wl,-rpath,{lib_dir}"]
+    else:
+        lib_dir = os.path.join(find_cuda_home() or "/usr/local/cuda", "lib64")
+        flags = [f"-L{lib_dir}", "-lcusolver", f"-Wl,-rpath,{lib_dir}"]
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    if glob.glob(os.path.join(torch_lib, "libtorch_cuda_linalg.*")):
+        flags += [f"-L{torch_lib}", "-ltorch_cuda_linalg", f"-Wl,-rpath,{torch_lib}"]
+    return flags
+
+
 def cuda_decision() -> tuple[bool, str]:
     """Whether to build the CUDA part, and why (or why not)."""
     import torch
@@ -109,6 +131,7 @@ def build_config() -> dict:
         define = f"-DPYPRUNE_FAST_CUDA_ARCHS={cuda_archs().replace(';', '_').replace(' ', '_')}"
         cxx.append(define)
         nvcc.append(define)
+        ldflags += cuda_link_flags()
     return {
         "sources": sources,
         "include_dirs": includes,

@@ -3,6 +3,10 @@ pytest-benchmark suite (benchmarks/) and `pyprune-fast bench`."""
 
 from __future__ import annotations
 
+import functools
+import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,10 +74,11 @@ def _score_tensors(total: int, pieces: int, device: str, seed: int = 0) -> list[
     return [torch.randn(n, generator=g).abs_().to(device) for n in sizes]
 
 
-def kth_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9) -> Case:
+def kth_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9, scale: float = 1.0) -> Case:
     """The exact k-th smallest score (k = sparsity × total) vs concatenating and selecting."""
     import numpy as np
 
+    total = max(pieces, int(total * scale))
     xs = _score_tensors(total, pieces, device)
     k = round(sparsity * total)
     baselines = {
@@ -95,10 +100,13 @@ def kth_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float 
     )
 
 
-def global_masks_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9) -> Case:
+def global_masks_case(
+    total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9, scale: float = 1.0
+) -> Case:
     """Global keep-masks at `sparsity` vs the threshold-by-concatenation users write."""
     from . import masks
 
+    total = max(pieces, int(total * scale))
     xs = _score_tensors(total, pieces, device)
     scores = {f"layer{i}.weight": x for i, x in enumerate(xs)}
     k = round(sparsity * total)
@@ -116,17 +124,49 @@ def global_masks_case(total: int, pieces: int = 20, device: str = "cpu", sparsit
     )
 
 
-def vit_b16_modules(device: str = "cpu") -> torch.nn.ModuleList:
+def global_apply_case(
+    total: int, pieces: int = 20, device: str = "cpu", sparsity: float = 0.9, scale: float = 1.0
+) -> Case:
+    """Global pruning in place (masks.global_unstructured(apply_to=...), no masks kept) of `total`
+    weights scored by themselves, vs the threshold-by-concatenation then masked_fill_ users write.
+    Pruning is idempotent, so every round does the same work."""
+    from . import masks
+
+    total = max(pieces, int(total * scale))
+    xs = _score_tensors(total, pieces, device)
+    scores = {f"layer{i}.weight": x for i, x in enumerate(xs)}
+    params = {n: s.clone() for n, s in scores.items()}
+    k = round(sparsity * total)
+
+    def concat_threshold():
+        threshold = torch.kthvalue(torch.cat(xs), k).values
+        for n, s in scores.items():
+            params[n].masked_fill_(s <= threshold, 0)
+
+    return Case(
+        group=f"global prune in place {total / 1e6:.0f}M fp32 in {pieces} tensors {device}",
+        ours=lambda: masks.global_unstructured(scores, sparsity, apply_to=params),
+        baselines={"torch.cat + kthvalue + masked_fill_": concat_threshold},
+        elements=total,
+        bytes_moved=total * 12,
+    )
+
+
+def vit_b16_modules(device: str = "cpu", scale: float = 1.0) -> torch.nn.ModuleList:
     """Modules with ViT-B/16's scored weight shapes (the conv patch embedding, 12 × (attention
-    out_proj, MLP fc1, fc2), the head), randomly initialized."""
-    mods = [torch.nn.Conv2d(3, 768, 16, 16)]
+    out_proj, MLP fc1, fc2), the head), randomly initialized; scale < 1 shrinks each output dim."""
+
+    def out(n: int) -> int:
+        return max(1, int(n * scale))
+
+    mods = [torch.nn.Conv2d(3, out(768), 16, 16)]
     for _ in range(12):
-        mods += [torch.nn.Linear(768, 768), torch.nn.Linear(768, 3072), torch.nn.Linear(3072, 768)]
-    mods.append(torch.nn.Linear(768, 1000))
+        mods += [torch.nn.Linear(768, out(768)), torch.nn.Linear(768, out(3072)), torch.nn.Linear(3072, out(768))]
+    mods.append(torch.nn.Linear(768, out(1000)))
     return torch.nn.ModuleList(mods).to(device)
 
 
-def torch_prune_case(device: str = "cpu", amount: float = 0.9) -> Case:
+def torch_prune_case(device: str = "cpu", amount: float = 0.9, scale: float = 1.0) -> Case:
     """Global L1 pruning of ViT-B/16's weights through torch.nn.utils.prune, ours (the drop-in) vs
     torch's; each round starts from the same unpruned weights."""
     from torch.nn.utils import prune
@@ -134,7 +174,7 @@ def torch_prune_case(device: str = "cpu", amount: float = 0.9) -> Case:
     from .integrations import torch_prune
 
     torch.manual_seed(0)
-    modules = vit_b16_modules(device)
+    modules = vit_b16_modules(device, scale)
     params = [(m, "weight") for m in modules]
     original = [m.weight.detach().clone() for m in modules]
 
@@ -158,11 +198,154 @@ def torch_prune_case(device: str = "cpu", amount: float = 0.9) -> Case:
     )
 
 
+# --- N:M masks and 2:4 semi-structured sparsity (issue 5) ---------------------------------------
+
+# Weight shapes [out, in] of the Linear layers of ViT-B/16 and of one LLaMA-7B decoder layer.
+VIT_B16_LINEARS = {"vit_b_16": [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(1000, 768)]}
+LLAMA7B_LAYER = {"llama_7b_layer": [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]}
+SPARSE24_SHAPES = {"vit_b_16": [(3072, 768), (768, 3072)], "llama_7b": [(4096, 4096), (11008, 4096), (4096, 11008)]}
+
+
+def loop_n_m(scores, n=2, m=4):
+    """What users write today (Wanda's and SparseGPT's loop): per tensor, a Python loop over the column
+    groups, topk of each [out, m] slice, scatter into the mask. Returns keep-masks (True = kept)."""
+    out = {}
+    for name, s in scores.items():
+        s = s.reshape(s.shape[0], -1).float()
+        pruned = torch.zeros_like(s, dtype=torch.bool)
+        for i in range(0, s.shape[1], m):
+            pruned.scatter_(1, i + torch.topk(s[:, i : i + m], m - n, dim=1, largest=False)[1], True)
+        out[name] = ~pruned
+    return out
+
+
+def vectorized_n_m(scores, n=2, m=4):
+    """The vectorized torch version: topk over a [-1, m] view of each tensor."""
+    out = {}
+    for name, s in scores.items():
+        groups = s.reshape(-1, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(n, dim=1).indices, True)
+        out[name] = keep.view(s.shape)
+    return out
+
+
+def n_m_case(
+    model: str = "vit_b_16", device: str = "cpu", dtype: torch.dtype = torch.float32, scale: float = 1.0
+) -> Case:
+    """masks.n_m (2:4, one fused op for all weights) on random scores shaped like the model's Linear
+    weights, against the Wanda-style loop and vectorized topk."""
+    from . import masks
+
+    shapes = [(max(1, int(o * scale)), i) for o, i in {**VIT_B16_LINEARS, **LLAMA7B_LAYER}[model]]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    scores = {f"w{i}": torch.rand(s, generator=g).to(device=device, dtype=dtype) for i, s in enumerate(shapes)}
+    n = sum(s.numel() for s in scores.values())
+    return Case(
+        group=f"n_m 2:4 {model} {str(dtype).replace('torch.', '')} {device}",
+        ours=lambda: masks.n_m(scores),
+        baselines={"python loop (wanda)": lambda: loop_n_m(scores), "torch topk": lambda: vectorized_n_m(scores)},
+        elements=n,
+        bytes_moved=n * (torch.finfo(dtype).bits // 8 + 1),
+    )
+
+
+def random_24_weight(out: int, cols: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    """A random weight made 2:4 by magnitude."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = (torch.randn(out, cols, generator=g) / cols**0.5).to(device=device, dtype=dtype)
+    return w * vectorized_n_m({"w": w.abs()})["w"]
+
+
+def compress_case(
+    model: str = "llama_7b", device: str = "cpu", dtype: torch.dtype = torch.float16, scale: float = 1.0
+) -> Case:
+    """compress_24 of 2:4 weights at the model's Linear shapes against torch's own conversion to the
+    CUTLASS layout (what to_sparse_semi_structured runs, in torch ops)."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    shapes = [(max(16, int(o * scale) // 16 * 16), i) for o, i in SPARSE24_SHAPES[model]]
+    weights = [random_24_weight(o, i, dtype, device, seed=k) for k, (o, i) in enumerate(shapes)]
+    n = sum(w.numel() for w in weights)
+    return Case(
+        group=f"compress_24 {model} {str(dtype).replace('torch.', '')} {device}",
+        ours=lambda: [ops.compress_24(w) for w in weights],
+        baselines={"torch cutlass conversion": lambda: [sparse_semi_structured_from_dense_cutlass(w) for w in weights]},
+        elements=n,
+        bytes_moved=n * weights[0].element_size() * 3 // 2 + n // 8,
+    )
+
+
+def sparse24_linear_case(out: int, cols: int, tokens: int, dtype: torch.dtype, device: str = "cuda") -> Case:
+    """ops.sparse24_linear (x [tokens, in] @ Wᵀ + b) against dense F.linear (cuBLAS on CUDA) and torch's
+    own 2:4 path (F.linear with to_sparse_semi_structured(W): cuSPARSELt or CUTLASS), same inputs."""
+    from torch.sparse import to_sparse_semi_structured
+
+    w = random_24_weight(out, cols, dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(tokens, cols, generator=g).to(device=device, dtype=dtype)
+    bias = torch.randn(out, generator=g).to(device=device, dtype=dtype)
+    values, meta = ops.compress_24(w)
+    baselines = {"dense F.linear": lambda: torch.nn.functional.linear(x, w, bias)}
+    try:
+        w_torch = to_sparse_semi_structured(w)
+        torch.nn.functional.linear(x, w_torch, bias)
+        baselines["torch 2:4 (semi_structured)"] = lambda: torch.nn.functional.linear(x, w_torch, bias)
+    except (RuntimeError, NotImplementedError, ValueError):
+        pass  # torch's 2:4 path does not cover this GPU, dtype or shape: compared against dense only
+    flops = 2 * tokens * out * cols
+    return Case(
+        group=f"sparse24_linear {out}x{cols} t{tokens} {str(dtype).replace('torch.', '')} {device}",
+        ours=lambda: ops.sparse24_linear(x, values, meta, bias),
+        baselines=baselines,
+        elements=flops,
+        bytes_moved=(out * cols // 2 + tokens * (cols + out)) * x.element_size() + out * cols // 8,
+        extra={"tokens": tokens, "out": out, "in": cols},
+    )
+
+
+# --- batched SVD-mean feature score (issue 4) ----------------------------------------------------
+
+
+def svdvals_autograd(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What users write today: Σ_l mean σ(F_l) through torch.linalg.svdvals, and its gradient by autograd."""
+    value = torch.stack([torch.linalg.svdvals(f).mean(-1).sum() for f in features]).sum()
+    return list(torch.autograd.grad(value, features))
+
+
+def svd_mean_value_and_grad(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same with ops.svd_mean (one [B, N, D] tensor) or ops.svd_mean_list (a list of [N, D] layers)."""
+    value = ops.svd_mean(features[0]).sum() if features[0].dim() == 3 else ops.svd_mean_list(features).sum()
+    return list(torch.autograd.grad(value, features))
+
+
+def svd_mean_case(layers: int, n: int, d: int, as_list: bool, device: str = "cpu", scale: float = 1.0) -> Case:
+    """Value + gradient of ReFer's objective Σ_l mean σ(F_l) for `layers` float32 feature matrices of
+    n × d: one [layers, n, d] tensor (ViT-B/16 block outputs: 12 × 64 × 197·768) or a list of [n, d]
+    layers (LLM-like: 24 × 16 sequences × 256·4096); scale < 1 shrinks d."""
+    d = max(n, int(d * scale))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if as_list:
+        features = [torch.randn(n, d, generator=g).to(device).requires_grad_(True) for _ in range(layers)]
+    else:
+        features = [torch.randn(layers, n, d, generator=g).to(device).requires_grad_(True)]
+    kind = "list" if as_list else "batch"
+    return Case(
+        group=f"svd_mean {layers}x{n}x{d} {kind} fp32 {device}",
+        ours=lambda: svd_mean_value_and_grad(features),
+        baselines={"torch svdvals autograd": lambda: svdvals_autograd(features)},
+        elements=layers * n * d,
+        bytes_moved=3 * layers * n * d * 4,
+        extra={"layers": layers, "n": n, "d": d, "list": as_list},
+    )
+
+
+# --- channel criteria: per-channel feature-map statistics (issue 7) ---------------------------------
+
 CHANNEL_NEEDS = {"zeros", "x_sum", "g_sum", "dot", "dot_sq"}
 
 
 def capture_feature_maps(
-    model_name: str, batch: int = 8, seed: int = 0
+    model_name: str, batch: int = 8, device: str = "cpu", seed: int = 0
 ) -> list[tuple[torch.nn.Module, Tensor, Tensor]]:
     """(layer, output, ∂loss/∂output) of every Conv/Linear of a randomly initialized torchvision model
     (weights=None, nothing downloaded) for one batch of random 224 × 224 images and labels."""
@@ -172,7 +355,7 @@ def capture_feature_maps(
     from .criteria._engine import observable_attention
 
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, model_name)(weights=None).eval()
+    model = getattr(torchvision.models, model_name)(weights=None).eval().to(device)
     if model_name.startswith("vit"):
         torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initializes it
     seen: list[tuple[torch.nn.Module, Tensor]] = []
@@ -183,7 +366,7 @@ def capture_feature_maps(
     ]
     with observable_attention(model):
         loss = torch.nn.functional.cross_entropy(
-            model(torch.randn(batch, 3, 224, 224)), torch.randint(0, 1000, (batch,))
+            model(torch.randn(batch, 3, 224, 224, device=device)), torch.randint(0, 1000, (batch,), device=device)
         )
     for h in hooks:
         h.remove()
@@ -224,16 +407,19 @@ def looped_channel_stats(maps) -> list[dict[str, Tensor]]:
     return results
 
 
-def channel_stats_case(model_name: str = "resnet50", batch: int = 8) -> Case:
+def channel_stats_case(model_name: str = "resnet50", device: str = "cpu", scale: float = 1.0, batch: int = 8) -> Case:
     """The per-channel feature-map statistics of taylor, fisher, ide and apoz (Σx, Σ∇, Σ xᵀ∇,
     Σ (xᵀ∇)², zero counts) over one batch's feature maps and gradients of every Conv/Linear layer of a
-    torchvision model: one whole-tensor pass per layer (ours) vs a Python loop over channels."""
+    torchvision model: one whole-tensor pass per layer (ours) vs a Python loop over channels. scale < 1
+    shrinks the batch (at least 1 image) and keeps the first ⌈scale × layers⌉ layers."""
     from .criteria._channel_stats import channel_view
 
-    maps = capture_feature_maps(model_name, batch)
+    batch = max(1, round(batch * scale))
+    maps = capture_feature_maps(model_name, batch, device)
+    maps = maps[: math.ceil(len(maps) * scale)]
     n = sum(out.numel() for _, out, _ in maps)
     return Case(
-        group=f"channel stats {model_name} batch {batch}x224x224 cpu",
+        group=f"channel stats {model_name} batch {batch}x224x224 {device}",
         ours=lambda: fused_channel_stats(maps),
         baselines={"loop over channels": lambda: looped_channel_stats(maps)},
         elements=n,
@@ -263,3 +449,58 @@ def hrank_case(model_name: str = "resnet50", batch: int = 8) -> Case:
         elements=sum(out.numel() for _, out, _ in maps),
         extra={"layers": len(maps)},
     )
+
+
+# Every workload by name: `factory(device="cpu", scale=1.0) -> Case`, sizes named at scale 1 (scale < 1
+# shrinks them). `pyprune-fast bench` runs each one found here; add a workload by adding its factory.
+WORKLOADS: dict[str, Callable[..., Case]] = {
+    "saliency fp32": functools.partial(saliency_case, dtype=torch.float32),
+    "saliency bf16": functools.partial(saliency_case, dtype=torch.bfloat16),
+    "kth_smallest 200M scores": functools.partial(kth_case, 200_000_000),
+    "global masks 200M scores": functools.partial(global_masks_case, 200_000_000),
+    "prune global L1 ViT-B/16": torch_prune_case,
+    "2:4 masks ViT-B/16": functools.partial(n_m_case, "vit_b_16"),
+    "2:4 compress LLaMA-7B": functools.partial(compress_case, "llama_7b"),
+    "svd_mean 12x64x151296": functools.partial(svd_mean_case, 12, 64, 197 * 768, False),
+    "channel stats ResNet-50": functools.partial(channel_stats_case, "resnet50"),
+    "channel stats ViT-B/16": functools.partial(channel_stats_case, "vit_b_16"),
+}
+
+
+def time_call(fn: Callable[[], object], device: str = "cpu", repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of fn after `warmup` untimed ones; each call waits for the GPU
+    (torch.cuda.synchronize) when the device is CUDA."""
+
+    def sync() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@dataclass
+class Timing:
+    """One implementation of a case: best and median wall seconds."""
+
+    impl: str
+    best: float
+    median: float
+
+
+def time_case(case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1) -> list[Timing]:
+    """Ours, then each baseline, timed in turn in the same process on the same inputs."""
+    impls = {"ours": case.ours, **case.baselines}
+    out = []
+    for impl, fn in impls.items():
+        times = time_call(fn, device, repeats, warmup)
+        out.append(Timing(impl, min(times), statistics.median(times)))
+    return out

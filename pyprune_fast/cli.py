@@ -1,19 +1,95 @@
-"""The `pyprune-fast` command line (also `python -m pyprune_fast`)."""
+"""The `pyprune-fast` command line (also `python -m pyprune_fast`): prune, score, bench, info.
+
+Exit status: 0 done, 2 bad input (model, criterion, option, output directory), 130 interrupted. Every
+file is written to a temporary next to its destination and renamed into place only when the whole
+run has succeeded: an error or an interrupt replaces no file and leaves no temporary behind."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 DEFAULT_CRITERIA = ["magnitude", "snip", "refer", "afr"]
+DEFAULT_SPARSITIES = [0.5, 0.8, 0.9]
+DEFAULT_BATCHES = 4
+
+
+class UsageError(ValueError):
+    """A bad option value or an output directory that cannot be written."""
 
 
 def _error(message: str) -> int:
     print(f"pyprune-fast: error: {message}", file=sys.stderr)
     return 2
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r} is not a device (expected auto, cpu, cuda or cuda:N): {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine")
+    return name
+
+
+class OutDir:
+    """The output directory: created if missing and checked writable before any work; the directories
+    this run created are removed again if it fails before writing anything."""
+
+    def __init__(self, path: str) -> None:
+        from .io import discard, new_temp
+
+        self.path = path
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"--out {path!r} exists and is not a directory")
+        self.created = []
+        head = os.path.abspath(path)
+        while not os.path.exists(head):
+            self.created.append(head)
+            head = os.path.dirname(head)
+        try:
+            os.makedirs(path, exist_ok=True)
+            discard(new_temp(os.path.join(path, "probe")))
+        except OSError as exc:
+            self.remove_created()
+            raise UsageError(f"--out {path!r} cannot be written: {exc.strerror or exc}") from exc
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def remove_created(self) -> None:
+        for directory in self.created:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
+
+
+def _bar(iterable, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, disable=quiet or not sys.stderr.isatty())
+
+
+def _load(args):
+    from . import zoo
+
+    return zoo.load(args.model, _device(args.device), calibration_batches=args.batches)
+
+
+def _check_batches(batches: int) -> None:
+    if batches < 1:
+        raise UsageError(f"--batches must be >= 1, got {batches}")
 
 
 def cmd_info(args) -> int:
@@ -23,83 +99,255 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _score_all(bundle, names, batches, quiet):
-    """{criterion: (scores, seconds)} for the bundle's model."""
-    from tqdm import tqdm
-
-    import pyprune_fast
-
-    results = {}
-    kwargs = bundle.criterion_kwargs(batches)
-    for name in tqdm(names, desc="scoring", disable=quiet or not sys.stderr.isatty()):
-        start = time.perf_counter()
-        if name == "synflow" and bundle.input_shape is not None:
-            scores = pyprune_fast.score(bundle.model, name, None, input_shape=bundle.input_shape, **kwargs)
-        else:
-            scores = pyprune_fast.score(bundle.model, name, bundle.calibration, **kwargs)
-        results[name] = (scores, time.perf_counter() - start)
-    return results
-
-
 def cmd_score(args) -> int:
     from safetensors.torch import save_file
 
-    from . import zoo
+    from .io import Staged
+    from .pruning import check_criteria, score_criterion
 
-    bundle = zoo.load(args.model, args.device, calibration_batches=args.batches)
-    results = _score_all(bundle, args.criterion, args.batches, args.quiet)
-    os.makedirs(args.out, exist_ok=True)
+    _check_batches(args.batches)
+    out = OutDir(args.out)
+    try:
+        bundle = _load(args)
+        check_criteria(bundle, args.criterion)
+        rows = []
+        with Staged() as staged:
+            for name in _bar(args.criterion, "scoring", args.quiet):
+                start = time.perf_counter()
+                scores = score_criterion(bundle, name, args.batches)
+                seconds = time.perf_counter() - start
+                path = out.file(f"scores-{name}.safetensors")
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in scores.items()},
+                    staged.path(path),
+                    metadata={"criterion": name, "model": bundle.name, "calibration_batches": str(args.batches)},
+                )
+                n = sum(s.numel() for s in scores.values())
+                mean = sum(float(s.double().sum()) for s in scores.values()) / max(n, 1)
+                top = max(float(s.max()) for s in scores.values())
+                rows.append(f"{name:12s} {seconds:8.2f} {n:12d} {mean:11.4g} {top:11.4g}  {path}")
+            staged.commit()
+    except BaseException:
+        out.remove_created()
+        raise
     print(f"{'criterion':12s} {'seconds':>8s} {'entries':>12s} {'mean':>11s} {'max':>11s}  file")
-    for name, (scores, seconds) in results.items():
-        path = os.path.join(args.out, f"scores-{name}.safetensors")
-        save_file(
-            {k: v.contiguous().cpu() for k, v in scores.items()},
-            path,
-            metadata={"criterion": name, "model": bundle.name},
-        )
-        n = sum(s.numel() for s in scores.values())
-        mean = sum(float(s.double().sum()) for s in scores.values()) / n
-        top = max(float(s.max()) for s in scores.values())
-        print(f"{name:12s} {seconds:8.2f} {n:12d} {mean:11.4g} {top:11.4g}  {path}")
+    print("\n".join(rows))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .criteria import CRITERIA
+def _file_writer(args, out: OutDir, staged, bundle, single: bool):
+    """The on_masks callback of pruning.prune: stages each result's masks (and with --save-model the
+    pruned weights, while the masks are applied) as masks[-<criterion>-<sparsity>].safetensors."""
+    from safetensors.torch import save_model
 
+    from . import __version__
+    from .io import save_masks
+    from .pruning import TWO_FOUR
+
+    def write(result, masks) -> None:
+        two_four = args.granularity == TWO_FOUR
+        tag = "" if single else f"-{result.criterion}-{'2of4' if two_four else f'{result.sparsity:g}'}"
+        meta = {
+            "criterion": result.criterion,
+            "sparsity": TWO_FOUR if two_four else result.sparsity,
+            "achieved_sparsity": result.achieved,
+            "granularity": args.granularity,
+            "model": bundle.name,
+            "calibration_batches": min(args.batches, len(bundle.calibration or [])),
+            "metrics": result.metrics,
+        }
+        result.files["masks"] = f"masks{tag}.safetensors"
+        save_masks(staged.path(out.file(result.files["masks"])), masks, meta)
+        if args.save_model:
+            result.files["model"] = f"model{tag}.safetensors"
+            strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+            strings["pyprune_fast_version"] = __version__
+            save_model(bundle.model, staged.path(out.file(result.files["model"])), strings)
+
+    return write
+
+
+def _write_reports(run, out: OutDir, staged, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Stages the plots, report.json and report.md; returns (every file of the run, the plots)."""
+    from . import report
+
+    plots = [report.LAYERS_PLOT]
+    if run.dense:
+        plots.insert(0, report.RETENTION_PLOT)
+        report.retention_plot(run, staged.path(out.file(report.RETENTION_PLOT)))
+    report.layers_plot(run, staged.path(out.file(report.LAYERS_PLOT)))
+    files = [f for r in run.results for f in r.files.values()] + plots + ["report.json", "report.md"]
+    with open(staged.path(out.file("report.json")), "w") as f:
+        json.dump(report.to_json(run, ["pyprune-fast", *argv], files), f, indent=2, allow_nan=False)
+    with open(staged.path(out.file("report.md")), "w") as f:
+        f.write(report.markdown(run, files, plots))
+    return files, plots
+
+
+def cmd_prune(args) -> int:
+    from . import pruning, report
+    from .io import Staged
+
+    if args.granularity == pruning.TWO_FOUR and args.sparsity is not None:
+        raise UsageError("--sparsity does not apply to --granularity 2:4 (2 of every 4 weights are kept: 0.5)")
+    sparsities = pruning.check_sparsities(args.sparsity or DEFAULT_SPARSITIES)
+    criteria = list(dict.fromkeys(args.criterion))
+    _check_batches(args.batches)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise UsageError("prune draws its plots with matplotlib: pip install 'pyprune-fast[cli]'") from exc
+    out = OutDir(args.out)
+    single = len(criteria) == 1 and (len(sparsities) == 1 or args.granularity == pruning.TWO_FOUR)
+    start = time.perf_counter()
+    try:
+        with Staged() as staged:
+            bundle = _load(args)
+            loaded = time.perf_counter() - start
+            write = _file_writer(args, out, staged, bundle, single)
+            run = pruning.prune(
+                bundle, criteria, sparsities, args.granularity, args.batches, on_masks=write, quiet=args.quiet
+            )
+            run.seconds = {"load": loaded, **run.seconds, "total": time.perf_counter() - start}
+            files, plots = _write_reports(run, out, staged, args.argv)
+            staged.commit()
+    except BaseException:
+        out.remove_created()
+        raise
+    print(report.summary_table(run))
+    print(
+        f"\nwrote {len(files)} files to {args.out}/ (report.md, report.json, {', '.join(plots)}) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ._workloads import WORKLOADS, time_case
+
+    device = _device(args.device)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    if not 0 < args.scale <= 1:
+        raise UsageError(f"--scale must be in (0, 1], got {args.scale}")
+    names = args.only or list(WORKLOADS)
+    print(f"{'workload':30s} {'impl':42s} {'best ms':>10s} {'median ms':>10s} {'ours faster by':>15s}")
+    for name in _bar(names, "bench", args.quiet):
+        case = WORKLOADS[name](device=device, scale=args.scale)
+        timings = time_case(case, device, args.repeats, warmup=1)
+        ours = timings[0].median
+        for t in timings:
+            ratio = "" if t.impl == "ours" else f"{t.median / ours:14.2f}x"
+            print(f"{name:30s} {t.impl:42s} {t.best * 1e3:10.2f} {t.median * 1e3:10.2f} {ratio:>15s}")
+        del case
+    import torch
+
+    print(
+        f"\n{device}, {torch.get_num_threads()} threads, scale {args.scale:g}, median of {args.repeats} after 1 warm-up"
+    )
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="default: the embedded pretrained all-MiniLM-L6-v2 on pydoc_data text; or torchvision:NAME, "
+        "timm:NAME, hf:PATH, package.module:factory",
+    )
+    p.add_argument(
+        "--criterion",
+        nargs="+",
+        default=DEFAULT_CRITERIA,
+        choices=criteria,
+        metavar="C",
+        help=f"criteria (default: {' '.join(DEFAULT_CRITERIA)}; any of {', '.join(criteria)})",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=DEFAULT_BATCHES,
+        help=f"calibration batches for the criteria (default {DEFAULT_BATCHES})",
+    )
+    p.add_argument("--out", default="pyprune-out", help="output directory (default ./pyprune-out)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._workloads import WORKLOADS
+    from .criteria import CRITERIA
+    from .pruning import GRANULARITIES, TWO_FOUR
+
+    criteria = sorted(CRITERIA)
     parser = argparse.ArgumentParser(
         prog="pyprune-fast", description="Fast pruning criteria, masks and sparse kernels."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print backend_info(): what compiled kernels are loaded").set_defaults(run=cmd_info)
+
+    prune = sub.add_parser(
+        "prune",
+        help="score, build masks, evaluate; write masks, report.json, report.md and plots",
+        description="Scores the model once per criterion, builds the masks of every sparsity from those "
+        "scores, evaluates each pruned model against the dense one and writes masks (safetensors), "
+        "report.json, report.md and plots to --out.",
+    )
+    _add_model_options(prune, criteria)
+    prune.add_argument(
+        "--sparsity",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"fractions of the scored weights to prune (default: {' '.join(map(str, DEFAULT_SPARSITIES))})",
+    )
+    prune.add_argument(
+        "--granularity",
+        default="global",
+        choices=[*GRANULARITIES, TWO_FOUR],
+        help="global: one threshold over all scored weights; layerwise: each tensor; per-row: each output "
+        "row; 2:4: 2 of every 4 consecutive weights of a row (weights whose row length is not divisible "
+        "by 4 are left dense and listed in the report) (default global)",
+    )
+    prune.add_argument("--save-model", action="store_true", help="also write the pruned weights (safetensors)")
+    prune.set_defaults(run=cmd_prune)
 
     score = sub.add_parser("score", help="score a model with criteria and write the scores (safetensors)")
-    score.add_argument(
-        "--model",
-        default=None,
-        help="default: the embedded all-MiniLM-L6-v2; or torchvision:NAME, timm:NAME, hf:PATH, package.module:factory",
-    )
-    score.add_argument(
-        "--criterion",
-        nargs="+",
-        default=DEFAULT_CRITERIA,
-        choices=sorted(CRITERIA),
-        metavar="C",
-        help=f"criteria (default: {' '.join(DEFAULT_CRITERIA)}; any of {', '.join(sorted(CRITERIA))})",
-    )
-    score.add_argument("--batches", type=int, default=4, help="calibration batches (default 4)")
-    score.add_argument("--out", default="pyprune-out", help="output directory (default ./pyprune-out)")
-    score.add_argument("--device", default="cpu")
-    score.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_model_options(score, criteria)
     score.set_defaults(run=cmd_score)
+
+    bench = sub.add_parser("bench", help="a quick run of the benchmark suite: ours vs the baselines, one table")
+    bench.add_argument(
+        "--only", nargs="+", choices=list(WORKLOADS), metavar="W", help=f"workloads: {', '.join(WORKLOADS)}"
+    )
+    bench.add_argument("--scale", type=float, default=0.1, help="shrink each workload's tensors (default 0.1)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (default 5)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(run=cmd_bench)
+
+    sub.add_parser("info", help="print backend_info(): what compiled kernels are loaded").set_defaults(run=cmd_info)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .zoo import ModelSpecError
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, _terminated)  # `kill` cleans up like Ctrl-C
     try:
         return args.run(args)
-    except (ModelSpecError, ValueError, TypeError) as exc:
+    except KeyboardInterrupt:
+        print("pyprune-fast: interrupted; no file was written or replaced", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as exc:
         return _error(str(exc))
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)

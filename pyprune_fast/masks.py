@@ -15,18 +15,25 @@ from torch import Tensor, nn
 from . import ops, reference
 
 
-def _prepare(scores: Mapping[str, Tensor], sparsity: float) -> tuple[list[str], list[Tensor], list[str]]:
-    """Validates a score dict and a sparsity: (names, tensors in one dtype, labels for errors)."""
+def _check_score_types(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Validates that scores is a dict of name -> floating-point Tensor; returns it as a plain dict."""
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a dict of name -> Tensor, got {type(scores).__name__}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
-    names, tensors = list(scores), list(scores.values())
-    for name, s in zip(names, tensors):
+    for name, s in scores.items():
         if not isinstance(s, Tensor):
             raise TypeError(f"scores[{name!r}] must be a Tensor, got {type(s).__name__}")
         if not s.is_floating_point():
             raise TypeError(f"scores[{name!r}] must be a floating-point tensor, got {s.dtype}")
+    return dict(scores)
+
+
+def _prepare(scores: Mapping[str, Tensor], sparsity: float) -> tuple[list[str], list[Tensor], list[str]]:
+    """Validates a score dict and a sparsity: (names, tensors in one dtype on one device, labels for errors)."""
+    scores = _check_score_types(scores)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    names, tensors = list(scores), list(scores.values())
+    for name, s in zip(names, tensors):
         if s.device != tensors[0].device:
             raise ValueError(f"scores[{name!r}] is on {s.device} but scores[{names[0]!r}] is on {tensors[0].device}")
     if tensors:
@@ -148,17 +155,26 @@ def channels(scores: Mapping[str, Tensor], sparsity: float, scope: str = "global
 
 def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:
     """N:M semi-structured keep-masks: each tensor viewed as (out, -1), groups of m consecutive entries
-    along a row, the n highest of each group kept (among equal scores the lower index is kept)."""
+    along a row, the n highest of each group kept (among equal scores the lower index is kept).
+    One fused op for all tensors of a device (ops.nm_mask), NaN detected in the same pass."""
     if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
         raise TypeError(f"n and m must be ints, got n={n!r}, m={m!r}")
     if not 0 <= n <= m or m < 1:
         raise ValueError(f"n:m must satisfy 0 <= n <= m and m >= 1, got {n}:{m}")
-    scores = check_scores(scores, 0.0)
+    scores = _check_score_types(scores)
     for name, s in scores.items():
         row = reference.rows_of(s).shape[1]
         if row % m:
             raise ValueError(f"scores[{name!r}]: row length {row} (shape {tuple(s.shape)}) is not divisible by m={m}")
-    return reference.n_m(scores, n, m)
+    by_device: dict[torch.device, list[str]] = {}
+    for name, s in scores.items():
+        by_device.setdefault(s.device, []).append(name)
+    out = {}
+    for names in by_device.values():  # one fused call per device (scores of a model split over GPUs)
+        keep, nan = ops.nm_mask([scores[name] for name in names], n, m)
+        ops._raise_on_nan(nan, [f"scores[{name!r}]" for name in names])
+        out.update(zip(names, keep))
+    return {name: out[name] for name in scores}
 
 
 def sparsity_of(masks: Mapping[str, Tensor]) -> float:

