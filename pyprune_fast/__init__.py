@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from . import criteria, masks, ops, sparse
+from . import criteria, masks, ops, sparse, structured
 from .io import load_masks, mask_metadata, save_masks
 from .masks import apply_masks
 
@@ -30,6 +30,7 @@ __all__ = [
     "save_masks",
     "score",
     "sparse",
+    "structured",
 ]
 
 

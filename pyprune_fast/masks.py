@@ -138,6 +138,21 @@ def per_row(
     return _group_masks(scores, sparsity, apply_to, lambda t: reference.rows_of(t).shape[1], ops.per_row_masks)
 
 
+def channels(scores: Mapping[str, Tensor], sparsity: float, scope: str = "global") -> dict[str, Tensor]:
+    """Channel keep-masks from per-channel scores ({layer name: (C,) Tensor}, as the channel criteria
+    return them): scope="global" prunes exactly round(sparsity × all channels) over every layer
+    together, scope="layer" exactly round(sparsity × C) in each layer; lowest scores first, among
+    equal scores the lower channel index (layers in dict order) first. A global scope may empty a
+    layer whose scores are all low: normalize the scores per layer (normalize="lp") or use "layer"."""
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if isinstance(scores, Mapping):
+        wrong = {n: tuple(s.shape) for n, s in scores.items() if isinstance(s, Tensor) and s.dim() != 1}
+        if wrong:
+            raise ValueError(f"channel scores must be 1-D (one score per output channel), got shapes {wrong}")
+    return (global_unstructured if scope == "global" else layerwise)(scores, sparsity)
+
+
 def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:
     """N:M semi-structured keep-masks: each tensor viewed as (out, -1), groups of m consecutive entries
     along a row, the n highest of each group kept (among equal scores the lower index is kept).

@@ -59,3 +59,31 @@ def bias_free_net(seed: int = 0) -> nn.Module:
         nn.ReLU(),
         nn.Linear(10, 3, bias=False),
     ).double()
+
+
+class SmallCNN(nn.Module):
+    """Conv → BatchNorm → ReLU twice, pooled, linear head; BatchNorm with non-trivial statistics."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def small_cnn(seed: int = 0, dtype=torch.float32) -> SmallCNN:
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    for bn in (model.bn1, model.bn2):
+        nn.init.normal_(bn.weight)
+        nn.init.normal_(bn.bias, std=0.5)
+        bn.running_mean.normal_(std=0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model.to(dtype)
