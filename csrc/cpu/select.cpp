@@ -255,21 +255,6 @@ void threshold_pass(const SelectJob& job, uint64_t tkey, int64_t need, int64_t e
   });
 }
 
-// Calls f.template operator()<Fmt>() with the float format of the dtype.
-template <typename F>
-auto dispatch_format(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kHalf:
-      return f.template operator()<F16Format>();
-    case at::kBFloat16:
-      return f.template operator()<BF16Format>();
-    case at::kDouble:
-      return f.template operator()<F64Format>();
-    default:
-      return f.template operator()<F32Format>();
-  }
-}
-
 at::Tensor value_of_key(uint64_t key, const at::Tensor& like) {
   at::Tensor value = at::empty({}, like.options());
   switch (like.element_size()) {

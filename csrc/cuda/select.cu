@@ -184,20 +184,6 @@ void select_on_device(const SelectJob& job, int64_t k, at::Tensor& value, at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename F>
-auto dispatch_format(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kHalf:
-      return f.template operator()<F16Format>();
-    case at::kBFloat16:
-      return f.template operator()<BF16Format>();
-    case at::kDouble:
-      return f.template operator()<F64Format>();
-    default:
-      return f.template operator()<F32Format>();
-  }
-}
-
 void check_k(int64_t k, int64_t total) {
   TORCH_CHECK(k >= 1 && k <= total, "k must be in [1, ", total, "] (the number of elements), got ", k);
 }

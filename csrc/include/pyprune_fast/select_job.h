@@ -1,5 +1,5 @@
 // Host-side preparation of the selection ops, shared by the CPU and CUDA launchers: checks, the dense
-// views the kernels walk, and the chunk plan.
+// views the kernels walk, the chunk plan, and the dispatch on the scores' float format.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,8 +7,24 @@
 #include <vector>
 
 #include "pyprune_fast/multi_tensor.h"
+#include "pyprune_fast/radix.h"
 
 namespace pyprune_fast {
+
+// Calls f.template operator()<Fmt>() with the float format (radix.h) of a selection dtype.
+template <typename F>
+auto dispatch_format(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kHalf:
+      return f.template operator()<F16Format>();
+    case at::kBFloat16:
+      return f.template operator()<BF16Format>();
+    case at::kDouble:
+      return f.template operator()<F64Format>();
+    default:
+      return f.template operator()<F32Format>();
+  }
+}
 
 struct SelectJob {
   std::vector<at::Tensor> dense;  // the tensors the kernels walk (the inputs themselves when possible)
