@@ -44,13 +44,6 @@ def _prepare(scores: Mapping[str, Tensor], sparsity: float) -> tuple[list[str], 
     return names, tensors, [f"scores[{n!r}]" for n in names]
 
 
-def check_scores(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Validates a score dict (NaN included) and a sparsity; returns the scores as a plain dict."""
-    names, tensors, labels = _prepare(scores, sparsity)
-    _refuse_nan(tensors, labels)
-    return dict(zip(names, tensors))
-
-
 def _refuse_nan(tensors: list[Tensor], labels: list[str]) -> None:
     if tensors:
         ops._raise_on_nan(torch.stack([torch.isnan(t).sum() for t in tensors]).cpu(), labels)
@@ -157,10 +150,7 @@ def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tenso
     """N:M semi-structured keep-masks: each tensor viewed as (out, -1), groups of m consecutive entries
     along a row, the n highest of each group kept (among equal scores the lower index is kept).
     One fused op for all tensors of a device (ops.nm_mask), NaN detected in the same pass."""
-    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
-        raise TypeError(f"n and m must be ints, got n={n!r}, m={m!r}")
-    if not 0 <= n <= m or m < 1:
-        raise ValueError(f"n:m must satisfy 0 <= n <= m and m >= 1, got {n}:{m}")
+    n, m = ops._check_n_m(n, m)
     scores = _check_score_types(scores)
     for name, s in scores.items():
         row = reference.rows_of(s).shape[1]

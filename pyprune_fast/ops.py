@@ -294,6 +294,14 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
+def _check_n_m(n: object, m: object) -> tuple[int, int]:
+    """n and m of an N:M pattern: ints with 0 <= n <= m and m >= 1."""
+    n, m = _check_int("n", n), _check_int("m", m)
+    if not 0 <= n <= m or m < 1:
+        raise ValueError(f"n:m must satisfy 0 <= n <= m and m >= 1, got {n}:{m}")
+    return n, m
+
+
 def nm_mask(scores: Sequence[Tensor], n: int, m: int) -> tuple[list[Tensor], Tensor]:
     """N:M keep-flags of every tensor of a list in one fused pass: groups of m consecutive entries of
     each (row-major) tensor, the n highest of each group kept,
@@ -306,9 +314,7 @@ def nm_mask(scores: Sequence[Tensor], n: int, m: int) -> tuple[list[Tensor], Ten
     """
     scores = _as_list("scores", scores)
     _check_float_list("scores", scores, FLOAT_TYPES + (torch.float64,))
-    n, m = _check_int("n", n), _check_int("m", m)
-    if not 0 <= n <= m or m < 1:
-        raise ValueError(f"n:m must satisfy 0 <= n <= m and m >= 1, got {n}:{m}")
+    n, m = _check_n_m(n, m)
     for i, s in enumerate(scores):
         if s.numel() % m:
             raise ValueError(f"scores[{i}] has {s.numel()} entries (shape {tuple(s.shape)}), not a multiple of m={m}")
