@@ -17,6 +17,7 @@ import threading
 import warnings
 
 from . import _build
+from ._compat import has_kernel
 
 _lock = threading.Lock()
 _state: dict | None = None
@@ -80,10 +81,8 @@ def _load_jit(config: dict) -> str:
 
 
 def _registered_kernels() -> tuple[bool, bool]:
-    import torch
-
-    has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key("pyprune_fast::saliency", "CPU")
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("pyprune_fast::saliency", "CUDA")
+    has_cpu = has_kernel("pyprune_fast::saliency", "CPU")
+    has_cuda = has_kernel("pyprune_fast::saliency", "CUDA")
     return has_cpu, has_cuda
 
 

@@ -261,7 +261,9 @@ def compress_case(
 ) -> Case:
     """compress_24 of 2:4 weights at the model's Linear shapes against torch's own conversion to the
     CUTLASS layout (what to_sparse_semi_structured runs, in torch ops)."""
-    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+    from ._compat import dense_to_cutlass_24
+
+    sparse_semi_structured_from_dense_cutlass = dense_to_cutlass_24()
 
     shapes = [(max(16, int(o * scale) // 16 * 16), i) for o, i in SPARSE24_SHAPES[model]]
     weights = [random_24_weight(o, i, dtype, device, seed=k) for k, (o, i) in enumerate(shapes)]
@@ -351,8 +353,7 @@ def capture_feature_maps(
     (weights=None, nothing downloaded) for one batch of random 224 × 224 images and labels."""
     import torchvision
 
-    from .criteria._channel_stats import CHANNEL_MODULES
-    from .criteria._engine import observable_attention
+    from .criteria.engine import PRUNABLE_MODULES, observable_attention
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, model_name)(weights=None).eval().to(device)
@@ -362,7 +363,7 @@ def capture_feature_maps(
     hooks = [
         m.register_forward_hook(lambda mod, _a, out: seen.append((mod, out)))
         for m in model.modules()
-        if isinstance(m, CHANNEL_MODULES)
+        if isinstance(m, PRUNABLE_MODULES)
     ]
     with observable_attention(model):
         loss = torch.nn.functional.cross_entropy(
@@ -376,7 +377,7 @@ def capture_feature_maps(
 
 def fused_channel_stats(maps) -> list:
     """Ours: each layer's batch reduced for all channels at once (what the channel criteria's hooks do)."""
-    from .criteria._channel_stats import ChannelStats
+    from .criteria.channel_stats import ChannelStats
 
     stats = []
     for module, out, grad in maps:
@@ -412,7 +413,7 @@ def channel_stats_case(model_name: str = "resnet50", device: str = "cpu", scale:
     Σ (xᵀ∇)², zero counts) over one batch's feature maps and gradients of every Conv/Linear layer of a
     torchvision model: one whole-tensor pass per layer (ours) vs a Python loop over channels. scale < 1
     shrinks the batch (at least 1 image) and keeps the first ⌈scale × layers⌉ layers."""
-    from .criteria._channel_stats import channel_view
+    from .criteria.channel_stats import channel_view
 
     batch = max(1, round(batch * scale))
     maps = capture_feature_maps(model_name, batch, device)
@@ -439,7 +440,7 @@ def looped_map_ranks(maps) -> list[Tensor]:
 def hrank_case(model_name: str = "resnet50", batch: int = 8) -> Case:
     """HRank's per-channel feature-map ranks over one batch of a torchvision CNN's Conv2d outputs: one
     batched matrix_rank per layer (ours) vs one per channel."""
-    from .criteria._channel_stats import map_ranks
+    from .criteria.channel_stats import map_ranks
 
     maps = [(m, out, g) for m, out, g in capture_feature_maps(model_name, batch) if isinstance(m, torch.nn.Conv2d)]
     return Case(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import criteria, masks
-from .criteria._engine import select_params, split_batch
+from .criteria.engine import select_params, split_batch
 from .zoo import Bundle
 
 # What each criterion needs besides the weights: "data" (calibration batches), "loss" (a loss on

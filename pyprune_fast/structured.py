@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .criteria.channel import CHANNEL_MODULES, following_batchnorm, out_channels
+from .criteria.channel import following_batchnorm, out_channels
+from .criteria.engine import PRUNABLE_MODULES
 
 MODES = ("duplicate", "best")
 
@@ -54,7 +55,7 @@ def replace_filters(
         if name not in modules:
             raise ValueError(f"scores names a layer the model does not have: {name!r}")
         module = modules[name]
-        if not isinstance(module, CHANNEL_MODULES):
+        if not isinstance(module, PRUNABLE_MODULES):
             raise ValueError(f"{name!r} is a {type(module).__name__}; filters are replaced in Conv/Linear layers only")
         if not isinstance(score, Tensor) or score.shape != (out_channels(module),):
             shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__

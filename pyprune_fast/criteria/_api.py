@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ._engine import Job, make_job, preserved
+from .engine import Job, make_job, preserved
 
 CRITERIA: dict[str, Callable[..., dict[str, Tensor]]] = {}
 

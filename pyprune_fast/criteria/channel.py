@@ -11,7 +11,7 @@ every sample of `data`. The model runs in eval mode and is given back unchanged.
 Conv1d/2d/3d and Linear by default (nn.MultiheadAttention's out_proj included), or `layers=` (names
 or types, Conv/Linear only); with the default, layers never called in the forward pass get no score.
 The statistics are accumulated by one forward hook per layer that reduces the whole batch for all
-channels at once (see _channel_stats.py), never by a loop over channels.
+channels at once (see channel_stats.py), never by a loop over channels.
 
 `normalize="lp"` (seed 004, eq. 4.13) returns √S / ‖√S‖_p over the channels of each layer,
 ‖v‖_p = (Σ_c |v_c|^p)^(1/p), p > 0 (p ≤ 1 recommended); a layer whose scores are all 0 stays 0."""
@@ -26,24 +26,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._channel_stats import CHANNEL_MODULES, ChannelStats
-from ._engine import Job, first_tensor, make_job, observable_attention, preserved, select_layers
+from .._compat import BatchNorm
+from .channel_stats import ChannelStats
+from .engine import PRUNABLE_MODULES, Job, first_tensor, make_job, observable_attention, preserved, select_layers
 
 CHANNEL_CRITERIA: dict[str, Callable[..., dict[str, Tensor]]] = {}
 
 
-def following_batchnorm(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+def following_batchnorm(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, BatchNorm]:
     """The BatchNorm that follows each layer: the leaf module registered right after it (in
     `named_modules()` order) when it is a BatchNorm with as many features as the layer has output
     channels (Conv → BN as torchvision, timm and most CNNs register them)."""
     leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
     found = {}
     for (name, module), (_, after) in zip(leaves, leaves[1:]):
-        if (
-            name in layers
-            and isinstance(after, nn.modules.batchnorm._BatchNorm)
-            and after.num_features == out_channels(module)
-        ):
+        if name in layers and isinstance(after, BatchNorm) and after.num_features == out_channels(module):
             found[name] = after
     return found
 
@@ -57,12 +54,12 @@ def channel_layers(model: nn.Module, layers) -> dict[str, nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if layers is None:
-        chosen = {n: m for n, m in model.named_modules() if isinstance(m, CHANNEL_MODULES)}
+        chosen = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)}
         if not chosen:
             raise ValueError("the model has no Conv1d/2d/3d or Linear layer to score")
         return chosen
     chosen = select_layers(model, layers, {})
-    wrong = [n for n, m in chosen.items() if not isinstance(m, CHANNEL_MODULES)]
+    wrong = [n for n, m in chosen.items() if not isinstance(m, PRUNABLE_MODULES)]
     if wrong:
         raise ValueError(f"layers must be Conv1d/2d/3d or Linear modules; these are not: {wrong}")
     return chosen

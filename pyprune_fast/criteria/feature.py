@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import ops
 from ._api import criterion
-from ._engine import GradSum, Job, as_float32, capture_outputs, grads_of, observable_attention
+from .engine import GradSum, Job, as_float32, capture_outputs, grads_of, observable_attention
 
 
 def _l1_objective(features: list[Tensor]) -> Tensor:

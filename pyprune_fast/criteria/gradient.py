@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
 from ._api import criterion
-from ._engine import GradSum, Job, as_float32, first_tensor, grads_of
+from .engine import GradSum, Job, as_float32, first_tensor, grads_of
 
 
 def loss_gradient(job: Job, temperature: float | None = None) -> list[Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._api import criterion
-from ._engine import Job
+from .engine import Job
 
 
 @criterion

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._api import criterion
-from ._engine import Job, first_tensor
+from .engine import Job, first_tensor
 
 
 @criterion

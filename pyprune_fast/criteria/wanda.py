@@ -6,12 +6,12 @@ import torch
 from torch import Tensor, nn
 
 from ._api import criterion
-from ._engine import SCORED_MODULES, Job, capture_inputs, observable_attention
+from .engine import PRUNABLE_MODULES, Job, capture_inputs, observable_attention
 
 
 def _weight_owners(job: Job) -> dict[str, nn.Module]:
     """For every scored parameter, the Linear/Conv module whose `.weight` it is, keyed by module name."""
-    by_id = {id(m.weight): (name, m) for name, m in job.model.named_modules() if isinstance(m, SCORED_MODULES)}
+    by_id = {id(m.weight): (name, m) for name, m in job.model.named_modules() if isinstance(m, PRUNABLE_MODULES)}
     owners = {}
     for pname, p in job.params.items():
         if id(p) not in by_id:

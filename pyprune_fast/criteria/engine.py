@@ -15,13 +15,13 @@ ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
 LayerSelector = Sequence[str] | Sequence[type] | type | tuple[type, ...] | None
 Forward = Callable[[nn.Module, Any], Any]
 
-SCORED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def default_param_names(model: nn.Module) -> list[str]:
     """Names of the weights of every Linear and Conv1d/2d/3d, in `named_parameters()` order."""
     owned = {
-        id(m.weight) for m in model.modules() if isinstance(m, SCORED_MODULES) and isinstance(m.weight, nn.Parameter)
+        id(m.weight) for m in model.modules() if isinstance(m, PRUNABLE_MODULES) and isinstance(m.weight, nn.Parameter)
     }
     return [n for n, p in model.named_parameters() if id(p) in owned]
 

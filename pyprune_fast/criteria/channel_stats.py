@@ -12,9 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CHANNEL_MODULES = (nn.Linear, *CONV)
-
 
 def sample_view(output: Tensor, module: nn.Module) -> Tensor:
     """The 3-D view of a layer's output: (N, C, S) for conv outputs N × C × spatial, (N, S, C) for
@@ -58,8 +55,7 @@ class ChannelStats:
     for are kept. `add_output` counts the samples of every batch and feeds zeros/ranks/x_sum;
     `add_gradient` (after `add_output` on the same output) feeds g_sum/dot/dot_sq; `add_projection`
     (after `add_output`, given ḡ) feeds proj_sq. Per-position sums (x_sum, g_sum) are kept in the
-    layer's layout, (C, S) or (S, C): `position_dim` is their position dim, `channel_first` turns
-    them to (C, S)."""
+    layer's layout, (C, S) or (S, C): `position_dim` is their position dim."""
 
     def __init__(self, module: nn.Module, needs: set[str]) -> None:
         self.module = module
@@ -114,7 +110,3 @@ class ChannelStats:
     def mean(self, key: str) -> Tensor:
         """E_n of a per-sample sum (divides by the samples seen)."""
         return self.sums[key] / self.samples
-
-    def channel_first(self, key: str) -> Tensor:
-        """A per-position sum as (C, S)."""
-        return self.sums[key].t() if self.position_dim == 0 else self.sums[key]

@@ -1,0 +1,29 @@
+"""The one place that touches private PyTorch names. Each has no public equivalent in the torch
+versions we support (2.6 and newer); when torch grows one, only this file changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+# Every BatchNorm1d/2d/3d (and SyncBatchNorm, LazyBatchNorm*) derives from this base; torch exports no
+# public name for "any BatchNorm".
+BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the operator `op` ("namespace::name") has a kernel registered for `dispatch_key`
+    ("CPU", "CUDA"). torch.ops exposes the op but not which backends implement it."""
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key))
+
+
+def dense_to_cutlass_24() -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """torch's own conversion of a 2:4 dense weight to CUTLASS's compressed values and metadata, in
+    torch ops (what `to_sparse_semi_structured` runs for the CUTLASS backend); the benchmark baseline
+    for our compress_24. Private in torch: imported on call so that the library never needs it."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    return sparse_semi_structured_from_dense_cutlass
