@@ -5,7 +5,7 @@ HRank's per-channel ranks over ResNet-50's Conv2d maps."""
 import pytest
 
 from benchmarks.conftest import run_case
-from pyprune_fast import _workloads
+from pyprune_fast.bench import channel
 
 _CACHE = {}
 
@@ -14,7 +14,7 @@ def case(name, *args):
     key = (name, *args)
     if key not in _CACHE:
         _CACHE.clear()  # one model's feature maps in memory at a time
-        _CACHE[key] = getattr(_workloads, name)(*args)
+        _CACHE[key] = getattr(channel, name)(*args)
     return _CACHE[key]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import run_case
-from pyprune_fast._workloads import saliency_case
+from pyprune_fast.bench.saliency import saliency_case
 
 _CASES = {}
 

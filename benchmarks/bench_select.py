@@ -4,7 +4,7 @@ torch.nn.utils.prune drop-in vs torch's global_unstructured."""
 import pytest
 
 from benchmarks.conftest import run_case
-from pyprune_fast import _workloads
+from pyprune_fast.bench import select
 
 _CACHE = {}
 
@@ -13,7 +13,7 @@ def case(name, *args):
     key = (name, *args)
     if key not in _CACHE:
         _CACHE.clear()  # one workload's tensors in memory at a time
-        _CACHE[key] = getattr(_workloads, name)(*args)
+        _CACHE[key] = getattr(select, name)(*args)
     return _CACHE[key]
 
 

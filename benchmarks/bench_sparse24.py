@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import run_case
-from pyprune_fast._workloads import SPARSE24_SHAPES, compress_case, n_m_case, sparse24_linear_case
+from pyprune_fast.bench.nm_mask import n_m_case
+from pyprune_fast.bench.sparse24 import SPARSE24_SHAPES, compress_case, sparse24_linear_case
 
 _CASES = {}
 

@@ -5,7 +5,7 @@ torch.linalg.svdvals with autograd, at ViT-B/16 (12 blocks × 64 images × 197·
 import pytest
 
 from benchmarks.conftest import run_case
-from pyprune_fast._workloads import svd_mean_case
+from pyprune_fast.bench.svd_mean import svd_mean_case
 
 SIZES = {"vit_b_16": (12, 64, 197 * 768, False), "llm": (24, 16, 256 * 4096, True)}
 _CASES = {}

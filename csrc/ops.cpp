@@ -1,5 +1,6 @@
 // Every operator schema of pyprune_fast, and nothing else. Kernels are registered per dispatch key
-// in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and autograd live in pyprune_fast/ops.py.
+// in csrc/cpu/*.cpp and csrc/cuda/*.cu; each family's fake (meta) kernels and autograd live in the
+// Python module named by the set_python_module call above its schemas (pyprune_fast/ops/<family>.py).
 #include <torch/library.h>
 
 #include <string>
@@ -21,9 +22,9 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY(pyprune_fast, m) {
-  m.set_python_module("pyprune_fast.ops");
-
   m.def("build_info() -> str", &build_info);
+
+  m.set_python_module("pyprune_fast.ops.saliency");
 
   // |g * w| for every pair, as float32 tensors shaped like the weights, and the statistics of all
   // written values together: float64 [count, sum, sumsq, min, max, nonfinite, nan].
@@ -34,6 +35,7 @@ TORCH_LIBRARY(pyprune_fast, m) {
       "int power=1) -> Tensor");
 
   // --- exact selection (radix select over many tensors) and the masks built on it ---------------
+  m.set_python_module("pyprune_fast.ops.select");
   // The k-th smallest value (1-based) over all elements of all tensors (one dtype); counts int64 [2] =
   // (elements < value, elements == value); nan int64 [len(xs)] = NaN count per tensor (value and counts
   // are meaningless when any is non-zero).
@@ -49,11 +51,15 @@ TORCH_LIBRARY(pyprune_fast, m) {
   // row of xs[i] pruned, ties by lower index. Returns masks and NaN counts.
   m.def("per_row_masks(Tensor[] xs, int[] counts) -> (Tensor[], Tensor)");
 
-  // --- N:M masks and 2:4 semi-structured sparsity (issue 5) ------------------------------------
+  // --- N:M masks --------------------------------------------------------------------------------
+  m.set_python_module("pyprune_fast.ops.nm_mask");
   // Keep-flags of every tensor (bool, same shape): groups of m consecutive entries of the contiguous
   // tensor, the n highest of each kept, ties to the lower index; and the number of NaN scores of each
   // tensor (int64 [len(scores)]), which the caller refuses.
   m.def("nm_mask(Tensor[] scores, int n, int m) -> (Tensor[], Tensor)");
+
+  // --- 2:4 semi-structured sparsity --------------------------------------------------------------
+  m.set_python_module("pyprune_fast.ops.sparse24");
   // w [out, in] -> values [out, in/2] (w's dtype), meta int32 [out/16, in/32, 16] (the mma.sp
   // metadata layout of csrc/include/pyprune_fast/sparse24.h), and the number of 4-wide chunks that
   // are not 2:4 (int64 0-d; more than two non-zeros, or with a mask not exactly two kept).
@@ -65,11 +71,13 @@ TORCH_LIBRARY(pyprune_fast, m) {
       "sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, str activation=\"none\") "
       "-> Tensor");
 
+  // --- mean singular value ---------------------------------------------------------------------
+  m.set_python_module("pyprune_fast.ops.svd_mean");
   // Mean singular value of every matrix through the Gram matrix of its smaller side (features[i]:
   // [N, D] or [B, N, D], float32/float64, one dtype and device). Returns the values of all matrices in
   // order (1-d) and, per input, the backward factor Z = U diag(1 / (k sigma)) U^T ([n, n] or [B, n, n],
   // n = k = min(N, D); see csrc/include/pyprune_fast/svd_mean.h). Differentiable in `features` (the
-  // autograd formula is registered in pyprune_fast/ops.py); the factors are not differentiable.
+  // autograd formula is registered in pyprune_fast/ops/svd_mean.py); the factors are not differentiable.
   m.def("svd_mean(Tensor[] features) -> (Tensor, Tensor[])");
   // d values / d features for the upstream gradient `grad` of the values: grad_b Z_b F_b (N <= D) or
   // grad_b F_b Z_b (N > D) for every matrix b.

@@ -35,16 +35,19 @@ __all__ = [
 
 
 def backend_info() -> dict:
-    """What is loaded: the backend ('native' or 'reference'), how the library was built, whether CPU
-    and CUDA kernels are registered, the CUDA archs they were compiled for, and why not, if not.
-    Loads (or builds) the compiled library on first call."""
+    """What is loaded: the backend ('native' or 'reference'), how the library was built, per op which
+    kernels are registered (`ops`: {op: {"cpu": bool, "cuda": bool}}; `cpu_ops`/`cuda_ops`: every op
+    has one), the CUDA archs they were compiled for, and why not, if not. Loads (or builds) the
+    compiled library on first call."""
     from . import _extension
 
     return dict(_extension.state())
 
 
 def score(model: nn.Module, criterion: str, data: Iterable | None = None, **kwargs) -> dict[str, Tensor]:
-    """Scores `model` with the named criterion; the same as `criteria.<criterion>(model, data, **kwargs)`."""
+    """Scores `model` with the named criterion of the registry (`criteria.CRITERIA`), weight or
+    channel kind; the same as `criteria.<criterion>(model, data, **kwargs)`. Weight criteria return
+    {parameter name: score shaped like it}, channel criteria {layer name: (C,) scores}."""
     if criterion not in criteria.CRITERIA:
         valid = ", ".join(sorted(criteria.CRITERIA))
         raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {valid}")

@@ -20,6 +20,13 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key))
 
 
+def library_ops(namespace: str) -> list[str]:
+    """Every operator registered under `namespace`, as "namespace::name" (overloads other than the
+    default are listed with their suffix). torch.ops namespaces do not list their ops."""
+    prefix = f"{namespace}::"
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
+
+
 def dense_to_cutlass_24() -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """torch's own conversion of a 2:4 dense weight to CUTLASS's compressed values and metadata, in
     torch ops (what `to_sparse_semi_structured` runs for the CUTLASS backend); the benchmark baseline

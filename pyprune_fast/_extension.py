@@ -15,12 +15,14 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 
 from . import _build
-from ._compat import has_kernel
+from ._compat import has_kernel, library_ops
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _state: dict | None = None
+_after_load: list[Callable[[], None]] = []
 
 
 def _cache_dir() -> str:
@@ -80,10 +82,13 @@ def _load_jit(config: dict) -> str:
     return build_dir
 
 
-def _registered_kernels() -> tuple[bool, bool]:
-    has_cpu = has_kernel("pyprune_fast::saliency", "CPU")
-    has_cuda = has_kernel("pyprune_fast::saliency", "CUDA")
-    return has_cpu, has_cuda
+def _kernels() -> dict[str, dict[str, bool]]:
+    """{op name: {"cpu": has a CPU kernel, "cuda": has a CUDA kernel}} for every op of the library."""
+    return {
+        op.split("::", 1)[1]: {"cpu": has_kernel(op, "CPU"), "cuda": has_kernel(op, "CUDA")}
+        for op in library_ops("pyprune_fast")
+        if op != "pyprune_fast::build_info"
+    }
 
 
 def _load() -> dict:
@@ -97,6 +102,7 @@ def _load() -> dict:
         "build": None,
         "cpu_ops": False,
         "cuda_ops": False,
+        "ops": {},
         "cuda_archs": None,
         "reason": None,
         "torch": torch.__version__,
@@ -131,12 +137,11 @@ def _load() -> dict:
             stacklevel=3,
         )
         return state
-    state["cpu_ops"], state["cuda_ops"] = _registered_kernels()
+    state["ops"] = _kernels()
+    state["cpu_ops"] = bool(state["ops"]) and all(k["cpu"] for k in state["ops"].values())
+    state["cuda_ops"] = bool(state["ops"]) and all(k["cuda"] for k in state["ops"].values())
     built = dict(item.split("=", 1) for item in torch.ops.pyprune_fast.build_info().split(";") if item)
     state["cuda_archs"] = built.get("cuda_archs", "").replace("_", ";") or None
-    from . import ops
-
-    ops._register_python_side()
     state["backend"] = "native"
     return state
 
@@ -147,13 +152,27 @@ def state() -> dict:
     if _state is None:
         with _lock:
             if _state is None:
-                _state = _load()
+                loaded = _load()
+                if loaded["backend"] == "native":
+                    for callback in _after_load:
+                        callback()
+                _state = loaded
     return _state
 
 
-def native_available(device_type: str) -> bool:
-    """Whether compiled kernels serve tensors of this device type ('cpu' or 'cuda')."""
+def after_load(callback: Callable[[], None]) -> Callable[[], None]:
+    """Runs `callback` once the compiled library is loaded (at once if it already is): how the op
+    modules register their fake kernels and autograd formulas, which need the ops defined. Usable as
+    a decorator. Nothing runs when the reference backend is in use."""
+    with _lock:
+        if _state is None:
+            _after_load.append(callback)
+        elif _state["backend"] == "native":
+            callback()
+    return callback
+
+
+def native_available(op: str, device_type: str) -> bool:
+    """Whether the compiled kernel of `op` serves tensors of this device type ('cpu' or 'cuda')."""
     s = state()
-    if s["backend"] != "native":
-        return False
-    return s["cuda_ops"] if device_type == "cuda" else device_type == "cpu" and s["cpu_ops"]
+    return s["backend"] == "native" and s["ops"].get(op, {}).get(device_type, False)

@@ -6,13 +6,13 @@ row-major) is pruned first; NaN is refused, ±inf are ordinary values, -0.0 equa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from . import ops, reference
+from .ops.checks import check_n_m, raise_on_nan
 
 
 def _check_score_types(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -46,7 +46,7 @@ def _prepare(scores: Mapping[str, Tensor], sparsity: float) -> tuple[list[str], 
 
 def _refuse_nan(tensors: list[Tensor], labels: list[str]) -> None:
     if tensors:
-        ops._raise_on_nan(torch.stack([torch.isnan(t).sum() for t in tensors]).cpu(), labels)
+        raise_on_nan(torch.stack([torch.isnan(t).sum() for t in tensors]).cpu(), labels)
 
 
 def _targets(apply_to: nn.Module | Mapping[str, Tensor], names: list[str], tensors: list[Tensor]) -> list[Tensor]:
@@ -150,7 +150,7 @@ def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tenso
     """N:M semi-structured keep-masks: each tensor viewed as (out, -1), groups of m consecutive entries
     along a row, the n highest of each group kept (among equal scores the lower index is kept).
     One fused op for all tensors of a device (ops.nm_mask), NaN detected in the same pass."""
-    n, m = ops._check_n_m(n, m)
+    n, m = check_n_m(n, m)
     scores = _check_score_types(scores)
     for name, s in scores.items():
         row = reference.rows_of(s).shape[1]
@@ -162,16 +162,9 @@ def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tenso
     out = {}
     for names in by_device.values():  # one fused call per device (scores of a model split over GPUs)
         keep, nan = ops.nm_mask([scores[name] for name in names], n, m)
-        ops._raise_on_nan(nan, [f"scores[{name!r}]" for name in names])
+        raise_on_nan(nan, [f"scores[{name!r}]" for name in names])
         out.update(zip(names, keep))
     return {name: out[name] for name in scores}
-
-
-def sparsity_of(masks: Mapping[str, Tensor]) -> float:
-    """Fraction of pruned (False) entries over all masks."""
-    total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
-    return math.nan if total == 0 else 1.0 - kept / total
 
 
 @torch.no_grad()

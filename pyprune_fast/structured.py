@@ -1,5 +1,7 @@
-"""Filter replacement before channel pruning (seed 003): the lowest-scored filters of a layer are
-overwritten with copies of the highest-scored ones, so that what pruning later removes are duplicates."""
+"""Filter replacement before channel pruning: the lowest-scored filters of a layer are overwritten with
+copies of the highest-scored ones, so that what pruning later removes are duplicates ("filter
+duplication": Ikuta, Yata and Manabe 2024, "A study of filter duplication for CNNs filter pruning",
+Proc. SPIE 13164, IWAIT 2024)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .criteria.channel import following_batchnorm, out_channels
-from .criteria.engine import PRUNABLE_MODULES
+from .criteria.channel import following_batchnorm
+from .criteria.engine import PRUNABLE_MODULES, out_channels
 
 MODES = ("duplicate", "best")
 

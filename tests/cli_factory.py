@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyprune_fast.zoo import Bundle
+from pyprune_fast.app.zoo import Bundle
 
 FEATURES, CLASSES = 6, 3
 

@@ -5,7 +5,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 def native_or_skip(device: str) -> None:
     """Skips the test unless compiled kernels serve tensors on `device`."""
-    from pyprune_fast import _extension
+    import pyprune_fast
 
-    if not _extension.native_available(device):
-        pytest.skip(f"no compiled {device} kernels loaded ({_extension.state()['reason']})")
+    info = pyprune_fast.backend_info()
+    if not info[f"{device}_ops"]:
+        pytest.skip(f"no compiled {device} kernels loaded ({info['reason'] or info.get('cuda_reason')})")

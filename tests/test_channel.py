@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyprune_fast import masks
+import pyprune_fast as ppf
+from pyprune_fast import criteria, masks
 from pyprune_fast.criteria import channel
+from pyprune_fast.criteria.engine import out_channels
 from tests.conftest import DEVICES
 from tests.models import image_batches, small_cnn, tiny_vit
 
@@ -224,6 +226,49 @@ def test_layers_selection_and_accumulation_over_batches():
     assert list(channel.l1(model, layers=nn.Linear)) == ["fc"]
 
 
+@pytest.mark.parametrize("name", sorted(criteria.of_kind("channel")))
+def test_every_channel_criterion_through_score_gives_the_model_back_exactly(name):
+    model, data = small_cnn(4).train(), image_batches(4)
+    model.conv1.weight.grad = torch.full_like(model.conv1.weight, 3.0)
+    model.fc.weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    scores = ppf.score(model, name, data)
+    assert criteria.CRITERIA[name].kind == "channel"
+    modules = dict(model.named_modules())
+    assert scores and all(
+        s.shape == (out_channels(modules[n]),) and s.dtype == torch.float32 for n, s in scores.items()
+    )
+    assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model.conv1.weight.grad, torch.full_like(model.conv1.weight, 3.0))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "conv1.weight")
+    assert {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_channel_criteria_take_the_shared_arguments():
+    model, data = small_cnn(5, torch.float64).eval(), image_batches(5, count=3, dtype=torch.float64)
+    expected = expected_gradient_scores(model, data[:1])["fisher"]
+    by_params = ppf.score(model, "fisher", data, params=["conv2.weight"], num_batches=1)
+    assert list(by_params) == ["conv2"]
+    torch.testing.assert_close(by_params["conv2"], expected["conv2"].float())
+    by_predicate = ppf.score(model, "fisher", data, params=lambda n, p: n.startswith("conv"), num_batches=1)
+    assert list(by_predicate) == ["conv1", "conv2"]
+    # forward= maps whatever a batch holds to the model's outputs
+    wrapped = [({"pixels": x}, y) for x, y in data]
+    got = ppf.score(model, "fisher", wrapped, forward=lambda m, inputs: m(inputs["pixels"]), num_batches=1)
+    for n, s in expected.items():
+        torch.testing.assert_close(got[n], s.float())
+    with pytest.raises(ValueError, match="layers= or params="):
+        ppf.score(model, "l1", params=["conv2.weight"], layers=["conv2"])
+    with pytest.raises(ValueError, match="must be Conv1d/2d/3d or Linear"):
+        ppf.score(model, "l1", params=["bn1.weight"])
+    with pytest.raises(TypeError, match="unexpected options"):
+        ppf.score(model, "l1", temperature=2.0)
+
+
 def test_vit_attention_out_proj_is_scored():
     model = nn.Sequential()
     torch.manual_seed(0)
@@ -307,7 +352,7 @@ def test_every_criterion_on_device_matches_cpu(device):
     model, data = small_cnn(4, torch.float64).eval(), image_batches(4, dtype=torch.float64)
     on_device = copy.deepcopy(model).to(device)
     moved = [(x.to(device), y.to(device)) for x, y in data]
-    for name, fn in channel.CHANNEL_CRITERIA.items():
+    for name, fn in criteria.of_kind("channel").items():
         expected = fn(model, data)
         got = fn(on_device, moved)
         assert all(s.device.type == device for s in got.values()), name

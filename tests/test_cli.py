@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import pyprune_fast
-from pyprune_fast import _workloads, cli, criteria, pruning, report
+from pyprune_fast import criteria
+from pyprune_fast.app import cli, report, runner
+from pyprune_fast.bench import harness, registry
 from tests import cli_factory
 
 TINY = "tests.cli_factory:tiny"
@@ -207,8 +209,68 @@ def test_criterion_that_needs_data_the_model_lacks(tmp_path, capsys):
     assert "criterion 'wanda' needs calibration data" in capsys.readouterr().err and not out.exists()
 
 
-def test_every_criterion_declares_what_it_needs():
-    assert set(pruning.NEEDS) == set(criteria.CRITERIA)
+def test_the_runner_reads_what_criteria_need_from_the_registry():
+    assert not hasattr(runner, "NEEDS")
+    assert criteria.CRITERIA["snip"].needs == {"data", "loss"} and criteria.CRITERIA["magnitude"].needs == set()
+    assert criteria.CRITERIA["synflow"].needs == {"input"} and criteria.CRITERIA["taylor"].needs == {"data", "loss"}
+
+
+@pytest.mark.parametrize("granularity", ["channel", "channel-layerwise"])
+def test_channel_granularity_zeroes_whole_output_channels(tmp_path, granularity):
+    rc, out = prune(
+        tmp_path, "--criterion", "taylor", "--sparsity", "0.25", "--granularity", granularity, "--save-model"
+    )
+    assert rc == 0
+    masks = pyprune_fast.load_masks(os.path.join(out, "masks.safetensors"))
+    dense = cli_factory.mlp()
+    scores = pyprune_fast.score(dense, "taylor", cli_factory.calibration(), num_batches=4)
+    expected = pyprune_fast.masks.channels(scores, 0.25, scope="global" if granularity == "channel" else "layer")
+    assert list(masks) == ["0", "2", "4"] and all(torch.equal(masks[n], expected[n]) for n in expected)
+    total = sum(m.numel() for m in masks.values())
+    if granularity == "channel":
+        assert sum(int((~m).sum()) for m in masks.values()) == round(0.25 * total)
+    else:
+        assert all(int((~m).sum()) == round(0.25 * m.numel()) for m in masks.values())
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    for layer, keep in masks.items():
+        assert torch.equal(weights[f"{layer}.weight"], dense.get_parameter(f"{layer}.weight").detach() * keep[:, None])
+        assert torch.equal(weights[f"{layer}.bias"], dense.get_parameter(f"{layer}.bias").detach() * keep)
+    doc = read_report(out)
+    assert doc["granularity"] == granularity
+    assert doc["results"][0]["achieved_sparsity"] == sum(int((~m).sum()) for m in masks.values()) / total
+    ref = recompute(
+        {f"{n}.{p}": (k[:, None] if p == "weight" else k) for n, k in masks.items() for p in ("weight", "bias")}
+    )
+    assert doc["results"][0]["metrics"] == pytest.approx(ref)
+
+
+def test_remove_channels_physically_with_torch_pruning(tmp_path):
+    pytest.importorskip("torch_pruning")
+    rc, out = prune(
+        tmp_path, "--criterion", "l1", "--sparsity", "0.5", "--granularity", "channel-layerwise", "--remove-channels"
+    )
+    assert rc == 0
+    result = read_report(out)["results"][0]
+    # hidden layers 16 -> 8 -> 8 channels, the head's 3 outputs kept: 6*8+8 + 8*8+8 + 8*3+3
+    assert result["parameters"] == 6 * 8 + 8 + 8 * 8 + 8 + 8 * 3 + 3
+    masks = pyprune_fast.load_masks(os.path.join(out, "masks.safetensors"))
+    # the removed model computes what the zeroed one does (a ReLU of a zero channel is zero)
+    zeroed = {
+        f"{n}.{p}": (k[:, None] if p == "weight" else k)
+        for n, k in masks.items()
+        if n != "4"
+        for p in ("weight", "bias")
+    }
+    assert result["metrics"] == pytest.approx(recompute(zeroed), abs=1e-6)
+
+
+def test_channel_and_weight_criteria_do_not_mix(tmp_path, capsys):
+    assert prune(tmp_path, "--criterion", "taylor")[0] == 2
+    assert "criteria ['taylor'] score channels: use a channel granularity" in capsys.readouterr().err
+    assert prune(tmp_path, "--criterion", "snip", "--granularity", "channel")[0] == 2
+    assert "criteria ['snip'] score weights" in capsys.readouterr().err
+    assert prune(tmp_path, "--criterion", "snip", "--remove-channels")[0] == 2
+    assert "--remove-channels applies to --granularity channel" in capsys.readouterr().err
 
 
 def test_unwritable_out(tmp_path, capsys):
@@ -292,13 +354,13 @@ def test_bench_runs_every_registered_workload(capsys, monkeypatch):
     def toy(device="cpu", scale=1.0):
         x = torch.randn(int(1000 * scale) + 1)
         calls.append((device, scale))
-        return _workloads.Case(group="toy", ours=lambda: x.sum(), baselines={"python sum": lambda: sum(x.tolist())})
+        return harness.Case(group="toy", ours=lambda: x.sum(), baselines={"python sum": lambda: sum(x.tolist())})
 
-    monkeypatch.setitem(_workloads.WORKLOADS, "toy sum", toy)
+    monkeypatch.setitem(registry.WORKLOADS, "toy sum", toy)
     assert cli.main(["bench", "--scale", "0.01", "--repeats", "2", "--device", "cpu", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert calls == [("cpu", 0.01)]
-    for name in _workloads.WORKLOADS:
+    for name in registry.WORKLOADS:
         rows = [line for line in lines if line.startswith(name)]
         assert len(rows) >= 2 and " ours " in rows[0], rows
         assert all(row.rstrip().endswith("x") for row in rows[1:]), rows
@@ -306,8 +368,8 @@ def test_bench_runs_every_registered_workload(capsys, monkeypatch):
 
 
 def test_time_case_times_ours_and_each_baseline():
-    case = _workloads.Case(group="g", ours=lambda: 1, baselines={"a": lambda: 2, "b": lambda: 3})
-    timings = _workloads.time_case(case, repeats=3)
+    case = harness.Case(group="g", ours=lambda: 1, baselines={"a": lambda: 2, "b": lambda: 3})
+    timings = harness.time_case(case, repeats=3)
     assert [t.impl for t in timings] == ["ours", "a", "b"]
     assert all(0 <= t.best <= t.median for t in timings)
 
@@ -377,7 +439,7 @@ def test_prune_on_cuda(tmp_path):
 def test_the_readme_command_on_the_default_model(tmp_path, capsys):
     """The bare `pyprune-fast prune` (the default model, criteria and sparsities), then the numbers of
     one result recomputed from its saved masks on a freshly loaded model."""
-    from pyprune_fast import zoo
+    from pyprune_fast.app import zoo
 
     out = tmp_path / "out"
     assert cli.main(["prune", "--out", str(out), "--quiet"]) == 0

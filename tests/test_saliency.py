@@ -1,4 +1,4 @@
-"""The fused saliency op against reference.py on random and adversarial inputs."""
+"""The fused saliency op against pyprune_fast.reference (the pure-PyTorch spec) on random and adversarial inputs."""
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyprune_fast import masks, ops, reference
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, native_or_skip
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -211,16 +211,9 @@ def test_mixed_dtypes_promote(device):
     assert got["a"].tolist() == [False, True] and got["b"].tolist() == [False]
 
 
-def _native_or_skip(device):
-    from pyprune_fast import _extension
-
-    if not _extension.native_available(device):
-        pytest.skip(f"no compiled {device} kernels loaded")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    _native_or_skip(device)
+    native_or_skip(device)
     xs = [torch.randn(40, 3, device=device), torch.randn(17, device=device)]
     value, counts, _ = torch.ops.pyprune_fast.kth_smallest_counts(xs, 50)
     ops_ = torch.ops.pyprune_fast

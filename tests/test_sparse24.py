@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pyprune_fast import ops, reference
-from pyprune_fast.sparse import mma_emulation as emu
+from pyprune_fast.reference import mma_sp as emu
 from tests.conftest import DEVICES, native_or_skip
 
 VALID_NIBBLES = {0b0100, 0b1000, 0b1001, 0b1100, 0b1101, 0b1110}  # (i0, i1) with i0 < i1, i0 in the low bits

@@ -66,6 +66,29 @@ def test_from_dense_with_a_criterion_mask_and_activation():
     torch.testing.assert_close(layer(x), F.gelu(F.linear(x, linear.weight * keep, linear.bias)), rtol=1e-5, atol=1e-5)
 
 
+def test_from_compressed_holds_given_values_and_validates_them():
+    torch.manual_seed(2)
+    w = torch.randn(64, 128)
+    keep = masks.n_m({"w": w.abs()})["w"]
+    values, meta = ppf.ops.compress_24(w, keep)
+    bias = torch.randn(64)
+    layer = SparseLinear.from_compressed(values, meta, bias, activation="relu")
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(layer(x), F.relu(F.linear(x, w * keep, bias)), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.values, values) and torch.equal(layer.meta, meta) and torch.equal(layer.bias, bias)
+    assert not layer.values.requires_grad and layer.activation == "relu"
+    with pytest.raises(ValueError, match=r"bias must be a \[64\]"):
+        SparseLinear.from_compressed(values, meta, torch.randn(65))
+    with pytest.raises(ValueError, match="multiples of 64"):
+        SparseLinear.from_compressed(values[:48], meta[:3])
+    bad = meta.clone()
+    bad[0, 0, 0] = 0  # index pairs (0, 0): not an ordered 2:4 pair
+    with pytest.raises(ValueError, match="not an ordered 2:4 pair"):
+        SparseLinear.from_compressed(values, bad)
+    with pytest.raises(TypeError, match="meta must be int32"):
+        SparseLinear.from_compressed(values, meta.long())
+
+
 def test_from_dense_errors():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         SparseLinear.from_dense(nn.Conv2d(3, 3, 1))

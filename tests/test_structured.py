@@ -1,5 +1,5 @@
-"""Filter replacement (seed 003): which channels are overwritten by which, in both modes, with the
-filter, its bias and the following BatchNorm's channel copied; bad input."""
+"""Filter replacement (filter duplication, Ikuta et al. 2024): which channels are overwritten by
+which, in both modes, with the filter, its bias and the following BatchNorm's channel copied; bad input."""
 
 import pytest
 import torch

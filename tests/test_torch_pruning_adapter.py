@@ -9,6 +9,7 @@ from torch import nn
 tp = pytest.importorskip("torch_pruning", reason="torch-pruning is not installed (pip install torch-pruning)")
 torchvision = pytest.importorskip("torchvision")
 
+import pyprune_fast as ppf  # noqa: E402
 from pyprune_fast.criteria import channel  # noqa: E402
 from pyprune_fast.integrations.torch_pruning import Importance  # noqa: E402
 
@@ -70,7 +71,7 @@ def tiny_vit():
 @pytest.mark.parametrize("criterion", ["fisher", "ide", "taylor"])
 def test_prunes_vit_mlp_channels_our_scores_pick(criterion):
     model = tiny_vit()
-    scores = channel.CHANNEL_CRITERIA[criterion](model, data())
+    scores = ppf.score(model, criterion, data())
     mlps = [layer.mlp for layer in model.encoder.layers]
     fc1 = [mlp[0].weight.detach().clone() for mlp in mlps]
     count = sum(p.numel() for p in model.parameters())

@@ -1,4 +1,4 @@
-"""The models the CLI loads (pyprune_fast.zoo): the embedded default offline, torchvision's local
+"""The models the CLI loads (pyprune_fast.app.zoo): the embedded default offline, torchvision's local
 checkpoints, factories; and the text the default model is calibrated and evaluated on."""
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyprune_fast import textdata, zoo
+from pyprune_fast.app import textdata, zoo
 
 
 def test_default_model_loads_offline_and_is_the_pretrained_one(monkeypatch):

@@ -1,25 +1,20 @@
-"""Pruning criteria: `NAME(model, data=None, *, loss_fn=None, params=None, layers=None,
-num_batches=None, forward=None, **options) -> {parameter name: float32 score}`; higher = kept.
-Channel criteria (one score per output channel, keyed by layer name) live in `criteria.channel`."""
+"""Pruning criteria, one registry (registry.py): every criterion is called
+`NAME(model, data=None, *, loss_fn=None, params=None, layers=None, num_batches=None, forward=None,
+**options)`; higher score = kept. Weight criteria return {parameter name: float32 score shaped like
+the parameter}; channel criteria (criteria.channel) return {layer name: (C,) float32 score}.
+`CRITERIA[name]` is each one, with `.kind` ("weight" or "channel") and `.needs` (what it needs
+besides the weights: "data", "loss", "input").
 
-from . import channel
-from ._api import CRITERIA
-from .feature import afr, feature_l1, refer
-from .gradient import grasp, obd, snip
-from .magnitude import magnitude
-from .synflow import synflow
-from .wanda import wanda
+Every module of this package is imported here, so that a criterion registers itself by being in a
+file of the package (criteria.snip, criteria.taylor, ... are the registered functions)."""
 
-__all__ = [
-    "CRITERIA",
-    "afr",
-    "channel",
-    "feature_l1",
-    "grasp",
-    "magnitude",
-    "obd",
-    "refer",
-    "snip",
-    "synflow",
-    "wanda",
-]
+import importlib
+import pkgutil
+
+from .registry import CRITERIA, NEEDS, criterion, of_kind
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+globals().update(CRITERIA)
+
+__all__ = ["CRITERIA", "NEEDS", "criterion", "of_kind", *CRITERIA]

@@ -4,6 +4,7 @@ collecting features, summing gradients over batches, and giving the model back e
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,6 +188,97 @@ def make_job(
     selected = select_params(model, params)
     device = next(iter(selected.values())).device
     return Job(model, data, selected, loss_fn, layers, num_batches, forward, device)
+
+
+def out_channels(module: nn.Module) -> int:
+    """The number of output channels of a Linear (out_features) or Conv (out_channels)."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def channel_layers(model: nn.Module, layers: LayerSelector, params: ParamSelector = None) -> dict[str, nn.Module]:
+    """The layers a channel criterion scores: every Conv/Linear by default; else those named or typed
+    by `layers=`, or the owners of the weights chosen by `params=`; all must be Conv/Linear."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if layers is not None and params is not None:
+        raise ValueError("pass layers= or params= to choose the scored layers of a channel criterion, not both")
+    if layers is None and params is None:
+        chosen = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)}
+        if not chosen:
+            raise ValueError("the model has no Conv1d/2d/3d or Linear layer to score")
+        return chosen
+    if params is not None:
+        chosen = owner_modules(model, select_params(model, params))
+    else:
+        chosen = select_layers(model, layers, {})
+    wrong = [n for n, m in chosen.items() if not isinstance(m, PRUNABLE_MODULES)]
+    if wrong:
+        raise ValueError(f"layers must be Conv1d/2d/3d or Linear modules; these are not: {wrong}")
+    return chosen
+
+
+def check_normalize(normalize: str | None, p: float) -> None:
+    if normalize not in (None, "lp"):
+        raise ValueError(f"normalize must be None or 'lp', got {normalize!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"p must be a finite number > 0, got {p!r}")
+
+
+def lp_normalize(score: Tensor, p: float) -> Tensor:
+    """√S / ‖√S‖_p over one layer's channels, ‖v‖_p = (Σ_c |v_c|^p)^(1/p) (0 where the norm is 0):
+    eq. 4.13 of Ide's thesis (see criteria.channel)."""
+    root = score.double().sqrt()
+    norm = root.pow(p).sum().pow(1.0 / p)
+    return torch.where(norm > 0, root / norm, torch.zeros_like(root))
+
+
+@dataclass
+class ChannelRequest:
+    """A channel criterion's resolved arguments: the layers to score (`explicit` when the user chose
+    them) and a Job over their weights for the batches, the loss and the forward."""
+
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    explicit: bool
+    job: Job
+
+    @property
+    def data(self) -> Iterable | None:
+        return self.job.data
+
+    def check_seen(self, seen: Iterable[str]) -> None:
+        seen = set(seen)
+        missing = [n for n in self.layers if n not in seen]
+        if missing and self.explicit:
+            raise ValueError(f"these layers produced no output in the forward pass: {missing}")
+        if len(missing) == len(self.layers):
+            raise ValueError("none of the scored layers was called in the forward pass")
+
+
+def make_channel_request(
+    model: nn.Module,
+    data: Iterable | None,
+    *,
+    loss_fn=None,
+    params: ParamSelector = None,
+    layers: LayerSelector = None,
+    num_batches: int | None = None,
+    forward: Forward | None = None,
+    normalize: str | None = None,
+    p: float = 1.0,
+) -> ChannelRequest:
+    check_normalize(normalize, p)
+    chosen = channel_layers(model, layers, params)
+    ids = {id(m.weight) for m in chosen.values()}
+    job = make_job(
+        model,
+        data,
+        loss_fn=loss_fn,
+        params=lambda _n, w: id(w) in ids,
+        num_batches=num_batches,
+        forward=forward,
+    )
+    return ChannelRequest(model, chosen, layers is not None or params is not None, job)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._api import criterion
 from .engine import GradSum, Job, as_float32, capture_outputs, grads_of, observable_attention
+from .registry import criterion
 
 
 def _l1_objective(features: list[Tensor]) -> Tensor:
@@ -46,18 +46,27 @@ def feature_gradients(
     return feat_sum.value(), (loss_sum.value() if with_loss else None)
 
 
-@criterion
+@criterion(needs=("data",))
 def feature_l1(job: Job) -> list[Tensor]:
-    """Feature-preserving saliency (seed paper 000): S(w) = |∂(Σ_l ‖F^l‖₁)/∂w ⊙ w|, summed over batches."""
+    """Feature-preserving saliency: S(w) = |∂(Σ_l ‖F^l‖₁)/∂w ⊙ w|, summed over batches.
+
+    A synaptic saliency in the sense of Tanaka et al. 2020 ("Pruning neural networks without any data
+    by iteratively conserving synaptic flow", NeurIPS), S = (∂R/∂w) ⊙ w, with R the total L1 mass of
+    the layers' features on real data instead of SynFlow's all-ones input. It came to this project
+    without a published source, and none could be found; cite it as this toolkit's criterion."""
     grads, _ = feature_gradients(job, _l1_objective)
     scores, _ = ops.saliency(grads, as_float32(job.tensors))
     return scores
 
 
-@criterion
+@criterion(needs=("data",))
 def refer(job: Job) -> list[Tensor]:
-    """ReFer: S(w) = |∂(Σ_l mean σ(F^l))/∂w ⊙ w|, σ the min(N, D) singular values of layer l's
-    output reshaped to (N, -1), N the batch size; the gradient summed over batches."""
+    """ReFer (representation-preserving saliency): S(w) = |∂(Σ_l mean σ(F^l))/∂w ⊙ w|, σ the
+    min(N, D) singular values of layer l's output reshaped to (N, -1), N the batch size; the gradient
+    summed over batches. Weights that keep the features of a batch spread over many directions (a
+    large nuclear norm per direction) are kept. It came to this project without a published source,
+    and none could be found (the nearest published work: HRank, Lin et al. 2020, ranks feature maps
+    per channel); cite it as this toolkit's criterion."""
     grads, _ = feature_gradients(job, _refer_objective)
     scores, _ = ops.saliency(grads, as_float32(job.tensors))
     return scores
@@ -74,13 +83,14 @@ def _standardized(scores: list[Tensor], stats: ops.Stats, what: str) -> list[Ten
     return [(s - mean) * inv for s in scores]
 
 
-@criterion
+@criterion(needs=("data", "loss"))
 def afr(job: Job) -> list[Tensor]:
-    """AFR: S = z(ReFer) + z(SNIP), each z-scored over all scored entries together,
+    """AFR: S = z(ReFer) + z(SNIP) (SNIP: Lee, Ajanthan and Torr 2019), each z-scored over all scored entries together,
     z(s) = (s - mean) / std with the population standard deviation (z = 0 where std = 0).
 
     One forward per batch serves both gradients; the mean and std come from the fused saliency op's
-    statistics."""
+    statistics. Like ReFer it came to this project without a published source, and none could be
+    found; cite it as this toolkit's criterion."""
     feat_grads, loss_grads = feature_gradients(job, _refer_objective, with_loss=True)
     weights = as_float32(job.tensors)
     refer_scores, refer_stats = ops.saliency(feat_grads, weights)

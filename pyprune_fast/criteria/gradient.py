@@ -7,8 +7,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
-from ._api import criterion
 from .engine import GradSum, Job, as_float32, first_tensor, grads_of
+from .registry import criterion
 
 
 def loss_gradient(job: Job, temperature: float | None = None) -> list[Tensor]:
@@ -22,9 +22,10 @@ def loss_gradient(job: Job, temperature: float | None = None) -> list[Tensor]:
     return total.value()
 
 
-@criterion
+@criterion(needs=("data", "loss"))
 def snip(job: Job) -> list[Tensor]:
-    """SNIP (Lee et al. 2019): S(w) = |∂L/∂w ⊙ w|, the gradient summed over the batches.
+    """SNIP (Lee, Ajanthan and Torr 2019, "SNIP: Single-shot Network Pruning based on Connection
+    Sensitivity", ICLR): S(w) = |∂L/∂w ⊙ w|, the gradient summed over the batches.
 
     Equal to |∂L/∂m| at m = 1 for the mask m in w ⊙ m. Computed by the fused saliency op."""
     grads = loss_gradient(job)
@@ -32,9 +33,10 @@ def snip(job: Job) -> list[Tensor]:
     return scores
 
 
-@criterion
+@criterion(needs=("data", "loss"))
 def grasp(job: Job, *, temperature: float = 200.0) -> list[Tensor]:
-    """GraSP (Wang et al. 2020), returned as S(w) = w ⊙ (H g) so that lower is pruned.
+    """GraSP (Wang, Zhang and Grosse 2020, "Picking Winning Tickets Before Training by Preserving
+    Gradient Flow", ICLR), returned as S(w) = w ⊙ (H g) so that lower is pruned.
 
     g = Σ_b ∇L_b and H g = Σ_b ∇(∇L_b · stopgrad(g)) from a second pass (Hessian-vector product by
     double backward), with L_b = loss_fn(outputs_b / temperature, targets_b). This is the negation of
@@ -53,10 +55,11 @@ def grasp(job: Job, *, temperature: float = 200.0) -> list[Tensor]:
     return [w.detach().float() * h for w, h in zip(job.tensors, hg.value())]
 
 
-@criterion
+@criterion(needs=("data", "loss"))
 def obd(job: Job) -> list[Tensor]:
-    """Optimal Brain Damage with the empirical Fisher: S(w) = ½ · F_diag · w², where
-    F_diag = (1/B) Σ_b (∂L_b/∂w)² over the B batches (per-batch gradients, squared, averaged).
+    """Optimal Brain Damage (LeCun, Denker and Solla 1990, NeurIPS 2) with the empirical Fisher:
+    S(w) = ½ · F_diag · w², where F_diag = (1/B) Σ_b (∂L_b/∂w)² over the B batches (per-batch
+    gradients, squared, averaged).
 
     Accumulated batch by batch by the fused saliency op (acc += ½ |g_b ⊙ w|²)."""
     weights = as_float32(job.tensors)

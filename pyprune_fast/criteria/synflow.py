@@ -1,4 +1,5 @@
-"""SynFlow: data-free synaptic flow (Tanaka et al. 2020), single shot."""
+"""SynFlow: data-free synaptic flow (Tanaka, Kunin, Yamins and Ganguli 2020, "Pruning neural networks
+without any data by iteratively conserving synaptic flow", NeurIPS), single shot."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import copy
 import torch
 from torch import Tensor
 
-from ._api import criterion
 from .engine import Job, first_tensor
+from .registry import criterion
 
 
-@criterion
+@criterion(needs=("input",))
 def synflow(job: Job, *, input_shape: tuple[int, ...] | None = None) -> list[Tensor]:
     """S(w) = |∂R/∂w ⊙ w| with R = Σ model(1), computed on a float64 copy of the model whose every
     state-dict entry is made non-negative (|θ|), for an all-ones input of one sample's shape

@@ -1,12 +1,13 @@
-"""Wanda (Sun et al. 2024): weight magnitude times input activation norm."""
+"""Wanda (Sun, Liu, Bair and Kolter 2024, "A Simple and Effective Pruning Approach for Large Language
+Models", ICLR): weight magnitude times input activation norm."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ._api import criterion
 from .engine import PRUNABLE_MODULES, Job, capture_inputs, observable_attention
+from .registry import criterion
 
 
 def _weight_owners(job: Job) -> dict[str, nn.Module]:
@@ -42,7 +43,7 @@ def _input_scale(module: nn.Module, norms: Tensor) -> Tensor:
     return table.view(out, per_group, *([1] * (module.weight.dim() - 2)))
 
 
-@criterion
+@criterion(needs=("data",))
 def wanda(job: Job) -> list[Tensor]:
     """S(W_ij) = |W_ij| · ‖X_j‖₂, X_j the j-th input feature of the layer over all samples and
     positions of all batches (for a convolution: input channel j over batch and space, broadcast over

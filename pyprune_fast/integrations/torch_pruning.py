@@ -34,14 +34,15 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "pyprune_fast.integrations.torch_pruning needs Torch-Pruning: pip install torch-pruning"
     ) from error
 
-from ..criteria.channel import CHANNEL_CRITERIA, out_channels
+from ..criteria import of_kind
+from ..criteria.engine import out_channels
 
 _OUT_CHANNELS = (tp_function.prune_conv_out_channels, tp_function.prune_linear_out_channels)
 
 
 class Importance(tp.importance.GroupMagnitudeImportance):
     """A Torch-Pruning importance from a pyprune_fast channel criterion (a name of
-    `criteria.channel.CHANNEL_CRITERIA` or a function with the same signature), run once with
+    `criteria.of_kind("channel")`, e.g. "taylor", or a function with the same signature), run once with
     `data`, `loss_fn`, `layers`, `normalize` and `p`, then looked up per group."""
 
     def __init__(
@@ -57,10 +58,10 @@ class Importance(tp.importance.GroupMagnitudeImportance):
         normalizer: str | None = "mean",
     ) -> None:
         if isinstance(criterion, str):
-            if criterion not in CHANNEL_CRITERIA:
-                valid = ", ".join(sorted(CHANNEL_CRITERIA))
-                raise ValueError(f"unknown channel criterion {criterion!r}; valid: {valid}")
-            criterion = CHANNEL_CRITERIA[criterion]
+            channel = of_kind("channel")
+            if criterion not in channel:
+                raise ValueError(f"unknown channel criterion {criterion!r}; valid: {', '.join(sorted(channel))}")
+            criterion = channel[criterion]
         elif not callable(criterion):
             raise TypeError(f"criterion must be a channel criterion name or callable, got {type(criterion).__name__}")
         if group_reduction not in ("mean", "sum", "max", "prod", "first"):
@@ -97,3 +98,58 @@ class Importance(tp.importance.GroupMagnitudeImportance):
         if not imps:
             return None
         return self._normalize(self._reduce(imps, root_idxs), self.normalizer)
+
+
+def remove_channels(
+    model: nn.Module,
+    keep: dict[str, Tensor],
+    example_inputs,
+    forward_fn: Callable | None = None,
+) -> dict[str, Tensor]:
+    """Removes, physically and in place, the output channels that the channel masks `keep` ({layer
+    name: (C,) bool, True = kept}, e.g. `masks.channels(...)`) prune, with Torch-Pruning's dependency
+    graph: each layer's pruned rows go together with what depends on them (the next layers' input
+    channels, BatchNorms). Layers tied by a residual sum form one group and lose the union of their
+    pruned channels. Returns the channels removed, {layer: original indices (int64)}.
+    `example_inputs` / `forward_fn(model, inputs)`: one forward to trace the model, as Torch-Pruning
+    takes them."""
+    modules = dict(model.named_modules())
+    unknown = [n for n in keep if n not in modules or not isinstance(modules[n], (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    if unknown:
+        raise ValueError(f"keep names layers that are not Linear/Conv1d/Conv2d modules of the model: {unknown}")
+    for name, mask in keep.items():
+        if mask.dtype != torch.bool or mask.shape != (out_channels(modules[name]),):
+            raise ValueError(
+                f"keep[{name!r}] must be a bool ({out_channels(modules[name])},) mask, got {mask.dtype} "
+                f"{tuple(mask.shape)}"
+            )
+        if not bool(mask.any()):
+            raise ValueError(f"keep[{name!r}] prunes every channel of the layer; a removed layer cannot be rebuilt")
+    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=forward_fn, verbose=False)
+    by_module = {id(modules[n]): n for n in keep}
+    present = {n: list(range(out_channels(modules[n]))) for n in keep}  # original ids still in each layer
+    removed: dict[str, list[int]] = {n: [] for n in keep}
+    for name, mask in keep.items():
+        module = modules[name]
+        doomed = {i for i in (~mask.cpu()).nonzero().flatten().tolist()}
+        idxs = [pos for pos, original in enumerate(present[name]) if original in doomed]
+        if not idxs:
+            continue
+        fn = (
+            tp_function.prune_linear_out_channels
+            if isinstance(module, nn.Linear)
+            else tp_function.prune_conv_out_channels
+        )
+        group = graph.get_pruning_group(module, fn, idxs)
+        members = [
+            (by_module[id(dep.layer)], dep_idxs)
+            for dep, dep_idxs in group
+            if dep.pruning_fn in _OUT_CHANNELS and id(dep.layer) in by_module
+        ]
+        group.prune()
+        for member, member_idxs in members:
+            gone = set(int(i) for i in member_idxs)
+            removed[member] += [present[member][i] for i in sorted(gone)]
+            present[member] = [o for i, o in enumerate(present[member]) if i not in gone]
+    return {n: torch.tensor(sorted(set(v)), dtype=torch.int64) for n, v in removed.items()}

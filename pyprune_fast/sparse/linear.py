@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import masks, ops
+from ..ops.checks import check_compressed, check_features_24
 
 # Metadata of chunks that keep positions 0 and 1 (nibble 0b0100), the placeholder of a new layer.
 _PLACEHOLDER_WORD = 0x44444444
@@ -57,8 +58,8 @@ class SparseLinear(nn.Module):
         cls, values: Tensor, meta: Tensor, bias: Tensor | None = None, activation: str | None = None
     ) -> SparseLinear:
         """A layer holding (values, meta) from ops.compress_24 (validated) and an optional bias [out]."""
-        out, cols = ops._check_compressed(values, meta)
-        ops.check_features_24(cols, out, "SparseLinear")
+        out, cols = check_compressed(values, meta)
+        check_features_24(cols, out, "SparseLinear")
         ops.decompress_24(values, meta)  # refuses metadata that is not ordered 2:4 pairs
         if bias is not None and (bias.shape != (out,) or bias.dtype != values.dtype or bias.device != values.device):
             raise ValueError(
@@ -81,7 +82,7 @@ class SparseLinear(nn.Module):
         criterion's scores), compressed."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        ops.check_features_24(linear.in_features, linear.out_features, "SparseLinear")
+        check_features_24(linear.in_features, linear.out_features, "SparseLinear")
         weight = linear.weight.detach()
         if mask is None:
             mask = masks.n_m({"weight": weight.abs()}, 2, 4)["weight"]

@@ -3,7 +3,7 @@
 //
 //   mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{f16,bf16}.{f16,bf16}.f32
 //
-// Operand layouts (PTX ISA 9.7.14.6.2.2; emulated on the host by pyprune_fast/sparse/mma_emulation.py),
+// Operand layouts (PTX ISA 9.7.14.6.2.2; emulated on the host by pyprune_fast/reference/mma_sp.py),
 // with g = lane >> 2 (groupID) and t = lane & 3 (threadID_in_group):
 //   a[0] = the two kept values of chunk t     (dense columns 4t..4t+3)        of row g
 //   a[1] = the two kept values of chunk t     of row g + 8

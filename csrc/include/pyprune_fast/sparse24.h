@@ -26,7 +26,7 @@
 // column half p (0..1). A lane reads word 2*(lane >> 2) + (lane & 1) of its tile, so lanes t and t+2
 // of a group read the same word and any sparsity selector (0 or 1) sees the right operand; the 32
 // words of two consecutive k32 steps of one row tile are contiguous, so the kernel copies them with
-// 16-byte loads. pyprune_fast/sparse/mma_emulation.py emulates the instruction on this layout.
+// 16-byte loads. pyprune_fast/reference/mma_sp.py emulates the instruction on this layout.
 #pragma once
 
 #include <c10/util/BFloat16.h>

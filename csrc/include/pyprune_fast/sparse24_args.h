@@ -1,5 +1,5 @@
 // Host-side argument checks of the 2:4 ops, shared by the CPU and CUDA launchers (the Python face in
-// pyprune_fast/ops.py checks the same with friendlier messages; these guard direct torch.ops calls).
+// pyprune_fast/ops/sparse24.py checks the same with friendlier messages; these guard direct torch.ops calls).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -7,7 +7,7 @@ import math
 import os
 from datetime import datetime, timezone
 
-from .pruning import TWO_FOUR, Run
+from .runner import TWO_FOUR, Run
 
 RETENTION_PLOT = "retention.png"
 LAYERS_PLOT = "layer-sparsity.png"
@@ -43,7 +43,7 @@ def _finite(value):
 
 def to_json(run: Run, command: list[str], files: list[str]) -> dict:
     """The report as a JSON-able dict (non-finite numbers as null)."""
-    from . import __version__
+    from .. import __version__
 
     return _finite(
         {
@@ -73,6 +73,7 @@ def to_json(run: Run, command: list[str], files: list[str]) -> dict:
                     "retention": retention(run, r.metrics),
                     "files": r.files,
                     "layer_sparsity": r.layers,
+                    **({"parameters": r.parameters} if r.parameters is not None else {}),
                 }
                 for r in run.results
             ],

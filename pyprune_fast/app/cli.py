@@ -15,6 +15,7 @@ import threading
 import time
 
 DEFAULT_CRITERIA = ["magnitude", "snip", "refer", "afr"]
+DEFAULT_CHANNEL_CRITERIA = ["l1", "taylor", "fisher"]
 DEFAULT_SPARSITIES = [0.5, 0.8, 0.9]
 DEFAULT_BATCHES = 4
 
@@ -47,7 +48,7 @@ class OutDir:
     this run created are removed again if it fails before writing anything."""
 
     def __init__(self, path: str) -> None:
-        from .io import discard, new_temp
+        from ..io import discard, new_temp
 
         self.path = path
         if os.path.exists(path) and not os.path.isdir(path):
@@ -102,17 +103,18 @@ def cmd_info(args) -> int:
 def cmd_score(args) -> int:
     from safetensors.torch import save_file
 
-    from .io import Staged
-    from .pruning import check_criteria, score_criterion
+    from ..io import Staged
+    from .runner import check_criteria, score_criterion
 
     _check_batches(args.batches)
     out = OutDir(args.out)
     try:
         bundle = _load(args)
-        check_criteria(bundle, args.criterion)
+        names = args.criterion or DEFAULT_CRITERIA
+        check_criteria(bundle, names)
         rows = []
         with Staged() as staged:
-            for name in _bar(args.criterion, "scoring", args.quiet):
+            for name in _bar(names, "scoring", args.quiet):
                 start = time.perf_counter()
                 scores = score_criterion(bundle, name, args.batches)
                 seconds = time.perf_counter() - start
@@ -136,15 +138,15 @@ def cmd_score(args) -> int:
 
 
 def _file_writer(args, out: OutDir, staged, bundle, single: bool):
-    """The on_masks callback of pruning.prune: stages each result's masks (and with --save-model the
+    """The on_masks callback of runner.prune: stages each result's masks (and with --save-model the
     pruned weights, while the masks are applied) as masks[-<criterion>-<sparsity>].safetensors."""
     from safetensors.torch import save_model
 
-    from . import __version__
-    from .io import save_masks
-    from .pruning import TWO_FOUR
+    from .. import __version__
+    from ..io import save_masks
+    from .runner import TWO_FOUR
 
-    def write(result, masks) -> None:
+    def write(result, masks, model) -> None:
         two_four = args.granularity == TWO_FOUR
         tag = "" if single else f"-{result.criterion}-{'2of4' if two_four else f'{result.sparsity:g}'}"
         meta = {
@@ -162,7 +164,7 @@ def _file_writer(args, out: OutDir, staged, bundle, single: bool):
             result.files["model"] = f"model{tag}.safetensors"
             strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
             strings["pyprune_fast_version"] = __version__
-            save_model(bundle.model, staged.path(out.file(result.files["model"])), strings)
+            save_model(model, staged.path(out.file(result.files["model"])), strings)
 
     return write
 
@@ -185,28 +187,38 @@ def _write_reports(run, out: OutDir, staged, argv: list[str]) -> tuple[list[str]
 
 
 def cmd_prune(args) -> int:
-    from . import pruning, report
-    from .io import Staged
+    from ..io import Staged
+    from . import report, runner
 
-    if args.granularity == pruning.TWO_FOUR and args.sparsity is not None:
+    if args.granularity == runner.TWO_FOUR and args.sparsity is not None:
         raise UsageError("--sparsity does not apply to --granularity 2:4 (2 of every 4 weights are kept: 0.5)")
-    sparsities = pruning.check_sparsities(args.sparsity or DEFAULT_SPARSITIES)
-    criteria = list(dict.fromkeys(args.criterion))
+    sparsities = runner.check_sparsities(args.sparsity or DEFAULT_SPARSITIES)
+    channel = runner.kind_of(args.granularity) == "channel"
+    criteria = list(dict.fromkeys(args.criterion or (DEFAULT_CHANNEL_CRITERIA if channel else DEFAULT_CRITERIA)))
+    if args.remove_channels and not channel:
+        raise UsageError(f"--remove-channels applies to --granularity {' or '.join(runner.CHANNEL_SCOPES)}")
     _check_batches(args.batches)
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise UsageError("prune draws its plots with matplotlib: pip install 'pyprune-fast[cli]'") from exc
     out = OutDir(args.out)
-    single = len(criteria) == 1 and (len(sparsities) == 1 or args.granularity == pruning.TWO_FOUR)
+    single = len(criteria) == 1 and (len(sparsities) == 1 or args.granularity == runner.TWO_FOUR)
     start = time.perf_counter()
     try:
         with Staged() as staged:
             bundle = _load(args)
             loaded = time.perf_counter() - start
             write = _file_writer(args, out, staged, bundle, single)
-            run = pruning.prune(
-                bundle, criteria, sparsities, args.granularity, args.batches, on_masks=write, quiet=args.quiet
+            run = runner.prune(
+                bundle,
+                criteria,
+                sparsities,
+                args.granularity,
+                args.batches,
+                remove_channels=args.remove_channels,
+                on_masks=write,
+                quiet=args.quiet,
             )
             run.seconds = {"load": loaded, **run.seconds, "total": time.perf_counter() - start}
             files, plots = _write_reports(run, out, staged, args.argv)
@@ -223,7 +235,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ._workloads import WORKLOADS, time_case
+    from ..bench.harness import time_case
+    from ..bench.registry import WORKLOADS
 
     device = _device(args.device)
     if args.repeats < 1:
@@ -249,6 +262,8 @@ def cmd_bench(args) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
+    from ..criteria import CRITERIA
+
     p.add_argument(
         "--model",
         default=None,
@@ -258,10 +273,12 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
     p.add_argument(
         "--criterion",
         nargs="+",
-        default=DEFAULT_CRITERIA,
+        default=None,
         choices=criteria,
         metavar="C",
-        help=f"criteria (default: {' '.join(DEFAULT_CRITERIA)}; any of {', '.join(criteria)})",
+        help=f"criteria (default: {' '.join(DEFAULT_CRITERIA)}, or {' '.join(DEFAULT_CHANNEL_CRITERIA)} for the "
+        f"channel granularities; weight criteria: {', '.join(c for c in criteria if CRITERIA[c].kind == 'weight')}; "
+        f"channel criteria: {', '.join(c for c in criteria if CRITERIA[c].kind == 'channel')})",
     )
     p.add_argument(
         "--batches",
@@ -275,9 +292,9 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._workloads import WORKLOADS
-    from .criteria import CRITERIA
-    from .pruning import GRANULARITIES, TWO_FOUR
+    from ..bench.registry import WORKLOADS
+    from ..criteria import CRITERIA
+    from .runner import CHOICES
 
     criteria = sorted(CRITERIA)
     parser = argparse.ArgumentParser(
@@ -304,10 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--granularity",
         default="global",
-        choices=[*GRANULARITIES, TWO_FOUR],
+        choices=CHOICES,
         help="global: one threshold over all scored weights; layerwise: each tensor; per-row: each output "
         "row; 2:4: 2 of every 4 consecutive weights of a row (weights whose row length is not divisible "
-        "by 4 are left dense and listed in the report) (default global)",
+        "by 4 are left dense and listed in the report); channel / channel-layerwise: whole output channels "
+        "of every Conv/Linear, ranked by a channel criterion over all layers / within each layer, zeroed "
+        "(default global)",
+    )
+    prune.add_argument(
+        "--remove-channels",
+        action="store_true",
+        help="with a channel granularity: remove the pruned channels physically (Torch-Pruning: pip install "
+        "torch-pruning) instead of zeroing them, and report the smaller model's parameter count",
     )
     prune.add_argument("--save-model", action="store_true", help="also write the pruned weights (safetensors)")
     prune.set_defaults(run=cmd_prune)

@@ -1,0 +1,361 @@
+"""The main job behind `pyprune-fast prune`: score a model once per criterion, build the masks of every
+sparsity from those scores, and measure what each pruned model keeps of the dense one."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import criteria, masks
+from ..criteria.engine import channel_layers, first_tensor, select_params, split_batch
+from .zoo import Bundle
+
+GRANULARITIES: dict[str, Callable[[dict[str, Tensor], float], dict[str, Tensor]]] = {
+    "global": masks.global_unstructured,
+    "layerwise": masks.layerwise,
+    "per-row": masks.per_row,
+}
+TWO_FOUR = "2:4"
+# Channel criteria: one score per output channel; the pruned channels' weight rows (and biases) are
+# zeroed. "channel": exactly round(sparsity × all channels) over every layer together;
+# "channel-layerwise": round(sparsity × C) in each layer.
+CHANNEL_SCOPES = {"channel": "global", "channel-layerwise": "layer"}
+CHOICES = [*GRANULARITIES, TWO_FOUR, *CHANNEL_SCOPES]
+
+
+def kind_of(granularity: str) -> str:
+    """The criterion kind a granularity takes: "channel" for the channel granularities, else "weight"."""
+    return "channel" if granularity in CHANNEL_SCOPES else "weight"
+
+
+class CriterionDataError(ValueError):
+    """A criterion asked of a model that lacks what the criterion needs (data, a loss, an input shape)."""
+
+
+def _available(bundle: Bundle) -> dict[str, bool]:
+    first = split_batch(bundle.calibration[0]) if bundle.calibration else (None, None)
+    integer_targets = isinstance(first[1], Tensor) and not first[1].is_floating_point()
+    return {
+        "data": bool(bundle.calibration),
+        "loss": bool(bundle.calibration) and (bundle.loss_fn is not None or integer_targets),
+        "input": bundle.input_shape is not None or isinstance(first[0], Tensor),
+    }
+
+
+def check_criteria(bundle: Bundle, names: list[str], kind: str | None = None) -> None:
+    """CriterionDataError naming every asked criterion the bundle cannot feed, and what it lacks (read
+    from each criterion's registered `needs`); ValueError for unknown criteria and, with `kind`, for
+    criteria of the other kind."""
+    unknown = [n for n in names if n not in criteria.CRITERIA]
+    if unknown:
+        raise ValueError(f"unknown criteria {unknown}; valid criteria: {', '.join(sorted(criteria.CRITERIA))}")
+    candidates = criteria.CRITERIA if kind is None else criteria.of_kind(kind)
+    if kind is not None:
+        wrong = [n for n in names if n not in candidates]
+        if wrong:
+            hint = "a channel granularity (--granularity channel)" if kind == "weight" else "a weight granularity"
+            raise ValueError(
+                f"criteria {wrong} score {'channels' if kind == 'weight' else 'weights'}: use {hint}, or "
+                f"{kind} criteria: {', '.join(candidates)}"
+            )
+    has = _available(bundle)
+
+    def lacking(name: str) -> list[str]:
+        return [
+            what for need, what in criteria.NEEDS.items() if need in criteria.CRITERIA[name].needs and not has[need]
+        ]
+
+    problems = [f"criterion {n!r} needs {' and '.join(lacking(n))}" for n in names if lacking(n)]
+    if problems:
+        possible = [n for n in candidates if not lacking(n)]
+        raise CriterionDataError(
+            f"{'; '.join(problems)}, which model {bundle.name!r} does not provide "
+            f"({bundle.info.get('data', 'no data')}); criteria it can run: {', '.join(possible) or 'none'}"
+        )
+
+
+def check_sparsities(values: list[float]) -> list[float]:
+    """The distinct sparsities in increasing order, each checked to be in [0, 1]."""
+    for s in values:
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"--sparsity must be in [0, 1], got {s!r}")
+    return sorted(set(values))
+
+
+def two_four_split(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], dict[str, str]]:
+    """(names 2:4 applies to, {skipped name: why}): a weight viewed as (out, -1) is eligible when it
+    has at least two dimensions and its row length is divisible by 4."""
+    eligible, skipped = [], {}
+    for name, shape in shapes.items():
+        row = math.prod(shape[1:])
+        if len(shape) < 2 or row % 4:
+            skipped[name] = f"row length {row} (shape {tuple(shape)}) is not divisible by 4: left dense"
+        else:
+            eligible.append(name)
+    return eligible, skipped
+
+
+def build_masks(scores: dict[str, Tensor], granularity: str, sparsity: float) -> dict[str, Tensor]:
+    """Keep-masks of one granularity; for 2:4, masks of the eligible weights only; for the channel
+    granularities, (C,) channel masks keyed by layer."""
+    if granularity in CHANNEL_SCOPES:
+        return masks.channels(scores, sparsity, scope=CHANNEL_SCOPES[granularity])
+    if granularity == TWO_FOUR:
+        eligible, _ = two_four_split({n: tuple(s.shape) for n, s in scores.items()})
+        return masks.n_m({n: scores[n] for n in eligible}, 2, 4)
+    return GRANULARITIES[granularity](scores, sparsity)
+
+
+@contextlib.contextmanager
+def masked(model: nn.Module, keep: dict[str, Tensor]) -> Iterator[nn.Module]:
+    """The model with `keep` applied in place; its weights are restored on exit."""
+    named = dict(model.named_parameters())
+    saved = {n: named[n].detach().clone() for n in keep}
+    try:
+        masks.apply_masks(model, keep)
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                named[n].copy_(value)
+
+
+def score_criterion(bundle: Bundle, name: str, batches: int) -> dict[str, Tensor]:
+    """The criterion's scores of the bundle's model from its first `batches` calibration batches (a
+    criterion that needs an input shape gets the bundle's, when it has one, instead of the data)."""
+    fn = criteria.CRITERIA[name]
+    kwargs = bundle.criterion_kwargs(batches)
+    if "input" in fn.needs and bundle.input_shape is not None:
+        return fn(bundle.model, None, input_shape=bundle.input_shape, **kwargs)
+    return fn(bundle.model, bundle.calibration, **kwargs)
+
+
+def _example_inputs(bundle: Bundle):
+    if bundle.calibration:
+        return split_batch(bundle.calibration[0])[0]
+    if bundle.input_shape is not None:
+        device = next(bundle.model.parameters()).device
+        return torch.ones((1, *bundle.input_shape), device=device)
+    raise ValueError("--remove-channels traces the model with one forward: it needs calibration data or an input shape")
+
+
+def without_channels(bundle: Bundle, keep: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Tensor]]:
+    """A copy of the bundle's model with the channels `keep` prunes removed physically by Torch-Pruning
+    (integrations.torch_pruning.remove_channels), and the channels removed per layer. The output
+    layer's channels are never removed (they are the model's outputs); a removal that would still
+    change the output's shape is a ValueError."""
+    try:
+        from ..integrations.torch_pruning import remove_channels
+    except ImportError as exc:
+        raise ValueError(f"--remove-channels needs Torch-Pruning: pip install torch-pruning ({exc})") from exc
+    inputs = _example_inputs(bundle)
+    model = copy.deepcopy(bundle.model)
+
+    def run(m: nn.Module):
+        return bundle.forward(m, inputs) if bundle.forward is not None else m(inputs)
+
+    with torch.no_grad():
+        before = first_tensor(run(model)).shape
+    output = [n for n, m in model.named_modules() if n in keep][-1:]  # the last scored layer: the head
+    keep = {n: m for n, m in keep.items() if n not in output}
+    removed = remove_channels(model, keep, inputs, forward_fn=None if bundle.forward is None else bundle.forward)
+    with torch.no_grad():
+        after = first_tensor(run(model)).shape
+    if after != before:
+        raise ValueError(
+            f"removing these channels changes the model's output from {tuple(before)} to {tuple(after)} (the "
+            "layers feed the output through a residual stream); prune them by zeroing (without --remove-channels)"
+        )
+    return model, removed
+
+
+def channel_weight_masks(model: nn.Module, keep: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Parameter keep-masks that zero the pruned output channels: for each layer's (C,) channel mask,
+    its weight's rows (dim 0) and its bias entries."""
+    modules = dict(model.named_modules())
+    out = {}
+    for layer, channels in keep.items():
+        module = modules[layer]
+        weight = module.weight
+        out[f"{layer}.weight"] = channels.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).to(weight.device)
+        if getattr(module, "bias", None) is not None:
+            out[f"{layer}.bias"] = channels.to(module.bias.device)
+    return out
+
+
+@dataclass
+class Result:
+    """One criterion at one sparsity: what was pruned and what the pruned model keeps."""
+
+    criterion: str
+    sparsity: float
+    achieved: float
+    metrics: dict[str, float]
+    layers: dict[str, float]
+    files: dict[str, str] = field(default_factory=dict)
+    parameters: int | None = None  # of the pruned model, when channels were removed physically
+
+
+@dataclass
+class Run:
+    """Everything a prune run measured."""
+
+    model: str
+    info: dict
+    granularity: str
+    batches: int
+    device: str
+    parameters: int
+    scored: dict[str, tuple[int, ...]]
+    skipped: dict[str, str]
+    dense: dict[str, float]
+    results: list[Result] = field(default_factory=list)
+    score_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def criteria(self) -> list[str]:
+        return list(dict.fromkeys(r.criterion for r in self.results))
+
+    @property
+    def sparsities(self) -> list[float]:
+        return sorted({r.sparsity for r in self.results})
+
+    @property
+    def primary(self) -> str | None:
+        """The metric criteria are ranked by: the evaluation's first."""
+        return next(iter(self.dense), None)
+
+    def ranking(self) -> list[tuple[str, float]]:
+        """(criterion, mean of the primary metric over the sparsities), best first; ties broken by the
+        means of the other metrics in order, then by name."""
+        if self.primary is None:
+            return []
+        means = {}
+        for name in self.criteria:
+            rows = [r.metrics for r in self.results if r.criterion == name]
+            means[name] = [sum(m[k] for m in rows) / len(rows) for k in self.dense]
+        order = sorted(means, key=lambda n: ([-v for v in means[n]], n))
+        return [(n, means[n][0]) for n in order]
+
+
+def _bars(quiet: bool, scoring: int, evaluations: int):
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return (
+        tqdm(total=scoring, desc="scoring   ", unit="criterion", position=0, disable=disable),
+        tqdm(total=evaluations, desc="evaluating", unit="model", position=1, disable=disable),
+    )
+
+
+def prune(
+    bundle: Bundle,
+    names: list[str],
+    sparsities: list[float],
+    granularity: str = "global",
+    batches: int = 4,
+    *,
+    remove_channels: bool = False,
+    on_masks: Callable[[Result, dict[str, Tensor], nn.Module], None] | None = None,
+    quiet: bool = True,
+) -> Run:
+    """Scores the bundle's model with each criterion once; for each sparsity builds the masks from
+    those scores, applies them, evaluates, calls `on_masks(result, masks, pruned model)` while
+    they are applied (to save them or the pruned weights) and restores the weights. The dense model is evaluated once.
+    For 2:4 the sparsity list is [0.5] and ineligible weights are left dense (Run.skipped). The channel
+    granularities take channel criteria and zero the pruned channels, or with `remove_channels` remove
+    them physically from a copy of the model (Torch-Pruning), which is then evaluated."""
+    if granularity not in CHOICES:
+        raise ValueError(f"--granularity must be one of {CHOICES}, got {granularity!r}")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"--batches must be a positive int, got {batches!r}")
+    channel = granularity in CHANNEL_SCOPES
+    if remove_channels and not channel:
+        raise ValueError(f"--remove-channels applies to the channel granularities {list(CHANNEL_SCOPES)}")
+    check_criteria(bundle, names, kind_of(granularity))
+    sparsities = [0.5] if granularity == TWO_FOUR else check_sparsities(sparsities)
+    model = bundle.model
+    if channel:
+        layers = channel_layers(model, None, bundle.params)
+        shapes = {f"{n}.weight": tuple(m.weight.shape) for n, m in layers.items()}
+    else:
+        shapes = {n: tuple(p.shape) for n, p in select_params(model, bundle.params).items()}
+    skipped = {}
+    if granularity == TWO_FOUR:
+        eligible, skipped = two_four_split(shapes)
+        if not eligible:
+            raise ValueError("--granularity 2:4: no scored weight has a row length divisible by 4")
+    used = min(batches, len(bundle.calibration)) if bundle.calibration else 0
+    start = time.perf_counter()
+    scoring_bar, eval_bar = _bars(quiet, len(names), 1 + len(names) * len(sparsities))
+    try:
+        dense = {k: float(v) for k, v in bundle.evaluate(model).items()} if bundle.evaluate is not None else {}
+        eval_bar.update()
+        run = Run(
+            model=bundle.name,
+            info=dict(bundle.info),
+            granularity=granularity,
+            batches=used,
+            device=str(next(model.parameters()).device),
+            parameters=sum(p.numel() for p in model.parameters()),
+            scored=shapes,
+            skipped=skipped,
+            dense=dense,
+            seconds={"dense_evaluation": time.perf_counter() - start},
+        )
+        for name in names:
+            scoring_bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            scores = score_criterion(bundle, name, batches)
+            run.score_seconds[name] = time.perf_counter() - t0
+            scoring_bar.update()
+            for sparsity in sparsities:
+                eval_bar.set_postfix_str(f"{name} @ {sparsity:g}")
+                keep = build_masks(scores, granularity, sparsity)
+                run.results.append(_evaluate(bundle, name, sparsity, keep, shapes, channel, remove_channels, on_masks))
+                eval_bar.update()
+            del scores
+    finally:
+        scoring_bar.close()
+        eval_bar.close()
+    run.seconds["prune"] = time.perf_counter() - start
+    return run
+
+
+def _evaluate(
+    bundle: Bundle, name: str, sparsity: float, keep, shapes, channel: bool, remove: bool, on_masks
+) -> Result:
+    """One pruned model: masks applied (or channels removed), evaluated, handed to on_masks. Channel
+    masks are keyed by layer, `shapes` by the layers' weights ("<layer>.weight"). With `remove`, the
+    masks reported and handed on are those of the channels actually removed."""
+    model = bundle.model
+    if remove:
+        model, removed = without_channels(bundle, keep)
+        keep = {n: torch.ones_like(m) for n, m in keep.items()}
+        for n, idxs in removed.items():
+            keep[n][idxs] = False
+    if channel:
+        by_weight = {f"{n}.weight": m for n, m in keep.items()}
+        achieved = sum(int((~m).sum()) for m in keep.values()) / sum(shape[0] for shape in shapes.values())
+    else:
+        by_weight = keep
+        achieved = sum(int((~m).sum()) for m in keep.values()) / sum(math.prod(s) for s in shapes.values())
+    layers = {n: 1.0 - by_weight[n].float().mean().item() if n in by_weight else 0.0 for n in shapes}
+    result = Result(criterion=name, sparsity=sparsity, achieved=achieved, metrics={}, layers=layers)
+    if remove:
+        result.parameters = sum(p.numel() for p in model.parameters())
+    with contextlib.nullcontext() if remove else masked(model, channel_weight_masks(model, keep) if channel else keep):
+        metrics = bundle.evaluate(model) if bundle.evaluate is not None else {}
+        result.metrics = {k: float(v) for k, v in metrics.items()}
+        if on_masks is not None:
+            on_masks(result, keep, model)
+    return result

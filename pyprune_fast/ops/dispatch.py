@@ -1,0 +1,32 @@
+"""The one dispatch rule of every op: the compiled kernel (`torch.ops.pyprune_fast.<op>`) when the
+loaded library has one for the tensors' device type, else the pure-PyTorch definition in `reference`
+(same arguments, same results). Also where op modules hook in their fake kernels and autograd
+formulas, registered once the library has defined the ops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _extension, reference
+
+
+def native(op: str, tensors: Sequence[Tensor] | Tensor) -> bool:
+    """Whether `op`'s compiled kernel serves these tensors (the first one's device type decides)."""
+    first = tensors if isinstance(tensors, Tensor) else (tensors[0] if tensors else None)
+    return first is not None and _extension.native_available(op, first.device.type)
+
+
+def call(op: str, on: Sequence[Tensor] | Tensor, *args):
+    """`op(*args)` by the compiled kernel when it serves the tensors `on`, else by `reference.<op>`."""
+    if native(op, on):
+        return getattr(torch.ops.pyprune_fast, op)(*args)
+    return getattr(reference, op)(*args)
+
+
+def when_loaded(register: Callable[[], None]) -> Callable[[], None]:
+    """Decorator for an op module's registration function (torch.library.register_fake /
+    register_autograd calls): run once the compiled library is loaded, never for the reference path."""
+    return _extension.after_load(register)

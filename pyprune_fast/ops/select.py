@@ -1,0 +1,121 @@
+"""Exact selection over many tensors: the k-th smallest value by radix select (no concatenation, no
+sort), and the keep-masks built on it (global threshold, per tensor, per row).
+
+`kth_smallest` is the checked user op. The mask functions below it are building blocks: they trust
+their arguments (one floating dtype, one device, valid counts), which `pyprune_fast.masks` checks
+before calling them; use `masks.global_unstructured`, `masks.layerwise` and `masks.per_row` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .checks import SCORE_TYPES, as_list, check_dtypes, check_k, check_one_dtype, check_same_device, raise_on_nan
+from .dispatch import call, native, when_loaded
+
+__all__ = ["kth_smallest", "select_counts", "threshold_masks", "threshold_apply_", "layerwise_masks", "per_row_masks"]
+
+
+def kth_smallest(tensors: Sequence[Tensor], k: int) -> Tensor:
+    """The exact k-th smallest value (1-based) over all elements of all tensors, as a 0-d tensor of
+    their dtype, without concatenating or sorting them.
+
+    Radix select on order-preserving integer keys: a few histogram passes over the tensors (one per
+    16-bit digit on CPU, per 11-bit digit on CUDA), memory O(threads × bins). float32/float16/bfloat16/
+    float64, any shapes and strides, empty tensors allowed, more than 2³¹ elements per tensor or in
+    total. -0.0 and 0.0 are one value, ±inf ordinary values; NaN is refused (ValueError naming the
+    tensor)."""
+    tensors = as_list("tensors", tensors)
+    check_dtypes("tensors", tensors, SCORE_TYPES)
+    if not tensors:
+        raise ValueError("tensors must hold at least one tensor")
+    check_one_dtype("tensors", tensors)
+    check_same_device({"tensors": tensors})
+    k = check_k(k, sum(t.numel() for t in tensors))
+    return select_counts(tensors, k)[0]
+
+
+def select_counts(tensors: Sequence[Tensor], k: int, names: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+    """Building block (arguments not checked). (value, counts): the k-th smallest value over all
+    tensors and int64 [elements < value, elements == value], on the tensors' device. NaN is refused
+    with a ValueError naming the tensor (`names`, default tensors[i])."""
+    names = names or [f"tensors[{i}]" for i in range(len(tensors))]
+    value, counts, nan = call("kth_smallest_counts", tensors, list(tensors), int(k))
+    raise_on_nan(nan, names)
+    return value, counts
+
+
+def threshold_masks(tensors: Sequence[Tensor], value: Tensor, counts: Tensor, k: int) -> list[Tensor]:
+    """Building block (arguments not checked). Keep-masks (bool, shaped like the tensors) with the k
+    lowest entries of all tensors pruned; among entries equal to the threshold the lower flat index
+    (tensors in order, each row-major) is pruned first. value/counts: `select_counts(tensors, k)`. One
+    fused compare pass; a second (tie-counting) pass only when the threshold value is partly pruned."""
+    return list(call("threshold_masks", tensors, list(tensors), value, counts, int(k)))
+
+
+@torch.no_grad()
+def threshold_apply_(
+    params: Sequence[Tensor], tensors: Sequence[Tensor], value: Tensor, counts: Tensor, k: int
+) -> None:
+    """Building block (arguments not checked). The selection of `threshold_masks` applied in place:
+    params[i] entries whose score tensors[i] entry is pruned are set to zero, without materializing
+    the masks."""
+    if not native("threshold_apply_", tensors):
+        for p, m in zip(params, reference.threshold_masks(tensors, value, counts, int(k))):
+            p.masked_fill_(~m, 0)
+        return
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    torch.ops.pyprune_fast.threshold_apply_(work, list(tensors), value, counts, int(k))
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
+
+
+def layerwise_masks(tensors: Sequence[Tensor], ks: Sequence[int], names: Sequence[str]) -> list[Tensor]:
+    """Building block (arguments not checked). Each tensor its own group: the ks[i] lowest entries of
+    tensors[i] pruned (ties by flat index); NaN refused naming the tensor."""
+    masks, nan = call("layerwise_masks", tensors, list(tensors), [int(k) for k in ks])
+    raise_on_nan(nan, names)
+    return list(masks)
+
+
+def per_row_masks(tensors: Sequence[Tensor], counts: Sequence[int], names: Sequence[str]) -> list[Tensor]:
+    """Building block (arguments not checked). Each row of each tensor (viewed as (size(0), -1)) its
+    own group: counts[i] lowest entries of every row of tensors[i] pruned, ties by lower index; NaN
+    refused naming the tensor."""
+    masks, nan = call("per_row_masks", tensors, list(tensors), [int(c) for c in counts])
+    raise_on_nan(nan, names)
+    return list(masks)
+
+
+def _fake_kth_smallest_counts(xs, k):
+    return (
+        xs[0].new_empty(()),
+        xs[0].new_empty((2,), dtype=torch.int64),
+        xs[0].new_empty((len(xs),), dtype=torch.int64),
+    )
+
+
+def _fake_threshold_masks(xs, value, counts, k):
+    return [torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format) for x in xs]
+
+
+def _fake_threshold_apply_(params, xs, value, counts, k):
+    return None
+
+
+def _fake_group_masks(xs, counts):
+    return _fake_threshold_masks(xs, None, None, 0), xs[0].new_empty((len(xs),), dtype=torch.int64)
+
+
+@when_loaded
+def _register() -> None:
+    torch.library.register_fake("pyprune_fast::kth_smallest_counts", _fake_kth_smallest_counts)
+    torch.library.register_fake("pyprune_fast::threshold_masks", _fake_threshold_masks)
+    torch.library.register_fake("pyprune_fast::threshold_apply_", _fake_threshold_apply_)
+    torch.library.register_fake("pyprune_fast::layerwise_masks", _fake_group_masks)
+    torch.library.register_fake("pyprune_fast::per_row_masks", _fake_group_masks)

@@ -1,0 +1,144 @@
+"""2:4 semi-structured sparsity: compression to values + mma.sp metadata, decompression, and the
+2:4 sparse matmul on the sparse tensor cores (CUDA; a decompress + matmul on CPU)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import check_compressed, check_dtypes, check_features_24, check_tensor
+from .dispatch import call, when_loaded
+
+__all__ = ["ACTIVATIONS", "compress_24", "decompress_24", "sparse24_linear"]
+
+ACTIVATIONS = (None, "relu", "gelu")
+
+
+def compress_24(w: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """2:4 weight w [out, in] -> (values [out, in/2] in w's dtype, meta int32 [out/16, in/32, 16]).
+
+    Each chunk of 4 consecutive entries of a row keeps its (at most two) non-zero entries, or with a
+    mask its (exactly two) masked-in entries, in increasing position order; meta holds the positions
+    i0 < i1 of each chunk as the nibble i0 | i1 << 2, laid out as the operand of
+    mma.sp::ordered_metadata m16n8k32 (csrc/include/pyprune_fast/sparse24.h). w that is not 2:4 (or a
+    mask that does not keep exactly 2 of 4) is a ValueError. out % 16 == 0 and in % 32 == 0;
+    float16/bfloat16/float32.
+    """
+    check_tensor("w", w)
+    check_dtypes("w", [w])
+    if w.dim() != 2 or w.shape[0] % 16 or w.shape[1] % 32:
+        raise ValueError(f"w must be [out, in] with out % 16 == 0 and in % 32 == 0, got shape {tuple(w.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = keep), got {mask.dtype}")
+        if mask.shape != w.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but w has shape {tuple(w.shape)}")
+        if mask.device != w.device:
+            raise ValueError(f"mask is on {mask.device} but w is on {w.device}")
+    values, meta, invalid = call("compress_24", w, w, mask)
+    bad = int(invalid)
+    if bad:
+        groups = w.numel() // 4
+        if mask is None:
+            raise ValueError(
+                f"w is not 2:4 sparse: {bad} of its {groups} groups of 4 consecutive entries of a row hold more "
+                "than two non-zeros (make it 2:4 first, e.g. with masks.n_m, or pass mask=)"
+            )
+        raise ValueError(f"mask must keep exactly 2 of every 4 consecutive entries of a row; {bad} of {groups} do not")
+    return values, meta
+
+
+def decompress_24(values: Tensor, meta: Tensor) -> Tensor:
+    """(values, meta) from compress_24 -> the dense weight [out, in] (zeros at the pruned positions).
+    meta with an index pair that is not one of the six ordered pairs is a ValueError."""
+    check_compressed(values, meta)
+    dense, invalid = call("decompress_24", values, values, meta)
+    if int(invalid):
+        raise ValueError(f"meta holds {int(invalid)} groups whose index pair is not an ordered 2:4 pair (i0 < i1)")
+    return dense
+
+
+def sparse24_linear(
+    x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None, activation: str | None = None
+) -> Tensor:
+    """y = act(x @ Wᵀ + b) with W [out, in] given compressed (compress_24), for x [..., in].
+
+    CUDA: our own kernel on the sparse tensor cores (mma.sp::ordered_metadata m16n8k32, float16 or
+    bfloat16, float32 accumulation) with bias and activation fused in the epilogue; any number of
+    tokens. CPU: W decompressed to float32 and one matmul. Both compute in float32 and round once to
+    x's dtype. act: None, 'relu' or 'gelu' (exact: x/2 · (1 + erf(x/√2)), as nn.GELU()). in and out
+    must be multiples of 64; x, values and bias of one dtype. Differentiable in x and bias (not in
+    values). meta is trusted to come from compress_24 (decompress_24 validates it).
+    """
+    check_tensor("x", x)
+    out, cols = check_compressed(values, meta)
+    check_dtypes("x", [x])
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'relu' or 'gelu', got {activation!r}")
+    check_features_24(cols, out, "sparse24_linear")
+    if x.dim() < 1 or x.shape[-1] != cols:
+        raise ValueError(f"x must be [..., {cols}] for a weight of {cols} input features, got shape {tuple(x.shape)}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"x is {x.dtype} but values is {values.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"x is on {x.device} but values is on {values.device}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        if bias.shape != (out,) or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(
+                f"bias must be a [{out}] {x.dtype} tensor on {x.device}, got {tuple(bias.shape)} {bias.dtype} on "
+                f"{bias.device}"
+            )
+    if x.is_cuda and x.dtype == torch.float32:
+        raise TypeError("sparse24_linear on CUDA needs float16 or bfloat16 (the sparse tensor cores), got float32")
+    if values.requires_grad and torch.is_grad_enabled():
+        raise ValueError("sparse24_linear is not differentiable in values; freeze them (values.requires_grad_(False))")
+    return call("sparse24_linear", x, x, values, meta, bias, activation or "none")
+
+
+def _fake_compress_24(w, mask=None):
+    out, cols = w.shape
+    return (
+        w.new_empty((out, cols // 2)),
+        w.new_empty((out // 16, cols // 32, 16), dtype=torch.int32),
+        w.new_empty((), dtype=torch.int64),
+    )
+
+
+def _fake_decompress_24(values, meta):
+    return values.new_empty((values.shape[0], 2 * values.shape[1])), values.new_empty((), dtype=torch.int64)
+
+
+def _fake_sparse24_linear(x, values, meta, bias=None, activation="none"):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, meta, bias, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x, values, meta, bias, output)
+
+
+def _backward(ctx, grad):
+    x, values, meta, bias, y = ctx.saved_tensors
+    if ctx.activation == "relu":
+        grad = grad * (y > 0)
+    elif ctx.activation == "gelu":
+        pre = torch.ops.pyprune_fast.sparse24_linear(x, values, meta, bias, "none")
+        grad = torch.ops.aten.gelu_backward(grad.float(), pre.float()).to(grad.dtype)
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w, _ = torch.ops.pyprune_fast.decompress_24(values, meta)
+        grad_x = (grad.float() @ w.float()).to(x.dtype)
+    if bias is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
+    return grad_x, None, None, grad_bias, None
+
+
+@when_loaded
+def _register() -> None:
+    torch.library.register_fake("pyprune_fast::compress_24", _fake_compress_24)
+    torch.library.register_fake("pyprune_fast::decompress_24", _fake_decompress_24)
+    torch.library.register_fake("pyprune_fast::sparse24_linear", _fake_sparse24_linear)
+    torch.library.register_autograd("pyprune_fast::sparse24_linear", _backward, setup_context=_setup_context)
