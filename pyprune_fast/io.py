@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -84,8 +85,39 @@ def commit(temp: str, path: PathLike) -> None:
 
 
 def discard(temp: str) -> None:
+    if os.path.isdir(temp) and not os.path.islink(temp):
+        shutil.rmtree(temp, ignore_errors=True)
+        return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temp)
+
+
+def new_temp_dir(path: PathLike) -> str:
+    """An empty temporary directory next to `path` (a rename onto `path` is atomic)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    return tempfile.mkdtemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".partial")
+
+
+def commit_dir(temp: str, path: PathLike) -> None:
+    """Renames the complete directory `temp` onto `path`; an existing `path` is moved aside first and
+    removed only once the new one is in place (put back if the rename fails)."""
+    path = os.fspath(path)
+    old = None
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
+        os.rmdir(old)
+        os.replace(path, old)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if old is not None:
+        discard(old)
 
 
 @contextlib.contextmanager
@@ -115,12 +147,19 @@ class Staged:
         self._pending.append((temp, os.fspath(path)))
         return temp
 
+    def directory(self, path: PathLike) -> str:
+        """A temporary directory to write `path`'s content to (a whole directory, e.g. a Hugging Face
+        `save_pretrained` output), renamed onto `path` by commit()."""
+        temp = new_temp_dir(path)
+        self._pending.append((temp, os.fspath(path)))
+        return temp
+
     def commit(self) -> list[str]:
         """Renames every temporary onto its destination; returns the destinations."""
         done = []
         while self._pending:
             temp, path = self._pending[0]
-            commit(temp, path)
+            (commit_dir if os.path.isdir(temp) else commit)(temp, path)
             self._pending.pop(0)
             done.append(path)
         return done

@@ -179,7 +179,7 @@ def test_model_without_evaluation(tmp_path, capsys):
 @pytest.mark.parametrize(
     "model, message",
     [
-        ("nosuchmodel", "expected torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"),
+        ("nosuchmodel", "expected smollm2, torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"),
         ("torchvision:no_such_net", "torchvision has no model 'no_such_net'"),
         ("tests.cli_factory:no_such_factory", "cannot import 'no_such_factory'"),
         ("no_such_package.models:factory", "cannot import 'factory' from module 'no_such_package.models'"),

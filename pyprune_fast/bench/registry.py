@@ -9,6 +9,7 @@ import torch
 
 from .channel import channel_stats_case
 from .harness import Case
+from .llm import block_case, sparsegpt_case, wanda_case
 from .nm_mask import n_m_case
 from .saliency import saliency_case
 from .select import global_masks_case, kth_case, torch_prune_case
@@ -28,4 +29,8 @@ WORKLOADS: dict[str, Callable[..., Case]] = {
     "svd_mean 12x64x151296": functools.partial(svd_mean_case, 12, 64, 197 * 768, False),
     "channel stats ResNet-50": functools.partial(channel_stats_case, "resnet50"),
     "channel stats ViT-B/16": functools.partial(channel_stats_case, "vit_b_16"),
+    "SparseGPT 50% q_proj 4096x4096": functools.partial(sparsegpt_case, 4096, 4096, "50%"),
+    "SparseGPT 2:4 down_proj 4096x11008": functools.partial(sparsegpt_case, 4096, 11008, "2:4"),
+    "Wanda masks LLaMA-7B block": wanda_case,
+    "llm.prune sparsegpt LLaMA-7B block": functools.partial(block_case, "sparsegpt", 0.5),
 }

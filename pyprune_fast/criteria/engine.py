@@ -259,25 +259,18 @@ def make_channel_request(
     model: nn.Module,
     data: Iterable | None,
     *,
-    loss_fn=None,
     params: ParamSelector = None,
     layers: LayerSelector = None,
-    num_batches: int | None = None,
-    forward: Forward | None = None,
     normalize: str | None = None,
     p: float = 1.0,
+    **job_options,
 ) -> ChannelRequest:
+    """The layers a channel criterion scores (`channel_layers`) and a Job over their weights with the
+    other shared arguments (loss_fn, num_batches, forward)."""
     check_normalize(normalize, p)
     chosen = channel_layers(model, layers, params)
     ids = {id(m.weight) for m in chosen.values()}
-    job = make_job(
-        model,
-        data,
-        loss_fn=loss_fn,
-        params=lambda _n, w: id(w) in ids,
-        num_batches=num_batches,
-        forward=forward,
-    )
+    job = make_job(model, data, params=lambda _n, w: id(w) in ids, **job_options)
     return ChannelRequest(model, chosen, layers is not None or params is not None, job)
 
 

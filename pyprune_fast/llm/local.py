@@ -1,0 +1,109 @@
+"""Block-local forms of the project's own criteria: the scores of a decoder block's Linear weights W
+from gradients of an objective on that block alone, over the calibration batches X_b (the block's
+inputs) — no gradient through the whole model. F_l is the output of Linear l of the block, viewed as
+[tokens, D_l] (every calibration token a row); Y_b is the dense block's output on X_b.
+
+    snip        L = Σ_b ‖f(X_b; W ⊙ M) − Y_b‖²,  S = |∂L/∂M| at M = M_c, i.e. |∂L/∂Ŵ ⊙ W| at Ŵ = W ⊙ M_c
+                M_c: the magnitude candidate mask (|W| at each Linear's own pattern and sparsity).
+                At M = 1 the block reproduces its dense target and L and its gradient vanish, so the
+                sensitivity of the reconstruction error is taken at the candidate: the first-order
+                change of the error when an entry is flipped.
+    feature_l1  S = |∂(Σ_b Σ_l ‖F_l‖₁)/∂W ⊙ W| at the dense weights (the block's feature mass)
+    refer       S = |∂(Σ_b Σ_l mean σ(F_l))/∂W ⊙ W| at the dense weights, σ the singular values of
+                F_l [tokens, D_l] (the spectrum of the block's features, ops.svd_mean_list)
+    afr         z(refer) + z(snip), each z-scored over all of the block's Linear weights together
+
+The products |g ⊙ w| and their statistics come from the fused saliency op (ops.saliency)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .. import ops
+from ..criteria.engine import GradSum, as_float32, capture_outputs, first_tensor, grads_of, preserved
+from .blocks import BlockInputs
+
+CRITERIA = ("snip", "feature_l1", "refer", "afr")
+
+
+def _feature_objective(kind: str, features: list[Tensor]) -> Tensor:
+    if kind == "feature_l1":
+        return sum(f.float().abs().sum() for f in features)
+    return ops.svd_mean_list([f.reshape(-1, f.shape[-1]) for f in features]).sum()
+
+
+def _gradients(
+    block: nn.Module,
+    inputs: BlockInputs,
+    linears: dict[str, nn.Linear],
+    weights: dict[str, Tensor],
+    objective: Callable[[int, Tensor, list[Tensor]], Tensor],
+) -> list[Tensor]:
+    """Σ_b ∂objective/∂W over the batches, W = `weights` substituted for the Linears' weights."""
+    names = list(linears)
+    total = GradSum()
+    with capture_outputs(linears) as seen:
+        for j in range(len(inputs)):
+            leaves = {n: weights[n].detach().clone().requires_grad_(True) for n in names}
+            args, kwargs = inputs.call(j)
+            seen.clear()
+            out = first_tensor(functional_call(block, {f"{n}.weight": leaves[n] for n in names}, args, kwargs))
+            missing = [n for n in names if n not in seen]
+            if missing:
+                raise ValueError(f"these Linear layers of the block were not called in its forward: {missing}")
+            value = objective(j, out, [seen[n] for n in names])
+            total.add(grads_of(value, [leaves[n] for n in names]))
+    return total.value()
+
+
+def _zscore(scores: list[Tensor], stats: ops.Stats) -> list[Tensor]:
+    mean, std = stats.mean().float(), stats.std().float()
+    inv = torch.where(std > 0, 1.0 / std, torch.zeros_like(std))
+    return [(s - mean) * inv for s in scores]
+
+
+def block_scores(
+    criterion: str,
+    block: nn.Module,
+    inputs: BlockInputs,
+    linears: dict[str, nn.Linear],
+    targets: list[Tensor] | None,
+    candidate: Callable[[str, Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """{Linear name: float32 score} of `criterion` on one block (module docstring). `targets`: the
+    dense block's outputs per batch (snip, afr); `candidate(name, weight)`: the candidate keep-mask."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown block-local criterion {criterion!r}; valid: {CRITERIA}")
+    names = list(linears)
+    dense = {n: linears[n].weight for n in names}
+    weights = as_float32(list(dense.values()))
+    out: dict[str, list[Tensor]] = {}
+    with preserved(block, []):
+        if criterion in ("snip", "afr"):
+            if targets is None:
+                raise ValueError(f"{criterion} needs the dense block outputs as targets")
+            masked = {n: dense[n].detach() * candidate(n, dense[n]) for n in names}
+
+            def reconstruction(j: int, y: Tensor, _features: list[Tensor]) -> Tensor:
+                return (y.float() - targets[j].float()).pow(2).sum()
+
+            out["snip"] = _gradients(block, inputs, linears, masked, reconstruction)
+        if criterion != "snip":
+            kind = "refer" if criterion == "afr" else criterion
+
+            def feature(_j: int, _y: Tensor, features: list[Tensor]) -> Tensor:
+                return _feature_objective(kind, features)
+
+            out[kind] = _gradients(block, inputs, linears, dense, feature)
+    if criterion == "afr":
+        z = []
+        for grads in (out["refer"], out["snip"]):
+            scores, stats = ops.saliency(grads, weights)
+            z.append(_zscore(scores, stats))
+        return dict(zip(names, torch._foreach_add(z[0], z[1])))
+    scores, _ = ops.saliency(out[criterion], weights)
+    return dict(zip(names, scores))

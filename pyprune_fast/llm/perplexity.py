@@ -1,0 +1,98 @@
+"""Perplexity of a causal LM on a token stream, with a sliding window.
+
+Windows of at most `seq_len` tokens start every `stride` tokens (stride = seq_len: disjoint windows);
+each token is scored at most once, in the first window that holds it after its first position:
+
+    window w = [b_w, e_w), b_w = w·stride, e_w = min(b_w + seq_len, N), until e_w = N
+    window w scores tokens t ∈ [max(e_{w−1}, b_w + 1), e_w)   (e_{−1} = 0)
+    PPL = exp( Σ_scored −log p(x_t | x_{b_w..t−1}) / #scored )
+
+With stride < seq_len every token after the first is scored, each with at least seq_len − stride
+tokens of context. With disjoint windows (the default, as in the SparseGPT and Wanda evaluations)
+the first token of each window has no context and is not scored. Windows are batched `batch_size`
+at a time; a shorter last window is padded on the right with attention mask 0 and its padding never
+scored, so batching does not change the result."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .blocks import accepts, input_device
+
+
+def windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored token) of each window over a stream of `length` tokens."""
+    out, previous_end, begin = [], 0, 0
+    while True:
+        end = min(begin + seq_len, length)
+        out.append((begin, end, max(previous_end, begin + 1)))
+        if end == length:
+            return out
+        previous_end, begin = end, begin + stride
+
+
+def _check_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    token_ids: Tensor,
+    *,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    stride: int | None = None,
+    progress: bool | None = None,
+) -> float:
+    """exp(mean negative log-likelihood) of `model` (a causal LM returning `.logits`) on the 1-D token
+    stream `token_ids` (or [1, N]), over the tokens its windows score (module docstring).
+    `progress`: a tqdm bar; None shows it only on a terminal."""
+    seq_len, batch_size = _check_positive("seq_len", seq_len), _check_positive("batch_size", batch_size)
+    stride = seq_len if stride is None else _check_positive("stride", stride)
+    if stride > seq_len:
+        raise ValueError(f"stride must be at most seq_len ({seq_len}), got {stride}")
+    if not isinstance(token_ids, Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
+        raise TypeError(f"token_ids must be an integer tensor, got {type(token_ids).__name__}")
+    if token_ids.dim() == 2 and token_ids.shape[0] == 1:
+        token_ids = token_ids[0]
+    if token_ids.dim() != 1 or token_ids.numel() < 2:
+        raise ValueError(f"token_ids must be a 1-D stream of at least 2 tokens, got shape {tuple(token_ids.shape)}")
+    ids = token_ids.long()
+    where = input_device(model)
+    spans = windows(ids.numel(), seq_len, stride)
+    extra = {"use_cache": False} if accepts(model, "use_cache") else {}
+    disable = None if progress is None else not progress  # None: tqdm shows the bar only on a terminal
+    training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    try:
+        with tqdm(total=len(spans), desc="perplexity", unit="window", disable=disable) as bar:
+            for first in range(0, len(spans), batch_size):
+                batch = spans[first : first + batch_size]
+                width = max(end - begin for begin, end, _ in batch)
+                inputs = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                for row, (begin, end, start) in enumerate(batch):
+                    inputs[row, : end - begin] = ids[begin:end]
+                    mask[row, : end - begin] = 1
+                    labels[row, start - begin : end - begin] = ids[start:end]
+                padded = {"attention_mask": mask.to(where)} if bool((mask == 0).any()) else {}
+                logits = model(input_ids=inputs.to(where), **padded, **extra).logits
+                shifted = labels[:, 1:].to(logits.device)
+                nll = nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum"
+                )
+                total += nll.double().cpu()
+                count += int((shifted != -100).sum())
+                bar.update(len(batch))
+    finally:
+        model.train(training)
+    return math.exp(total.item() / count)

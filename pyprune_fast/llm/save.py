@@ -1,0 +1,50 @@
+"""Writing a (pruned) Hugging Face model as a directory that `from_pretrained` loads, atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def save_pretrained(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Writes `model` (safetensors weights, config, generation config) and `tokenizer` (None: none)
+    to the directory `path`, which `AutoModelForCausalLM.from_pretrained(path)` then loads.
+
+    Atomic: everything is written into a temporary directory beside `path` and renamed into place
+    only when complete, so `path` never holds a half-written model; on an error the temporary
+    directory is removed and an existing `path` is left as it was. FileExistsError when `path`
+    exists, unless `overwrite` (the old directory is then replaced)."""
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    old = None
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -1,0 +1,127 @@
+"""SparseGPT (Frantar & Alistarh 2023, "Massive Language Models Can Be Accurately Pruned in One-Shot"):
+prune a Linear W [rows, d] and update its remaining weights so that the layer output on the
+calibration inputs X changes as little as possible, min ‖WX − ŴX‖², one column at a time (OBS).
+
+    H = 2XᵀX/n + λI,  λ = percdamp · mean(diag H)   (inputs that are always zero: H_jj := 1, W_:j := 0)
+    U = chol(H⁻¹), upper (H⁻¹ = UᵀU); row i of U is (H_F⁻¹)_{i,:} / √(H_F⁻¹)_ii with F = {i, ..., d-1}
+    for each column i, left to right:   q = w_:i ⊙ keep_:i
+                                        e = (w_:i − q) / U_ii
+                                        w_:j −= e · U_ij   for j ≥ i      (OBS update of the free columns)
+                                        w_:i := q                          (column i frozen)
+
+Columns are processed in blocks of `blocksize` (128): inside a block the updates are applied column
+by column to the block only, and the accumulated errors E [rows, B] update the columns right of the
+block at once (W_:,right −= E · U_block,right) — the lazy batched updates of the paper.
+
+Masks are chosen per block of columns (adaptive mask selection): at the start of a block, from the
+OBS saliency w²/U_ii² = w²/(H_F⁻¹)_ii of its columns with the weights as updated so far; for N:M,
+each group of m columns is chosen when the sweep reaches it. So that every Linear ends with exactly
+round(s × N) pruned weights as the project's rule says, block b of columns [c0, c1) prunes
+round(s·c1) − round(s·c0) entries of each row ("row"), or round(s·rows·c1) − round(s·rows·c0) of the
+block's entries jointly ("layer", as the paper), lowest saliency first, ties by the lower flat index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .sparsity import Pattern
+
+
+@dataclass
+class HessianFactor:
+    """The upper Cholesky factor U of the dampened H⁻¹ ([d, d]) and the dead inputs (bool [d])."""
+
+    upper: Tensor
+    dead: Tensor
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half inputs and float32, float64 for float64 (the reference tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def inverse_factor(hessian: Tensor, percdamp: float = 0.01) -> HessianFactor:
+    """U = chol(H⁻¹) (upper) of H = hessian with dead inputs set to H_jj = 1, dampened by
+    percdamp · mean(diag H) on the diagonal. ValueError when H is not positive definite even so."""
+    if not 0.0 <= percdamp:
+        raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")
+    h = hessian.detach().to(_work_dtype(hessian.dtype)).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("the Hessian XᵀX holds non-finite values (non-finite calibration activations)")
+    diag = h.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag.add_(percdamp * diag.mean())
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    if int(info) != 0:
+        raise ValueError(
+            f"the dampened Hessian is not positive definite (percdamp={percdamp}): use a larger percdamp "
+            "or more calibration tokens"
+        )
+    return HessianFactor(chol, dead)
+
+
+def _block_keep(score: Tensor, pattern: Pattern, fraction: float, granularity: str, c0: int, c1: int) -> Tensor:
+    """Keep-mask of the columns [c0, c1) of an unstructured layer: their share of the exact total."""
+    rows = score.shape[0]
+    name = [f"columns {c0}:{c1}"]
+    if granularity == "row":
+        count = round(fraction * c1) - round(fraction * c0)
+        return ops.per_row_masks([score], [count], name)[0]
+    count = round(fraction * (rows * c1)) - round(fraction * (rows * c0))
+    return ops.layerwise_masks([score], [count], name)[0]
+
+
+@torch.no_grad()
+def prune_(
+    weight: Tensor,
+    factor: HessianFactor,
+    pattern: Pattern,
+    fraction: float | None = None,
+    granularity: str = "layer",
+    blocksize: int = 128,
+) -> Tensor:
+    """Prunes `weight` [rows, d] in place with SparseGPT's OBS updates (computed in float32, or float64
+    for a float64 weight) and returns its keep-mask. `fraction` overrides the pattern's (OWL's
+    per-layer sparsity)."""
+    if weight.dim() != 2 or factor.upper.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"weight {tuple(weight.shape)} does not match the Hessian {tuple(factor.upper.shape)}")
+    if not isinstance(blocksize, int) or blocksize < 1 or (pattern.is_nm and blocksize % pattern.m):
+        raise ValueError(f"blocksize must be a positive int (a multiple of m for N:M), got {blocksize!r}")
+    fraction = pattern.fraction if fraction is None else fraction
+    # W transposed, [d, rows]: a column of W is a contiguous row here
+    wt = weight.detach().T.to(_work_dtype(weight.dtype)).clone(memory_format=torch.contiguous_format)
+    if not bool(torch.isfinite(wt).all()):
+        raise ValueError("the weight holds non-finite values")
+    d = wt.shape[0]
+    wt[factor.dead] = 0
+    u = factor.upper.to(device=wt.device, dtype=wt.dtype)
+    keep = torch.ones_like(wt, dtype=torch.bool)
+    for c0 in range(0, d, blocksize):
+        c1 = min(c0 + blocksize, d)
+        w1, u1, keep1 = wt[c0:c1], u[c0:c1, c0:c1], keep[c0:c1]
+        scale = u1.diagonal().unsqueeze(1)
+        err = torch.empty_like(w1)
+        gain = torch.empty_like(w1)  # (1 − keep) / U_ii: e = w ⊙ gain is (w − q) / U_ii with q = w ⊙ keep
+        if not pattern.is_nm:
+            keep1.copy_(_block_keep((w1 / scale).pow(2).T, pattern, fraction, granularity, c0, c1).T)
+            torch.div((~keep1).to(w1.dtype), scale, out=gain)
+        for i in range(c1 - c0):
+            if pattern.is_nm and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                keep1[group] = ops.nm_mask([(w1[group] / scale[group]).pow(2).T], pattern.n, pattern.m)[0][0].T
+                torch.div((~keep1[group]).to(w1.dtype), scale[group], out=gain[group])
+            torch.mul(w1[i], gain[i], out=err[i])
+            w1[i:].addr_(u1[i, i:], err[i], alpha=-1.0)  # OBS update of the free columns j >= i
+        if c1 < d:
+            wt[c1:].addmm_(u[c0:c1, c1:].T, err, alpha=-1.0)  # the block's lazy update of the columns right of it
+    keep = keep.T.contiguous()
+    weight.copy_(wt.T.masked_fill(~keep, 0).to(weight.dtype))
+    return keep
