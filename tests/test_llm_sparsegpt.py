@@ -60,21 +60,25 @@ def obs_reference(w, h, dead, pattern, granularity, blocksize):
     return w, ~pruned
 
 
-CASES = [
-    ("0.5", "layer", 4),
-    ("0.3", "row", 4),
-    ("0.3", "layer", 5),
-    ("0.6", "row", 128),
-    ("2:4", None, 4),
-    ("2:4", None, 8),
-    ("1:4", None, 128),
+CASES = [  # d = 80 with blocks of 64 or 128 runs the 32-column sub-blocks inside a block
+    ("0.5", "layer", 4, 16),
+    ("0.3", "row", 4, 16),
+    ("0.3", "layer", 5, 16),
+    ("0.6", "row", 128, 16),
+    ("2:4", None, 4, 16),
+    ("2:4", None, 8, 16),
+    ("1:4", None, 128, 16),
+    ("0.45", "row", 64, 80),
+    ("0.5", "layer", 128, 80),
+    ("2:4", None, 64, 80),
+    ("3:8", None, 128, 80),
 ]
 
 
-@pytest.mark.parametrize("sparsity,granularity,blocksize", CASES)
-def test_update_equals_direct_obs(sparsity, granularity, blocksize):
+@pytest.mark.parametrize("sparsity,granularity,blocksize,d", CASES)
+def test_update_equals_direct_obs(sparsity, granularity, blocksize, d):
     gen = torch.Generator().manual_seed(7)
-    rows, d, n = 6, 16, 40
+    rows, n = 6, 2 * d + 8
     x = torch.randn(n, d, generator=gen, dtype=torch.float64) @ torch.randn(d, d, generator=gen, dtype=torch.float64)
     x[:, 3] = 0.0  # a dead input
     w = torch.randn(rows, d, generator=gen, dtype=torch.float64)

@@ -11,7 +11,9 @@ calibration inputs X changes as little as possible, min ‖WX − ŴX‖², one 
 
 Columns are processed in blocks of `blocksize` (128): inside a block the updates are applied column
 by column to the block only, and the accumulated errors E [rows, B] update the columns right of the
-block at once (W_:,right −= E · U_block,right) — the lazy batched updates of the paper.
+block at once (W_:,right −= E · U_block,right) — the lazy batched updates of the paper. The same
+split is applied once more inside each block (sub-blocks of 32 columns), so that a column's rank-1
+update streams 32 columns rather than up to 128: the same arithmetic in another order.
 
 Masks are chosen per block of columns (adaptive mask selection): at the start of a block, from the
 OBS saliency w²/U_ii² = w²/(H_F⁻¹)_ii of its columns with the weights as updated so far; for N:M,
@@ -30,6 +32,8 @@ from torch import Tensor
 
 from .. import ops
 from .sparsity import Pattern
+
+SUBBLOCK = 32  # columns updated one by one between two matrix products, inside a block (memory traffic)
 
 
 @dataclass
@@ -104,6 +108,7 @@ def prune_(
     wt[factor.dead] = 0
     u = factor.upper.to(device=wt.device, dtype=wt.dtype)
     keep = torch.ones_like(wt, dtype=torch.bool)
+    sub = pattern.m * max(1, SUBBLOCK // pattern.m) if pattern.is_nm else SUBBLOCK
     for c0 in range(0, d, blocksize):
         c1 = min(c0 + blocksize, d)
         w1, u1, keep1 = wt[c0:c1], u[c0:c1, c0:c1], keep[c0:c1]
@@ -113,13 +118,17 @@ def prune_(
         if not pattern.is_nm:
             keep1.copy_(_block_keep((w1 / scale).pow(2).T, pattern, fraction, granularity, c0, c1).T)
             torch.div((~keep1).to(w1.dtype), scale, out=gain)
-        for i in range(c1 - c0):
-            if pattern.is_nm and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                keep1[group] = ops.nm_mask([(w1[group] / scale[group]).pow(2).T], pattern.n, pattern.m)[0][0].T
-                torch.div((~keep1[group]).to(w1.dtype), scale[group], out=gain[group])
-            torch.mul(w1[i], gain[i], out=err[i])
-            w1[i:].addr_(u1[i, i:], err[i], alpha=-1.0)  # OBS update of the free columns j >= i
+        for s0 in range(0, c1 - c0, sub):  # the same lazy batching again, inside the block
+            s1 = min(s0 + sub, c1 - c0)
+            for i in range(s0, s1):
+                if pattern.is_nm and i % pattern.m == 0:
+                    group = slice(i, i + pattern.m)
+                    keep1[group] = ops.nm_mask([(w1[group] / scale[group]).pow(2).T], pattern.n, pattern.m)[0][0].T
+                    torch.div((~keep1[group]).to(w1.dtype), scale[group], out=gain[group])
+                torch.mul(w1[i], gain[i], out=err[i])
+                w1[i:s1].addr_(u1[i, i:s1], err[i], alpha=-1.0)  # OBS update of the free columns j >= i
+            if s1 < c1 - c0:
+                w1[s1:].addmm_(u1[s0:s1, s1:].T, err[s0:s1], alpha=-1.0)
         if c1 < d:
             wt[c1:].addmm_(u[c0:c1, c1:].T, err, alpha=-1.0)  # the block's lazy update of the columns right of it
     keep = keep.T.contiguous()
