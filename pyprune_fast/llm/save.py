@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from ..io import commit_dir, discard, new_temp_dir
 
 
 def save_pretrained(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -24,27 +24,13 @@ def save_pretrained(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    old = None
+    staging = new_temp_dir(path)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rmdir(old)
-            os.replace(path, old)
-        try:
-            os.replace(staging, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-                old = None
-            raise
+        commit_dir(staging, path)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path
