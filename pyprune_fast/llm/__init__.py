@@ -4,9 +4,9 @@ device, calibrated by the inputs each block actually sees, judged by perplexity.
     from pyprune_fast import llm
     model, tokenizer = llm.load_smollm2()                      # embedded SmolLM2-135M, offline
     calib = llm.pydoc_tokens(tokenizer, "calibration")
-    result = llm.prune(model, calib, method="sparsegpt", sparsity="2:4", num_samples=16, seq_len=512)
+    result = llm.prune(model, calib, method="sparsegpt", sparsity="2:4", num_samples=32, seq_len=1024)
     print(result.summary())
-    print(llm.perplexity(model, llm.pydoc_tokens(tokenizer, "evaluation"), seq_len=512))
+    print(llm.perplexity(model, llm.pydoc_tokens(tokenizer, "evaluation"), seq_len=1024))
     llm.save_pretrained(model, tokenizer, "out/sparsegpt-2:4")
 
 Methods: magnitude, wanda, sparsegpt (OBS update), and block-local snip, refer, afr, feature_l1;
