@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._compat import BatchNorm
 from .channel_stats import ChannelStats
-from .engine import ChannelRequest, Job, first_tensor, observable_attention, out_channels, preserved
+from .engine import ChannelRequest, Job, observable_attention, on_outputs, out_channels, preserved
 from .registry import criterion
 
 
@@ -81,19 +81,8 @@ def bn_scale(req: ChannelRequest) -> dict[str, Tensor]:
 def _observing(job: Job, watched: dict[str, nn.Module], on_output: Callable[[str, Tensor], None]) -> Iterator[None]:
     """Forward hooks passing `watched[name]`'s output to on_output(name, output); attention out_proj
     made observable."""
-    handles = []
-    with observable_attention(job.model):
-        for name, module in watched.items():
-
-            def hook(_module, _args, output, name=name):
-                on_output(name, first_tensor(output))
-
-            handles.append(module.register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    with observable_attention(job.model), on_outputs(watched, on_output):
+        yield
 
 
 def forward_stats(

@@ -336,15 +336,22 @@ def observable_attention(model: nn.Module) -> Iterator[None]:
 def capture_outputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     """Forward hooks that record each layer's latest output tensor (with its autograd graph)."""
     seen: dict[str, Tensor] = {}
+    with on_outputs(layers, seen.__setitem__):
+        yield seen
+
+
+@contextlib.contextmanager
+def on_outputs(layers: dict[str, nn.Module], on_output: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """Forward hooks that pass each layer's output tensor to `on_output(name, y)`."""
     handles = []
     for name, module in layers.items():
 
         def hook(_module, _args, output, name=name):
-            seen[name] = first_tensor(output)
+            on_output(name, first_tensor(output))
 
         handles.append(module.register_forward_hook(hook))
     try:
-        yield seen
+        yield
     finally:
         for h in handles:
             h.remove()
