@@ -40,6 +40,12 @@ TORCH_LIBRARY(pyprune_fast, m) {
   // (elements < value, elements == value); nan int64 [len(xs)] = NaN count per tensor (value and counts
   // are meaningless when any is non-zero).
   m.def("kth_smallest_counts(Tensor[] xs, int k) -> (Tensor value, Tensor counts, Tensor nan)");
+  // One radix-select pass with a fixed 16-bit digit on every backend (fp16/bf16: pass 0; fp32: 0-1;
+  // fp64: 0-3), for selections whose passes are combined elsewhere (summed over processes by
+  // pyprune_fast.distributed): hist int64 [65536] counts the non-NaN elements whose order key has the
+  // digits above `digit` equal to those of `prefix` (the key's bit pattern as int64), by digit `digit`;
+  // nan int64 [len(xs)] = NaN count per tensor (digit 0; zeros for later digits).
+  m.def("radix_histogram(Tensor[] xs, int digit, int prefix) -> (Tensor hist, Tensor nan)");
   // Keep-masks (bool, row-major) with the k lowest entries of all tensors pruned, ties in flat order;
   // value/counts as returned by kth_smallest_counts for the same xs and k.
   m.def("threshold_masks(Tensor[] xs, Tensor value, Tensor counts, int k) -> Tensor[]");

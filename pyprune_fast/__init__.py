@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from . import criteria, masks, ops, sparse, structured
+from . import criteria, distributed, masks, ops, sparse, structured
 from .io import load_masks, mask_metadata, save_masks
 from .masks import apply_masks
 
@@ -23,6 +23,7 @@ __all__ = [
     "apply_masks",
     "backend_info",
     "criteria",
+    "distributed",
     "load_masks",
     "mask_metadata",
     "masks",
@@ -47,7 +48,10 @@ def backend_info() -> dict:
 def score(model: nn.Module, criterion: str, data: Iterable | None = None, **kwargs) -> dict[str, Tensor]:
     """Scores `model` with the named criterion of the registry (`criteria.CRITERIA`), weight or
     channel kind; the same as `criteria.<criterion>(model, data, **kwargs)`. Weight criteria return
-    {parameter name: score shaped like it}, channel criteria {layer name: (C,) scores}."""
+    {parameter name: score shaped like it}, channel criteria {layer name: (C,) scores}.
+    `group=` (a torch.distributed ProcessGroup): data-parallel calibration, each rank passing its share
+    of the batches; the sums over batches are summed over the ranks before the scores are formed (see
+    `pyprune_fast.distributed`)."""
     if criterion not in criteria.CRITERIA:
         valid = ", ".join(sorted(criteria.CRITERIA))
         raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {valid}")

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import distributed, ops, reference
 from .ops.checks import check_n_m, raise_on_nan
 
 
@@ -78,7 +78,11 @@ def _ones(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def global_unstructured(
-    scores: Mapping[str, Tensor], sparsity: float, *, apply_to: nn.Module | Mapping[str, Tensor] | None = None
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    apply_to: nn.Module | Mapping[str, Tensor] | None = None,
+    group: object = None,
 ) -> dict[str, Tensor] | None:
     """One threshold over all tensors: exactly round(sparsity × total) entries pruned, the lowest first,
     ties by flat index (tensors in dict order, each row-major).
@@ -86,7 +90,23 @@ def global_unstructured(
     The exact k-th smallest score comes from a radix select over all tensors (no concatenation, no
     sort) and the masks from one fused compare pass. With `apply_to=` (a model, or a dict of
     parameters, keyed like the scores) the pruned weights are zeroed in place instead and no mask is
-    kept (returns None): for models whose masks would not fit."""
+    kept (returns None): for models whose masks would not fit.
+
+    `group=` (a torch.distributed ProcessGroup, e.g. torch.distributed.group.WORLD): `scores` is this
+    rank's part of the scores (layers split over ranks; a rank may hold none) and the threshold is
+    global over all ranks: exactly round(sparsity × all ranks' entries) pruned, ties in rank order,
+    then dict order, each row-major. Every rank gets its own masks (or prunes its own `apply_to`),
+    bit for bit those of one process given every rank's scores in rank order. Only radix histograms
+    (512 KiB a pass, 1-4 passes by dtype) and a few ints are exchanged, never the scores (see
+    `pyprune_fast.distributed`); `sparsity` must be the same on every rank; an error on any rank
+    (NaN, a bad argument) raises on every rank. None (the default): no communication."""
+    if group is not None:
+        comm = distributed.Communicator(group)
+        with comm.session():
+            names, tensors, labels = _prepare(scores, sparsity)
+            targets = None if apply_to is None else _targets(apply_to, names, tensors)
+            masks = distributed.global_threshold(comm, tensors, float(sparsity), labels, targets)
+        return None if masks is None else dict(zip(names, masks))
     names, tensors, labels = _prepare(scores, sparsity)
     targets = None if apply_to is None else _targets(apply_to, names, tensors)
     k = round(float(sparsity) * sum(t.numel() for t in tensors))
@@ -131,19 +151,29 @@ def per_row(
     return _group_masks(scores, sparsity, apply_to, lambda t: reference.rows_of(t).shape[1], ops.per_row_masks)
 
 
-def channels(scores: Mapping[str, Tensor], sparsity: float, scope: str = "global") -> dict[str, Tensor]:
+def channels(
+    scores: Mapping[str, Tensor], sparsity: float, scope: str = "global", *, group: object = None
+) -> dict[str, Tensor]:
     """Channel keep-masks from per-channel scores ({layer name: (C,) Tensor}, as the channel criteria
     return them): scope="global" prunes exactly round(sparsity × all channels) over every layer
     together, scope="layer" exactly round(sparsity × C) in each layer; lowest scores first, among
     equal scores the lower channel index (layers in dict order) first. A global scope may empty a
-    layer whose scores are all low: normalize the scores per layer (normalize="lp") or use "layer"."""
+    layer whose scores are all low: normalize the scores per layer (normalize="lp") or use "layer".
+    `group=` (scope="global" only): the layers are split over the ranks of a torch.distributed group
+    and the threshold is global over all ranks (see global_unstructured)."""
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    if isinstance(scores, Mapping):
-        wrong = {n: tuple(s.shape) for n, s in scores.items() if isinstance(s, Tensor) and s.dim() != 1}
-        if wrong:
-            raise ValueError(f"channel scores must be 1-D (one score per output channel), got shapes {wrong}")
-    return (global_unstructured if scope == "global" else layerwise)(scores, sparsity)
+    if group is not None and scope != "global":
+        raise ValueError(f"group= needs scope='global' (a per-layer scope needs no communication), got {scope!r}")
+    comm = None if group is None else distributed.Communicator(group)
+    with distributed.session(comm):  # a bad argument on one rank raises on every rank
+        if isinstance(scores, Mapping):
+            wrong = {n: tuple(s.shape) for n, s in scores.items() if isinstance(s, Tensor) and s.dim() != 1}
+            if wrong:
+                raise ValueError(f"channel scores must be 1-D (one score per output channel), got shapes {wrong}")
+        if scope == "layer":
+            return layerwise(scores, sparsity)
+        return global_unstructured(scores, sparsity, group=group)
 
 
 def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:

@@ -118,6 +118,7 @@ def test_backend_info_reports_each_op():
         "saliency",
         "saliency_accumulate_",
         "kth_smallest_counts",
+        "radix_histogram",
         "threshold_masks",
         "threshold_apply_",
         "layerwise_masks",

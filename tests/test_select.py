@@ -246,3 +246,97 @@ def test_more_than_2_31_elements():
     assert not kx[: 3 + 2**31 + 96].any()  # the negatives and the first 2^31 + 96 zeros are pruned
     assert kx[3 + 2**31 + 96 :].all()
     assert keep["y"].tolist() == [False, True]
+
+
+def histogram_by_sort(xs, digit, prefix):
+    """radix_histogram written out with Python ints: key, digit, prefix match, one element at a time
+    over the distinct values (np.unique-style)."""
+    width = torch.finfo(xs[0].dtype).bits
+    ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
+    hist = [0] * 65536
+    shift = width - 16 * (digit + 1)
+    for x in xs:
+        flat = x.detach().cpu().reshape(-1)
+        values, counts = torch.unique(flat[~torch.isnan(flat)].contiguous().view(ints), return_counts=True)
+        for bits, count in zip(values.tolist(), counts.tolist()):
+            bits &= (1 << width) - 1
+            sign = 1 << (width - 1)
+            bits = 0 if bits == sign else bits
+            key = (~bits & ((1 << width) - 1)) if bits & sign else bits | sign
+            if (key >> (shift + 16)) == (prefix >> (shift + 16)):
+                hist[(key >> shift) & 0xFFFF] += count
+    nan = [int(torch.isnan(x).sum()) if digit == 0 else 0 for x in xs]
+    return hist, nan
+
+
+def histogram_cases(dtype, device):
+    g = torch.Generator().manual_seed(5)
+    xs = adversarial(dtype, device)[:3] + [torch.randn(3000, generator=g).to(device=device, dtype=dtype)]
+    with_nan = [x.clone() for x in xs]
+    with_nan[1][::997] = float("nan")
+    with_nan[0][0] = -float("nan")
+    return [xs, with_nan, [torch.empty(0, dtype=dtype, device=device), xs[3]]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_radix_histogram_against_written_out_digits(device, dtype):
+    """Every digit of the keys of the kth value as prefix (and a prefix shared with +inf and NaN keys):
+    native (or reference) equals the written-out histogram, and so does the reference."""
+    if device == "cuda":
+        native_or_skip(device)
+    width = torch.finfo(dtype).bits
+    for xs in histogram_cases(dtype, device):
+        ordered = [x[~torch.isnan(x)] for x in xs]
+        kth = ops.kth_smallest(ordered, max(1, sum(x.numel() for x in ordered) // 3))
+        kth_key = int(reference.order_keys(kth.reshape(1).cpu())[0]) & ((1 << width) - 1)
+        inf_key = int(reference.order_keys(torch.tensor([float("inf")], dtype=dtype))[0]) & ((1 << width) - 1)
+        for key in (kth_key, inf_key):
+            for digit in range(width // 16):
+                want_hist, want_nan = histogram_by_sort(xs, digit, key)
+                signed = key - (1 << 64) if key >= 1 << 63 else key
+                for name, (hist, nan) in {
+                    "op": ops.radix_histogram(xs, digit, key),
+                    "reference": reference.radix_histogram(xs, digit, signed),
+                }.items():
+                    assert hist.dtype == torch.int64 and hist.shape == (65536,) and hist.device.type == device
+                    assert hist.cpu().tolist() == want_hist, (name, digit)
+                    assert nan.cpu().tolist() == want_nan, (name, digit)
+
+
+def test_radix_histogram_passes_select_the_kth_value():
+    """Summing digit histograms and picking bins as a radix select does gives ops.kth_smallest."""
+    xs = random_lists(torch.float64, "cpu", 3)
+    total = sum(x.numel() for x in xs)
+    for k in [1, total // 2, total]:
+        prefix, rank = 0, k
+        for digit in range(4):
+            cum = ops.radix_histogram(xs, digit, prefix)[0].cumsum(0)
+            b = int(torch.searchsorted(cum, torch.tensor([rank]))[0])
+            rank -= int(cum[b - 1]) if b else 0
+            prefix |= b << (64 - 16 * (digit + 1))
+        assert prefix == int(reference.order_keys(ops.kth_smallest(xs, k).reshape(1))[0]) & (2**64 - 1)
+
+
+def test_radix_histogram_checks_arguments():
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match="digit must be in \\[0, 2\\)"):
+        ops.radix_histogram([x], 2)
+    with pytest.raises(ValueError, match="digit must be in \\[0, 1\\)"):
+        ops.radix_histogram([x.half()], 1)
+    with pytest.raises(ValueError, match="prefix must be a 32-bit key"):
+        ops.radix_histogram([x], 1, 1 << 32)
+    with pytest.raises(TypeError, match="tensors\\[1\\] is torch.float64"):
+        ops.radix_histogram([x, x.double()], 0)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        ops.radix_histogram([], 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_radix_histogram_opcheck(device):
+    native_or_skip(device)
+    if not hasattr(torch.ops.pyprune_fast, "radix_histogram"):
+        pytest.skip("the loaded library was built before radix_histogram: rebuild it")
+    xs = [torch.randn(100, device=device), torch.randn(3, 7, device=device)]
+    torch.library.opcheck(torch.ops.pyprune_fast.radix_histogram, (xs, 0, 0))
+    torch.library.opcheck(torch.ops.pyprune_fast.radix_histogram, (xs, 1, 0x3F800000 | (1 << 31)))

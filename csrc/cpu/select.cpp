@@ -97,7 +97,8 @@ PPF_TARGET_CLONES int64_t histogram_first(const typename Fmt::Bits* p, int64_t n
   return nans;
 }
 
-// Histogram of digit `pass` of the keys that carry the prefix (no NaN is left after the first pass).
+// Histogram of digit `pass` of the keys that carry the prefix. NaN keys lie outside the range of the
+// ordered keys but may share a prefix with ±inf, so matching lanes are checked for NaN (never counted).
 template <typename Fmt>
 PPF_TARGET_CLONES void histogram_next(const typename Fmt::Bits* p, int64_t n, int pass, typename Fmt::Bits prefix,
                                       uint32_t* h) {
@@ -108,16 +109,17 @@ PPF_TARGET_CLONES void histogram_next(const typename Fmt::Bits* p, int64_t n, in
   const typename S::type want = S::splat(static_cast<Bits>(prefix >> high));
   int64_t i = 0;
   for (; i + S::kLanes <= n; i += S::kLanes) {
-    const typename S::type keys = order_keys<Bits>(S::load(p + i));
+    const typename S::type bits = S::load(p + i);
+    const typename S::type keys = order_keys<Bits>(bits);
     const typename S::type match = reinterpret_cast<typename S::type>((keys >> high) == want);
     if (!S::any(match)) continue;
     for (int j = 0; j < S::kLanes; ++j) {
-      if (match[j]) ++h[Plan::digit(keys[j], pass)];
+      if (match[j] && !Fmt::is_nan(bits[j])) ++h[Plan::digit(keys[j], pass)];
     }
   }
   for (; i < n; ++i) {
     const Bits key = Fmt::key(p[i]);
-    if (Plan::in_prefix(key, prefix, pass)) ++h[Plan::digit(key, pass)];
+    if (Plan::in_prefix(key, prefix, pass) && !Fmt::is_nan(p[i])) ++h[Plan::digit(key, pass)];
   }
 }
 
@@ -295,6 +297,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kth_smallest_counts_cpu(at::Tenso
   });
 }
 
+// radix_histogram: the int64 histogram of 16-bit digit `digit` of the order keys of the non-NaN
+// elements whose higher digits equal those of `prefix` (a key, given as its int64 bit pattern), and
+// the NaN count per tensor (counted by pass 0 only). The building block of selections whose histogram
+// passes are combined outside (a sum over processes): every backend and rank uses the same digits.
+std::tuple<at::Tensor, at::Tensor> radix_histogram_cpu(at::TensorList xs, int64_t digit, int64_t prefix) {
+  const SelectJob job = make_select_job(xs, c10::DeviceType::CPU, /*row_major=*/false);
+  return dispatch_format(job.dtype, [&]<typename Fmt>() {
+    using Key = typename Fmt::Bits;
+    using Plan = RadixPlan<Fmt::kWidth, kDigit>;
+    TORCH_CHECK(digit >= 0 && digit < Plan::kPasses, "digit must be in [0, ", Plan::kPasses, ") for ", job.dtype,
+                ", got ", digit);
+    std::vector<int64_t> nan(job.dense.size(), 0);
+    const std::vector<int64_t> hist =
+        histogram_pass<Fmt>(job, static_cast<int>(digit), static_cast<Key>(static_cast<uint64_t>(prefix)), nan);
+    return std::make_tuple(at::tensor(hist, at::TensorOptions().dtype(at::kLong)), nan_tensor(nan));
+  });
+}
+
 // The (less, equal) counts and the threshold key of a selection given by value/counts tensors.
 struct Threshold {
   uint64_t key;
@@ -461,6 +481,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> per_row_masks_cpu(at::TensorList
 
 TORCH_LIBRARY_IMPL(pyprune_fast, CPU, m) {
   m.impl("kth_smallest_counts", &kth_smallest_counts_cpu);
+  m.impl("radix_histogram", &radix_histogram_cpu);
   m.impl("threshold_masks", &threshold_masks_cpu);
   m.impl("threshold_apply_", &threshold_apply_cpu);
   m.impl("layerwise_masks", &layerwise_masks_cpu);

@@ -3,7 +3,8 @@
 // every tensor and one single-thread launch that picks the bin (radix.h's select_bin) and extends the
 // prefix kept in device memory, so the host never waits. Masks and in-place pruning are one compare
 // pass; ties are ranked in flat order (ballot + popc tiles) only in the chunk where the partly pruned
-// threshold value crosses the count. Per-row masks: one block per row, 8-bit digits.
+// threshold value crosses the count. Per-row masks: one block per row, 8-bit digits. radix_histogram
+// (one pass with 16-bit digits, combined across processes by the caller): tiled shared-memory bins.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -182,6 +183,77 @@ void select_on_device(const SelectJob& job, int64_t k, at::Tensor& value, at::Te
                                           reinterpret_cast<typename Fmt::Bits*>(value.data_ptr()),
                                           counts.data_ptr<int64_t>(), nan_ptr, nan.data_ptr<int64_t>(), n_tensors);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// radix_histogram: one pass with 16-bit digits, the digit every backend and process agrees on. 65536
+// 32-bit bins do not fit one block's shared memory, so blockIdx.y picks a tile of kHistTileBins bins
+// (64 KiB of dynamic shared memory) and each tile's blocks read the data once more; per-block counts
+// stay below 2^31 (grid_for), then are added to the int64 histogram in global memory.
+constexpr int kHistDigit = 16;
+constexpr int kHistTileBins = 1 << 14;
+constexpr int kHistTiles = (1 << kHistDigit) / kHistTileBins;
+
+template <typename Fmt>
+__global__ void __launch_bounds__(kThreads)
+    radix_histogram_kernel(const int64_t* __restrict table, int64_t n_tensors, int64_t chunks, int pass,
+                           unsigned long long prefix, unsigned long long* __restrict hist,
+                           unsigned long long* __restrict nan_per_tensor) {
+  using Bits = typename Fmt::Bits;
+  using Plan = RadixPlan<Fmt::kWidth, kHistDigit>;
+  extern __shared__ unsigned int tile_bins[];
+  const uint32_t tile_begin = blockIdx.y * kHistTileBins;
+  for (int b = threadIdx.x; b < kHistTileBins; b += kThreads) tile_bins[b] = 0;
+  __syncthreads();
+  const Bits want = static_cast<Bits>(prefix);
+  const bool count_nan = pass == 0 && blockIdx.y == 0;
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    const ChunkRef ref = chunk_ref(table, n_tensors, c);
+    const Bits* p = reinterpret_cast<const Bits*>(ref.entry[0]) + ref.offset;
+    unsigned int nans = 0;
+    for (int64_t i = threadIdx.x; i < ref.n; i += kThreads) {
+      const Bits bits = __ldg(p + i);
+      if (Fmt::is_nan(bits)) {
+        nans += count_nan ? 1u : 0u;
+        continue;
+      }
+      const Bits key = Fmt::key(bits);
+      if (!Plan::in_prefix(key, want, pass)) continue;
+      const uint32_t bin = Plan::digit(key, pass) - tile_begin;  // wraps above 2^32 below the tile
+      if (bin < static_cast<uint32_t>(kHistTileBins)) atomicAdd(&tile_bins[bin], 1u);
+    }
+    if (nans) atomicAdd(&nan_per_tensor[ref.tensor], static_cast<unsigned long long>(nans));
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kHistTileBins; b += kThreads) {
+    if (tile_bins[b]) atomicAdd(&hist[tile_begin + b], static_cast<unsigned long long>(tile_bins[b]));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> radix_histogram_cuda(at::TensorList xs, int64_t pass, int64_t prefix) {
+  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
+  const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/false);
+  const auto opts = job.dense[0].options().dtype(at::kLong);
+  const int64_t n_tensors = static_cast<int64_t>(job.dense.size()), chunks = job.plan.size();
+  at::Tensor hist = at::zeros({1 << kHistDigit}, opts);
+  at::Tensor nan = at::zeros({n_tensors}, opts);
+  dispatch_format(job.dtype, [&]<typename Fmt>() {
+    using Plan = RadixPlan<Fmt::kWidth, kHistDigit>;
+    TORCH_CHECK(pass >= 0 && pass < Plan::kPasses, "pass must be in [0, ", Plan::kPasses, ") for ", job.dtype,
+                ", got ", pass);
+    if (chunks == 0) return 0;
+    const at::Tensor table = make_table(job, {});
+    const int smem = kHistTileBins * static_cast<int>(sizeof(unsigned int));
+    auto* kernel = &radix_histogram_kernel<Fmt>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const dim3 grid(grid_for(chunks), kHistTiles);
+    kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        table.data_ptr<int64_t>(), n_tensors, chunks, static_cast<int>(pass), static_cast<unsigned long long>(prefix),
+        reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
+        reinterpret_cast<unsigned long long*>(nan.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return 0;
+  });
+  return {hist, nan};
 }
 
 void check_k(int64_t k, int64_t total) {
@@ -485,6 +557,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> per_row_masks_cuda(at::TensorLis
 
 TORCH_LIBRARY_IMPL(pyprune_fast, CUDA, m) {
   m.impl("kth_smallest_counts", &kth_smallest_counts_cuda);
+  m.impl("radix_histogram", &radix_histogram_cuda);
   m.impl("threshold_masks", &threshold_masks_cuda);
   m.impl("threshold_apply_", &threshold_apply_cuda);
   m.impl("layerwise_masks", &layerwise_masks_cuda);

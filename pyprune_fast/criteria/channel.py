@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .._compat import BatchNorm
-from .channel_stats import ChannelStats
+from .channel_stats import ChannelStats, reduce_stats
 from .engine import ChannelRequest, Job, observable_attention, on_outputs, out_channels, preserved
 from .registry import criterion
 
@@ -102,7 +102,7 @@ def forward_stats(
         for inputs, _ in job.batches():
             job.run(inputs)
     req.check_seen(seen)
-    return {n: s for n, s in stats.items() if n in seen}
+    return reduce_stats(job, stats, seen)
 
 
 def gradient_stats(req: ChannelRequest, needs: set[str]) -> dict[str, ChannelStats]:
@@ -128,7 +128,7 @@ def gradient_stats(req: ChannelRequest, needs: set[str]) -> dict[str, ChannelSta
                 stats[name].add_gradient(out, torch.zeros_like(out) if grad is None else grad)
                 seen.add(name)
             outputs.clear()
-    return {n: s for n, s in stats.items() if n in seen}
+    return reduce_stats(job, stats, seen)
 
 
 @criterion(needs=("data",), kind="channel")
@@ -198,4 +198,5 @@ def ide_trace(req: ChannelRequest) -> dict[str, Tensor]:
     with preserved(job.model, job.tensors), _observing(job, watched, on_output), torch.no_grad():
         for inputs, _ in job.batches():
             job.run(inputs)
+    stats = reduce_stats(job, stats, {n for n, s in stats.items() if s.samples})
     return {n: s.mean("proj_sq") for n, s in stats.items()}

@@ -9,8 +9,13 @@ float64), and the sums are kept in float64 so that many batches add up without d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .engine import Job
 
 
 def sample_view(output: Tensor, module: nn.Module) -> Tensor:
@@ -110,3 +115,25 @@ class ChannelStats:
     def mean(self, key: str) -> Tensor:
         """E_n of a per-sample sum (divides by the samples seen)."""
         return self.sums[key] / self.samples
+
+
+def reduce_stats(job: Job, stats: dict[str, ChannelStats], seen: set[str]) -> dict[str, ChannelStats]:
+    """The statistics of the layers seen, summed over the ranks of the job's group (every sum and
+    count; data-parallel calibration), without a group those of this process. A layer must be called
+    on every rank or on none (ValueError on every rank otherwise)."""
+    names = list(stats)
+    flags = torch.tensor([float(n in seen) for n in names], dtype=torch.float64)
+    job.reduce([flags])
+    size = 1 if job.comm is None else job.comm.size
+    partial = [n for n, f in zip(names, flags.tolist()) if 0 < f < size]
+    if partial:
+        raise ValueError(f"these layers were called on some ranks only: {partial}")
+    kept = {n: stats[n] for n, f in zip(names, flags.tolist()) if f}
+    if job.comm is None:
+        return kept
+    sums = [s.sums[key] for s in kept.values() for key in sorted(s.sums)]
+    counts = torch.tensor([[s.samples, s.positions, s.rank_count] for s in kept.values()], dtype=torch.float64)
+    job.reduce([*sums, counts])
+    for s, (samples, positions, rank_count) in zip(kept.values(), counts.tolist()):
+        s.samples, s.positions, s.rank_count = int(samples), int(positions), int(rank_count)
+    return kept

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Communicator
+
 ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
 LayerSelector = Sequence[str] | Sequence[type] | type | tuple[type, ...] | None
 Forward = Callable[[nn.Module, Any], Any]
@@ -131,6 +133,8 @@ class Job:
     num_batches: int | None = None
     forward: Forward | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    comm: Communicator | None = None
+    reduced: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -165,6 +169,14 @@ class Job:
     def loss(self, outputs: Any, targets: Any) -> Tensor:
         return (self.loss_fn or default_loss)(outputs, targets)
 
+    def reduce(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Σ over the ranks of `group=` of each tensor, in place (data-parallel calibration: each rank's
+        sums over its own batches become the sums over all batches); the tensors unchanged without a
+        group. Every criterion that sums over batches calls it on its sums before forming scores."""
+        self.reduced = True
+        tensors = list(tensors)
+        return tensors if self.comm is None else self.comm.all_reduce_sum_(tensors)
+
     def scores(self, values: Sequence[Tensor]) -> dict[str, Tensor]:
         return {n: v.float() for n, v in zip(self.names, values)}
 
@@ -178,6 +190,7 @@ def make_job(
     layers: LayerSelector = None,
     num_batches: int | None = None,
     forward: Forward | None = None,
+    comm: Communicator | None = None,
 ) -> Job:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -187,7 +200,7 @@ def make_job(
         raise TypeError(f"forward must be callable (model, inputs) -> outputs, got {type(forward).__name__}")
     selected = select_params(model, params)
     device = next(iter(selected.values())).device
-    return Job(model, data, selected, loss_fn, layers, num_batches, forward, device)
+    return Job(model, data, selected, loss_fn, layers, num_batches, forward, device, comm)
 
 
 def out_channels(module: nn.Module) -> int:

@@ -28,7 +28,8 @@ def _refer_objective(features: list[Tensor]) -> Tensor:
 def feature_gradients(
     job: Job, objective: Callable[[list[Tensor]], Tensor], with_loss: bool = False
 ) -> tuple[list[Tensor], list[Tensor] | None]:
-    """Σ_batches ∂objective(F)/∂w and, when asked, Σ_batches ∂L/∂w from the same forward passes."""
+    """Σ_batches ∂objective(F)/∂w and, when asked, Σ_batches ∂L/∂w from the same forward passes (with
+    group=, over the batches of every rank)."""
     layers = job.layers()
     feat_sum, loss_sum = GradSum(), GradSum()
     with observable_attention(job.model), capture_outputs(layers) as seen:
@@ -43,7 +44,10 @@ def feature_gradients(
             if with_loss:
                 loss_sum.add(grads_of(job.loss(outputs, targets), job.tensors, retain_graph=True))
             feat_sum.add(grads_of(objective([seen[n] for n in layers if n in seen]), job.tensors))
-    return feat_sum.value(), (loss_sum.value() if with_loss else None)
+    if with_loss:
+        sums = job.reduce([*feat_sum.value(), *loss_sum.value()])
+        return sums[: len(job.tensors)], sums[len(job.tensors) :]
+    return job.reduce(feat_sum.value()), None
 
 
 @criterion(needs=("data",))

@@ -12,14 +12,15 @@ from .registry import criterion
 
 
 def loss_gradient(job: Job, temperature: float | None = None) -> list[Tensor]:
-    """g = Σ_batches ∂L/∂w (float32), L = loss_fn(outputs [/ temperature], targets)."""
+    """g = Σ_batches ∂L/∂w (float32), L = loss_fn(outputs [/ temperature], targets); with group=, the
+    batches of every rank (`Job.reduce`)."""
     total = GradSum()
     for inputs, targets in job.batches():
         outputs = job.run(inputs)
         if temperature is not None:
             outputs = first_tensor(outputs) / temperature
         total.add(grads_of(job.loss(outputs, targets), job.tensors))
-    return total.value()
+    return job.reduce(total.value())
 
 
 @criterion(needs=("data", "loss"))
@@ -52,7 +53,7 @@ def grasp(job: Job, *, temperature: float = 200.0) -> list[Tensor]:
             grads = grads_of(job.loss(outputs, targets), job.tensors, create_graph=True)
             z = sum((gb.float() * gi).sum() for gb, gi in zip(grads, g))
             hg.add(grads_of(z, job.tensors))
-    return [w.detach().float() * h for w, h in zip(job.tensors, hg.value())]
+    return [w.detach().float() * h for w, h in zip(job.tensors, job.reduce(hg.value()))]
 
 
 @criterion(needs=("data", "loss"))
@@ -69,5 +70,7 @@ def obd(job: Job) -> list[Tensor]:
         grads = grads_of(job.loss(job.run(inputs), targets), job.tensors)
         ops.saliency_accumulate_(acc, as_float32(grads), weights, scale=0.5, power=2)
         count += 1
-    torch._foreach_mul_(acc, 1.0 / count)
+    batches = torch.tensor([float(count)], dtype=torch.float64, device=weights[0].device)
+    job.reduce([*acc, batches])
+    torch._foreach_mul_(acc, 1.0 / float(batches))
     return acc

@@ -10,8 +10,15 @@ A criterion is a function registered with `@criterion(needs=..., kind=...)`:
 
 Every public criterion has the signature
 `NAME(model, data=None, *, loss_fn=None, params=None, layers=None, num_batches=None, forward=None,
-**options)`, runs with the model's state preserved, and says what it needs in `.needs` (a subset of
-NEEDS) and its kind in `.kind`.
+group=None, **options)`, runs with the model's state preserved, and says what it needs in `.needs` (a
+subset of NEEDS) and its kind in `.kind`.
+
+`group=` (a torch.distributed ProcessGroup): data-parallel calibration. Each rank passes its own
+share of the batches and the same model; the criterion's sums over batches are summed over the ranks
+(`Job.reduce`) before the scores are formed, so every rank gets the scores one process gets from all
+batches, up to the order of floating-point additions (see `pyprune_fast.distributed`). A criterion
+that needs data but never calls `Job.reduce` is refused with group= (ValueError on every rank); an
+error on one rank raises on every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 from torch import Tensor
 
+from .. import distributed
 from .engine import ChannelRequest, Job, lp_normalize, make_channel_request, make_job, preserved
 
 NEEDS = {
@@ -33,7 +41,7 @@ KINDS = ("weight", "channel")
 
 CRITERIA: dict[str, Callable[..., dict[str, Tensor]]] = {}
 
-_SHARED = ("loss_fn", "params", "layers", "num_batches", "forward")
+_SHARED = ("loss_fn", "params", "layers", "num_batches", "forward", "group")
 _COMMON = [
     inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
     inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
@@ -63,30 +71,52 @@ def criterion(*, needs: Iterable[str] = (), kind: str = "weight") -> Callable[[C
 
         @functools.wraps(fn)
         def public(
-            model, data=None, *, loss_fn=None, params=None, layers=None, num_batches=None, forward=None, **options
+            model,
+            data=None,
+            *,
+            loss_fn=None,
+            params=None,
+            layers=None,
+            num_batches=None,
+            forward=None,
+            group=None,
+            **options,
         ):
-            unknown = set(options) - valid
-            if unknown:
-                raise TypeError(
-                    f"{fn.__name__}() got unexpected options {sorted(unknown)}; valid: {[*_SHARED, *valid]}"
-                )
-            shared = {"loss_fn": loss_fn, "params": params, "layers": layers, "num_batches": num_batches}
-            return run(fn, model, data, forward=forward, **shared, options=options)
+            comm = None if group is None else distributed.Communicator(group)
+            with distributed.session(comm):  # an error on one rank raises on every rank
+                unknown = set(options) - valid
+                if unknown:
+                    raise TypeError(
+                        f"{fn.__name__}() got unexpected options {sorted(unknown)}; valid: {[*_SHARED, *valid]}"
+                    )
+                shared = {"loss_fn": loss_fn, "params": params, "layers": layers, "num_batches": num_batches}
+                return run(fn, model, data, forward=forward, comm=comm, **shared, options=options)
 
         del public.__wrapped__  # the public signature is the one below, not fn's
         public.__signature__ = inspect.Signature(_COMMON + own, return_annotation="dict[str, Tensor]")
         public.needs = needs
         public.kind = kind
+        fn.needs = needs
         CRITERIA[fn.__name__] = public
         return public
 
     return register
 
 
+def _check_reduced(fn, job: Job) -> None:
+    """With group=, a criterion that reads data must have summed its statistics over the ranks."""
+    if job.comm is not None and "data" in fn.needs and not job.reduced:
+        raise ValueError(
+            f"criterion {fn.__name__!r} does not reduce its batch statistics across ranks (Job.reduce), so it "
+            "cannot be used with group=; score on one process, or make it call job.reduce on its sums"
+        )
+
+
 def _run_weight(fn, model, data, *, options, **shared) -> dict[str, Tensor]:
     job: Job = make_job(model, data, **shared)
     with preserved(model, job.tensors):
         values = fn(job, **options)
+    _check_reduced(fn, job)
     return job.scores(values)
 
 
@@ -94,6 +124,7 @@ def _run_channel(fn, model, data, *, options, **shared) -> dict[str, Tensor]:
     normalize, p = options.pop("normalize", None), options.pop("p", 1.0)
     request: ChannelRequest = make_channel_request(model, data, normalize=normalize, p=p, **shared)
     scores = fn(request, **options)
+    _check_reduced(fn, request.job)
     if normalize == "lp":
         scores = {n: lp_normalize(s, p) for n, s in scores.items()}
     return {n: s.float() for n, s in scores.items()}

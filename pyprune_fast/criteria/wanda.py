@@ -43,6 +43,20 @@ def _input_scale(module: nn.Module, norms: Tensor) -> Tensor:
     return table.view(out, per_group, *([1] * (module.weight.dim() - 2)))
 
 
+def _in_features(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def _reduced_sums(job: Job, modules: dict[str, nn.Module], sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The Σ x_j² of every layer over the batches of every rank (group=); a layer not called on a rank
+    counts zeros there, and is missing only if no rank called it."""
+    names = list(modules)
+    seen = torch.tensor([float(n in sums) for n in names], dtype=torch.float64)
+    full = [sums[n] if n in sums else torch.zeros(_in_features(modules[n]), device=job.device) for n in names]
+    job.reduce([*full, seen])
+    return {n: s for n, s, flag in zip(names, full, seen.tolist()) if flag}
+
+
 @criterion(needs=("data",))
 def wanda(job: Job) -> list[Tensor]:
     """S(W_ij) = |W_ij| · ‖X_j‖₂, X_j the j-th input feature of the layer over all samples and
@@ -59,6 +73,7 @@ def wanda(job: Job) -> list[Tensor]:
     with torch.no_grad(), observable_attention(job.model), capture_inputs(modules, on_input):
         for inputs, _ in job.batches():
             job.run(inputs)
+    sums = _reduced_sums(job, modules, sums)
     scores = []
     for pname, p in job.params.items():
         mname, module = owners[pname]

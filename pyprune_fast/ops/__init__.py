@@ -4,7 +4,7 @@ fake (meta) kernel and autograd formula, together. Each call runs the compiled k
 definition in `pyprune_fast.reference` (see `dispatch`).
 
     saliency     saliency, saliency_accumulate_, Stats     fused |g ⊙ w| (+ statistics)
-    select       kth_smallest; mask building blocks        exact radix select over many tensors
+    select       kth_smallest, radix_histogram; mask blocks exact radix select over many tensors
     nm_mask      nm_mask                                    N:M keep-masks
     sparse24     compress_24, decompress_24, sparse24_linear  2:4 layout and sparse matmul
     svd_mean     svd_mean, svd_mean_list                    mean singular value, differentiable

@@ -14,21 +14,48 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .checks import SCORE_TYPES, as_list, check_dtypes, check_k, check_one_dtype, check_same_device, raise_on_nan
+from .checks import (
+    SCORE_TYPES,
+    as_list,
+    check_dtypes,
+    check_int,
+    check_k,
+    check_one_dtype,
+    check_same_device,
+    raise_on_nan,
+)
 from .dispatch import call, native, when_loaded
 
-__all__ = ["kth_smallest", "select_counts", "threshold_masks", "threshold_apply_", "layerwise_masks", "per_row_masks"]
+__all__ = [
+    "kth_smallest",
+    "radix_histogram",
+    "select_counts",
+    "threshold_masks",
+    "threshold_apply_",
+    "layerwise_masks",
+    "per_row_masks",
+]
 
 
-def kth_smallest(tensors: Sequence[Tensor], k: int) -> Tensor:
+def kth_smallest(tensors: Sequence[Tensor], k: int, *, group: object = None) -> Tensor:
     """The exact k-th smallest value (1-based) over all elements of all tensors, as a 0-d tensor of
     their dtype, without concatenating or sorting them.
+
+    With `group=` (a torch.distributed ProcessGroup, or torch.distributed.group.WORLD) the tensors
+    are this rank's part of the scores: k ranks all elements of all ranks (k, the same on every rank),
+    every rank gets the same value, and only radix histograms are exchanged (never the scores; see
+    `pyprune_fast.distributed.kth_smallest`). A rank may hold no tensors; dtypes are promoted across
+    ranks. None (the default): no communication.
 
     Radix select on order-preserving integer keys: a few histogram passes over the tensors (one per
     16-bit digit on CPU, per 11-bit digit on CUDA), memory O(threads × bins). float32/float16/bfloat16/
     float64, any shapes and strides, empty tensors allowed, more than 2³¹ elements per tensor or in
     total. -0.0 and 0.0 are one value, ±inf ordinary values; NaN is refused (ValueError naming the
     tensor)."""
+    if group is not None:
+        from .. import distributed  # distributed builds on this module
+
+        return distributed.kth_smallest(tensors, k, group=group)
     tensors = as_list("tensors", tensors)
     check_dtypes("tensors", tensors, SCORE_TYPES)
     if not tensors:
@@ -37,6 +64,36 @@ def kth_smallest(tensors: Sequence[Tensor], k: int) -> Tensor:
     check_same_device({"tensors": tensors})
     k = check_k(k, sum(t.numel() for t in tensors))
     return select_counts(tensors, k)[0]
+
+
+def radix_histogram(tensors: Sequence[Tensor], digit: int, prefix: int = 0) -> tuple[Tensor, Tensor]:
+    """One pass of a radix select whose passes are combined elsewhere (e.g. summed over processes):
+    (hist, nan) with hist int64 [65536] = the number of non-NaN elements of all tensors whose order
+    key (`reference.order_keys`: unsigned, order-preserving, -0.0 = 0.0) has the digits above 16-bit
+    digit `digit` equal to those of `prefix`, by the value of that digit, and nan int64 [len(tensors)]
+    = the NaN count per tensor (digit 0; zeros for later digits).
+
+    Digits are 16 bits on every backend and machine, most significant first: float16/bfloat16 have
+    digit 0 only, float32 digits 0-1, float64 0-3. `prefix` is the key found so far as an unsigned
+    int (its bits below the digit are ignored). The tensors: one dtype, one device, at least one."""
+    tensors = as_list("tensors", tensors)
+    check_dtypes("tensors", tensors, SCORE_TYPES)
+    if not tensors:
+        raise ValueError("tensors must hold at least one tensor")
+    check_one_dtype("tensors", tensors)
+    check_same_device({"tensors": tensors})
+    width = reference.radix_width(tensors[0].dtype)
+    digit = check_int("digit", digit)
+    if not 0 <= digit < width // reference.RADIX_DIGIT_BITS:
+        raise ValueError(
+            f"digit must be in [0, {width // reference.RADIX_DIGIT_BITS}) for {tensors[0].dtype}, got {digit}"
+        )
+    prefix = check_int("prefix", prefix)
+    if not 0 <= prefix < 1 << width:
+        raise ValueError(f"prefix must be a {width}-bit key in [0, 2^{width}), got {prefix}")
+    signed = prefix - (1 << 64) if prefix >= 1 << 63 else prefix  # the int64 bit pattern of the key
+    hist, nan = call("radix_histogram", tensors, list(tensors), digit, signed)
+    return hist, nan
 
 
 def select_counts(tensors: Sequence[Tensor], k: int, names: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
@@ -100,6 +157,10 @@ def _fake_kth_smallest_counts(xs, k):
     )
 
 
+def _fake_radix_histogram(xs, digit, prefix):
+    return xs[0].new_empty((reference.RADIX_BINS,), dtype=torch.int64), xs[0].new_empty((len(xs),), dtype=torch.int64)
+
+
 def _fake_threshold_masks(xs, value, counts, k):
     return [torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format) for x in xs]
 
@@ -115,6 +176,8 @@ def _fake_group_masks(xs, counts):
 @when_loaded
 def _register() -> None:
     torch.library.register_fake("pyprune_fast::kth_smallest_counts", _fake_kth_smallest_counts)
+    if hasattr(torch.ops.pyprune_fast, "radix_histogram"):  # a library built before it: the reference serves
+        torch.library.register_fake("pyprune_fast::radix_histogram", _fake_radix_histogram)
     torch.library.register_fake("pyprune_fast::threshold_masks", _fake_threshold_masks)
     torch.library.register_fake("pyprune_fast::threshold_apply_", _fake_threshold_apply_)
     torch.library.register_fake("pyprune_fast::layerwise_masks", _fake_group_masks)

@@ -7,11 +7,24 @@ module per op family; `mma_sp` emulates the sparse tensor-core instructions of t
 from .common import rows_of, sortable
 from .nm_mask import n_m, nm_mask
 from .saliency import STATS_FIELDS, saliency, saliency_accumulate_, stats_of
-from .select import kth_smallest_counts, layerwise_masks, per_row_masks, prune_lowest, threshold_masks
+from .select import (
+    RADIX_BINS,
+    RADIX_DIGIT_BITS,
+    kth_smallest_counts,
+    layerwise_masks,
+    order_keys,
+    per_row_masks,
+    prune_lowest,
+    radix_histogram,
+    radix_width,
+    threshold_masks,
+)
 from .sparse24 import compress_24, decompress_24, pack_meta, sparse24_linear, unpack_meta
 from .svd_mean import svd_mean, svd_mean_list
 
 __all__ = [
+    "RADIX_BINS",
+    "RADIX_DIGIT_BITS",
     "STATS_FIELDS",
     "compress_24",
     "decompress_24",
@@ -19,9 +32,12 @@ __all__ = [
     "layerwise_masks",
     "n_m",
     "nm_mask",
+    "order_keys",
     "pack_meta",
     "per_row_masks",
     "prune_lowest",
+    "radix_histogram",
+    "radix_width",
     "rows_of",
     "saliency",
     "saliency_accumulate_",
