@@ -10,15 +10,17 @@ device, calibrated by the inputs each block actually sees, judged by perplexity.
     llm.save_pretrained(model, tokenizer, "out/sparsegpt-2:4")
 
 Methods: magnitude, wanda, sparsegpt (OBS update), and block-local snip, refer, afr, feature_l1;
-OWL non-uniform block sparsity for any of them (`owl=llm.OWL(M=5, lam=0.08)`). transformers (and
-gguf for the embedded model) are imported only by the functions that need them."""
+OWL non-uniform block sparsity for any of them (`owl=llm.OWL(M=5, lam=0.08)`); whole-model sparsity
+(granularity="global"); models larger than memory streamed from and to disk (offload="disk", out=,
+resume=; llm.offload); several processes (group=, torchrun). transformers (and gguf for the embedded
+model) are imported only by the functions that need them."""
 
 from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks
 from .methods import METHODS
-from .models import is_causal_lm, load_causal_lm, load_smollm2, smollm2_gguf
+from .models import is_causal_lm, load_causal_lm, load_smollm2, smollm2_checkpoint, smollm2_gguf
 from .owl import OWL
 from .perplexity import perplexity
-from .pipeline import MemoryEstimate, PruneResult, prune
+from .pipeline import MemoryEstimate, PruneResult, prune, scores
 from .save import save_pretrained
 from .sparsity import Pattern, parse_sparsity
 from .text import calibration_windows, pydoc_text, pydoc_tokens
@@ -43,5 +45,7 @@ __all__ = [
     "pydoc_text",
     "pydoc_tokens",
     "save_pretrained",
+    "scores",
+    "smollm2_checkpoint",
     "smollm2_gguf",
 ]

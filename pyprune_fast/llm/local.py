@@ -42,8 +42,10 @@ def _gradients(
     linears: dict[str, nn.Linear],
     weights: dict[str, Tensor],
     objective: Callable[[int, Tensor, list[Tensor]], Tensor],
+    comm=None,
 ) -> list[Tensor]:
-    """Σ_b ∂objective/∂W over the batches, W = `weights` substituted for the Linears' weights."""
+    """Σ_b ∂objective/∂W over the batches, W = `weights` substituted for the Linears' weights (and
+    over every rank's batches with a distributed.Communicator `comm`)."""
     names = list(linears)
     total = GradSum()
     with capture_outputs(linears) as seen:
@@ -57,7 +59,7 @@ def _gradients(
                 raise ValueError(f"these Linear layers of the block were not called in its forward: {missing}")
             value = objective(j, out, [seen[n] for n in names])
             total.add(grads_of(value, [leaves[n] for n in names]))
-    return total.value()
+    return total.value() if comm is None else comm.all_reduce_sum_(total.value())
 
 
 def _zscore(scores: list[Tensor], stats: ops.Stats) -> list[Tensor]:
@@ -73,9 +75,12 @@ def block_scores(
     linears: dict[str, nn.Linear],
     targets: list[Tensor] | None,
     candidate: Callable[[str, Tensor], Tensor],
+    comm=None,
 ) -> dict[str, Tensor]:
     """{Linear name: float32 score} of `criterion` on one block (module docstring). `targets`: the
-    dense block's outputs per batch (snip, afr); `candidate(name, weight)`: the candidate keep-mask."""
+    dense block's outputs per batch (snip, afr); `candidate(name, weight)`: the candidate keep-mask;
+    `comm`: a distributed.Communicator whose ranks each hold part of the batches (gradient sums
+    reduced over them)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown block-local criterion {criterion!r}; valid: {CRITERIA}")
     names = list(linears)
@@ -91,14 +96,14 @@ def block_scores(
             def reconstruction(j: int, y: Tensor, _features: list[Tensor]) -> Tensor:
                 return (y.float() - targets[j].float()).pow(2).sum()
 
-            out["snip"] = _gradients(block, inputs, linears, masked, reconstruction)
+            out["snip"] = _gradients(block, inputs, linears, masked, reconstruction, comm)
         if criterion != "snip":
             kind = "refer" if criterion == "afr" else criterion
 
             def feature(_j: int, _y: Tensor, features: list[Tensor]) -> Tensor:
                 return _feature_objective(kind, features)
 
-            out[kind] = _gradients(block, inputs, linears, dense, feature)
+            out[kind] = _gradients(block, inputs, linears, dense, feature, comm)
     if criterion == "afr":
         z = []
         for grads in (out["refer"], out["snip"]):

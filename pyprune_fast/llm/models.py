@@ -83,6 +83,17 @@ def load_smollm2(
     return model.to(dtype=dtype, device=device).eval(), tokenizer
 
 
+def smollm2_checkpoint() -> Path:
+    """The embedded SmolLM2 as a safetensors checkpoint directory (the converted model of the cache,
+    written on first use): what offload="disk" streams from."""
+    converted = _converted_path(smollm2_gguf())
+    if not converted.is_dir():
+        load_smollm2(cache=True)
+    if not converted.is_dir():
+        raise OSError(f"could not write the converted SmolLM2 to {converted}: set PYPRUNE_FAST_CACHE to a writable dir")
+    return converted
+
+
 def is_causal_lm(path: str | os.PathLike) -> bool:
     """Whether the local Hugging Face model directory `path` holds a causal LM: its config names a
     `*ForCausalLM` (or `*LMHeadModel`) architecture. Encoders such as BERT/MiniLM (`BertModel`) do not."""

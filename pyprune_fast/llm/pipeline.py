@@ -23,21 +23,52 @@ Peak memory on the compute device (reported as `PruneResult.memory`):
       W           SparseGPT: 4·(2·d² + 2·r·d) for the largest Linear [r, d] (H⁻¹ factor, its
                   inversion, the float32 weight and its update); block-local criteria: 4·P_b (the
                   gradients) + the backward of one batch
-The rest of the model stays where it is (CPU memory, or its own devices)."""
+The rest of the model stays where it is (CPU memory, or its own devices).
+
+With offload="disk" the model is a checkpoint directory, read one block at a time and written, pruned,
+to `out` (llm.offload); host memory then holds ≈ P_b·s_w + n·T·H·s_a + Σ_u S_u (+ the embeddings while
+the calibration inputs are captured), reported as `PruneResult.memory` with the measured peak RSS.
+
+granularity="global" (whole-model sparsity, unstructured): a first, dense pass writes every block's
+scores to disk (one float32 file per block); the exact threshold over all of them comes from
+`ops.select_counts` on the memory-mapped files (no concatenation, more than 2³¹ scores allowed); a
+second pass prunes each block against it, ties by flat index in block order — the masks of
+`masks.global_unstructured` over the whole model's scores, bit for bit.
+
+Over several ranks (group=, torchrun): the calibration sequences are split, each rank holding every
+block in turn and running it on its contiguous share; the per-Linear statistics (token counts, ‖X_j‖²,
+XᵀX) and the block-local gradient sums are summed over the ranks before pruning, so every rank prunes
+from the statistics of all sequences; SparseGPT's solves (one per group of Linears sharing an input)
+are spread over the ranks, each broadcasting the weights it solved. Chosen over splitting the blocks
+over the ranks with the activations passed on: the method is sequential in the blocks (block i + 1
+needs block i pruned), so a block split leaves all ranks but one idle, while a data split keeps every
+rank busy in the forward passes (most of Wanda's time) and the solves (most of SparseGPT's), for one
+all-reduce of the statistics (d² floats for XᵀX) and one broadcast of the solved weights per block, and
+needs no more memory per rank than one block. The result equals one process's up to the order in which
+the floating-point partial sums of the statistics are added."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import resource
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import ops
+from ..distributed import Communicator, session
+from ..io import atomic_path
 from . import local, sparsegpt
 from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks, module_device
 from .methods import Method, get_method, magnitude_score, wanda_score
+from .offload import OFFLOADS, DiskStore, MemoryStore, open_disk_model
 from .owl import OWL, block_sparsities, outlier_ratio
 from .sparsity import Pattern, check_fits, check_granularity, keep_mask, parse_sparsity
 from .stats import StatsCollector
@@ -75,8 +106,10 @@ def _size(nbytes: float) -> str:
 @dataclass
 class PruneResult:
     """What a `prune` run did: targets, the measured sparsity of every pruned Linear weight (fraction of
-    zeros, by parameter name), the target sparsity of each block (non-uniform with OWL), times, and
-    the peak-memory estimate (and the measured peak on a CUDA device)."""
+    zeros, by parameter name), the target sparsity of each block (non-uniform with OWL; measured for
+    global sparsity), times, the peak-memory estimate (and the measured peak on a CUDA device, and
+    the process's peak RSS), and for offload="disk" the output checkpoint and the blocks a resumed
+    run found finished."""
 
     method: str
     sparsity: str
@@ -92,6 +125,9 @@ class PruneResult:
     seconds: float = 0.0
     memory: MemoryEstimate | None = None
     peak_device_bytes: int | None = None
+    peak_host_bytes: int | None = None
+    output: Path | None = None
+    resumed_blocks: int = 0
 
     layer_numel: dict[str, int] = field(default_factory=dict)
 
@@ -110,18 +146,27 @@ class PruneResult:
             f"calibration {self.num_samples} × {self.seq_len} tokens, propagate={self.propagate}"
             if self.num_samples
             else "no calibration data",
-            f"peak memory {self.memory}",
         ]
+        if self.memory is not None:
+            lines.append(f"peak memory {self.memory}")
         if self.peak_device_bytes is not None:
             lines.append(f"measured peak {_size(self.peak_device_bytes)}")
-        if self.outlier_ratio is not None:
-            lines.append("OWL block sparsity " + " ".join(f"{s:.3f}" for s in self.block_sparsity))
+        if self.peak_host_bytes is not None:
+            lines.append(f"peak host memory (RSS of this process) {_size(self.peak_host_bytes)}")
+        if self.output is not None:
+            resumed = f", {self.resumed_blocks} blocks found finished (resumed)" if self.resumed_blocks else ""
+            lines.append(f"written to {self.output}{resumed}")
+        if self.outlier_ratio is not None or self.granularity == "global":
+            lines.append("block sparsity " + " ".join(f"{s:.3f}" for s in self.block_sparsity))
         return "\n".join(lines)
 
 
 def _resolve_device(device: str | torch.device | None, blocks: nn.ModuleList) -> torch.device:
     if device is None:
-        return torch.device("cuda") if torch.cuda.is_available() else module_device(blocks[0])
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        home = module_device(blocks[0])
+        return torch.device("cpu") if home.type == "meta" else home
     return torch.device(device)
 
 
@@ -135,6 +180,14 @@ def _check_options(
         raise TypeError(f"owl must be an llm.OWL(M=..., lam=...) or None, got {type(owl).__name__}")
     if owl is not None and pattern.is_nm:
         raise ValueError(f"OWL sets a sparsity per block; it does not apply to the {pattern} pattern")
+    if granularity == "global":
+        if chosen.hessian:
+            raise ValueError(
+                "granularity='global' needs a score per weight; sparsegpt chooses its masks inside the OBS "
+                "update, per block of columns: use granularity 'row' or 'layer' (or OWL for non-uniform sparsity)"
+            )
+        if owl is not None:
+            raise ValueError("granularity='global' sets the block sparsities itself; it does not combine with OWL")
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
@@ -149,8 +202,30 @@ def _check_options(
     return chosen, pattern, granularity
 
 
-def _capture(model, blocks, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
-    return capture_inputs(model, blocks[0], windows.split(batch_size), device)
+def _store(model, offload, out, resume) -> tuple[nn.Module, MemoryStore | DiskStore]:
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
+    if offload is None:
+        if out is not None or resume:
+            raise ValueError("out= and resume= belong to offload='disk' (the model is then a checkpoint directory)")
+        return model, MemoryStore()
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            "with offload='disk', model must be the path of a safetensors checkpoint directory, "
+            f"got {type(model).__name__}"
+        )
+    if out is None:
+        raise ValueError("offload='disk' writes the pruned checkpoint to out=: give an output directory")
+    if Path(out).resolve() == Path(model).resolve():
+        raise ValueError(f"out must differ from the input checkpoint {model}")
+    return open_disk_model(model)
+
+
+def _capture(model, blocks, store, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
+    with store.front():
+        return capture_inputs(model, blocks[0], windows.split(batch_size), device)
 
 
 @contextlib.contextmanager
@@ -164,16 +239,19 @@ def _on(block: nn.Module, device: torch.device):
         block.to(home)
 
 
-def _owl_sparsities(model, blocks, windows, batch_size, device, owl: OWL, target: float, disable):
+def _owl_sparsities(model, blocks, store, windows, batch_size, device, owl: OWL, target: float, disable, comm):
     """OWL's dense pre-pass: the outlier ratio of Wanda's metric in every block, then block sparsities."""
-    inputs = _capture(model, blocks, windows, batch_size, device)
+    inputs = _capture(model, blocks, store, windows, batch_size, device)
     ratios, sizes = [], []
-    for block in tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=disable):
+    for i, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=disable)):
         linears = block_linears(block)
-        with _on(block, device):
-            with StatsCollector(block, linears, hessian=False) as stats:
+        with store.block(i, block), _on(block, device):
+            collector = StatsCollector(block, linears, hessian=False)
+            with collector as stats:
                 for j in range(len(inputs)):
                     inputs.hidden[j] = inputs.run(block, j)
+            if comm is not None:
+                collector.reduce(comm)
             scores = [wanda_score(linears[n].weight, stats[n].norms()) for n in _called(linears, stats)]
             ratios.append(outlier_ratio(scores, owl.M))
             sizes.append(sum(lin.weight.numel() for lin in linears.values()))
@@ -228,43 +306,54 @@ class _Plan:
     batch_size: int
     blocksize: int
     percdamp: float
+    comm: Communicator | None = None
+
+
+def _scores(block, linears, plan: _Plan, fraction, inputs, stats, targets) -> dict[str, Tensor]:
+    """{Linear name: float32 score} of a score method (magnitude, wanda, block-local criteria)."""
+    method = plan.method
+    if method.name == "magnitude":
+        return {n: magnitude_score(lin.weight) for n, lin in linears.items()}
+    if method.name == "wanda":
+        return {n: wanda_score(linears[n].weight, stats[n].norms()) for n in _called(linears, stats)}
+    candidate_granularity = "layer" if plan.granularity in (None, "global") else plan.granularity
+
+    def candidate(name: str, weight: Tensor) -> Tensor:
+        return keep_mask(name, magnitude_score(weight), plan.pattern, fraction, candidate_granularity)
+
+    return local.block_scores(method.name, block, inputs, linears, targets, candidate, comm=plan.comm)
 
 
 def _prune_linears(block, linears, plan: _Plan, fraction, inputs, stats, targets) -> None:
     """Prunes every Linear of one block (already on the compute device) in place."""
-    method, pattern, gran = plan.method, plan.pattern, plan.granularity or "layer"
-    if method.name == "magnitude":
-        for n, lin in linears.items():
-            _apply(lin, keep_mask(n, magnitude_score(lin.weight), pattern, fraction, gran))
-    elif method.name == "wanda":
-        for n in _called(linears, stats):
-            lin = linears[n]
-            _apply(lin, keep_mask(n, wanda_score(lin.weight, stats[n].norms()), pattern, fraction, gran))
-    elif method.hessian:
+    pattern, gran = plan.pattern, plan.granularity or "layer"
+    if plan.method.hessian:
         groups: dict[int, list[str]] = {}
         for n in _called(linears, stats):
             groups.setdefault(id(stats[n]), []).append(n)
-        for names in groups.values():  # Linears sharing their input (q/k/v) share H and its factor
+        comm = plan.comm
+        for g, names in enumerate(groups.values()):  # Linears sharing their input (q/k/v) share H
+            if comm is not None and g % comm.size != comm.rank:
+                continue  # over ranks: each input group solved by one rank, its weights broadcast below
             shared = stats[names[0]]
             factor = sparsegpt.inverse_factor(shared.hessian(), plan.percdamp)
             shared.xtx = None
             for n in names:
                 sparsegpt.prune_(linears[n].weight, factor, pattern, fraction, gran, plan.blocksize)
             del factor
-    else:
+        if comm is not None:
+            for g, names in enumerate(groups.values()):
+                comm.broadcast_([linears[n].weight for n in names], src=g % comm.size)
+        return
+    scores = _scores(block, linears, plan, fraction, inputs, stats, targets)
+    for n, lin in linears.items():
+        _apply(lin, keep_mask(n, scores[n], pattern, fraction, gran))
 
-        def candidate(name: str, weight: Tensor) -> Tensor:
-            return keep_mask(name, magnitude_score(weight), pattern, fraction, gran)
 
-        scores = local.block_scores(method.name, block, inputs, linears, targets, candidate)
-        for n, lin in linears.items():
-            _apply(lin, keep_mask(n, scores[n], pattern, fraction, gran))
-
-
-def _run_block(block, plan: _Plan, fraction: float, inputs: BlockInputs | None, last: bool) -> MemoryEstimate:
-    """One block on the compute device: the statistics pass over the calibration batches, the pruning,
-    then the next block's inputs in place of this block's. The dense outputs of the statistics pass are
-    kept as targets for block-local criteria; with propagate="dense" they are the next inputs."""
+def _statistics_pass(block, plan: _Plan, inputs: BlockInputs | None, dense_into_inputs: bool):
+    """Runs the block on every calibration batch with the statistics hooks its method needs; returns
+    (collector, stats, targets). The dense outputs are kept as targets for block-local criteria (which
+    still need the inputs); for the other methods they replace the inputs when `dense_into_inputs`."""
     linears = block_linears(block)
     collector, stats, targets = None, {}, None
     if inputs is not None:
@@ -275,9 +364,20 @@ def _run_block(block, plan: _Plan, fraction: float, inputs: BlockInputs | None, 
                 y = inputs.run(block, j)
                 if targets is not None:
                     targets.append(y)
-                elif plan.propagate == "dense":
+                elif dense_into_inputs:
                     inputs.hidden[j] = y
         stats = collector.stats if collector is not None else {}
+        if collector is not None and plan.comm is not None:
+            collector.reduce(plan.comm)
+    return collector, stats, targets
+
+
+def _run_block(block, plan: _Plan, fraction: float, inputs: BlockInputs | None, last: bool) -> MemoryEstimate:
+    """One block on the compute device: the statistics pass over the calibration batches, the pruning,
+    then the next block's inputs in place of this block's. The dense outputs of the statistics pass are
+    kept as targets for block-local criteria; with propagate="dense" they are the next inputs."""
+    linears = block_linears(block)
+    collector, stats, targets = _statistics_pass(block, plan, inputs, dense_into_inputs=plan.propagate == "dense")
     estimate = _memory(block, inputs, plan.method, collector, plan.batch_size)
     _prune_linears(block, linears, plan, fraction, inputs, stats, targets)
     if inputs is not None and not last:
@@ -289,8 +389,140 @@ def _run_block(block, plan: _Plan, fraction: float, inputs: BlockInputs | None, 
     return estimate
 
 
+def _record(result: PruneResult, prefix: str, i: int, block: nn.Module) -> None:
+    for n, lin in block_linears(block).items():
+        name = f"{prefix}.{i}.{n}.weight"
+        result.layer_numel[name] = lin.weight.numel()
+        result.layer_sparsity[name] = int((lin.weight == 0).sum()) / lin.weight.numel()
+
+
+def _block_sizes(blocks: nn.ModuleList) -> list[int]:
+    return [sum(lin.weight.numel() for lin in block_linears(b).values()) for b in blocks]
+
+
+def _dense_scores(model, blocks, store, plan: _Plan, windows, compute, todo: list[int], disable):
+    """Yields (i, {Linear name: float32 score}, memory estimate) for each block i in `todo` (ascending),
+    scored on the dense model's calibration inputs; the blocks before the last one in `todo` that are
+    not in it are run only to rebuild the inputs of the next."""
+    if not todo:
+        return
+    inputs = _capture(model, blocks, store, windows, plan.batch_size, compute) if plan.method.needs_data else None
+    bar = tqdm(total=todo[-1] + 1, desc=f"{plan.method.name} scores", unit="block", disable=disable)
+    wanted = set(todo)
+    for i, block in enumerate(blocks[: todo[-1] + 1]):
+        with store.block(i, block), _on(block, compute):
+            if i not in wanted:
+                if inputs is not None:
+                    for j in range(len(inputs)):
+                        inputs.hidden[j] = inputs.run(block, j)
+            else:
+                linears = block_linears(block)
+                collector, stats, targets = _statistics_pass(block, plan, inputs, dense_into_inputs=True)
+                estimate = _memory(block, inputs, plan.method, collector, plan.batch_size)
+                scores = _scores(block, linears, plan, plan.pattern.fraction, inputs, stats, targets)
+                if targets is not None:
+                    inputs.hidden = targets
+                yield i, {n: scores[n].detach().float() for n in linears}, estimate
+        bar.update()
+    bar.close()
+
+
+def _global_scores(
+    model, blocks, store, plan: _Plan, windows, compute, directory: Path, disable, result: PruneResult | None = None
+) -> list[Path]:
+    """First pass of a global run: every block's scores (`_dense_scores`), one float32 file per block
+    (its Linears in order, each row-major). Files already complete (a resumed run) are kept."""
+    files = [directory / f"block-{i:05d}.f32" for i in range(len(blocks))]
+    sizes = _block_sizes(blocks)
+    todo = [i for i, (f, n) in enumerate(zip(files, sizes)) if not (f.is_file() and f.stat().st_size == 4 * n)]
+    if plan.comm is not None:  # every rank takes part in every block's reductions: nothing is skipped
+        todo = list(range(len(blocks)))
+    for i, scores, estimate in _dense_scores(model, blocks, store, plan, windows, compute, todo, disable):
+        if result is not None and (result.memory is None or estimate.total > result.memory.total):
+            result.memory = estimate
+        flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
+        with atomic_path(files[i]) as temp:
+            flat.numpy().tofile(temp)
+    return files
+
+
+def _mapped(file: Path, numel: int) -> Tensor:
+    """A float32 score file as a tensor backed by the file (pages read on demand, never written)."""
+    return torch.from_file(str(file), shared=False, size=numel, dtype=torch.float32)
+
+
+def _prune_global(model, prefix, blocks, store, plan: _Plan, windows, compute, result, disable) -> None:
+    """Whole-model sparsity: scores to disk, one exact threshold over all of them, then each block
+    pruned against it (the masks of masks.global_unstructured over every block's scores)."""
+    keep = store.disk and store.writer
+    scratch = None if keep else tempfile.TemporaryDirectory(prefix="pyprune_scores_")
+    directory = store.scores_dir() if keep else Path(scratch.name)
+    try:
+        files = _global_scores(model, blocks, store, plan, windows, compute, directory, disable, result)
+        sizes = _block_sizes(blocks)
+        labels = [f"the scores of decoder block {i} ({f})" for i, f in enumerate(files)]
+        k = round(plan.pattern.fraction * sum(sizes))
+        value = need = None
+        if k > 0:
+            value, counts = ops.select_counts([_mapped(f, n) for f, n in zip(files, sizes)], k, labels)
+            need = k - int(counts[0])
+        else:
+            for f, n, label in zip(files, sizes, labels):
+                if bool(torch.isnan(_mapped(f, n)).any()):
+                    raise ValueError(f"{label} hold NaN")
+        for i, block in enumerate(tqdm(blocks, desc="global masks", unit="block", disable=disable)):
+            t0 = time.perf_counter()
+            if i < result.resumed_blocks:
+                with store.block(i, block, source="output"):
+                    _record(result, prefix, i, block)
+                continue
+            scores = _mapped(files[i], sizes[i])
+            if value is None:
+                keep = torch.ones(sizes[i], dtype=torch.bool)
+            else:
+                less, equal = int((scores < value).sum()), int((scores == value).sum())
+                take = min(need, equal)
+                need -= take
+                local_counts = torch.tensor([less, equal], dtype=torch.int64)
+                keep = ops.threshold_masks([scores], value, local_counts, less + take)[0]
+            with store.block(i, block, write=True):
+                offset = 0
+                for lin in block_linears(block).values():
+                    n = lin.weight.numel()
+                    _apply(lin, keep[offset : offset + n].view(lin.weight.shape))
+                    offset += n
+                _record(result, prefix, i, block)
+            result.block_seconds.append(time.perf_counter() - t0)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    zeros = [0.0] * len(blocks)
+    for name, fraction in result.layer_sparsity.items():
+        zeros[int(name[len(prefix) + 1 :].split(".", 1)[0])] += fraction * result.layer_numel[name]
+    result.block_sparsity = [z / max(size, 1) for z, size in zip(zeros, sizes)]
+
+
+def _options(
+    chosen, pattern, granularity, owl, num_samples, seq_len, batch_size, propagate, blocksize, percdamp, windows
+) -> dict:
+    """What a resumed run must share with the run it continues."""
+    return {
+        "method": chosen.name,
+        "sparsity": str(pattern),
+        "granularity": granularity,
+        "owl": None if owl is None else [owl.M, owl.lam],
+        "num_samples": num_samples if windows is not None else 0,
+        "seq_len": seq_len if windows is not None else 0,
+        "batch_size": batch_size,
+        "propagate": propagate,
+        "blocksize": blocksize,
+        "percdamp": float(percdamp),
+        "calibration": None if windows is None else hashlib.sha1(windows.cpu().numpy().tobytes()).hexdigest(),
+    }
+
+
 def prune(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     calibration: Tensor | None = None,
     *,
     method: str = "wanda",
@@ -305,6 +537,10 @@ def prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     progress: bool | None = None,
+    offload: str | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    group: object = None,
 ) -> PruneResult:
     """Prunes the Linear layers of every decoder block of a Hugging Face causal LM in place, one block
     at a time (module docstring), and returns what was done.
@@ -317,21 +553,49 @@ def prune(
         "feature_l1" (llm.local).
     sparsity: a fraction in [0, 1] (exactly round(s × N) weights of each group pruned) or an N:M
         pattern "2:4" / (2, 4).
-    granularity: "row" (each output row its own group) or "layer"; default: the method's paper's
-        (Wanda per row, the others per layer); ignored for N:M.
+    granularity: "row" (each output row its own group), "layer", or "global" (one group over every
+        pruned weight of the model: a dense scoring pass, then one exact threshold; not for
+        sparsegpt); default: the method's paper's (Wanda per row, the others per layer); ignored for N:M.
     owl: llm.OWL(M, lam) for outlier-weighted non-uniform block sparsity (unstructured only).
     propagate: "pruned" (the next block sees the pruned block's outputs) or "dense".
     device: where each block is computed (default: CUDA when available, else where the block is).
     blocksize, percdamp: SparseGPT's lazy column block width and Hessian dampening.
     progress: a tqdm bar over the blocks; None shows it only on a terminal.
+    offload: None (the model is in memory and pruned in place) or "disk": `model` is then the path of
+        a safetensors checkpoint directory, read one block at a time, and the pruned model is written
+        to the directory `out` as a checkpoint that from_pretrained loads (llm.offload).
+    resume: with offload="disk", continue the run recorded in `out` after its last finished block.
+    group: a torch.distributed ProcessGroup to prune over several ranks (module docstring: each rank
+        calibrates on its share of the sequences, statistics are summed over the ranks, SparseGPT's
+        solves are spread over them); every rank calls prune with the same arguments and ends with
+        the same pruned model; with offload="disk", rank 0 writes the output.
 
     Every argument is checked before the model is touched: a model without decoder blocks, a
     calibration set shorter than asked, a sparsity out of range or an unknown method raise ValueError
     with the model unchanged."""
     start = time.perf_counter()
+    comm = None if group is None else Communicator(group)
+    with session(comm):  # distributed: an error on any rank makes every rank raise
+        result = _prune(model, calibration, comm, method, sparsity, granularity, owl, num_samples, seq_len,
+                        batch_size, propagate, device, blocksize, percdamp, progress, offload, out, resume)  # fmt: skip
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _share(windows: Tensor, comm: Communicator) -> Tensor:
+    """This rank's contiguous share of the calibration windows [n, T] (data-parallel calibration)."""
+    n = windows.shape[0]
+    if n < comm.size:
+        raise ValueError(f"{n} calibration sequences cannot be shared by {comm.size} ranks: give at least one per rank")
+    return windows[n * comm.rank // comm.size : n * (comm.rank + 1) // comm.size]
+
+
+def _prune(model, calibration, comm, method, sparsity, granularity, owl, num_samples, seq_len, batch_size,
+           propagate, device, blocksize, percdamp, progress, offload, out, resume) -> PruneResult:  # fmt: skip
     chosen, pattern, granularity = _check_options(
         method, sparsity, granularity, owl, propagate, num_samples, seq_len, batch_size, blocksize, percdamp
     )
+    model, store = _store(model, offload, out, resume)
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         for n, lin in block_linears(block).items():
@@ -342,12 +606,31 @@ def prune(
         if calibration is None:
             raise ValueError(f"method {chosen.name!r}{' with OWL' if owl else ''} needs calibration token ids")
         windows = calibration_windows(calibration, num_samples, seq_len)
+    options = _options(chosen, pattern, granularity, owl, num_samples, seq_len, batch_size, propagate,
+                       blocksize, percdamp, windows)  # fmt: skip
+    if comm is not None:
+        ours = {**options, "offload": offload, "out": None if out is None else str(Path(out).resolve())}
+        theirs = comm.all_gather_object(ours)
+        differ = sorted({k for other in theirs for k in ours if other[k] != ours[k]})
+        if differ:
+            raise ValueError(f"group=: the ranks called prune with different {', '.join(differ)}")
+        if windows is not None:
+            windows = _share(windows, comm)
     compute = _resolve_device(device, blocks)
-    plan = _Plan(chosen, pattern, granularity, propagate, batch_size, blocksize, float(percdamp))
+    plan = _Plan(chosen, pattern, granularity, propagate, batch_size, blocksize, float(percdamp), comm)
     result = PruneResult(
         chosen.name, str(pattern), granularity, num_samples if needs_data else 0, seq_len if needs_data else 0,
         propagate, str(compute),
     )  # fmt: skip
+    if store.disk:
+        if comm is None or comm.rank == 0:
+            result.resumed_blocks = store.open_output(out, options, resume)
+        else:
+            store.attach(out)
+        if comm is not None:  # rank 0 prepared the output; every rank starts after the same block
+            store.alone = False
+            result.resumed_blocks = comm.all_gather_ints([result.resumed_blocks])[0][0]
+        result.output = store.out
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
     disable = None if progress is None else not progress
@@ -355,30 +638,103 @@ def prune(
     model.eval()
     try:
         with torch.no_grad():
-            fractions = [pattern.fraction] * len(blocks)
-            if owl is not None:
-                result.outlier_ratio, fractions = _owl_sparsities(
-                    model, blocks, windows, batch_size, compute, owl, pattern.fraction, disable
-                )
-            result.block_sparsity = fractions
-            inputs = _capture(model, blocks, windows, batch_size, compute) if chosen.needs_data else None
-            for i, block in enumerate(tqdm(blocks, desc=f"{chosen.name} {pattern}", unit="block", disable=disable)):
-                t0 = time.perf_counter()
-                with _on(block, compute):
-                    estimate = _run_block(block, plan, fractions[i], inputs, last=i + 1 == len(blocks))
-                    if compute.type == "cuda":
-                        torch.cuda.synchronize(compute)
-                if result.memory is None or estimate.total > result.memory.total:
-                    result.memory = estimate
-                for n, lin in block_linears(block).items():
-                    name = f"{prefix}.{i}.{n}.weight"
-                    result.layer_numel[name] = lin.weight.numel()
-                    result.layer_sparsity[name] = int((lin.weight == 0).sum()) / lin.weight.numel()
-                result.block_seconds.append(time.perf_counter() - t0)
+            if granularity == "global":
+                _prune_global(model, prefix, blocks, store, plan, windows, compute, result, disable)
+            else:
+                _prune_sequential(model, prefix, blocks, store, plan, windows, compute, owl, result, disable)
+        if store.disk and store.writer:
+            store.finish()
     finally:
         for m, training in modes:
             m.training = training
     if compute.type == "cuda":
         result.peak_device_bytes = torch.cuda.max_memory_allocated(compute)
-    result.seconds = time.perf_counter() - start
+    result.peak_host_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
+
+
+def _prune_sequential(model, prefix, blocks, store, plan: _Plan, windows, compute, owl, result, disable) -> None:
+    """The block-sequential run (module docstring); blocks a resumed run found finished are only rerun
+    to rebuild the next block's inputs (from the output when pruned outputs propagate)."""
+    done = result.resumed_blocks
+    fractions = [plan.pattern.fraction] * len(blocks)
+    if owl is not None:
+        ratios, fractions = store.remember(
+            "owl",
+            lambda: _owl_sparsities(
+                model, blocks, store, windows, plan.batch_size, compute, owl, plan.pattern.fraction, disable, plan.comm
+            ),  # fmt: skip
+        )
+        result.outlier_ratio = list(ratios)
+    result.block_sparsity = list(fractions)
+    todo = plan.method.needs_data and done < len(blocks)
+    inputs = _capture(model, blocks, store, windows, plan.batch_size, compute) if todo else None
+    name = f"{plan.method.name} {plan.pattern}"
+    for i, block in enumerate(tqdm(blocks, desc=name, unit="block", disable=disable)):
+        t0 = time.perf_counter()
+        if i < done:
+            replay = inputs is not None
+            source = "output" if plan.propagate == "pruned" or not replay else "input"
+            with store.block(i, block, source=source), _on(block, compute):
+                if replay:
+                    for j in range(len(inputs)):
+                        inputs.hidden[j] = inputs.run(block, j)
+                if source == "output":
+                    _record(result, prefix, i, block)
+            if source != "output":
+                with store.block(i, block, source="output"):
+                    _record(result, prefix, i, block)
+            continue
+        with store.block(i, block, write=True):
+            with _on(block, compute):
+                estimate = _run_block(block, plan, fractions[i], inputs, last=i + 1 == len(blocks))
+                if compute.type == "cuda":
+                    torch.cuda.synchronize(compute)
+            if result.memory is None or estimate.total > result.memory.total:
+                result.memory = estimate
+            _record(result, prefix, i, block)
+        result.block_seconds.append(time.perf_counter() - t0)
+
+
+def scores(
+    model: nn.Module,
+    calibration: Tensor | None = None,
+    *,
+    method: str = "wanda",
+    num_samples: int = 128,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> dict[str, Tensor]:
+    """{parameter name: float32 score} of every decoder-block Linear weight of a causal LM (higher =
+    more important), each block scored on the dense model's calibration inputs, block by block as
+    `prune` does; the model is not changed. For score methods (magnitude, wanda, snip, refer, afr,
+    feature_l1; the block-local snip's candidate masks at 50 % per layer): feed them to
+    `pyprune_fast.masks` or another tool. prune(granularity="global") prunes by
+    masks.global_unstructured over exactly these scores."""
+    chosen, pattern, _ = _check_options(method, 0.5, "layer", None, "dense", num_samples, seq_len, batch_size, 128, 0.0)
+    if chosen.hessian:
+        raise ValueError("sparsegpt has no score per weight (it chooses its masks inside the OBS update)")
+    prefix, blocks = find_blocks(model)
+    windows = None
+    if chosen.needs_data:
+        if calibration is None:
+            raise ValueError(f"method {chosen.name!r} needs calibration token ids")
+        windows = calibration_windows(calibration, num_samples, seq_len)
+    compute = _resolve_device(device, blocks)
+    plan = _Plan(chosen, pattern, "global", "dense", batch_size, 128, 0.0)
+    out: dict[str, Tensor] = {}
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            todo = list(range(len(blocks)))
+            disable = None if progress is None else not progress
+            passes = _dense_scores(model, blocks, MemoryStore(), plan, windows, compute, todo, disable)
+            for i, block_scores, _ in passes:
+                out.update({f"{prefix}.{i}.{n}.weight": s.cpu() for n, s in block_scores.items()})
+    finally:
+        for m, training in modes:
+            m.training = training
+    return out

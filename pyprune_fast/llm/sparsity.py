@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import masks
 
-GRANULARITIES = ("row", "layer")
+GRANULARITIES = ("row", "layer", "global")
 
 
 @dataclass(frozen=True)

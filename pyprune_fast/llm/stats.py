@@ -87,6 +87,16 @@ class StatsCollector:
         self._handles.clear()
         self._seen.clear()
 
+    def reduce(self, comm) -> None:
+        """Sums every statistic over the ranks of a `distributed.Communicator` (data-parallel
+        calibration: each rank ran its own share of the batches)."""
+        shared = self.shared()
+        tokens = torch.tensor([s.tokens for s in shared], dtype=torch.int64)
+        sums = [s.sumsq for s in shared] + [s.xtx for s in shared if s.xtx is not None]
+        comm.all_reduce_sum_([tokens, *sums])
+        for s, n in zip(shared, tokens.tolist()):
+            s.tokens = n
+
     def shared(self) -> list[InputStats]:
         """The distinct statistics objects (one per distinct input)."""
         unique: dict[int, InputStats] = {}

@@ -1,0 +1,35 @@
+"""Disk-streamed pruning of a synthetic Llama-architecture checkpoint of 6.6 GB (bfloat16, random
+weights, written by the benchmark): peak RSS and time per block of `llm.prune(path, offload="disk")`
+against from_pretrained + in-memory pruning + save_pretrained, each in a fresh process. Marked large
+(about 15 minutes and 20 GB of disk on 2 cores): `pytest benchmarks/bench_offload.py --run-large -s`."""
+
+import pytest
+
+from pyprune_fast.bench import offload
+
+pytestmark = pytest.mark.large
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("offload") / "llama-3b"
+    size = offload.synthetic_checkpoint(path)
+    assert size >= 6e9
+    return path, size
+
+
+@pytest.mark.parametrize("mode", ["disk", "memory"])
+def test_stream_a_6gb_checkpoint(benchmark, checkpoint, mode, tmp_path):
+    path, size = checkpoint
+    run = benchmark.pedantic(offload.run_prune, args=(path, tmp_path / mode, mode), rounds=1, iterations=1)
+    blocks = run["block_seconds"]
+    benchmark.group = "prune a 6.6 GB Llama checkpoint (wanda 50 %, 4 × 128 tokens)"
+    per_block = sum(blocks) / len(blocks)
+    benchmark.extra_info.update(
+        {"checkpoint_bytes": size, "peak_rss_bytes": run["peak_rss_bytes"], "seconds_per_block": per_block}
+    )
+    print(f"\n{mode}: {run['seconds']:.0f} s, {per_block:.1f} s per block, "
+          f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB, checkpoint {size / 2**30:.2f} GiB")  # fmt: skip
+    assert run["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    if mode == "disk":
+        assert run["peak_rss_bytes"] < 1.5 * 2**30

@@ -1,0 +1,182 @@
+"""Hugging Face safetensors checkpoints read tensor by tensor and written shard by shard, for pruning
+models that do not fit in memory (`llm.prune(..., offload="disk")`, llm.offload).
+
+Reading: the directory's `model.safetensors.index.json` (or its one `model.safetensors`) maps every
+tensor to a shard; shards are memory-mapped by safetensors and a tensor is read only when asked for,
+so nothing but the tensors in use is ever in RAM. Every shard is checked when the checkpoint is
+opened: a missing, truncated or corrupt shard, or an index naming tensors a shard does not hold,
+is a ValueError naming the file.
+
+Writing: each shard goes to a temporary file beside its destination, is fsynced and renamed into
+place, so a shard file that exists is complete; the index is written last, so a directory with an
+index is a finished checkpoint that `from_pretrained` loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..io import atomic_path, write_text
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def shard_name(index: int, count: int) -> str:
+    """The name transformers gives shard `index` (1-based) of `count`."""
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+class Checkpoint:
+    """A safetensors checkpoint directory, read one tensor at a time (module docstring).
+
+    `keys()` lists its tensors in index order; `get(name)` reads one (a CPU tensor of its stored
+    dtype); `config()` is its config.json as a dict."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ValueError(f"checkpoint {self.path} is not a directory")
+        if not (self.path / "config.json").is_file():
+            raise ValueError(f"checkpoint {self.path} has no config.json")
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map is not a dict of tensor name -> shard file")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+        elif (self.path / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise ValueError(
+                f"checkpoint {self.path} has no safetensors weights ({INDEX} or {SINGLE}); convert .bin "
+                "checkpoints with from_pretrained + save_pretrained(safe_serialization=True) first"
+            )
+        self._handles = {}
+        shards = [SINGLE] if weight_map is None else list(dict.fromkeys(weight_map.values()))
+        for shard in shards:
+            file = self.path / shard
+            if not file.is_file():
+                raise ValueError(f"shard {file} named by {INDEX} is missing")
+            try:
+                self._handles[shard] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise ValueError(f"shard {file} is not a readable safetensors file: {exc}") from None
+        if weight_map is None:
+            weight_map = {name: SINGLE for name in self._handles[SINGLE].keys()}  # noqa: SIM118 - not a dict
+        for shard, handle in self._handles.items():
+            held = set(handle.keys())
+            wanted = [n for n, s in weight_map.items() if s == shard and n not in held]
+            if wanted:
+                raise ValueError(f"shard {self.path / shard} does not hold {wanted[:5]} that {INDEX} puts there")
+        self.weight_map: dict[str, str] = weight_map
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> Tensor:
+        """The tensor `name`, read from its shard."""
+        if name not in self.weight_map:
+            raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
+        shard = self.weight_map[name]
+        try:
+            return self._handles[shard].get_tensor(name)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"shard {self.path / shard}: cannot read {name!r}: {exc}") from None
+
+    def nbytes(self, names: Iterable[str] | None = None) -> int:
+        """Bytes of the named tensors (all by default), from the shard headers."""
+        total = 0
+        for name in self.keys() if names is None else names:
+            view = self._handles[self.weight_map[name]].get_slice(name)
+            numel = 1
+            for size in view.get_shape():
+                numel *= size
+            total += numel * _DTYPES.get(view.get_dtype(), (None, 4))[1]
+        return total
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype of tensor `name` (from its shard's header; None for a type torch lacks)."""
+        return _DTYPES.get(self._handles[self.weight_map[name]].get_slice(name).get_dtype(), (None, 0))[0]
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def fingerprint(self) -> dict[str, list[int]]:
+        """{file: [size, mtime_ns]} of its weight files: what a resumed run checks it still reads."""
+        files = [INDEX] if (self.path / INDEX).is_file() else []
+        out = {}
+        for name in files + list(self._handles):
+            stat = (self.path / name).stat()
+            out[name] = [stat.st_size, stat.st_mtime_ns]
+        return out
+
+
+_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1), "U64": (None, 8), "U32": (None, 4), "U16": (None, 2),
+}  # fmt: skip
+
+
+def write_shard(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
+    """Writes `tensors` as one safetensors file, atomically (complete or absent)."""
+    from safetensors.torch import save_file
+
+    contiguous = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    with atomic_path(path) as temp:
+        save_file(contiguous, temp, metadata={"format": "pt"})
+
+
+def is_complete_shard(path: str | os.PathLike, names: Iterable[str]) -> bool:
+    """Whether `path` is a readable safetensors file holding exactly the tensors `names`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return set(handle.keys()) == set(names)
+    except Exception:  # noqa: BLE001 - absent, truncated or corrupt: not finished
+        return False
+
+
+def write_index(directory: str | os.PathLike, weight_map: Mapping[str, str], total_size: int) -> None:
+    """The index that makes `directory` a sharded checkpoint (written last, atomically)."""
+    index = {"metadata": {"total_size": int(total_size)}, "weight_map": dict(sorted(weight_map.items()))}
+    write_text(Path(directory) / INDEX, json.dumps(index, indent=2) + "\n")
+
+
+def copy_side_files(source: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
+    """Copies config, generation config, tokenizer and other non-weight files of a checkpoint."""
+    copied = []
+    for file in sorted(Path(source).iterdir()):
+        if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and file.name != INDEX:
+            with atomic_path(Path(directory) / file.name) as temp:
+                shutil.copyfile(file, temp)
+            copied.append(file.name)
+    return copied
+
+
+def read_shard(path: str | os.PathLike, names: Iterable[str]) -> dict[str, Tensor]:
+    """The tensors `names` of one safetensors file (ValueError naming the file when it cannot be read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in names}
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"shard {path} is not readable: {exc}") from None

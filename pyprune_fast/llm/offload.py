@@ -1,0 +1,325 @@
+"""Where the block pipeline's decoder blocks live between their turns: in memory (the model as given),
+or on disk (`offload="disk"`), read from the input checkpoint's safetensors shards one block at a time
+and written, pruned, to an output checkpoint at once.
+
+On disk the model is a skeleton (accelerate's `init_empty_weights`: parameters on the meta device,
+buffers real), so host memory holds one decoder block's weights, the calibration activations and
+the pipeline's statistics; the modules before the first block (embeddings) are loaded only while the
+calibration inputs are captured. The output directory:
+
+    model-00001-of-0000N.safetensors      every tensor outside the decoder blocks, copied unchanged
+    model-0000(i+2)-of-0000N.safetensors  decoder block i, pruned (N = blocks + 1)
+    model.safetensors.index.json          written last: the directory is then a finished checkpoint
+    config.json, tokenizer files, ...     copied from the input
+    pyprune_run.json                      the run's options and the input's fingerprint (--resume)
+    pyprune_scores/                       per-block scores of a global (whole-model) run
+
+Every file is written to a temporary beside it and renamed when complete, so a shard that exists is
+finished. A run that dies after block k resumes (`resume=True`) at block k + 1: the calibration inputs
+of block k + 1 are recomputed by running the finished blocks (read back from the output when the
+pipeline propagates pruned outputs, from the input when it propagates dense ones) — bit for bit the
+inputs the uninterrupted run had, so the resumed result equals it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..io import write_text
+from .checkpoint import (
+    Checkpoint,
+    copy_side_files,
+    is_complete_shard,
+    read_shard,
+    shard_name,
+    write_index,
+    write_shard,
+)
+
+RUN_FILE = "pyprune_run.json"
+SCORES_DIR = "pyprune_scores"
+OFFLOADS = (None, "disk")
+
+
+def _set_tensor(root: nn.Module, name: str, value: Tensor) -> None:
+    """Replaces the parameter or buffer `name` (dotted, relative to `root`) by `value`."""
+    path, _, leaf = name.rpartition(".")
+    module = root.get_submodule(path) if path else root
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        raise KeyError(name)
+
+
+def _to_meta(root: nn.Module, names: list[str]) -> None:
+    """Frees the named tensors of `root`: each replaced by a meta tensor of its shape and dtype."""
+    for name in names:
+        t = root.get_parameter(name) if _is_param(root, name) else root.get_buffer(name)
+        _set_tensor(root, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+
+def _is_param(root: nn.Module, name: str) -> bool:
+    path, _, leaf = name.rpartition(".")
+    return leaf in (root.get_submodule(path) if path else root)._parameters
+
+
+def _on_meta(module: nn.Module) -> list[str]:
+    return [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+
+
+class MemoryStore:
+    """Blocks that stay where they are (the model is in memory): nothing to load or write."""
+
+    disk = False
+
+    def remember(self, _name: str, compute: Callable[[], Any]) -> Any:
+        return compute()
+
+    @contextlib.contextmanager
+    def front(self):
+        yield
+
+    @contextlib.contextmanager
+    def block(self, _i: int, _block: nn.Module, *, source: str = "input", write: bool = False):
+        yield
+
+
+class DiskStore:
+    """Blocks read from a checkpoint's shards and written, pruned, to an output checkpoint (module
+    docstring). Build it with `open_disk_model`."""
+
+    disk = True
+
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module, prefix: str, blocks: nn.ModuleList) -> None:
+        self.checkpoint, self.model, self.prefix, self.blocks = checkpoint, model, prefix, blocks
+        self.out: Path | None = None
+        self.writer = True  # False on the ranks other than 0 of a distributed run: they only read
+        self.alone = True  # False in a distributed run: what is kept on disk is recomputed on resume
+        self.count = len(blocks) + 1
+        self.model_name = _model_names(model, checkpoint)  # checkpoint key -> the model's name for it
+        keys = {name: key for key, name in self.model_name.items()}
+        self.local_names: list[list[str]] = []  # per block: names relative to the block
+        self.block_names: list[list[str]] = []  # per block: the checkpoint keys of the same tensors
+        for i, block in enumerate(blocks):
+            local = list(block.state_dict(keep_vars=True))
+            missing = [f"{prefix}.{i}.{n}" for n in local if f"{prefix}.{i}.{n}" not in keys]
+            if missing:
+                raise ValueError(f"checkpoint {checkpoint.path} lacks {missing[:5]} of decoder block {i}")
+            self.local_names.append(local)
+            self.block_names.append([keys[f"{prefix}.{i}.{n}"] for n in local])
+        known = {n for names in self.block_names for n in names}
+        self.front_names = [k for k in checkpoint.keys() if k not in known]
+        unexpected = [k for k in self.front_names if self.model_name[k].startswith(prefix + ".")]
+        if unexpected:
+            raise ValueError(f"checkpoint {checkpoint.path} holds tensors no decoder block has: {unexpected[:5]}")
+
+    # --- the output directory ------------------------------------------------------------------------
+
+    def open_output(self, out: str | os.PathLike, options: dict[str, Any], resume: bool) -> int:
+        """Prepares `out` for this run; returns the number of finished blocks (0 for a new run).
+
+        A new run needs `out` absent or empty. resume=True continues the run recorded in `out`, which
+        must have been started with the same options on the same (unchanged) input."""
+        out = Path(out)
+        source = str(self.checkpoint.path.resolve())
+        run = {"options": options, "source": source, "input": self.checkpoint.fingerprint()}
+        record = out / RUN_FILE
+        if record.is_file():
+            if not resume:
+                raise FileExistsError(
+                    f"{out} holds an earlier run (see {RUN_FILE}); resume it (resume=True, --resume) or choose "
+                    "another output directory"
+                )
+            try:
+                earlier = json.loads(record.read_text())
+            except ValueError as exc:
+                raise ValueError(f"{record} is not readable JSON ({exc}); choose another output directory") from None
+            changed = sorted(k for k in set(earlier["options"]) | set(options)
+                             if earlier["options"].get(k) != options.get(k))  # fmt: skip
+            if changed:
+                raise ValueError(
+                    f"cannot resume the run in {out}: it was started with other options: "
+                    + ", ".join(f"{k}={earlier['options'].get(k)!r} (now {options.get(k)!r})" for k in changed)
+                )
+            if earlier.get("input") != run["input"] or earlier.get("source") != run["source"]:
+                raise ValueError(f"cannot resume the run in {out}: its input checkpoint {earlier.get('source')} "
+                                 "has changed or is another one")  # fmt: skip
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} exists and holds no pyprune_fast run: choose an empty or new directory")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(record, json.dumps(run, indent=2) + "\n")
+        self.out = out
+        front = out / shard_name(1, self.count)
+        if not is_complete_shard(front, self.front_names):
+            write_shard(front, {n: self.checkpoint.get(n) for n in self.front_names})
+        done = 0
+        while done < len(self.blocks) and self.finished(done):
+            done += 1
+        return done
+
+    def attach(self, out: str | os.PathLike) -> None:
+        """Reads `out` as prepared by the writing rank (rank 0) of a distributed run; writes nothing."""
+        self.out, self.writer = Path(out), False
+
+    def shard(self, i: int) -> Path:
+        return self.out / shard_name(i + 2, self.count)
+
+    def finished(self, i: int) -> bool:
+        return self.out is not None and is_complete_shard(self.shard(i), self.block_names[i])
+
+    def finish(self) -> Path:
+        """Writes the side files and, last, the index: `out` is then a complete checkpoint."""
+        weight_map = {n: shard_name(1, self.count) for n in self.front_names}
+        for i, names in enumerate(self.block_names):
+            weight_map.update({n: self.shard(i).name for n in names})
+        copy_side_files(self.checkpoint.path, self.out)
+        write_index(self.out, weight_map, self.checkpoint.nbytes())
+        return self.out
+
+    def remember(self, name: str, compute: Callable[[], Any]) -> Any:
+        """compute() the first time (its JSON-able result kept in `out`), the kept result on resume."""
+        path = self.out / f"pyprune_{name}.json"
+        if path.is_file() and self.writer and self.alone:
+            with contextlib.suppress(ValueError):
+                return json.loads(path.read_text())
+        value = compute()  # every rank of a distributed run computes it: they take part in its collectives
+        if self.writer:
+            write_text(path, json.dumps(value) + "\n")
+        return value
+
+    def scores_dir(self) -> Path:
+        path = self.out / SCORES_DIR
+        path.mkdir(exist_ok=True)
+        return path
+
+    # --- blocks and the modules in front of them ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def front(self):
+        """The tensors outside the decoder blocks loaded (to capture the first block's inputs), then
+        freed again."""
+        for key in self.front_names:
+            with contextlib.suppress(KeyError, AttributeError):  # a tensor the model lacks is only copied
+                _set_tensor(self.model, self.model_name[key], self.checkpoint.get(key))
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+        outside = [n for n in _on_meta(self.model) if not n.startswith(self.prefix + ".")]
+        if outside:
+            raise ValueError(f"checkpoint {self.checkpoint.path} lacks {outside[:5]}")
+        try:
+            yield
+        finally:
+            _to_meta(self.model, [n for n in self.model.state_dict(keep_vars=True)
+                                  if not n.startswith(self.prefix + ".")])  # fmt: skip
+
+    def _load(self, i: int, block: nn.Module, source: str) -> None:
+        if source == "output":
+            stored = read_shard(self.shard(i), self.block_names[i])
+            values = {n: stored[full] for n, full in zip(self.local_names[i], self.block_names[i])}
+        else:
+            values = {n: self.checkpoint.get(full) for n, full in zip(self.local_names[i], self.block_names[i])}
+        for n, value in values.items():
+            _set_tensor(block, n, value)
+
+    @contextlib.contextmanager
+    def block(self, i: int, block: nn.Module, *, source: str = "input", write: bool = False):
+        """Block i's weights read (from the input checkpoint, or from the output for source="output")
+        for the duration; with `write`, written to its output shard at the end (not on an error);
+        then freed."""
+        local = self.local_names[i]
+        self._load(i, block, source)
+        try:
+            yield
+            if write and self.writer:
+                write_shard(self.shard(i), {full: block.get_parameter(n) if _is_param(block, n) else block.get_buffer(n)
+                                            for n, full in zip(local, self.block_names[i])})  # fmt: skip
+        finally:
+            _to_meta(block, local)
+
+    @contextlib.contextmanager
+    def streamed(self):
+        """The whole model usable for inference (e.g. llm.perplexity) with one decoder block in memory
+        at a time: the tensors outside the blocks loaded for the duration, each block read from the
+        checkpoint when it is called and freed when it returns."""
+        handles = []
+        for i, block in enumerate(self.blocks):
+
+            def load(module, _args, i=i):
+                self._load(i, module, "input")
+
+            def free(module, _args, _output, i=i):
+                _to_meta(module, self.local_names[i])
+
+            handles += [block.register_forward_pre_hook(load), block.register_forward_hook(free)]
+        try:
+            with self.front():
+                yield self.model
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _model_names(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """{checkpoint key: the model's name for that tensor}: the key renamed by the renaming rules
+    transformers applies when it loads this architecture (e.g. GPT-NeoX's embed_out -> lm_head).
+    Checkpoints that transformers must convert (split, merge or stack tensors) are refused."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+    except ImportError:  # transformers < 5 loads checkpoints by name
+        return {key: key for key in checkpoint.keys()}
+    names = {}
+    for key in checkpoint.keys():
+        name = key
+        for transform in transforms:
+            renamed, matched = transform.rename_source_key(name)
+            if matched is not None and not isinstance(transform, WeightRenaming):
+                raise ValueError(
+                    f"checkpoint {checkpoint.path}: tensor {key!r} is converted by transformers when loaded "
+                    f"({type(transform).__name__}); offload='disk' needs a checkpoint whose tensors are the "
+                    "model's parameters one to one (save the model with save_pretrained first)"
+                )
+            name = renamed
+        names[key] = name
+    return names
+
+
+def open_disk_model(path: str | os.PathLike) -> tuple[nn.Module, DiskStore]:
+    """(skeleton model, store) of the causal LM checkpoint in the directory `path`: parameters on the
+    meta device, read block by block by the store. Needs transformers and accelerate."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .blocks import find_blocks
+
+    checkpoint = Checkpoint(path)
+    config = AutoConfig.from_pretrained(checkpoint.path, local_files_only=True)
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or []):
+        raise ValueError(f"{checkpoint.path} does not hold a causal LM (its config names no *ForCausalLM architecture)")
+    dtype = _stored_dtype(checkpoint)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    prefix, blocks = find_blocks(model)
+    return model, DiskStore(checkpoint, model, prefix, blocks)
+
+
+def _stored_dtype(checkpoint: Checkpoint) -> torch.dtype:
+    """The floating dtype of the checkpoint's first weight (float32 if none)."""
+    for name in checkpoint.keys():
+        dtype = checkpoint.dtype(name)
+        if name.endswith(".weight") and dtype is not None and dtype.is_floating_point:
+            return dtype
+    return torch.float32
