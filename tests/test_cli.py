@@ -348,7 +348,7 @@ def test_score_writes_each_criterions_scores(tmp_path, capsys):
     assert "scores-wanda.safetensors" in capsys.readouterr().out
 
 
-def test_bench_runs_every_registered_workload(capsys, monkeypatch):
+def test_bench_calls_each_workload_with_the_device_and_scale(capsys, monkeypatch):
     calls = []
 
     def toy(device="cpu", scale=1.0):
@@ -357,14 +357,11 @@ def test_bench_runs_every_registered_workload(capsys, monkeypatch):
         return harness.Case(group="toy", ours=lambda: x.sum(), baselines={"python sum": lambda: sum(x.tolist())})
 
     monkeypatch.setitem(registry.WORKLOADS, "toy sum", toy)
-    assert cli.main(["bench", "--scale", "0.01", "--repeats", "2", "--device", "cpu", "--quiet"]) == 0
+    assert cli.main(["bench", "--only", "toy sum", "--scale", "0.01", "--repeats", "2", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert calls == [("cpu", 0.01)]
-    for name in registry.WORKLOADS:
-        rows = [line for line in lines if line.startswith(name)]
-        assert len(rows) >= 2 and " ours " in rows[0], rows
-        assert all(row.rstrip().endswith("x") for row in rows[1:]), rows
-    assert any("python sum" in line for line in lines)
+    assert any("python sum" in line and line.rstrip().endswith("x") for line in lines)
+    # every registered workload end to end: tests/test_bench_quick.py
 
 
 def test_time_case_times_ours_and_each_baseline():

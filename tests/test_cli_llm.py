@@ -87,7 +87,8 @@ def test_save_model_into_a_given_directory_and_one_target(model_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--granularity", "global"], "--granularity global does not apply to LLMs"),
+        (["--granularity", "channel"], "--granularity channel does not apply to LLMs"),
+        (["--granularity", "global", "--criterion", "sparsegpt"], "sparsegpt chooses its masks inside its solve"),
         (["--criterion", "taylor"], "criteria ['taylor'] do not apply to LLMs"),
         (["--granularity", "2:4", "--sparsity", "0.3"], "--sparsity does not apply to --granularity 2:4"),
         (["--samples", "10000"], "calibration has"),
@@ -100,3 +101,65 @@ def test_bad_llm_options_are_one_clear_line(model_dir, tmp_path, capsys, extra, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+# --- beyond memory and beyond one process -------------------------------------------------------------
+
+
+def test_offload_disk_writes_checkpoints_equal_to_in_memory_pruning(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    args = ["prune", "--model", f"hf:{model_dir}", "--criterion", "wanda", "sparsegpt", "--sparsity", "0.5", *OPTIONS]
+    assert cli.main([*args, "--out", out, "--offload", "disk"]) == 0, capsys.readouterr().err
+    assert "peak host memory" in capsys.readouterr().out
+    memory = str(tmp_path / "memory")
+    assert cli.main([*args, "--out", memory, "--save-model"]) == 0
+    with open(os.path.join(out, "report.json")) as f:
+        streamed = json.load(f)
+    with open(os.path.join(memory, "report.json")) as f:
+        loaded = json.load(f)
+    assert streamed["dense"]["perplexity"] == loaded["dense"]["perplexity"]  # the streamed forward is the same
+    for a, b in zip(streamed["results"], loaded["results"]):
+        assert a["metrics"]["perplexity"] == b["metrics"]["perplexity"], a["criterion"]
+        got = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, a["criterion"] + "-0.5"))
+        want = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(memory, b["criterion"] + "-0.5"))
+        assert all(torch.equal(w, linear_weights(want)[n]) for n, w in linear_weights(got).items())
+    # a rerun continues with --resume (everything is found finished) and is refused without it
+    assert cli.main([*args, "--out", out, "--offload", "disk", "--resume"]) == 0
+    assert cli.main([*args, "--out", out, "--offload", "disk"]) == 2
+    assert "resume" in capsys.readouterr().err
+
+
+def test_resume_needs_offload_and_global_granularity_applies(model_dir, tmp_path, capsys):
+    base = ["prune", "--model", f"hf:{model_dir}", "--out", str(tmp_path / "o"), *OPTIONS]
+    assert cli.main([*base, "--resume"]) == 2
+    assert "--offload disk" in capsys.readouterr().err
+    assert cli.main([*base, "--criterion", "wanda", "--granularity", "global", "--sparsity", "0.6"]) == 0
+    with open(tmp_path / "o" / "report.json") as f:
+        result = json.load(f)["results"][0]
+    assert result["achieved_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert len({round(v, 6) for v in result["layer_sparsity"].values()}) > 1  # not the same in every layer
+
+
+def test_torchrun_over_two_processes_writes_one_result(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "pyprune_fast", "prune", "--model", f"hf:{model_dir}", "--criterion", "sparsegpt"]
+    command += ["--sparsity", "0.5", "--out", str(out), "--device", "cpu", *OPTIONS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1  # rank 0 reports, the other rank prunes along
+    with open(out / "report.json") as f:
+        doc = json.load(f)
+    assert [r["criterion"] for r in doc["results"]] == ["sparsegpt"]
+    assert doc["results"][0]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_torchrun_with_a_model_that_is_not_a_causal_lm_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["prune", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "torchrun spreads the pruning of causal LMs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,8 +1,9 @@
 """The `pyprune-fast` command line (also `python -m pyprune_fast`): prune, score, bench, info.
 
-Exit status: 0 done, 2 bad input (model, criterion, option, output directory), 130 interrupted. Every
-file is written to a temporary next to its destination and renamed into place only when the whole
-run has succeeded: an error or an interrupt replaces no file and leaves no temporary behind."""
+Exit status: 0 done, 1 some `bench` workloads failed (each is marked in the table; the others ran), 2 bad
+input (model, data, criterion, option, output directory), 130 interrupted. Every file is written to a
+temporary next to its destination and renamed into place only when the whole run has succeeded: an
+error or an interrupt replaces no file and leaves no temporary behind."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ DEFAULT_CRITERIA = ["magnitude", "snip", "refer", "afr"]
 DEFAULT_CHANNEL_CRITERIA = ["l1", "taylor", "fisher"]
 DEFAULT_SPARSITIES = [0.5, 0.8, 0.9]
 DEFAULT_BATCHES = 4
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_SEQ_LEN = 256
 
 
 class UsageError(ValueError):
@@ -83,14 +86,47 @@ def _bar(iterable, desc: str, quiet: bool):
 
 
 def _load(args):
-    from . import zoo
+    """The model's bundle, with the user's files (--data, --eval-data) in place of its packaged data;
+    the paths are checked before the model loads. Prints where the data comes from when files are used."""
+    from . import data, llm_runner, zoo
 
-    return zoo.load(args.model, _device(args.device), calibration_batches=args.batches)
+    files = {"--data": getattr(args, "data", None), "--eval-data": getattr(args, "eval_data", None)}
+    for option, path in files.items():
+        if path is not None:
+            data.check_path(path, option)
+    used = any(files.values())
+    if used and zoo.is_default(args.model):
+        raise UsageError(
+            f"{' and '.join(o for o, p in files.items() if p)} do not apply to the default model (calibrated and "
+            "evaluated on its packaged text); name a model: --model torchvision:NAME | timm:NAME | hf:PATH | smollm2"
+        )
+    if getattr(args, "offload", None):
+        bundle = zoo.offloaded(args.model)
+    else:
+        bundle = zoo.load(args.model, _device(args.device), calibration_batches=args.batches)
+    if not used:
+        return bundle
+    if isinstance(bundle, llm_runner.LLMBundle):
+        llm_runner.use_text_files(bundle, files["--data"], files["--eval-data"])
+    else:
+        data.use_files(
+            bundle,
+            files["--data"],
+            files["--eval-data"],
+            batches=args.batches,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+        )
+    for key in ("data", "evaluation", "preprocessing"):
+        if key in bundle.info:
+            print(f"{key}: {bundle.info[key]}", flush=True)
+    return bundle
 
 
-def _check_batches(batches: int) -> None:
-    if batches < 1:
-        raise UsageError(f"--batches must be >= 1, got {batches}")
+def _check_batches(args) -> None:
+    for option, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
 
 
 def cmd_info(args) -> int:
@@ -107,7 +143,7 @@ def cmd_score(args) -> int:
     from . import zoo
     from .runner import check_criteria, score_criterion
 
-    _check_batches(args.batches)
+    _check_batches(args)
     if zoo.is_llm_spec(args.model):
         raise UsageError("score does not apply to causal LMs (pruned block by block): use pyprune-fast prune")
     out = OutDir(args.out)
@@ -214,6 +250,11 @@ def cmd_prune(args) -> int:
 
     if zoo.is_llm_spec(args.model):
         return _prune_llm(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            "torchrun spreads the pruning of causal LMs (--model smollm2 or hf:PATH of one) over its processes; "
+            "run other models in one process, or spread their calibration with ppf.score(..., group=) in Python"
+        )
     args.granularity = args.granularity or "global"
     if args.granularity == runner.TWO_FOUR and args.sparsity is not None:
         raise UsageError("--sparsity does not apply to --granularity 2:4 (2 of every 4 weights are kept: 0.5)")
@@ -222,7 +263,7 @@ def cmd_prune(args) -> int:
     criteria = list(dict.fromkeys(args.criterion or (DEFAULT_CHANNEL_CRITERIA if channel else DEFAULT_CRITERIA)))
     if args.remove_channels and not channel:
         raise UsageError(f"--remove-channels applies to --granularity {' or '.join(runner.CHANNEL_SCOPES)}")
-    _check_batches(args.batches)
+    _check_batches(args)
     _need_matplotlib()
     out = OutDir(args.out)
     single = len(criteria) == 1 and (len(sparsities) == 1 or args.granularity == runner.TWO_FOUR)
@@ -270,6 +311,8 @@ def _run_and_report(args, out: OutDir, execute) -> int:
     print(report.summary_table(run))
     if "peak memory (formula)" in run.info:
         print(f"peak memory per block (formula in pyprune_fast.llm.pipeline): {run.info['peak memory (formula)']}")
+    if "peak host memory (RSS)" in run.info:
+        print(f"peak host memory (RSS of the process, streamed from disk): {run.info['peak host memory (RSS)']}")
     print(
         f"\nwrote {len(files)} files to {args.out}/ (report.md, report.json, {', '.join(plots)}) "
         f"in {time.perf_counter() - start:.0f} s"
@@ -277,7 +320,7 @@ def _run_and_report(args, out: OutDir, execute) -> int:
     return 0
 
 
-LLM_GRANULARITIES = {None: None, "per-row": "row", "layerwise": "layer", "2:4": None}
+LLM_GRANULARITIES = {None: None, "per-row": "row", "layerwise": "layer", "global": "global", "2:4": None}
 
 
 def _prune_llm(args) -> int:
@@ -289,7 +332,7 @@ def _prune_llm(args) -> int:
     if args.granularity not in LLM_GRANULARITIES:
         raise UsageError(
             f"--granularity {args.granularity} does not apply to LLMs (pruned block by block): use per-row, "
-            "layerwise or 2:4, or leave it out (each method's own groups, and 2:4)"
+            "layerwise, global or 2:4, or leave it out (each method's own groups, and 2:4)"
         )
     if args.remove_channels:
         raise UsageError("--remove-channels does not apply to LLMs")
@@ -301,14 +344,41 @@ def _prune_llm(args) -> int:
         targets = runner.check_sparsities(args.sparsity)
     else:
         targets = list(llm_runner.DEFAULT_TARGETS) if args.granularity is None else [0.5]
-    methods = list(dict.fromkeys(args.criterion or llm_runner.DEFAULT_METHODS))
+    defaults = llm_runner.DEFAULT_METHODS
+    if args.granularity == "global":  # SparseGPT chooses its masks inside its solve: no score to threshold
+        defaults = [m for m in defaults if not llm.METHODS[m].hessian]
+        chosen = [m for m in args.criterion or [] if m in llm.METHODS and llm.METHODS[m].hessian]
+        if chosen:
+            raise UsageError(
+                f"--granularity global thresholds one score per weight; {chosen[0]} chooses its masks inside its "
+                "solve, per block of columns: use per-row or layerwise for it"
+            )
+    methods = list(dict.fromkeys(args.criterion or defaults))
     unknown = [m for m in methods if m not in llm.METHODS]
     if unknown:
         raise UsageError(f"criteria {unknown} do not apply to LLMs; LLM methods: {', '.join(llm.METHODS)}")
+    if args.resume and not args.offload:
+        raise UsageError("--resume continues an --offload disk run: add --offload disk")
     _need_matplotlib()
-    out = OutDir(args.out)
+    group = _process_group(args)
+    lead = group is None or group.rank() == 0
+    out = OutDir(args.out) if lead else None
+    options = {
+        "granularity": LLM_GRANULARITIES[args.granularity],
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "eval_tokens": args.eval_tokens,
+        "eval_seq_len": args.seq_len,
+        "device": _device(args.device),
+        "quiet": args.quiet,
+        "group": group,
+        "evaluate": lead,
+    }
 
     def execute(staged, bundle):
+        if args.offload:
+            return llm_runner.prune_offloaded(bundle, methods, targets, _save_root(args), resume=args.resume, **options)
+
         def on_model(result, keep, model, tag) -> None:
             result.files["masks"] = f"masks-{tag}.safetensors"
             meta = {"criterion": result.criterion, "sparsity": tag.split("-")[-1], "model": bundle.name}
@@ -318,25 +388,45 @@ def _prune_llm(args) -> int:
                 _save_pretrained(staged, directory, model, bundle.tokenizer)
                 result.files["model"] = os.path.relpath(directory, args.out)
 
-        return llm_runner.prune(
-            bundle,
-            methods,
-            targets,
-            granularity=LLM_GRANULARITIES[args.granularity],
-            samples=args.samples,
-            seq_len=args.seq_len,
-            eval_tokens=args.eval_tokens,
-            eval_seq_len=args.seq_len,
-            device=_device(args.device),
-            on_model=on_model,
-            quiet=args.quiet,
-        )
+        return llm_runner.prune(bundle, methods, targets, on_model=on_model, **options)
 
-    return _run_and_report(args, out, execute)
+    try:
+        if lead:
+            return _run_and_report(args, out, execute)
+        execute(None, _load(args))  # the other ranks of a torchrun: they prune along, rank 0 reports
+        return 0
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _process_group(args):
+    """torch.distributed's default group when launched by torchrun with several processes (gloo on
+    CPU, NCCL with each rank on its own GPU, LOCAL_RANK), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = _device(args.device).startswith("cuda")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return dist.group.WORLD
 
 
 def cmd_bench(args) -> int:
-    from ..bench.harness import time_case
+    """Every workload (or --only's) in turn: ours, then each baseline. A workload that fails (building
+    its inputs or any implementation raising) is reported in the table as `failed: <one line>` and the
+    others still run; the exit status is then 1 (some workloads failed), else 0."""
+    from ..bench.harness import one_line, time_case
     from ..bench.registry import WORKLOADS
 
     device = _device(args.device)
@@ -345,20 +435,36 @@ def cmd_bench(args) -> int:
     if not 0 < args.scale <= 1:
         raise UsageError(f"--scale must be in (0, 1], got {args.scale}")
     names = args.only or list(WORKLOADS)
-    print(f"{'workload':30s} {'impl':42s} {'best ms':>10s} {'median ms':>10s} {'ours faster by':>15s}")
+    width = max(len(n) for n in names) + 1
+    print(f"{'workload':{width}s} {'impl':42s} {'best ms':>10s} {'median ms':>10s} {'ours faster by':>15s}")
+    failed = []
     for name in _bar(names, "bench", args.quiet):
-        case = WORKLOADS[name](device=device, scale=args.scale)
-        timings = time_case(case, device, args.repeats, warmup=1)
+        try:
+            case = WORKLOADS[name](device=device, scale=args.scale)
+            timings = time_case(case, device, args.repeats, warmup=1, keep_going=True)
+        except Exception as exc:
+            failed.append(name)
+            print(f"{name:{width}s} {'':42s} failed: {one_line(exc)}", flush=True)
+            continue
+        finally:
+            case = None  # free the workload's tensors before the next one is built
         ours = timings[0].median
         for t in timings:
-            ratio = "" if t.impl == "ours" else f"{t.median / ours:14.2f}x"
-            print(f"{name:30s} {t.impl:42s} {t.best * 1e3:10.2f} {t.median * 1e3:10.2f} {ratio:>15s}")
-        del case
+            if t.error is not None:
+                print(f"{name:{width}s} {t.impl:42s} failed: {t.error}", flush=True)
+                continue
+            ratio = "" if t.impl == "ours" or timings[0].error else f"{t.median / ours:14.2f}x"
+            print(f"{name:{width}s} {t.impl:42s} {t.best * 1e3:10.2f} {t.median * 1e3:10.2f} {ratio:>15s}", flush=True)
+        if any(t.error for t in timings):
+            failed.append(name)
     import torch
 
     print(
         f"\n{device}, {torch.get_num_threads()} threads, scale {args.scale:g}, median of {args.repeats} after 1 warm-up"
     )
+    if failed:
+        print(f"{len(failed)} of {len(names)} workloads failed: {', '.join(failed)}")
+        return 1
     return 0
 
 
@@ -370,8 +476,9 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="default: the embedded pretrained all-MiniLM-L6-v2 on pydoc_data text; or torchvision:NAME, "
-        "timm:NAME, hf:PATH, package.module:factory",
+        help="default: the embedded pretrained all-MiniLM-L6-v2 on pydoc_data text; or torchvision:NAME "
+        "(pip install 'pyprune-fast[vision]'), timm:NAME ('pyprune-fast[timm]'), hf:PATH (a local Hugging Face "
+        "directory; causal LMs: 'pyprune-fast[llm]'), smollm2 (the embedded LLM), package.module:factory",
     )
     kinds = {kind: ", ".join(c for c in criteria if c in CRITERIA and CRITERIA[c].kind == kind) for kind in KINDS}
     p.add_argument(
@@ -384,15 +491,111 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
         f"channel granularities; weight criteria: {kinds['weight']}; channel criteria: {kinds['channel']}; "
         f"LLM methods (default magnitude wanda sparsegpt): {', '.join(METHODS)})",
     )
-    p.add_argument(
+    p.add_argument("--out", default="pyprune-out", help="output directory (default ./pyprune-out)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_data_options(p: argparse.ArgumentParser, evaluation: bool) -> None:
+    """Where the calibration (and, for prune, evaluation) data come from and how they are cut."""
+    group = p.add_argument_group(
+        "data (your own files in place of the model's packaged data)",
+        "An image folder (one subfolder of images per class, as torchvision's ImageFolder; preprocessed as the "
+        "model expects, labels = the class folders in sorted order) for torchvision:/timm: models; text (a file, "
+        'or a folder of .txt and .jsonl files; .jsonl lines are JSON objects with a "text" field) for language '
+        "models, tokenized with the model's tokenizer.",
+    )
+    group.add_argument(
+        "--data",
+        metavar="PATH",
+        help="calibration data for the criteria: image batches with their labels (cross-entropy), or text cut "
+        "into --seq-len token sequences",
+    )
+    if evaluation:
+        group.add_argument(
+            "--eval-data",
+            metavar="PATH",
+            help="evaluation data: top-1 accuracy against the folder's labels (image classifiers), perplexity "
+            "(causal LMs), agreement with the dense model's outputs (other models)",
+        )
+    group.add_argument(
         "--batches",
         type=int,
         default=DEFAULT_BATCHES,
         help=f"calibration batches for the criteria (default {DEFAULT_BATCHES})",
     )
-    p.add_argument("--out", default="pyprune-out", help="output directory (default ./pyprune-out)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images or sequences per batch read from --data / --eval-data (default {DEFAULT_BATCH_SIZE})",
+    )
+    group.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help=f"tokens per text sequence: calibration and evaluation windows (default {DEFAULT_SEQ_LEN})",
+    )
+
+
+def _add_pruning_options(p: argparse.ArgumentParser, choices: list[str]) -> None:
+    group = p.add_argument_group("pruning")
+    group.add_argument(
+        "--sparsity",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"fractions of the scored weights to prune (default: {' '.join(map(str, DEFAULT_SPARSITIES))})",
+    )
+    group.add_argument(
+        "--granularity",
+        default=None,
+        choices=choices,
+        help="global: one threshold over all scored weights; layerwise: each tensor; per-row: each output "
+        "row; 2:4: 2 of every 4 consecutive weights of a row (weights whose row length is not divisible "
+        "by 4 are left dense and listed in the report); channel / channel-layerwise: whole output channels "
+        "of every Conv/Linear, ranked by a channel criterion over all layers / within each layer, zeroed "
+        "(default global; for LLMs each method's own groups and 2:4)",
+    )
+    group.add_argument(
+        "--remove-channels",
+        action="store_true",
+        help="with a channel granularity: remove the pruned channels physically (Torch-Pruning: pip install "
+        "torch-pruning) instead of zeroing them, and report the smaller model's parameter count",
+    )
+    group.add_argument(
+        "--save-model",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="DIR",
+        help="also write each pruned model: Hugging Face models as from_pretrained directories "
+        "<criterion>-<sparsity or 2of4>/ (under DIR if given, else --out), others as safetensors files",
+    )
+
+
+def _add_llm_options(p: argparse.ArgumentParser) -> None:
+    """Options of the block-by-block LLM path only (--model smollm2 or hf:PATH of a causal LM)."""
+    group = p.add_argument_group("LLMs (--model smollm2 or hf:PATH of a causal LM)")
+    group.add_argument("--samples", type=int, default=16, help="calibration sequences of --seq-len (default 16)")
+    group.add_argument(
+        "--eval-tokens", type=int, default=8192, help="held-out tokens the perplexity is measured on (default 8192)"
+    )
+    group.add_argument(
+        "--offload",
+        choices=["disk"],
+        default=None,
+        help="disk: stream the model from its safetensors checkpoint one decoder block at a time (host memory "
+        "≈ one block + the calibration activations) and write each pruned model at once as a checkpoint "
+        "<method>-<sparsity or 2of4>/ under --save-model DIR (default --out); perplexities are measured "
+        "streamed too, and no mask files are written (the checkpoints are the result)",
+    )
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --offload disk: continue runs that were killed mid-way after their last finished block",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,58 +618,28 @@ def build_parser() -> argparse.ArgumentParser:
         "report.json, report.md and plots to --out.",
     )
     _add_model_options(prune, criteria)
-    prune.add_argument(
-        "--sparsity",
-        nargs="+",
-        type=float,
-        default=None,
-        metavar="S",
-        help=f"fractions of the scored weights to prune (default: {' '.join(map(str, DEFAULT_SPARSITIES))})",
-    )
-    prune.add_argument(
-        "--granularity",
-        default=None,
-        choices=CHOICES,
-        help="global: one threshold over all scored weights; layerwise: each tensor; per-row: each output "
-        "row; 2:4: 2 of every 4 consecutive weights of a row (weights whose row length is not divisible "
-        "by 4 are left dense and listed in the report); channel / channel-layerwise: whole output channels "
-        "of every Conv/Linear, ranked by a channel criterion over all layers / within each layer, zeroed "
-        "(default global; for LLMs each method's own groups and 2:4)",
-    )
-    prune.add_argument(
-        "--remove-channels",
-        action="store_true",
-        help="with a channel granularity: remove the pruned channels physically (Torch-Pruning: pip install "
-        "torch-pruning) instead of zeroing them, and report the smaller model's parameter count",
-    )
-    prune.add_argument(
-        "--save-model",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="DIR",
-        help="also write each pruned model: Hugging Face models as from_pretrained directories "
-        "<criterion>-<sparsity or 2of4>/ (under DIR if given, else --out), others as safetensors files",
-    )
-    llm_options = prune.add_argument_group("LLMs (--model smollm2 or hf:PATH of a causal LM)")
-    llm_options.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
-    llm_options.add_argument(
-        "--seq-len", type=int, default=256, help="tokens per calibration and evaluation sequence (default 256)"
-    )
-    llm_options.add_argument(
-        "--eval-tokens", type=int, default=8192, help="held-out tokens the perplexity is measured on (default 8192)"
-    )
+    _add_data_options(prune, evaluation=True)
+    _add_pruning_options(prune, CHOICES)
+    _add_llm_options(prune)
     prune.set_defaults(run=cmd_prune)
 
     score = sub.add_parser("score", help="score a model with criteria and write the scores (safetensors)")
     _add_model_options(score, criteria)
+    _add_data_options(score, evaluation=False)
     score.set_defaults(run=cmd_score)
 
-    bench = sub.add_parser("bench", help="a quick run of the benchmark suite: ours vs the baselines, one table")
+    bench = sub.add_parser(
+        "bench",
+        help="a quick run of the benchmark suite: ours vs the baselines, one table",
+        description="Times every workload (ours, then each baseline) at --scale. A workload that fails is marked "
+        "'failed: <reason>' in the table and the others still run; the exit status is then 1.",
+    )
     bench.add_argument(
         "--only", nargs="+", choices=list(WORKLOADS), metavar="W", help=f"workloads: {', '.join(WORKLOADS)}"
     )
-    bench.add_argument("--scale", type=float, default=0.1, help="shrink each workload's tensors (default 0.1)")
+    bench.add_argument(
+        "--scale", type=float, default=0.1, help="shrink each workload's tensors, in (0, 1] (default 0.1)"
+    )
     bench.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (default 5)")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")

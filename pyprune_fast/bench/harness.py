@@ -1,7 +1,7 @@
 """The one timing harness of the benchmarks: a Case (ours against one or more baselines on the same
-inputs), timing each implementation in turn (`time_call`, `time_case`, used by `pyprune-fast bench`),
-the peak-memory sampler and the ratio table that the pytest-benchmark suite (benchmarks/conftest.py)
-uses."""
+inputs), `scaled` (the one rule that shrinks a workload's sizes to what each implementation accepts),
+timing each implementation in turn (`time_call`, `time_case`, used by `pyprune-fast bench`), the
+peak-memory sampler and the ratio table that the pytest-benchmark suite (benchmarks/conftest.py) uses."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
+def scaled(n: int, scale: float, multiple: int = 1) -> int:
+    """A size n (named at scale 1) shrunk by `scale`: n × scale rounded down to a multiple of `multiple`,
+    at least one multiple. Each workload passes the multiple its implementations need (torch's CUTLASS
+    2:4 conversion, for instance, takes fp16 rows in multiples of 32), so every scale in (0, 1] gives
+    shapes that every implementation accepts; scale 1 keeps n when n is such a multiple."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    return max(multiple, int(n * scale + 1e-9) // multiple * multiple)
+
+
 def sync(device: str) -> None:
     """Waits for the GPU when `device` is CUDA, so that a timed call includes its kernels."""
     if str(device).startswith("cuda"):
@@ -52,19 +62,37 @@ def time_call(fn: Callable[[], object], device: str = "cpu", repeats: int = 5, w
 
 @dataclass
 class Timing:
-    """One implementation of a case: best and median wall seconds."""
+    """One implementation of a case: best and median wall seconds, or, when it raised (and time_case
+    was asked to go on), `error`: the exception in one line, and NaN times."""
 
     impl: str
     best: float
     median: float
+    error: str | None = None
 
 
-def time_case(case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1) -> list[Timing]:
-    """Ours, then each baseline, timed in turn in the same process on the same inputs."""
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def time_case(
+    case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1, keep_going: bool = False
+) -> list[Timing]:
+    """Ours, then each baseline, timed in turn in the same process on the same inputs. With
+    `keep_going`, an implementation that raises (an Exception) gets a Timing with its `error` and the
+    others are still timed; otherwise the exception propagates."""
     impls = {"ours": case.ours, **case.baselines}
     out = []
     for impl, fn in impls.items():
-        times = time_call(fn, device, repeats, warmup)
+        try:
+            times = time_call(fn, device, repeats, warmup)
+        except Exception as exc:
+            if not keep_going:
+                raise
+            out.append(Timing(impl, float("nan"), float("nan"), one_line(exc)))
+            continue
         out.append(Timing(impl, min(times), statistics.median(times)))
     return out
 

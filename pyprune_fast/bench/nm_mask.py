@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import masks
-from .harness import Case
+from .harness import Case, scaled
 
 # Weight shapes [out, in] of the Linear layers of ViT-B/16 and of one LLaMA-7B decoder layer.
 VIT_B16_LINEARS = {"vit_b_16": [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(1000, 768)]}
@@ -40,7 +40,7 @@ def n_m_case(
 ) -> Case:
     """masks.n_m (2:4, one fused op for all weights) on random scores shaped like the model's Linear
     weights, against the Wanda-style loop and vectorized topk."""
-    shapes = [(max(1, int(o * scale)), i) for o, i in {**VIT_B16_LINEARS, **LLAMA7B_LAYER}[model]]
+    shapes = [(scaled(o, scale), i) for o, i in {**VIT_B16_LINEARS, **LLAMA7B_LAYER}[model]]
     g = torch.Generator(device="cpu").manual_seed(0)
     scores = {f"w{i}": torch.rand(s, generator=g).to(device=device, dtype=dtype) for i, s in enumerate(shapes)}
     n = sum(s.numel() for s in scores.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .harness import Case
+from .harness import Case, scaled
 
 # The weights scored by default in torchvision's ViT-B/16 (every Linear and Conv weight; the
 # attention in_proj is a bare Parameter): 65.06 M values in 38 tensors.
@@ -34,7 +34,7 @@ def eager_saliency(grads, weights):
 def saliency_case(device: str = "cpu", dtype: torch.dtype = torch.float32, scale: float = 1.0) -> Case:
     """The fused saliency op on ViT-B/16's weights and random gradients (scale < 1 shrinks each tensor)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    shapes = [(max(1, int(s[0] * scale)),) + tuple(s[1:]) for s in VIT_B16_WEIGHTS]
+    shapes = [(scaled(s[0], scale),) + tuple(s[1:]) for s in VIT_B16_WEIGHTS]
     weights = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
     grads = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
     n = sum(w.numel() for w in weights)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import masks, ops
-from .harness import Case
+from .harness import Case, scaled
 
 
 def _score_tensors(total: int, pieces: int, device: str, seed: int = 0) -> list[torch.Tensor]:
@@ -95,7 +95,7 @@ def vit_b16_modules(device: str = "cpu", scale: float = 1.0) -> torch.nn.ModuleL
     out_proj, MLP fc1, fc2), the head), randomly initialized; scale < 1 shrinks each output dim."""
 
     def out(n: int) -> int:
-        return max(1, int(n * scale))
+        return scaled(n, scale)
 
     mods = [torch.nn.Conv2d(3, out(768), 16, 16)]
     for _ in range(12):

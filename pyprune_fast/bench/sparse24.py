@@ -6,11 +6,16 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .harness import Case
+from .harness import Case, scaled
 from .nm_mask import vectorized_n_m
 
 # Weight shapes [out, in] of the 2:4 benchmarks: ViT-B/16's MLP and LLaMA-7B's attention and MLP.
 SPARSE24_SHAPES = {"vit_b_16": [(3072, 768), (768, 3072)], "llama_7b": [(4096, 4096), (11008, 4096), (4096, 11008)]}
+# What compress_case's shapes must be multiples of: ours (compress_24) takes rows in multiples of 16 and
+# columns of 32; torch's CUTLASS conversion, fp16/bf16/fp32 rows of 32 (int8: 16) and columns of 16.
+# Scaled rows are multiples of both; the columns (not scaled) are of every model above.
+COMPRESS_ROW_MULTIPLE = 32
+COMPRESS_COL_MULTIPLE = 32
 
 
 def random_24_weight(out: int, cols: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
@@ -24,12 +29,15 @@ def compress_case(
     model: str = "llama_7b", device: str = "cpu", dtype: torch.dtype = torch.float16, scale: float = 1.0
 ) -> Case:
     """compress_24 of 2:4 weights at the model's Linear shapes against torch's own conversion to the
-    CUTLASS layout (what to_sparse_semi_structured runs, in torch ops)."""
+    CUTLASS layout (what to_sparse_semi_structured runs, in torch ops); scale < 1 shrinks the rows (to
+    multiples of COMPRESS_ROW_MULTIPLE, which both take)."""
     from .._compat import dense_to_cutlass_24
 
     sparse_semi_structured_from_dense_cutlass = dense_to_cutlass_24()
 
-    shapes = [(max(16, int(o * scale) // 16 * 16), i) for o, i in SPARSE24_SHAPES[model]]
+    shapes = [(scaled(o, scale, COMPRESS_ROW_MULTIPLE), i) for o, i in SPARSE24_SHAPES[model]]
+    if any(i % COMPRESS_COL_MULTIPLE for _, i in shapes):
+        raise ValueError(f"compress_case: {model}'s columns must be multiples of {COMPRESS_COL_MULTIPLE}")
     weights = [random_24_weight(o, i, dtype, device, seed=k) for k, (o, i) in enumerate(shapes)]
     n = sum(w.numel() for w in weights)
     return Case(
