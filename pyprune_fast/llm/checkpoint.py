@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -63,23 +64,26 @@ class Checkpoint:
                 f"checkpoint {self.path} has no safetensors weights ({INDEX} or {SINGLE}); convert .bin "
                 "checkpoints with from_pretrained + save_pretrained(safe_serialization=True) first"
             )
-        self._handles = {}
-        shards = [SINGLE] if weight_map is None else list(dict.fromkeys(weight_map.values()))
-        for shard in shards:
+        self.shards = [SINGLE] if weight_map is None else list(dict.fromkeys(weight_map.values()))
+        self._meta: dict[str, tuple[str, list[int]]] = {}  # tensor -> (safetensors dtype, shape)
+        for shard in self.shards:
             file = self.path / shard
             if not file.is_file():
                 raise ValueError(f"shard {file} named by {INDEX} is missing")
             try:
-                self._handles[shard] = safe_open(str(file), framework="pt")
+                with safe_open(str(file), framework="pt") as handle:
+                    held = {}
+                    for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                        view = handle.get_slice(name)
+                        held[name] = (view.get_dtype(), list(view.get_shape()))
             except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
                 raise ValueError(f"shard {file} is not a readable safetensors file: {exc}") from None
-        if weight_map is None:
-            weight_map = {name: SINGLE for name in self._handles[SINGLE].keys()}  # noqa: SIM118 - not a dict
-        for shard, handle in self._handles.items():
-            held = set(handle.keys())
+            if weight_map is None:
+                weight_map = dict.fromkeys(held, SINGLE)
             wanted = [n for n, s in weight_map.items() if s == shard and n not in held]
             if wanted:
-                raise ValueError(f"shard {self.path / shard} does not hold {wanted[:5]} that {INDEX} puts there")
+                raise ValueError(f"shard {file} does not hold {wanted[:5]} that {INDEX} puts there")
+            self._meta.update(held)
         self.weight_map: dict[str, str] = weight_map
 
     def keys(self) -> list[str]:
@@ -90,28 +94,37 @@ class Checkpoint:
 
     def get(self, name: str) -> Tensor:
         """The tensor `name`, read from its shard."""
-        if name not in self.weight_map:
-            raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
-        shard = self.weight_map[name]
-        try:
-            return self._handles[shard].get_tensor(name)
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"shard {self.path / shard}: cannot read {name!r}: {exc}") from None
+        return self.get_many([name])[name]
+
+    def get_many(self, names: Iterable[str]) -> dict[str, Tensor]:
+        """The named tensors, each shard opened once and closed again: a shard is memory-mapped only
+        while its tensors are copied out, so what was read never stays in this process's memory."""
+        names = list(names)
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise KeyError(f"checkpoint {self.path} has no tensors {missing[:5]}")
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        out = {}
+        for shard, group in by_shard.items():
+            out.update(read_shard(self.path / shard, group))
+        return {name: out[name] for name in names}
 
     def nbytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of the named tensors (all by default), from the shard headers."""
         total = 0
         for name in self.keys() if names is None else names:
-            view = self._handles[self.weight_map[name]].get_slice(name)
+            dtype, shape = self._meta[name]
             numel = 1
-            for size in view.get_shape():
+            for size in shape:
                 numel *= size
-            total += numel * _DTYPES.get(view.get_dtype(), (None, 4))[1]
+            total += numel * _DTYPES.get(dtype, (None, 4))[1]
         return total
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype of tensor `name` (from its shard's header; None for a type torch lacks)."""
-        return _DTYPES.get(self._handles[self.weight_map[name]].get_slice(name).get_dtype(), (None, 0))[0]
+        return _DTYPES.get(self._meta[name][0], (None, 0))[0]
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
@@ -120,7 +133,7 @@ class Checkpoint:
         """{file: [size, mtime_ns]} of its weight files: what a resumed run checks it still reads."""
         files = [INDEX] if (self.path / INDEX).is_file() else []
         out = {}
-        for name in files + list(self._handles):
+        for name in files + self.shards:
             stat = (self.path / name).stat()
             out[name] = [stat.st_size, stat.st_mtime_ns]
         return out
@@ -132,15 +145,32 @@ _DTYPES = {
     "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1),
     "F8_E5M2": (torch.float8_e5m2, 1), "U64": (None, 8), "U32": (None, 4), "U16": (None, 2),
 }  # fmt: skip
+_CODES = {dtype: code for code, (dtype, _) in _DTYPES.items() if dtype is not None}
 
 
 def write_shard(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
-    """Writes `tensors` as one safetensors file, atomically (complete or absent)."""
-    from safetensors.torch import save_file
-
-    contiguous = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-    with atomic_path(path) as temp:
-        save_file(contiguous, temp, metadata={"format": "pt"})
+    """Writes `tensors` as one safetensors file, atomically (complete or absent), streaming each
+    tensor's bytes to the file: no serialized copy of the shard is made in memory (safetensors'
+    save_file builds one, as large as the shard)."""
+    names = sorted(tensors)  # safetensors' own order: by name
+    cpu = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = cpu[name]
+        if t.dtype not in _CODES:
+            raise TypeError(f"{name}: safetensors cannot store {t.dtype}")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as temp, open(temp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name in names:
+            if cpu[name].numel():
+                f.write(memoryview(cpu[name].reshape(-1).view(torch.uint8).numpy()))
 
 
 def is_complete_shard(path: str | os.PathLike, names: Iterable[str]) -> bool:

@@ -161,7 +161,7 @@ class DiskStore:
         self.out = out
         front = out / shard_name(1, self.count)
         if not is_complete_shard(front, self.front_names):
-            write_shard(front, {n: self.checkpoint.get(n) for n in self.front_names})
+            write_shard(front, self.checkpoint.get_many(self.front_names))
         done = 0
         while done < len(self.blocks) and self.finished(done):
             done += 1
@@ -208,9 +208,9 @@ class DiskStore:
     def front(self):
         """The tensors outside the decoder blocks loaded (to capture the first block's inputs), then
         freed again."""
-        for key in self.front_names:
+        for key, value in self.checkpoint.get_many(self.front_names).items():
             with contextlib.suppress(KeyError, AttributeError):  # a tensor the model lacks is only copied
-                _set_tensor(self.model, self.model_name[key], self.checkpoint.get(key))
+                _set_tensor(self.model, self.model_name[key], value)
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
         outside = [n for n in _on_meta(self.model) if not n.startswith(self.prefix + ".")]
@@ -227,7 +227,8 @@ class DiskStore:
             stored = read_shard(self.shard(i), self.block_names[i])
             values = {n: stored[full] for n, full in zip(self.local_names[i], self.block_names[i])}
         else:
-            values = {n: self.checkpoint.get(full) for n, full in zip(self.local_names[i], self.block_names[i])}
+            stored = self.checkpoint.get_many(self.block_names[i])
+            values = {n: stored[full] for n, full in zip(self.local_names[i], self.block_names[i])}
         for n, value in values.items():
             _set_tensor(block, n, value)
 
