@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -45,10 +46,10 @@ def get_method(name: str) -> Method:
 
 
 def magnitude_score(weight: Tensor) -> Tensor:
-    """|W| in float32."""
-    return weight.detach().float().abs()
+    """|W| in float32 (one new tensor, no temporaries)."""
+    return weight.detach().to(torch.float32, copy=True).abs_()
 
 
 def wanda_score(weight: Tensor, norms: Tensor) -> Tensor:
-    """Wanda's S_ij = |W_ij| · ‖X_j‖₂ (norms: ‖X_j‖₂ per input feature) in float32."""
-    return weight.detach().float().abs() * norms.to(weight.device).unsqueeze(0)
+    """Wanda's S_ij = |W_ij| · ‖X_j‖₂ (norms: ‖X_j‖₂ per input feature) in float32 (one new tensor)."""
+    return weight.detach().to(torch.float32, copy=True).abs_().mul_(norms.to(weight.device).unsqueeze(0))

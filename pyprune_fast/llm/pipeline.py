@@ -309,13 +309,23 @@ class _Plan:
     comm: Communicator | None = None
 
 
+def _scored(plan: _Plan, linears: dict[str, nn.Linear], stats: dict) -> list[str]:
+    """The Linears a magnitude or wanda run scores (wanda: every one must have input statistics)."""
+    return list(linears) if plan.method.name == "magnitude" else _called(linears, stats)
+
+
+def _weight_score(plan: _Plan, name: str, linear: nn.Linear, stats: dict) -> Tensor:
+    """The float32 score of one Linear for magnitude (|W|) or wanda (|W|·‖X‖)."""
+    if plan.method.name == "magnitude":
+        return magnitude_score(linear.weight)
+    return wanda_score(linear.weight, stats[name].norms())
+
+
 def _scores(block, linears, plan: _Plan, fraction, inputs, stats, targets) -> dict[str, Tensor]:
     """{Linear name: float32 score} of a score method (magnitude, wanda, block-local criteria)."""
     method = plan.method
-    if method.name == "magnitude":
-        return {n: magnitude_score(lin.weight) for n, lin in linears.items()}
-    if method.name == "wanda":
-        return {n: wanda_score(linears[n].weight, stats[n].norms()) for n in _called(linears, stats)}
+    if not method.local:
+        return {n: _weight_score(plan, n, linears[n], stats) for n in _scored(plan, linears, stats)}
     candidate_granularity = "layer" if plan.granularity in (None, "global") else plan.granularity
 
     def candidate(name: str, weight: Tensor) -> Tensor:
@@ -345,9 +355,15 @@ def _prune_linears(block, linears, plan: _Plan, fraction, inputs, stats, targets
             for g, names in enumerate(groups.values()):
                 comm.broadcast_([linears[n].weight for n in names], src=g % comm.size)
         return
-    scores = _scores(block, linears, plan, fraction, inputs, stats, targets)
-    for n, lin in linears.items():
-        _apply(lin, keep_mask(n, scores[n], pattern, fraction, gran))
+    if plan.method.local:
+        scores = _scores(block, linears, plan, fraction, inputs, stats, targets)
+        for n, lin in linears.items():
+            _apply(lin, keep_mask(n, scores[n], pattern, fraction, gran))
+        return
+    for n in _scored(plan, linears, stats):  # one Linear's float32 scores at a time
+        score = _weight_score(plan, n, linears[n], stats)
+        _apply(linears[n], keep_mask(n, score, pattern, fraction, gran))
+        del score
 
 
 def _statistics_pass(block, plan: _Plan, inputs: BlockInputs | None, dense_into_inputs: bool):
