@@ -53,7 +53,7 @@ def _baseline(scores: dict[str, torch.Tensor], sparsity: float, world: int) -> t
     return dict(zip(scores, masks)), payload, (world - 1) * payload
 
 
-def _worker(rank: int, world: int, port: int, n: int, sparsity: float, repeats: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, n: int, sparsity: float, repeats: int, out: str, impls) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, n: int, sparsity: float, repeats: 
 
     scores = _scores(rank, n)
     result = {}
-    for impl in IMPLS:
+    for impl in impls:
         times = []
         for _ in range(repeats):
             dist.barrier()
@@ -80,26 +80,28 @@ def _worker(rank: int, world: int, port: int, n: int, sparsity: float, repeats: 
             times.append(time.perf_counter() - start)
         result[impl] = {"seconds": min(times), "payload_bytes": payload, "wire_bytes": wire}
         result[impl + " masks"] = got
-    same = all(torch.equal(result[IMPLS[0] + " masks"][n], result[IMPLS[1] + " masks"][n]) for n in scores)
+    both = len(impls) > 1
+    same = both and all(torch.equal(result[impls[0] + " masks"][n], result[impls[1] + " masks"][n]) for n in scores)
     if rank == 0:
-        for impl in IMPLS:
+        for impl in impls:
             del result[impl + " masks"]
-        result["same_masks"] = same
+        result["same_masks"] = same if both else None
         torch.save(result, out)
     dist.destroy_process_group()
 
 
-def measure(total: int, world: int = 2, sparsity: float = 0.5, repeats: int = 1) -> dict:
+def measure(total: int, world: int = 2, sparsity: float = 0.5, repeats: int = 1, impls=IMPLS) -> dict:
     """Spawns `world` gloo ranks holding total / world fp32 scores each and times one exact global
-    threshold (masks of each rank's scores) both ways; rank 0's seconds and bytes per impl, and
-    whether both gave the same masks."""
+    threshold (masks of each rank's scores) with each of `impls` (default both); rank 0's seconds and
+    bytes per impl, and whether both gave the same masks (None when only one ran: at 1 B scores the
+    gathering baseline needs every score on every rank, more than this 24 GB machine holds for 2)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
         ctx = mp.get_context("spawn")
-        args = (world, port, total // world, sparsity, repeats, out)
+        args = (world, port, total // world, sparsity, repeats, out, tuple(impls))
         procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(world)]
         for p in procs:
             p.start()
