@@ -111,6 +111,20 @@ def _check(bundle: LLMBundle, methods, targets, samples, seq_len, eval_tokens) -
     check_tokens(bundle, samples, seq_len)
 
 
+def _prune_options(target, granularity, samples, seq_len, device, progress, group) -> dict:
+    """The llm.prune options of one target, the same in memory and streamed from disk (N:M patterns
+    take no granularity)."""
+    return {
+        "sparsity": target,
+        "granularity": None if isinstance(target, str) else granularity,
+        "num_samples": samples,
+        "seq_len": seq_len,
+        "device": device,
+        "progress": progress,
+        "group": group,
+    }
+
+
 def _note_peak(run: Run, pruned: llm.PruneResult) -> None:
     """Keeps the largest per-block peak-memory estimate of the runs so far in the report."""
     if pruned.memory is not None and pruned.memory.total > run.info.get("_peak_bytes", -1):
@@ -184,18 +198,8 @@ def prune(
         for method in methods:
             for target in targets:
                 name = label(method, target)
-                pruned = llm.prune(
-                    model,
-                    bundle.calibration,
-                    method=method,
-                    sparsity=target,
-                    granularity=None if isinstance(target, str) else granularity,
-                    num_samples=samples,
-                    seq_len=seq_len,
-                    device=device,
-                    progress=quiet_bar,
-                    group=group,
-                )
+                options = _prune_options(target, granularity, samples, seq_len, device, quiet_bar, group)
+                pruned = llm.prune(model, bundle.calibration, method=method, **options)
                 if run is not None:
                     run.score_seconds[name] = pruned.seconds
                     _note_peak(run, pruned)
@@ -266,21 +270,9 @@ def prune_offloaded(
     for method in methods:
         for target in targets:
             directory = os.path.join(models_dir, tag(method, target))
-            pruned = llm.prune(
-                bundle.checkpoint,
-                bundle.calibration,
-                method=method,
-                sparsity=target,
-                granularity=None if isinstance(target, str) else granularity,
-                num_samples=samples,
-                seq_len=seq_len,
-                device=device,
-                progress=quiet_bar,
-                offload="disk",
-                out=directory,
-                resume=resume,
-                group=group,
-            )
+            options = _prune_options(target, granularity, samples, seq_len, device, quiet_bar, group)
+            pruned = llm.prune(bundle.checkpoint, bundle.calibration, method=method, offload="disk", out=directory,
+                               resume=resume, **options)  # fmt: skip
             if run is None:
                 continue
             name = label(method, target)

@@ -38,8 +38,8 @@ def shard_name(index: int, count: int) -> str:
 class Checkpoint:
     """A safetensors checkpoint directory, read one tensor at a time (module docstring).
 
-    `keys()` lists its tensors in index order; `get(name)` reads one (a CPU tensor of its stored
-    dtype); `config()` is its config.json as a dict."""
+    `keys()` lists its tensors in index order; `get_many(names)` reads some (CPU tensors of their
+    stored dtype)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         from safetensors import safe_open
@@ -89,13 +89,6 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def get(self, name: str) -> Tensor:
-        """The tensor `name`, read from its shard."""
-        return self.get_many([name])[name]
-
     def get_many(self, names: Iterable[str]) -> dict[str, Tensor]:
         """The named tensors, each shard opened once and closed again: a shard is memory-mapped only
         while its tensors are copied out, so what was read never stays in this process's memory."""
@@ -125,9 +118,6 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype of tensor `name` (from its shard's header; None for a type torch lacks)."""
         return _DTYPES.get(self._meta[name][0], (None, 0))[0]
-
-    def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
 
     def fingerprint(self) -> dict[str, list[int]]:
         """{file: [size, mtime_ns]} of its weight files: what a resumed run checks it still reads."""

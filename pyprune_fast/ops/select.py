@@ -37,6 +37,17 @@ __all__ = [
 ]
 
 
+def _checked(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """`tensors` as a list, checked: at least one, floating scores of one dtype on one device."""
+    tensors = as_list("tensors", tensors)
+    check_dtypes("tensors", tensors, SCORE_TYPES)
+    if not tensors:
+        raise ValueError("tensors must hold at least one tensor")
+    check_one_dtype("tensors", tensors)
+    check_same_device({"tensors": tensors})
+    return tensors
+
+
 def kth_smallest(tensors: Sequence[Tensor], k: int, *, group: object = None) -> Tensor:
     """The exact k-th smallest value (1-based) over all elements of all tensors, as a 0-d tensor of
     their dtype, without concatenating or sorting them.
@@ -56,12 +67,7 @@ def kth_smallest(tensors: Sequence[Tensor], k: int, *, group: object = None) -> 
         from .. import distributed  # distributed builds on this module
 
         return distributed.kth_smallest(tensors, k, group=group)
-    tensors = as_list("tensors", tensors)
-    check_dtypes("tensors", tensors, SCORE_TYPES)
-    if not tensors:
-        raise ValueError("tensors must hold at least one tensor")
-    check_one_dtype("tensors", tensors)
-    check_same_device({"tensors": tensors})
+    tensors = _checked(tensors)
     k = check_k(k, sum(t.numel() for t in tensors))
     return select_counts(tensors, k)[0]
 
@@ -76,12 +82,7 @@ def radix_histogram(tensors: Sequence[Tensor], digit: int, prefix: int = 0) -> t
     Digits are 16 bits on every backend and machine, most significant first: float16/bfloat16 have
     digit 0 only, float32 digits 0-1, float64 0-3. `prefix` is the key found so far as an unsigned
     int (its bits below the digit are ignored). The tensors: one dtype, one device, at least one."""
-    tensors = as_list("tensors", tensors)
-    check_dtypes("tensors", tensors, SCORE_TYPES)
-    if not tensors:
-        raise ValueError("tensors must hold at least one tensor")
-    check_one_dtype("tensors", tensors)
-    check_same_device({"tensors": tensors})
+    tensors = _checked(tensors)
     width = reference.radix_width(tensors[0].dtype)
     digit = check_int("digit", digit)
     if not 0 <= digit < width // reference.RADIX_DIGIT_BITS:
