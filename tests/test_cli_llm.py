@@ -156,10 +156,3 @@ def test_torchrun_over_two_processes_writes_one_result(model_dir, tmp_path):
         doc = json.load(f)
     assert [r["criterion"] for r in doc["results"]] == ["sparsegpt"]
     assert doc["results"][0]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
-
-
-def test_torchrun_with_a_model_that_is_not_a_causal_lm_is_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli.main(["prune", "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    assert "torchrun spreads the pruning of causal LMs" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()

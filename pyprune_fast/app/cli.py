@@ -137,26 +137,45 @@ def cmd_info(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from safetensors.torch import save_file
-
-    from ..io import Staged
+    from ..distributed import Communicator
     from . import zoo
-    from .runner import check_criteria, score_criterion
 
     _check_batches(args)
     if zoo.is_llm_spec(args.model):
         raise UsageError("score does not apply to causal LMs (pruned block by block): use pyprune-fast prune")
-    out = OutDir(args.out)
+    group = _process_group(args)
+    try:
+        return _score(args, None if group is None else Communicator(group))
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _score(args, comm) -> int:
+    """Each criterion's scores written as scores-<criterion>.safetensors. Under torchrun (`comm`) the
+    calibration batches are shared out over the ranks and rank 0 writes the scores of all of them."""
+    from safetensors.torch import save_file
+
+    from ..distributed import session
+    from ..io import Staged
+    from .runner import check_criteria, score_criterion
+
+    lead = comm is None or comm.rank == 0
+    out = OutDir(args.out) if lead else None
     try:
         bundle = _load(args)
         names = args.criterion or DEFAULT_CRITERIA
         check_criteria(bundle, names)
         rows = []
-        with Staged() as staged:
-            for name in _bar(names, "scoring", args.quiet):
+        with Staged() as staged, session(comm):
+            for name in _bar(names, "scoring", args.quiet or not lead):
                 start = time.perf_counter()
-                scores = score_criterion(bundle, name, args.batches)
+                scores = score_criterion(bundle, name, args.batches, comm)
                 seconds = time.perf_counter() - start
+                if not lead:
+                    continue
                 path = out.file(f"scores-{name}.safetensors")
                 save_file(
                     {k: v.detach().contiguous().cpu() for k, v in scores.items()},
@@ -167,12 +186,15 @@ def cmd_score(args) -> int:
                 mean = sum(float(s.double().sum()) for s in scores.values()) / max(n, 1)
                 top = max(float(s.max()) for s in scores.values())
                 rows.append(f"{name:12s} {seconds:8.2f} {n:12d} {mean:11.4g} {top:11.4g}  {path}")
-            staged.commit()
+            if lead:
+                staged.commit()
     except BaseException:
-        out.remove_created()
+        if out is not None:
+            out.remove_created()
         raise
-    print(f"{'criterion':12s} {'seconds':>8s} {'entries':>12s} {'mean':>11s} {'max':>11s}  file")
-    print("\n".join(rows))
+    if lead:
+        print(f"{'criterion':12s} {'seconds':>8s} {'entries':>12s} {'mean':>11s} {'max':>11s}  file")
+        print("\n".join(rows))
     return 0
 
 
@@ -250,11 +272,6 @@ def cmd_prune(args) -> int:
 
     if zoo.is_llm_spec(args.model):
         return _prune_llm(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError(
-            "torchrun spreads the pruning of causal LMs (--model smollm2 or hf:PATH of one) over its processes; "
-            "run other models in one process, or spread their calibration with ppf.score(..., group=) in Python"
-        )
     args.granularity = args.granularity or "global"
     if args.granularity == runner.TWO_FOUR and args.sparsity is not None:
         raise UsageError("--sparsity does not apply to --granularity 2:4 (2 of every 4 weights are kept: 0.5)")
@@ -265,7 +282,9 @@ def cmd_prune(args) -> int:
         raise UsageError(f"--remove-channels applies to --granularity {' or '.join(runner.CHANNEL_SCOPES)}")
     _check_batches(args)
     _need_matplotlib()
-    out = OutDir(args.out)
+    group = _process_group(args)
+    lead = group is None or group.rank() == 0
+    out = OutDir(args.out) if lead else None
     single = len(criteria) == 1 and (len(sparsities) == 1 or args.granularity == runner.TWO_FOUR)
 
     def execute(staged, bundle):
@@ -276,11 +295,28 @@ def cmd_prune(args) -> int:
             args.granularity,
             args.batches,
             remove_channels=args.remove_channels,
-            on_masks=_file_writer(args, out, staged, bundle, single),
+            on_masks=_file_writer(args, out, staged, bundle, single) if lead else None,
             quiet=args.quiet,
+            group=group,
         )
 
-    return _run_and_report(args, out, execute)
+    return _lead_reports(args, out, execute, group)
+
+
+def _lead_reports(args, out: OutDir | None, execute, group) -> int:
+    """`_run_and_report` on rank 0 (or in a single process); the other ranks of a torchrun load the
+    model and take part in `execute` (the distributed scoring or pruning) without writing anything.
+    The process group is destroyed on the way out."""
+    try:
+        if group is None or group.rank() == 0:
+            return _run_and_report(args, out, execute)
+        execute(None, _load(args))
+        return 0
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _need_matplotlib() -> None:
@@ -390,16 +426,7 @@ def _prune_llm(args) -> int:
 
         return llm_runner.prune(bundle, methods, targets, on_model=on_model, **options)
 
-    try:
-        if lead:
-            return _run_and_report(args, out, execute)
-        execute(None, _load(args))  # the other ranks of a torchrun: they prune along, rank 0 reports
-        return 0
-    finally:
-        if group is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    return _lead_reports(args, out, execute, group)
 
 
 def _process_group(args):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import criteria, masks
 from ..criteria.engine import channel_layers, first_tensor, select_params, split_batch
+from ..distributed import Communicator, session
 from .zoo import Bundle
 
 GRANULARITIES: dict[str, Callable[[dict[str, Tensor], float], dict[str, Tensor]]] = {
@@ -128,14 +129,31 @@ def masked(model: nn.Module, keep: dict[str, Tensor]) -> Iterator[nn.Module]:
                 named[n].copy_(value)
 
 
-def score_criterion(bundle: Bundle, name: str, batches: int) -> dict[str, Tensor]:
+def score_criterion(bundle: Bundle, name: str, batches: int, comm: Communicator | None = None) -> dict[str, Tensor]:
     """The criterion's scores of the bundle's model from its first `batches` calibration batches (a
-    criterion that needs an input shape gets the bundle's, when it has one, instead of the data)."""
+    criterion that needs an input shape gets the bundle's, when it has one, instead of the data). With
+    `comm`, each rank scores its share of those batches (`share`) and the criterion sums its
+    statistics over the ranks: every rank gets the scores of all the batches."""
     fn = criteria.CRITERIA[name]
     kwargs = bundle.criterion_kwargs(batches)
+    if comm is not None:
+        kwargs["group"] = comm.group
     if "input" in fn.needs and bundle.input_shape is not None:
         return fn(bundle.model, None, input_shape=bundle.input_shape, **kwargs)
-    return fn(bundle.model, bundle.calibration, **kwargs)
+    data = bundle.calibration
+    if comm is not None and data:
+        data = share(data[:batches], comm.rank, comm.size)
+        kwargs.pop("num_batches")
+    return fn(bundle.model, data, **kwargs)
+
+
+def share(batches: list, rank: int, size: int) -> list:
+    """Rank `rank`'s contiguous share of `batches` among `size` ranks (sizes differ by at most one);
+    ValueError when some rank would get none."""
+    n = len(batches)
+    if n < size:
+        raise ValueError(f"{n} calibration batches cannot be shared by {size} processes: give at least one per process")
+    return batches[n * rank // size : n * (rank + 1) // size]
 
 
 def _example_inputs(bundle: Bundle):
@@ -269,13 +287,20 @@ def prune(
     remove_channels: bool = False,
     on_masks: Callable[[Result, dict[str, Tensor], nn.Module], None] | None = None,
     quiet: bool = True,
-) -> Run:
+    group: object = None,
+) -> Run | None:
     """Scores the bundle's model with each criterion once; for each sparsity builds the masks from
     those scores, applies them, evaluates, calls `on_masks(result, masks, pruned model)` while
     they are applied (to save them or the pruned weights) and restores the weights. The dense model is evaluated once.
     For 2:4 the sparsity list is [0.5] and ineligible weights are left dense (Run.skipped). The channel
     granularities take channel criteria and zero the pruned channels, or with `remove_channels` remove
-    them physically from a copy of the model (Torch-Pruning), which is then evaluated."""
+    them physically from a copy of the model (Torch-Pruning), which is then evaluated.
+
+    With `group` (a torch.distributed ProcessGroup, e.g. under torchrun) every rank calls this with
+    the same arguments and model: the calibration batches are shared out among the ranks (data
+    parallel; `share`), each criterion sums its statistics over them, and rank 0 alone evaluates,
+    builds the masks and calls `on_masks`; it returns the Run, the other ranks None. An error on any
+    rank makes every rank raise (distributed.Communicator)."""
     if granularity not in CHOICES:
         raise ValueError(f"--granularity must be one of {CHOICES}, got {granularity!r}")
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
@@ -297,40 +322,50 @@ def prune(
         if not eligible:
             raise ValueError("--granularity 2:4: no scored weight has a row length divisible by 4")
     used = min(batches, len(bundle.calibration)) if bundle.calibration else 0
+    comm = None if group is None else Communicator(group)
+    lead = comm is None or comm.rank == 0
+    if comm is not None and used:
+        share(bundle.calibration[:used], comm.rank, comm.size)  # every rank refuses too few batches alike
     start = time.perf_counter()
-    scoring_bar, eval_bar = _bars(quiet, len(names), 1 + len(names) * len(sparsities))
+    scoring_bar, eval_bar = _bars(quiet or not lead, len(names), 1 + len(names) * len(sparsities))
     try:
-        dense = {k: float(v) for k, v in bundle.evaluate(model).items()} if bundle.evaluate is not None else {}
-        eval_bar.update()
-        run = Run(
-            model=bundle.name,
-            info=dict(bundle.info),
-            granularity=granularity,
-            batches=used,
-            device=str(next(model.parameters()).device),
-            parameters=sum(p.numel() for p in model.parameters()),
-            scored=shapes,
-            skipped=skipped,
-            dense=dense,
-            seconds={"dense_evaluation": time.perf_counter() - start},
-        )
-        for name in names:
-            scoring_bar.set_postfix_str(name)
-            t0 = time.perf_counter()
-            scores = score_criterion(bundle, name, batches)
-            run.score_seconds[name] = time.perf_counter() - t0
-            scoring_bar.update()
-            for sparsity in sparsities:
-                eval_bar.set_postfix_str(f"{name} @ {sparsity:g}")
-                keep = build_masks(scores, granularity, sparsity)
-                run.results.append(_evaluate(bundle, name, sparsity, keep, shapes, channel, remove_channels, on_masks))
-                eval_bar.update()
-            del scores
+        with session(comm):
+            dense = {}
+            if lead and bundle.evaluate is not None:
+                dense = {k: float(v) for k, v in bundle.evaluate(model).items()}
+            eval_bar.update()
+            run = Run(
+                model=bundle.name,
+                info=dict(bundle.info),
+                granularity=granularity,
+                batches=used,
+                device=str(next(model.parameters()).device),
+                parameters=sum(p.numel() for p in model.parameters()),
+                scored=shapes,
+                skipped=skipped,
+                dense=dense,
+                seconds={"dense_evaluation": time.perf_counter() - start},
+            )
+            if comm is not None:
+                run.info["processes"] = f"{comm.size} (torch.distributed, calibration batches shared out)"
+            for name in names:
+                scoring_bar.set_postfix_str(name)
+                t0 = time.perf_counter()
+                scores = score_criterion(bundle, name, batches, comm)
+                run.score_seconds[name] = time.perf_counter() - t0
+                scoring_bar.update()
+                for sparsity in sparsities if lead else []:
+                    eval_bar.set_postfix_str(f"{name} @ {sparsity:g}")
+                    keep = build_masks(scores, granularity, sparsity)
+                    result = _evaluate(bundle, name, sparsity, keep, shapes, channel, remove_channels, on_masks)
+                    run.results.append(result)
+                    eval_bar.update()
+                del scores
     finally:
         scoring_bar.close()
         eval_bar.close()
     run.seconds["prune"] = time.perf_counter() - start
-    return run
+    return run if lead else None
 
 
 def _evaluate(
