@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from . import criteria, distributed, masks, ops, sparse, structured
+from . import criteria, distributed, masks, ops, schedule, sparse, structured
 from .io import load_masks, mask_metadata, save_masks
 from .masks import apply_masks
 
@@ -29,6 +29,7 @@ __all__ = [
     "masks",
     "ops",
     "save_masks",
+    "schedule",
     "score",
     "sparse",
     "structured",
