@@ -3,6 +3,7 @@ production code), plus laws that need no reference."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -414,3 +415,46 @@ def test_attention_out_proj_is_observed():
     assert out.shape == (3, 5, 8)
     torch.testing.assert_close(refer["attn.out_proj.weight"], (g * w).abs().detach().float(), rtol=1e-5, atol=1e-7)
     assert isinstance(model.attn.out_proj, nn.Linear) and "attn.out_proj.weight" in dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("one_shot", [iter, lambda data: (batch for batch in data)], ids=["iterator", "generator"])
+def test_two_pass_criteria_refuse_one_shot_data(one_shot):
+    """GraSP's g and Hg (and ide_trace's ḡ and projections) come from two passes over `data`; an iterator
+    would give the second pass other batches or none, so it is refused before any pass."""
+    model, data, _ = setup(0, torch.float32)
+    with pytest.raises(ValueError, match=r"grasp passes over data twice .*pass a list of batches or a DataLoader"):
+        criteria.grasp(model, one_shot(data))
+    with pytest.raises(ValueError, match="ide_trace passes over data twice"):
+        criteria.CRITERIA["ide_trace"](model, one_shot(data))
+
+    class Reiterable:  # a fresh iterator per pass, as a DataLoader gives
+        def __iter__(self):
+            return iter(data)
+
+    expected = criteria.grasp(model, data)
+    got = criteria.grasp(model, Reiterable())
+    assert all(torch.equal(got[n], s) for n, s in expected.items())
+
+
+def test_num_batches_must_be_a_positive_int():
+    model, data, _ = setup(0, torch.float64)
+    for bad in (2.5, True, "2", 1.0):
+        with pytest.raises(TypeError, match=f"num_batches must be a positive int or None, got {bad!r}"):
+            criteria.snip(model, data, num_batches=bad)
+    with pytest.raises(TypeError, match="num_batches must be a positive int"):
+        criteria.magnitude(model, num_batches=2.5)  # refused even where no data is read
+    with pytest.raises(TypeError, match="num_batches must be a positive int"):
+        criteria.CRITERIA["taylor"](model, data, num_batches=2.5)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"num_batches must be a positive int or None, got {bad}"):
+            criteria.snip(model, data, num_batches=bad)
+    one = criteria.snip(model, data, num_batches=1)
+    got = criteria.snip(model, data, num_batches=np.int64(1))
+    assert all(torch.equal(got[n], s) for n, s in one.items())
+
+
+def test_synflow_refuses_token_inputs_up_front():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    tokens = [(torch.randint(0, 10, (2, 3)), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match=r"synflow .* inputs are torch.int64 \(token ids\?\): synflow needs .*float"):
+        criteria.synflow(model, tokens)

@@ -47,7 +47,7 @@ def _available(bundle: Bundle) -> dict[str, bool]:
     return {
         "data": bool(bundle.calibration),
         "loss": bool(bundle.calibration) and (bundle.loss_fn is not None or integer_targets),
-        "input": bundle.input_shape is not None or isinstance(first[0], Tensor),
+        "input": bundle.input_shape is not None or (isinstance(first[0], Tensor) and first[0].is_floating_point()),
     }
 
 

@@ -33,7 +33,15 @@ from torch import Tensor, nn
 
 from .._compat import BatchNorm
 from .channel_stats import ChannelStats, reduce_stats
-from .engine import ChannelRequest, Job, observable_attention, on_outputs, out_channels, preserved
+from .engine import (
+    ChannelRequest,
+    Job,
+    observable_attention,
+    on_outputs,
+    out_channels,
+    preserved,
+    require_reiterable,
+)
 from .registry import criterion
 
 
@@ -181,10 +189,7 @@ def ide_trace(req: ChannelRequest) -> dict[str, Tensor]:
     """Ide's thesis, eq. 4.12: S_c = E_n[x_nᵀ Ĥ x_n] with Ĥ = ḡḡᵀ, ḡ = E_n[∇_n], i.e. E_n[(x_nᵀ ḡ)²].
     Two passes over `data` (ḡ first, then the projections), so data must be re-iterable (a list or a
     DataLoader, not a generator)."""
-    if req.data is not None and iter(req.data) is req.data:
-        raise ValueError(
-            "ide_trace passes over data twice: data must be re-iterable (a list, a DataLoader), not an iterator"
-        )
+    require_reiterable(req.data, "ide_trace", "the mean gradient ḡ, then the projections x_nᵀ ḡ")
     first = gradient_stats(req, {"g_sum"})
     g_mean = {n: s.mean("g_sum") for n, s in first.items()}
     stats = {n: ChannelStats(s.module, set()) for n, s in first.items()}

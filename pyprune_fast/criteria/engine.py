@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,8 +152,6 @@ class Job:
         """(inputs, targets) on the model's device, at most num_batches of them, at least one."""
         if self.data is None:
             raise ValueError("this criterion needs data: an iterable of (inputs, targets) batches")
-        if self.num_batches is not None and self.num_batches < 1:
-            raise ValueError(f"num_batches must be a positive int or None, got {self.num_batches!r}")
         count = 0
         for batch in self.data:
             if self.num_batches is not None and count >= self.num_batches:
@@ -181,6 +180,29 @@ class Job:
         return {n: v.float() for n, v in zip(self.names, values)}
 
 
+def check_num_batches(num_batches: object) -> int | None:
+    """num_batches as an int >= 1, or None (every batch): TypeError for a non-integer (2.5, True),
+    ValueError below 1."""
+    if num_batches is None:
+        return None
+    if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral):
+        raise TypeError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    return int(num_batches)
+
+
+def require_reiterable(data: Iterable | None, who: str, passes: str) -> None:
+    """ValueError when a criterion that passes over `data` twice is given a one-shot iterator or
+    generator (`iter(data) is data`): its second pass would see other batches, or none."""
+    if data is not None and iter(data) is data:
+        raise ValueError(
+            f"{who} passes over data twice ({passes}), so data must be re-iterable: pass a list of batches or a "
+            f"DataLoader, not a {type(data).__name__} (an iterator or generator is used up by the first pass; "
+            "list(data) keeps its batches)"
+        )
+
+
 def make_job(
     model: nn.Module,
     data: Iterable | None,
@@ -198,6 +220,7 @@ def make_job(
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable (model, inputs) -> outputs, got {type(forward).__name__}")
+    num_batches = check_num_batches(num_batches)
     selected = select_params(model, params)
     device = next(iter(selected.values())).device
     return Job(model, data, selected, loss_fn, layers, num_batches, forward, device, comm)

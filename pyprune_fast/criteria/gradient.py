@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
-from .engine import GradSum, Job, as_float32, first_tensor, grads_of
+from .engine import GradSum, Job, as_float32, first_tensor, grads_of, require_reiterable
 from .registry import criterion
 
 
@@ -41,9 +41,11 @@ def grasp(job: Job, *, temperature: float = 200.0) -> list[Tensor]:
 
     g = Σ_b ∇L_b and H g = Σ_b ∇(∇L_b · stopgrad(g)) from a second pass (Hessian-vector product by
     double backward), with L_b = loss_fn(outputs_b / temperature, targets_b). This is the negation of
-    the paper's S = -w ⊙ Hg, whose largest entries the paper removes."""
+    the paper's S = -w ⊙ Hg, whose largest entries the paper removes. Two passes over `data`, so
+    data must be re-iterable (a list or a DataLoader, not a generator)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    require_reiterable(job.data, "grasp", "the gradient g, then the Hessian-vector product Hg")
     g = loss_gradient(job, temperature)
     hg = GradSum()
     # Double backward: the fused attention kernels have no second derivative, the math one does.

@@ -35,7 +35,7 @@ from .engine import ChannelRequest, Job, lp_normalize, make_channel_request, mak
 NEEDS = {
     "data": "calibration data",
     "loss": "a loss (loss_fn, or integer class targets)",
-    "input": "an input shape (or tensor batches to read it from)",
+    "input": "an input shape (or float tensor batches to read it from)",
 }
 KINDS = ("weight", "channel")
 

@@ -16,7 +16,8 @@ from .registry import criterion
 def synflow(job: Job, *, input_shape: tuple[int, ...] | None = None) -> list[Tensor]:
     """S(w) = |∂R/∂w ⊙ w| with R = Σ model(1), computed on a float64 copy of the model whose every
     state-dict entry is made non-negative (|θ|), for an all-ones input of one sample's shape
-    (`input_shape=`, or the shape of one sample of the first batch of `data`).
+    (`input_shape=`, or the shape of one sample of the first batch of `data`, whose inputs must then be
+    floating point: a model of token ids has no all-ones input, ValueError).
 
     Single shot (the iterative schedule is not applied here). The user's model is not modified: the
     linearized network is a deep copy, so it costs one float64 copy of the model in memory."""
@@ -26,6 +27,12 @@ def synflow(job: Job, *, input_shape: tuple[int, ...] | None = None) -> list[Ten
         inputs, _ = next(job.batches())
         if not isinstance(inputs, Tensor):
             raise TypeError("synflow needs tensor inputs to build an all-ones input; pass input_shape=")
+        if not inputs.is_floating_point():
+            raise ValueError(
+                f"synflow feeds the model an all-ones float64 input, but its data's inputs are {inputs.dtype} "
+                "(token ids?): synflow needs a model that takes float inputs; score a token model with a "
+                "data-based criterion (snip, wanda, magnitude, ...)"
+            )
         input_shape = tuple(inputs.shape[1:])
     shape = tuple(int(d) for d in input_shape)
     linear = copy.deepcopy(job.model).double()
