@@ -136,3 +136,85 @@ def test_original_untouched_on_copy():
     before = copy.deepcopy(net.state_dict())
     torch_prune.global_unstructured(targets(net), prune.L1Unstructured, amount=0.5)
     assert torch.equal(net[0].weight_orig, before["0.weight"])
+
+
+def state(*modules):
+    return [
+        (dict(m.state_dict()), dict(m._forward_pre_hooks), {n: p.clone() for n, p in m.named_parameters()})
+        for m in modules
+    ]
+
+
+def same_state(before, after):
+    for (sd0, hooks0, params0), (sd1, hooks1, params1) in zip(before, after):
+        assert list(sd0) == list(sd1) and hooks0 == hooks1 and list(params0) == list(params1)
+        assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (torch.ones(3, 4), ValueError, r"importance of Linear.weight \(parameters\[1\]\) has shape \(3, 4\)"),
+        (torch.ones(1, 3).tolist(), TypeError, r"importance of Linear.weight \(parameters\[1\]\) must be a Tensor"),
+        (torch.ones(1, 3, dtype=torch.bool), TypeError, "must be a real-valued tensor, got torch.bool"),
+        (torch.ones(1, 3, dtype=torch.complex64), TypeError, "must be a real-valued tensor"),
+    ],
+)
+def test_a_bad_entry_leaves_every_module_untouched(bad, error, message):
+    """The first parameter's scores are fine, the second's are not: torch's own function (and ours
+    before) pruned the first, then failed; now nothing is changed."""
+    m, n = two_layers()
+    prune.custom_from_mask(n, "bias", torch.tensor([1.0]))  # an earlier pruning stays as it was
+    before = state(m, n)
+    scores = {(m, "weight"): torch.randn(2, 4), (n, "weight"): bad}
+    with pytest.raises(error, match=message):
+        torch_prune.global_unstructured(
+            [(m, "weight"), (n, "weight"), (n, "bias")], prune.L1Unstructured, importance_scores=scores, amount=3
+        )
+    same_state(before, state(m, n))
+    assert not hasattr(m, "weight_mask")
+
+
+def test_bad_parameter_entries_are_refused_before_any_change():
+    m, n = two_layers()
+    n.register_buffer("scale", torch.ones(3))
+    before = state(m, n)
+    with pytest.raises(AttributeError, match=r"parameters\[1\]: 'Linear' object has no attribute 'nope'"):
+        torch_prune.global_unstructured([(m, "weight"), (n, "nope")], prune.L1Unstructured, amount=1)
+    with pytest.raises(TypeError, match=r"parameters\[1\]: Linear.scale is a Tensor, not a parameter"):
+        torch_prune.global_unstructured([(m, "weight"), (n, "scale")], prune.L1Unstructured, amount=1)
+    with pytest.raises(TypeError, match=r"parameters\[1\] must be a \(module, name\) pair"):
+        torch_prune.global_unstructured([(m, "weight"), n], prune.L1Unstructured, amount=1)
+    same_state(before, state(m, n))
+
+
+def test_integer_scores_amount_true_and_no_parameters_as_torch():
+    scores = torch.tensor([[1, 5, 3, 2], [7, -8, 0, 4]])
+    ours, theirs = nn.Linear(4, 2), nn.Linear(4, 2)
+    torch_prune.global_unstructured(
+        [(ours, "weight")], prune.L1Unstructured, amount=3, importance_scores={(ours, "weight"): scores}
+    )
+    prune.global_unstructured(
+        [(theirs, "weight")], prune.L1Unstructured, amount=3, importance_scores={(theirs, "weight"): scores}
+    )
+    assert torch.equal(ours.weight_mask, theirs.weight_mask)
+    assert torch.equal(ours.weight_mask, torch.tensor([[0, 1, 1, 0], [1, 1, 0, 1]], dtype=torch.float32))
+    # integers beyond float32's 2**24 keep their order (compared as float64)
+    big = torch.tensor([[2**40 + 3, 2**40 + 2, 2**40, 2**40 + 1]])
+    m = nn.Linear(4, 1)
+    torch_prune.global_unstructured(
+        [(m, "weight")], prune.L1Unstructured, amount=2, importance_scores={(m, "weight"): big}
+    )
+    assert m.weight_mask.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+
+    m = nn.Linear(4, 2)
+    with pytest.raises(TypeError):  # torch: topk() argument 'k' must be int, not bool
+        prune.global_unstructured([(m, "weight")], prune.L1Unstructured, amount=True)
+    with pytest.raises(TypeError, match="Invalid type for amount: True"):
+        torch_prune.global_unstructured([(m, "weight")], prune.L1Unstructured, amount=True)
+    assert not hasattr(m, "weight_mask")
+    with pytest.raises(ValueError):  # torch: torch.cat(): expected a non-empty list of Tensors
+        prune.global_unstructured([], prune.L1Unstructured, amount=0.5)
+    for amount in (0.5, 0):
+        with pytest.raises(ValueError, match="parameters is empty"):
+            torch_prune.global_unstructured([], prune.L1Unstructured, amount=amount)

@@ -9,8 +9,12 @@ Same signature, errors and results as torch's function, including its reparametr
 its rule that only entries not yet pruned compete: `amount` is a fraction of (or a number of) the
 entries whose current mask is 1. Differences, both deliberate: among equal scores the lower flat
 index (parameters in order, each row-major) is pruned first, where `torch.topk` picks arbitrarily;
-and NaN scores are refused (ValueError) instead of being treated as the largest. Pruning methods
-other than L1Unstructured (RandomUnstructured, custom methods) are handed to torch unchanged.
+and NaN scores are refused (ValueError) instead of being treated as the largest. Every argument is
+checked before any module changes (torch's function can fail half-way, leaving some parameters
+pruned): an empty `parameters` is a ValueError, `amount=True` a TypeError (as in torch), an importance
+score that is not a real tensor of its parameter's shape a TypeError or ValueError naming it; integer
+scores are accepted, as torch accepts them. Pruning methods other than L1Unstructured
+(RandomUnstructured, custom methods) are handed to torch unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from .. import ops
@@ -29,8 +33,49 @@ def _unpruned_scores(importance: list[Tensor], masks: list[Tensor | None]) -> li
     return [s.detach().abs() if m is None else s.detach().abs()[m == 1] for s, m in zip(importance, masks)]
 
 
+def _targets(parameters: list) -> list[tuple[nn.Module, str]]:
+    """The (module, name) pairs, each naming a parameter of its module (or one already pruned)."""
+    if not parameters:
+        raise ValueError("global_unstructured(): parameters is empty; expected at least one (module, name) pair")
+    for i, entry in enumerate(parameters):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise TypeError(f"parameters[{i}] must be a (module, name) pair, got {entry!r}")
+        module, name = entry
+        if not isinstance(module, nn.Module) or not isinstance(name, str):
+            raise TypeError(
+                f"parameters[{i}] must be a (torch.nn.Module, str) pair, got ({type(module).__name__}, {name!r})"
+            )
+        if not hasattr(module, name):
+            raise AttributeError(f"parameters[{i}]: {type(module).__name__!r} object has no attribute {name!r}")
+        pruned = isinstance(getattr(module, name + "_mask", None), Tensor)
+        if not pruned and not isinstance(module._parameters.get(name), nn.Parameter):
+            raise TypeError(
+                f"parameters[{i}]: {type(module).__name__}.{name} is a {type(getattr(module, name)).__name__}, not a "
+                "parameter; only parameters can be pruned"
+            )
+    return [tuple(entry) for entry in parameters]
+
+
+def _importance(parameters: list[tuple[nn.Module, str]], importance_scores: dict, labels: list[str]) -> list[Tensor]:
+    """Each parameter's importance (its own value by default), checked: a real-valued tensor of the
+    parameter's shape; integer scores become float64 (exact up to 2**53)."""
+    out = []
+    for (module, name), label in zip(parameters, labels):
+        param = getattr(module, name)
+        score = importance_scores.get((module, name), param)
+        if not isinstance(score, Tensor):
+            raise TypeError(f"{label} must be a Tensor, got {type(score).__name__}")
+        if score.dtype == torch.bool or score.is_complex():
+            raise TypeError(f"{label} must be a real-valued tensor, got {score.dtype}")
+        if score.shape != param.shape:
+            raise ValueError(f"{label} has shape {tuple(score.shape)}; expected the parameter's {tuple(param.shape)}")
+        out.append(score if score.is_floating_point() else score.to(torch.float64))
+    return out
+
+
 def global_unstructured(parameters, pruning_method, importance_scores=None, **kwargs) -> None:
-    """`torch.nn.utils.prune.global_unstructured` with pyprune_fast's selection (see the module doc)."""
+    """`torch.nn.utils.prune.global_unstructured` with pyprune_fast's selection (see the module doc).
+    Every argument is checked before any module is changed: an error leaves the model as it was."""
     if not isinstance(parameters, Iterable):
         raise TypeError("global_unstructured(): parameters is not an Iterable")
     importance_scores = importance_scores if importance_scores is not None else {}
@@ -45,13 +90,16 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
         )
     if type(method) is not prune.L1Unstructured:
         return prune.global_unstructured(parameters, pruning_method, importance_scores=importance_scores, **kwargs)
+    if isinstance(method.amount, bool):
+        raise TypeError(f"Invalid type for amount: {method.amount!r}. Must be int or float, not bool.")
 
-    importance = [importance_scores.get((module, name), getattr(module, name)) for module, name in parameters]
-    masks = [getattr(module, name + "_mask", None) for module, name in parameters]
-    candidates = _unpruned_scores(importance, masks)
+    parameters = _targets(parameters)
     labels = [
         f"importance of {type(module).__name__}.{name} (parameters[{i}])" for i, (module, name) in enumerate(parameters)
     ]
+    importance = _importance(parameters, importance_scores, labels)
+    masks = [getattr(module, name + "_mask", None) for module, name in parameters]
+    candidates = _unpruned_scores(importance, masks)
     competing = sum(c.numel() for c in candidates)
     count = prune._compute_nparams_toprune(method.amount, competing)
     prune._validate_pruning_amount(count, competing)
