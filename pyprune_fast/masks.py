@@ -2,12 +2,16 @@
 
 Rule shared by every granularity and backend: exactly round(sparsity × N) entries of each group are
 pruned, the lowest scores first; among equal scores the lower flat index (tensors in dict order, each
-row-major) is pruned first; NaN is refused, ±inf are ordinary values, -0.0 equals 0.0."""
+row-major) is pruned first; NaN is refused, ±inf are ordinary values, -0.0 equals 0.0. An empty score
+dict gives an empty mask dict. `sparsity`: a real number in [0, 1] (a numpy scalar or a 0-d tensor
+too)."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,11 +31,25 @@ def _check_score_types(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(scores)
 
 
-def _prepare(scores: Mapping[str, Tensor], sparsity: float) -> tuple[list[str], list[Tensor], list[str]]:
-    """Validates a score dict and a sparsity: (names, tensors in one dtype on one device, labels for errors)."""
-    scores = _check_score_types(scores)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
+def check_sparsity(sparsity: object) -> float:
+    """The sparsity as a float in [0, 1]: a real number (int, float, a numpy scalar or a 0-d real
+    tensor); bools, NaN and values outside [0, 1] are a ValueError."""
+    value = None
+    if isinstance(sparsity, Tensor):
+        if sparsity.dim() == 0 and sparsity.dtype != torch.bool and not sparsity.is_complex():
+            value = float(sparsity)
+    elif isinstance(sparsity, numbers.Real) and not isinstance(sparsity, (bool, np.bool_)):
+        value = float(sparsity)
+    if value is None or not 0.0 <= value <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    return value
+
+
+def _prepare(scores: Mapping[str, Tensor], sparsity: object) -> tuple[list[str], list[Tensor], list[str], float]:
+    """Validates a score dict and a sparsity: (names, tensors in one dtype on one device, labels for
+    errors, the sparsity as a float)."""
+    scores = _check_score_types(scores)
+    sparsity = check_sparsity(sparsity)
     names, tensors = list(scores), list(scores.values())
     for name, s in zip(names, tensors):
         if s.device != tensors[0].device:
@@ -41,7 +59,7 @@ def _prepare(scores: Mapping[str, Tensor], sparsity: float) -> tuple[list[str], 
         for s in tensors[1:]:
             dtype = torch.promote_types(dtype, s.dtype)
         tensors = [s if s.dtype == dtype else s.to(dtype) for s in tensors]
-    return names, tensors, [f"scores[{n!r}]" for n in names]
+    return names, tensors, [f"scores[{n!r}]" for n in names], sparsity
 
 
 def _refuse_nan(tensors: list[Tensor], labels: list[str]) -> None:
@@ -103,13 +121,13 @@ def global_unstructured(
     if group is not None:
         comm = distributed.Communicator(group)
         with comm.session():
-            names, tensors, labels = _prepare(scores, sparsity)
+            names, tensors, labels, sparsity = _prepare(scores, sparsity)
             targets = None if apply_to is None else _targets(apply_to, names, tensors)
-            masks = distributed.global_threshold(comm, tensors, float(sparsity), labels, targets)
+            masks = distributed.global_threshold(comm, tensors, sparsity, labels, targets)
         return None if masks is None else dict(zip(names, masks))
-    names, tensors, labels = _prepare(scores, sparsity)
+    names, tensors, labels, sparsity = _prepare(scores, sparsity)
     targets = None if apply_to is None else _targets(apply_to, names, tensors)
-    k = round(float(sparsity) * sum(t.numel() for t in tensors))
+    k = round(sparsity * sum(t.numel() for t in tensors))
     if k == 0:
         _refuse_nan(tensors, labels)
         return None if targets is not None else dict(zip(names, _ones(tensors)))
@@ -123,10 +141,10 @@ def global_unstructured(
 def _group_masks(scores, sparsity, apply_to, group_sizes, build):
     """Masks of a granularity whose groups lie inside single tensors; with apply_to, tensor by tensor
     so that only one tensor's mask exists at a time."""
-    names, tensors, labels = _prepare(scores, sparsity)
-    counts = [round(float(sparsity) * group_sizes(t)) for t in tensors]
+    names, tensors, labels, sparsity = _prepare(scores, sparsity)
+    counts = [round(sparsity * group_sizes(t)) for t in tensors]
     if apply_to is None:
-        return dict(zip(names, build(tensors, counts, labels)))
+        return dict(zip(names, build(tensors, counts, labels))) if tensors else {}
     targets = _targets(apply_to, names, tensors)
     with torch.no_grad():
         for target, t, count, label in zip(targets, tensors, counts, labels):

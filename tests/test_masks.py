@@ -1,5 +1,6 @@
 """Masks: exact counts and the tie rules, written out independently of the production code."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,48 @@ def test_apply_masks_in_place():
     assert (model.weight[~keep["weight"]] == 0).all() and (model.weight[keep["weight"]] != 0).all()
     with pytest.raises(ValueError, match="masks name parameters the model does not have"):
         masks.apply_masks(model, {"nope": torch.ones(1, dtype=torch.bool)})
+
+
+def test_empty_score_dicts_give_empty_masks_at_every_granularity():
+    assert masks.global_unstructured({}, 0.5) == {}
+    assert masks.layerwise({}, 0.5) == {}
+    assert masks.per_row({}, 0.5) == {}
+    assert masks.channels({}, 0.5, scope="layer") == {}
+    assert masks.channels({}, 0.5, scope="global") == {}
+    assert masks.layerwise({}, 0.5, apply_to={}) is None
+
+
+@pytest.mark.parametrize(
+    "sparsity", [np.float64(0.5), np.float32(0.5), np.float16(0.5), torch.tensor(0.5), torch.tensor(0.5).double()]
+)
+def test_sparsity_as_a_numpy_or_0d_tensor_scalar(sparsity):
+    scores = {"a": torch.tensor([[4.0, 1.0, 3.0, 2.0]]), "b": torch.tensor([[0.5, 6.0, 5.0, 7.0]])}
+    for fn in (masks.global_unstructured, masks.layerwise, masks.per_row):
+        expected = fn(scores, 0.5)
+        got = fn(scores, sparsity)
+        assert all(torch.equal(got[n], expected[n]) for n in expected), fn.__name__
+    assert masks.global_unstructured(scores, np.int64(1))["a"].sum() == 0  # an integer 1: everything pruned
+    channel = {"c": torch.tensor([3.0, 1.0, 2.0, 0.0])}
+    assert masks.channels(channel, torch.tensor(0.5), scope="layer")["c"].tolist() == [True, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "sparsity",
+    [
+        True,
+        np.bool_(False),
+        torch.tensor(True),
+        float("nan"),
+        np.float64("nan"),
+        torch.tensor(float("nan")),
+        np.float32(1.5),
+        torch.tensor(-0.1),
+        torch.tensor([0.5]),
+        "0.5",
+        None,
+    ],
+)
+def test_sparsity_refused_with_its_value(sparsity):
+    for fn in (masks.global_unstructured, masks.layerwise, masks.per_row):
+        with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\], got "):
+            fn({"a": torch.ones(2, 4)}, sparsity)
