@@ -9,15 +9,21 @@ metadata (criterion, sparsity, granularity, model, ...).
 Every write goes to a temporary file in the destination's directory, is flushed and fsync'ed, then
 renamed over the destination (os.replace, atomic on POSIX and Windows), and the directory entry is
 fsync'ed: a reader sees the old file or the new one, never a part of one; an error or an interrupt
-leaves the old file as it was and no temporary file behind."""
+leaves the old file as it was and no temporary file behind; so does SIGTERM where the program has
+not installed its own handler. A writer killed with SIGKILL cannot clean up: its temporary
+(`.<name>.<pid>.<random>.tmp`, the writer's process id in the name) is removed by the next write of
+the same file once that process is gone."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -65,11 +71,51 @@ def _mode_for(path: str) -> int:
         return 0o666 & ~umask
 
 
-def new_temp(path: PathLike) -> str:
-    """An empty temporary file next to `path` (same directory, so a rename onto `path` is atomic)."""
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (True where that cannot be told)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> list[str]:
+    """Removes the temporaries that writers of `path` killed mid-write (SIGKILL, power loss) left
+    beside it: files named `.<name>.<pid>.<random>.tmp` (as new_temp names them) whose writer process
+    no longer exists. Returns the removed paths. Temporaries of live processes, of this process, and
+    every other file are left alone."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    pattern = re.compile(rf"\.{re.escape(os.path.basename(path))}\.([0-9]+)\.[A-Za-z0-9_]+\.tmp")
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        stale = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            if os.path.isfile(stale) and not os.path.islink(stale):
+                os.unlink(stale)
+                removed.append(stale)
+    return removed
+
+
+def new_temp(path: PathLike) -> str:
+    """An empty temporary file `.<name>.<pid>.<random>.tmp` next to `path` (same directory, so a rename
+    onto `path` is atomic); the stale temporaries of `path` that dead writers left are removed first."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    remove_stale_temps(path)
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     return temp
 
@@ -120,17 +166,51 @@ def commit_dir(temp: str, path: PathLike) -> None:
         discard(old)
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived while a file was being written."""
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """SIGTERM handled like SIGINT inside the block: where SIGTERM has its default action (to end the
+    process at once, leaving a temporary behind) and in the main thread, it raises inside the block so
+    that the temporary is removed, and is then delivered again with its default action: the process
+    still ends by SIGTERM. A handler the program installed itself is left in charge."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yields a temporary path to write in full; on success it replaces `path` atomically, on any
-    error or interrupt (BaseException) it is removed and `path` is left untouched."""
-    temp = new_temp(path)
-    try:
-        yield temp
-        commit(temp, path)
-    except BaseException:
-        discard(temp)
-        raise
+    error or interrupt (BaseException, SIGTERM too: see _sigterm_cleans_up) it is removed and `path`
+    is left untouched. A temporary left by a writer killed with SIGKILL is removed by the next write
+    of `path` (remove_stale_temps)."""
+    with _sigterm_cleans_up():
+        temp = new_temp(path)
+        try:
+            yield temp
+            commit(temp, path)
+        except BaseException:
+            discard(temp)
+            raise
 
 
 class Staged:
@@ -277,6 +357,8 @@ def mask_metadata(path: PathLike) -> dict[str, str]:
     from safetensors import safe_open
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a mask file (a .safetensors file written by save_masks)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mask file not found: {path}")
     try:
@@ -292,6 +374,29 @@ def mask_metadata(path: PathLike) -> dict[str, str]:
     return meta
 
 
+def _recorded_shapes(text: str, path: str) -> dict[str, tuple[int, ...]]:
+    """The `shapes` metadata of a mask file: a JSON object of name -> list of non-negative ints."""
+    try:
+        shapes = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: corrupt mask file: its 'shapes' metadata is not JSON ({exc})") from None
+    if not isinstance(shapes, dict):
+        raise ValueError(
+            f"{path}: corrupt mask file: its 'shapes' metadata must map names to shapes, got {type(shapes).__name__}"
+        )
+    out = {}
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ValueError(
+                f"{path}: corrupt mask file: the shape recorded for {name!r} must be a list of non-negative ints, "
+                f"got {shape!r}"
+            )
+        out[name] = tuple(shape)
+    return out
+
+
 def load_masks(path: PathLike, model: nn.Module | None = None) -> dict[str, Tensor]:
     """Reads a mask file written by save_masks: {name: bool Tensor} on the CPU, True = kept.
 
@@ -301,7 +406,7 @@ def load_masks(path: PathLike, model: nn.Module | None = None) -> dict[str, Tens
     from safetensors.torch import load_file
 
     meta = mask_metadata(path)
-    shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+    shapes = _recorded_shapes(meta["shapes"], os.fspath(path))
     stored = load_file(os.fspath(path))
     if set(stored) != set(shapes):
         raise ValueError(f"{path}: the tensors {sorted(stored)} do not match the recorded shapes {sorted(shapes)}")

@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -11,6 +14,8 @@ from torch import nn
 
 import pyprune_fast
 from pyprune_fast import io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_masks(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -224,3 +229,97 @@ def test_staged_directories_replace_whole_or_not_at_all(tmp_path):
         assert staged.commit() == [str(target)]
     assert sorted(os.listdir(tmp_path)) == ["model"] and os.listdir(target) == ["new.txt"]
     assert (target / "new.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        ("{not json", r"its 'shapes' metadata is not JSON"),
+        ('["w"]', r"its 'shapes' metadata must map names to shapes, got list"),
+        ('{"w": 15}', r"the shape recorded for 'w' must be a list of non-negative ints, got 15"),
+        ('{"w": [3, "5"]}', r"the shape recorded for 'w' must be a list of non-negative ints"),
+        ('{"w": [3, -5]}', r"the shape recorded for 'w' must be a list of non-negative ints"),
+        ('{"w": [3, true]}', r"the shape recorded for 'w' must be a list of non-negative ints"),
+    ],
+)
+def test_corrupt_shapes_metadata_names_the_file(tmp_path, shapes, message):
+    path = tmp_path / "m.safetensors"
+    pyprune_fast.save_masks(path, {"w": torch.ones(3, 5, dtype=torch.bool)})
+    with safe_open(str(path), framework="pt") as f:
+        meta, packed = f.metadata(), f.get_tensor("w")
+    meta["shapes"] = shapes
+    safetensors.torch.save_file({"w": packed}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt mask file: {message}"):
+        pyprune_fast.load_masks(path)
+
+
+def test_loading_a_directory_says_it_is_one(tmp_path):
+    with pytest.raises(IsADirectoryError, match=rf"^{tmp_path} is a directory, not a mask file"):
+        pyprune_fast.load_masks(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        pyprune_fast.mask_metadata(tmp_path)
+
+
+# A child process that starts writing a mask file and stops half-way (part of the bytes in its
+# temporary), says so, and waits to be killed.
+HALF_WRITTEN_SAVE = """
+import sys, time
+import safetensors.torch, torch
+import pyprune_fast
+
+def stops_half_way(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"partial")
+    print("writing", flush=True)
+    time.sleep(120)
+
+safetensors.torch.save_file = stops_half_way
+pyprune_fast.save_masks(sys.argv[1], {"w": torch.zeros(4, dtype=torch.bool)})
+"""
+
+
+def killed_mid_save(path, signum) -> int:
+    child = subprocess.Popen(
+        [sys.executable, "-c", HALF_WRITTEN_SAVE, str(path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert child.stdout.readline() == "writing\n"
+        child.send_signal(signum)
+        return child.wait(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_sigterm_mid_save_removes_the_temporary_and_keeps_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    pyprune_fast.save_masks(path, random_masks(0))
+    before = path.read_bytes()
+    assert killed_mid_save(path, signal.SIGTERM) == -signal.SIGTERM  # still ends by SIGTERM
+    assert temporaries(tmp_path) == [] and path.read_bytes() == before
+
+
+def test_a_temporary_left_by_sigkill_is_removed_by_the_next_save(tmp_path):
+    path = tmp_path / "m.safetensors"
+    pyprune_fast.save_masks(path, random_masks(0))
+    before = path.read_bytes()
+    assert killed_mid_save(path, signal.SIGKILL) == -signal.SIGKILL
+    stale = temporaries(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith(".m.safetensors.") and path.read_bytes() == before
+    # left alone: another file's temporary, a temporary of a live process, a file not named like ours
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        try:
+            others = [
+                f".other.safetensors.{stale[0].split('.')[3]}.abc123.tmp",
+                f".m.safetensors.{live.pid}.abc123.tmp",
+                ".m.safetensors.abc123.tmp",
+                "m.safetensors.tmp",
+            ]
+            for name in others:
+                (tmp_path / name).write_bytes(b"x")
+            pyprune_fast.save_masks(path, random_masks(1))
+            assert sorted(temporaries(tmp_path)) == sorted(others)
+        finally:
+            live.kill()
+    assert all(torch.equal(pyprune_fast.load_masks(path)[n], m) for n, m in random_masks(1).items())
+    assert io.remove_stale_temps(path) == [str(tmp_path / f".m.safetensors.{live.pid}.abc123.tmp")]
