@@ -79,3 +79,8 @@ def terminated() -> Bundle:
 
     bundle.evaluate = evaluate_then_die
     return bundle
+
+
+def broken() -> Bundle:
+    """A factory that fails, as one whose weights file is missing does."""
+    raise RuntimeError("weights file tiny.pt is missing")

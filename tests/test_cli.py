@@ -452,3 +452,107 @@ def test_the_readme_command_on_the_default_model(tmp_path, capsys):
     pyprune_fast.apply_masks(fresh.model, masks)
     assert fresh.evaluate(fresh.model) == pytest.approx(result["metrics"], abs=1e-5)
     assert "ranking by mean feature_cosine" in capsys.readouterr().out
+
+
+def snapshot(directory) -> dict:
+    """Every file under `directory` (relative path -> bytes)."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as handle:
+                out[os.path.relpath(path, directory)] = handle.read()
+    return out
+
+
+def test_a_rerun_replaces_the_previous_output_as_a_whole(tmp_path):
+    """Run 1 writes four mask files; run 2 (one criterion, one sparsity) leaves exactly its own files:
+    none of run 1's masks beside the new report, and nothing else beside --out."""
+    rc, out = prune(tmp_path, "--criterion", "magnitude", "snip", "--sparsity", "0.5", "0.9")
+    assert rc == 0 and len([f for f in os.listdir(out) if f.startswith("masks-")]) == 4
+    rc, _ = prune(tmp_path, "--criterion", "magnitude", "--sparsity", "0.5")
+    assert rc == 0
+    assert sorted(os.listdir(out)) == sorted(read_report(out)["files"])
+    assert "masks.safetensors" in os.listdir(out) and os.listdir(tmp_path) == ["out"]
+    assert oct(os.stat(out).st_mode & 0o777) != oct(0o700)  # not the staging directory's mode
+
+
+def failing_call(monkeypatch, module, name, failure, on_call):
+    """Makes module.name raise `failure` on its `on_call`-th call (the earlier calls go through)."""
+    real, calls = getattr(module, name), []
+
+    def fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise failure("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, fails)
+
+
+@pytest.mark.parametrize(
+    "where, failure",
+    [
+        ("second mask file", OSError),
+        ("between the final renames", KeyboardInterrupt),
+        ("switching --out in", KeyboardInterrupt),
+        ("switching --out in", OSError),
+    ],
+)
+def test_a_run_that_fails_anywhere_leaves_the_previous_output_whole(tmp_path, monkeypatch, capsys, failure, where):
+    """A second run into the same --out fails while writing, while renaming its staged files into place
+    (before: the first masks were then new, the report old) or in the final switch: the first run's
+    output is whole and nothing is left beside it."""
+    rc, out = prune(tmp_path, "--criterion", "magnitude", "snip", "--sparsity", "0.5")
+    assert rc == 0
+    before = snapshot(out)
+    if where == "second mask file":
+        failing_call(monkeypatch, pyprune_fast.io, "save_masks", failure, 2)
+    elif where == "between the final renames":  # io.commit: 2 mask writes, then the staged files' renames
+        failing_call(monkeypatch, pyprune_fast.io, "commit", failure, 2 + 3)
+    else:  # the rename of the staged directory onto --out, after the old one was moved aside
+        real_replace, failed = os.replace, []
+
+        def replace(src, dst):
+            if os.path.abspath(dst) == out and not failed:  # the staging's rename; putting the old back works
+                assert not os.path.exists(out)  # the old output is aside: it must come back
+                failed.append(src)
+                raise failure("injected failure")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+    rc, _ = prune(tmp_path, "--criterion", "magnitude", "--sparsity", "0.5", "0.9")
+    assert rc == (130 if failure is KeyboardInterrupt else 2)
+    assert ("interrupted" if failure is KeyboardInterrupt else "injected failure") in capsys.readouterr().err
+    monkeypatch.undo()
+    assert snapshot(out) == before
+    assert os.listdir(tmp_path) == ["out"]  # no staging directory, no old output moved aside
+
+
+def test_an_out_holding_other_files_is_refused(tmp_path, monkeypatch, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli.main(["prune", "--model", TINY, "--out", str(mine), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds files that are not the output of an earlier pyprune-fast prune (notes.txt)" in err
+    assert "choose a new or empty directory" in err
+    assert os.listdir(mine) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["mine"]
+    monkeypatch.chdir(mine)
+    assert cli.main(["prune", "--model", TINY, "--out", ".", "--quiet"]) == 2
+    assert "is the working directory or holds it" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["prune", "--model", TINY, "--criterion", "magnitude", "--out", str(empty), "--quiet"]) == 0
+    assert "report.json" in os.listdir(empty)
+
+
+def test_a_factory_that_raises_is_one_error_line(tmp_path, capsys):
+    rc = cli.main(["prune", "--model", "tests.cli_factory:broken", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "pyprune-fast: error: --model 'tests.cli_factory:broken': the factory tests.cli_factory.broken() raised "
+        "RuntimeError: weights file tiny.pt is missing\n"
+    )
+    assert os.listdir(tmp_path) == []

@@ -2,8 +2,10 @@
 
 Exit status: 0 done, 1 some `bench` workloads failed (each is marked in the table; the others ran), 2 bad
 input (model, data, criterion, option, output directory), 130 interrupted. Every file is written to a
-temporary next to its destination and renamed into place only when the whole run has succeeded: an
-error or an interrupt replaces no file and leaves no temporary behind."""
+temporary and renamed into place only when the whole run has succeeded: an error or an interrupt
+replaces no file and leaves no temporary behind. `prune` stages its whole --out in a temporary sibling
+directory and switches it in with one rename, so a rerun replaces the previous run's output as a whole
+(never a mix of old masks and a new report); it refuses an --out that holds anything else."""
 
 from __future__ import annotations
 
@@ -46,32 +48,94 @@ def _device(name: str) -> str:
     return name
 
 
+def _previous_prune_output(path: str) -> bool:
+    """Whether the directory holds what an earlier `pyprune-fast prune` wrote (its report.json)."""
+    try:
+        with open(os.path.join(path, "report.json")) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    command = report.get("command") if isinstance(report, dict) else None
+    return isinstance(command, list) and command[:2] == ["pyprune-fast", "prune"] and "pyprune_fast_version" in report
+
+
 class OutDir:
-    """The output directory: created if missing and checked writable before any work; the directories
-    this run created are removed again if it fails before writing anything."""
+    """The output directory, checked before any work. With `whole` (prune), the run's whole output is
+    staged in a temporary sibling directory and switched in by commit() with one rename, replacing an
+    earlier prune's output as a whole; an --out holding anything else is refused. Otherwise (score,
+    and the resumable --offload disk runs) --out is created and files are renamed into it one by one.
+    remove_created() takes away the staging and the directories this run created."""
 
-    def __init__(self, path: str) -> None:
-        from ..io import discard, new_temp
+    def __init__(self, path: str, whole: bool = False) -> None:
+        from ..io import discard, new_temp, new_temp_dir
 
-        self.path = path
+        self.path, self.staging, self.created = path, None, []
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"--out {path!r} exists and is not a directory")
-        self.created = []
+        if whole and os.path.isdir(path):
+            absolute = os.path.abspath(path)
+            if os.path.commonpath([absolute, os.getcwd()]) == absolute:
+                raise UsageError(
+                    f"--out {path!r} is the working directory or holds it; prune replaces its --out directory as a "
+                    "whole: choose a new or empty directory"
+                )
+            entries = sorted(os.listdir(path))
+            if entries and not _previous_prune_output(path):
+                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+                raise UsageError(
+                    f"--out {path!r} holds files that are not the output of an earlier pyprune-fast prune ({shown}); "
+                    "prune replaces its --out directory as a whole: choose a new or empty directory"
+                )
         head = os.path.abspath(path)
+        if whole:
+            head = os.path.dirname(head)  # --out itself is made by the final rename
         while not os.path.exists(head):
             self.created.append(head)
             head = os.path.dirname(head)
         try:
-            os.makedirs(path, exist_ok=True)
-            discard(new_temp(os.path.join(path, "probe")))
+            if whole:
+                self.staging = new_temp_dir(path)
+            else:
+                os.makedirs(path, exist_ok=True)
+                discard(new_temp(os.path.join(path, "probe")))
         except OSError as exc:
             self.remove_created()
             raise UsageError(f"--out {path!r} cannot be written: {exc.strerror or exc}") from exc
 
     def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        """Where the output file `name` is written now (in the staging directory, with `whole`)."""
+        return os.path.join(self.staging or self.path, name)
+
+    def locate(self, path: str) -> str:
+        """Where `path` is written now: inside the staging directory when it lies under --out."""
+        absolute, out = os.path.abspath(path), os.path.abspath(self.path)
+        if self.staging is None or os.path.commonpath([absolute, out]) != out:
+            return path
+        return os.path.join(self.staging, os.path.relpath(absolute, out))
+
+    def commit(self) -> None:
+        """With `whole`: the staged output becomes --out in one rename (an earlier output is moved aside
+        first and removed once the new one is in place, or put back if the rename fails)."""
+        from ..io import commit_dir
+
+        if self.staging is None:
+            return
+        try:
+            mode = os.stat(self.path).st_mode & 0o7777
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o777 & ~umask
+        os.chmod(self.staging, mode)  # mkdtemp made it 0o700
+        commit_dir(self.staging, self.path)
+        self.staging = None
 
     def remove_created(self) -> None:
+        from ..io import discard
+
+        if self.staging is not None:
+            discard(self.staging)
+            self.staging = None
         for directory in self.created:
             try:
                 os.rmdir(directory)
@@ -239,7 +303,7 @@ def _file_writer(args, out: OutDir, staged, bundle, single: bool):
         pretrained = bundle.pretrained if model is bundle.model else None
         if args.save_model and pretrained is not None:
             directory = os.path.join(_save_root(args), label)
-            _save_pretrained(staged, directory, pretrained, bundle.tokenizer)
+            _save_pretrained(staged, out.locate(directory), pretrained, bundle.tokenizer)
             result.files["model"] = os.path.relpath(directory, args.out)
         elif args.save_model:
             result.files["model"] = f"model{tag}.safetensors"
@@ -284,7 +348,7 @@ def cmd_prune(args) -> int:
     _need_matplotlib()
     group = _process_group(args)
     lead = group is None or group.rank() == 0
-    out = OutDir(args.out) if lead else None
+    out = OutDir(args.out, whole=True) if lead else None
     single = len(criteria) == 1 and (len(sparsities) == 1 or args.granularity == runner.TWO_FOUR)
 
     def execute(staged, bundle):
@@ -327,8 +391,9 @@ def _need_matplotlib() -> None:
 
 
 def _run_and_report(args, out: OutDir, execute) -> int:
-    """Loads the model, runs `execute(staged, bundle) -> Run`, stages the reports and commits every
-    file together; prints the summary. On any failure nothing is written and new directories go."""
+    """Loads the model, runs `execute(staged, bundle) -> Run`, stages the reports, commits every file
+    and switches the staged --out in (OutDir.commit); prints the summary. On any failure or interrupt
+    before that rename, --out is as it was and the staging and new directories go."""
     from ..io import Staged
     from . import report
 
@@ -341,6 +406,7 @@ def _run_and_report(args, out: OutDir, execute) -> int:
             run.seconds = {"load": loaded, **run.seconds, "total": time.perf_counter() - start}
             files, plots = _write_reports(run, out, staged, args.argv)
             staged.commit()
+            out.commit()
     except BaseException:
         out.remove_created()
         raise
@@ -398,7 +464,7 @@ def _prune_llm(args) -> int:
     _need_matplotlib()
     group = _process_group(args)
     lead = group is None or group.rank() == 0
-    out = OutDir(args.out) if lead else None
+    out = OutDir(args.out, whole=not args.offload) if lead else None
     options = {
         "granularity": LLM_GRANULARITIES[args.granularity],
         "samples": args.samples,
@@ -421,7 +487,7 @@ def _prune_llm(args) -> int:
             save_masks(staged.path(out.file(result.files["masks"])), keep, meta)
             if args.save_model:
                 directory = os.path.join(_save_root(args), tag)
-                _save_pretrained(staged, directory, model, bundle.tokenizer)
+                _save_pretrained(staged, out.locate(directory), model, bundle.tokenizer)
                 result.files["model"] = os.path.relpath(directory, args.out)
 
         return llm_runner.prune(bundle, methods, targets, on_model=on_model, **options)
@@ -518,7 +584,12 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
         f"channel granularities; weight criteria: {kinds['weight']}; channel criteria: {kinds['channel']}; "
         f"LLM methods (default magnitude wanda sparsegpt): {', '.join(METHODS)})",
     )
-    p.add_argument("--out", default="pyprune-out", help="output directory (default ./pyprune-out)")
+    p.add_argument(
+        "--out",
+        default="pyprune-out",
+        help="output directory (default ./pyprune-out); prune replaces it as a whole (a new or empty directory, or "
+        "an earlier prune's output; anything else is refused); score adds or replaces its files",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -417,7 +417,12 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
         factory = getattr(importlib.import_module(kind), rest)
     except (ImportError, AttributeError) as exc:
         raise ModelSpecError(f"--model {spec!r}: cannot import {rest!r} from module {kind!r} ({exc})") from exc
-    made = factory()
+    try:
+        made = factory()
+    except Exception as exc:
+        raise ModelSpecError(
+            f"--model {spec!r}: the factory {kind}.{rest}() raised {type(exc).__name__}: {exc}"
+        ) from exc
     if isinstance(made, Bundle):
         made.model.to(device)
         return made
