@@ -86,12 +86,12 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(path: PathLike) -> list[str]:
     """Removes the temporaries that writers of `path` killed mid-write (SIGKILL, power loss) left
-    beside it: files named `.<name>.<pid>.<random>.tmp` (as new_temp names them) whose writer process
-    no longer exists. Returns the removed paths. Temporaries of live processes, of this process, and
-    every other file are left alone."""
+    beside it: files `.<name>.<pid>.<random>.tmp` (new_temp) and directories
+    `.<name>.<pid>.<random>.partial` (new_temp_dir) whose writer process no longer exists. Returns the
+    removed paths. Temporaries of live processes, of this process, and every other entry are left alone."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    pattern = re.compile(rf"\.{re.escape(os.path.basename(path))}\.([0-9]+)\.[A-Za-z0-9_]+\.tmp")
+    pattern = re.compile(rf"\.{re.escape(os.path.basename(path))}\.([0-9]+)\.[A-Za-z0-9_]+\.(tmp|partial)")
     removed = []
     try:
         names = os.listdir(directory)
@@ -102,10 +102,15 @@ def remove_stale_temps(path: PathLike) -> list[str]:
         if match is None or _alive(int(match.group(1))):
             continue
         stale = os.path.join(directory, name)
-        with contextlib.suppress(OSError):
-            if os.path.isfile(stale) and not os.path.islink(stale):
+        if os.path.islink(stale):
+            continue
+        if match.group(2) == "tmp" and os.path.isfile(stale):
+            with contextlib.suppress(OSError):
                 os.unlink(stale)
                 removed.append(stale)
+        elif match.group(2) == "partial" and os.path.isdir(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
     return removed
 
 
@@ -139,11 +144,13 @@ def discard(temp: str) -> None:
 
 
 def new_temp_dir(path: PathLike) -> str:
-    """An empty temporary directory next to `path` (a rename onto `path` is atomic)."""
+    """An empty temporary directory `.<name>.<pid>.<random>.partial` next to `path` (a rename onto
+    `path` is atomic); the stale temporaries of `path` that dead writers left are removed first."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    return tempfile.mkdtemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".partial")
+    remove_stale_temps(path)
+    return tempfile.mkdtemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".partial")
 
 
 def commit_dir(temp: str, path: PathLike) -> None:

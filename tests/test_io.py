@@ -323,3 +323,19 @@ def test_a_temporary_left_by_sigkill_is_removed_by_the_next_save(tmp_path):
             live.kill()
     assert all(torch.equal(pyprune_fast.load_masks(path)[n], m) for n, m in random_masks(1).items())
     assert io.remove_stale_temps(path) == [str(tmp_path / f".m.safetensors.{live.pid}.abc123.tmp")]
+
+
+def test_staging_directories_of_dead_writers_are_removed_by_the_next_one(tmp_path):
+    """A process killed while staging a directory (a prune's --out, a saved model) leaves
+    .<name>.<pid>.<random>.partial; the next staging of the same name removes it, if its process is gone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".out.{dead_pid}.abc_12.partial"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "masks.safetensors").write_bytes(b"x")
+    kept = [tmp_path / f".out.{os.getpid()}.abc.partial", tmp_path / f".other.{dead_pid}.abc.partial"]
+    for directory in kept:
+        directory.mkdir()
+    staging = io.new_temp_dir(tmp_path / "out")
+    assert os.path.basename(staging).startswith(f".out.{os.getpid()}.") and staging.endswith(".partial")
+    assert not stale.exists() and all(d.exists() for d in kept)
