@@ -543,8 +543,10 @@ def test_an_out_holding_other_files_is_refused(tmp_path, monkeypatch, capsys):
     assert "is the working directory or holds it" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli.main(["prune", "--model", TINY, "--criterion", "magnitude", "--out", str(empty), "--quiet"]) == 0
-    assert "report.json" in os.listdir(empty)
+    link = tmp_path / "link"
+    link.symlink_to(empty, target_is_directory=True)
+    assert cli.main(["prune", "--model", TINY, "--criterion", "magnitude", "--out", str(link), "--quiet"]) == 0
+    assert link.is_symlink() and "report.json" in os.listdir(empty)  # a symlinked --out: its target replaced
 
 
 def test_a_factory_that_raises_is_one_error_line(tmp_path, capsys):

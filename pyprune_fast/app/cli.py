@@ -94,7 +94,7 @@ class OutDir:
             head = os.path.dirname(head)
         try:
             if whole:
-                self.staging = new_temp_dir(path)
+                self.staging = new_temp_dir(os.path.realpath(path))  # a symlinked --out: its target
             else:
                 os.makedirs(path, exist_ok=True)
                 discard(new_temp(os.path.join(path, "probe")))
@@ -121,13 +121,13 @@ class OutDir:
         if self.staging is None:
             return
         try:
-            mode = os.stat(self.path).st_mode & 0o7777
+            mode = os.stat(os.path.realpath(self.path)).st_mode & 0o7777
         except OSError:
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o777 & ~umask
         os.chmod(self.staging, mode)  # mkdtemp made it 0o700
-        commit_dir(self.staging, self.path)
+        commit_dir(self.staging, os.path.realpath(self.path))
         self.staging = None
 
     def remove_created(self) -> None:
