@@ -475,6 +475,11 @@ def test_a_rerun_replaces_the_previous_output_as_a_whole(tmp_path):
     assert sorted(os.listdir(out)) == sorted(read_report(out)["files"])
     assert "masks.safetensors" in os.listdir(out) and os.listdir(tmp_path) == ["out"]
     assert oct(os.stat(out).st_mode & 0o777) != oct(0o700)  # not the staging directory's mode
+    # a file the report does not list (here `score`'s) is not replaced: the run is refused
+    assert cli.main(["score", "--model", TINY, "--criterion", "magnitude", "--out", out, "--quiet"]) == 0
+    before = snapshot(out)
+    assert prune(tmp_path, "--criterion", "magnitude", "--sparsity", "0.5")[0] == 2
+    assert snapshot(out) == before
 
 
 def failing_call(monkeypatch, module, name, failure, on_call):

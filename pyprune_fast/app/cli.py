@@ -48,15 +48,19 @@ def _device(name: str) -> str:
     return name
 
 
-def _previous_prune_output(path: str) -> bool:
-    """Whether the directory holds what an earlier `pyprune-fast prune` wrote (its report.json)."""
+def _prune_output_entries(path: str) -> set[str]:
+    """The entries of the directory that an earlier `pyprune-fast prune` wrote there: those its
+    report.json lists (the top-level names of its "files"), with report.json itself; none without one."""
     try:
         with open(os.path.join(path, "report.json")) as f:
             report = json.load(f)
     except (OSError, ValueError):
-        return False
+        return set()
     command = report.get("command") if isinstance(report, dict) else None
-    return isinstance(command, list) and command[:2] == ["pyprune-fast", "prune"] and "pyprune_fast_version" in report
+    files = report.get("files") if isinstance(report, dict) else None
+    if not (isinstance(command, list) and command[:2] == ["pyprune-fast", "prune"] and isinstance(files, list)):
+        return set()
+    return {"report.json"} | {f.replace(os.sep, "/").split("/")[0] for f in files if isinstance(f, str)}
 
 
 class OutDir:
@@ -79,9 +83,9 @@ class OutDir:
                     f"--out {path!r} is the working directory or holds it; prune replaces its --out directory as a "
                     "whole: choose a new or empty directory"
                 )
-            entries = sorted(os.listdir(path))
-            if entries and not _previous_prune_output(path):
-                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            foreign = sorted(set(os.listdir(path)) - _prune_output_entries(path))
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
                 raise UsageError(
                     f"--out {path!r} holds files that are not the output of an earlier pyprune-fast prune ({shown}); "
                     "prune replaces its --out directory as a whole: choose a new or empty directory"
