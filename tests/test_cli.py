@@ -500,7 +500,6 @@ def failing_call(monkeypatch, module, name, failure, on_call):
     [
         ("second mask file", OSError),
         ("between the final renames", KeyboardInterrupt),
-        ("switching --out in", KeyboardInterrupt),
         ("switching --out in", OSError),
     ],
 )
