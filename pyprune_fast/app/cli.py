@@ -565,7 +565,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
+def _add_model_options(p: argparse.ArgumentParser, criteria: list[str], out: str, out_help: str) -> None:
     from ..criteria import CRITERIA
     from ..criteria.registry import KINDS
     from ..llm import METHODS
@@ -588,12 +588,7 @@ def _add_model_options(p: argparse.ArgumentParser, criteria: list[str]) -> None:
         f"channel granularities; weight criteria: {kinds['weight']}; channel criteria: {kinds['channel']}; "
         f"LLM methods (default magnitude wanda sparsegpt): {', '.join(METHODS)})",
     )
-    p.add_argument(
-        "--out",
-        default="pyprune-out",
-        help="output directory (default ./pyprune-out); prune replaces it as a whole (a new or empty directory, or "
-        "an earlier prune's output; anything else is refused); score adds or replaces its files",
-    )
+    p.add_argument("--out", default=out, help=f"output directory (default ./{out}); {out_help}")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -719,14 +714,19 @@ def build_parser() -> argparse.ArgumentParser:
         "scores, evaluates each pruned model against the dense one and writes masks (safetensors), "
         "report.json, report.md and plots to --out.",
     )
-    _add_model_options(prune, criteria)
+    _add_model_options(
+        prune,
+        criteria,
+        "pyprune-out",
+        "replaced as a whole (it must be new, empty, or an earlier prune's output; anything else is refused)",
+    )
     _add_data_options(prune, evaluation=True)
     _add_pruning_options(prune, CHOICES)
     _add_llm_options(prune)
     prune.set_defaults(run=cmd_prune)
 
     score = sub.add_parser("score", help="score a model with criteria and write the scores (safetensors)")
-    _add_model_options(score, criteria)
+    _add_model_options(score, criteria, "pyprune-scores", "scores-<criterion>.safetensors are added or replaced")
     _add_data_options(score, evaluation=False)
     score.set_defaults(run=cmd_score)
 
