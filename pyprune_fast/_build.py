@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import sys
 
@@ -104,8 +105,21 @@ def cuda_decision() -> tuple[bool, str]:
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc in {home}"
 
 
+def with_ptx(archs: str) -> str:
+    """The arch list (TORCH_CUDA_ARCH_LIST syntax) with PTX embedded for its highest numeric entry, unless
+    an entry already asks for PTX: "8.0;9.0" -> "8.0;9.0+PTX". GPUs newer than every listed arch (Blackwell:
+    10.x, 12.x) then JIT-compile that PTX instead of finding no kernel image. Arch-specific entries (9.0a,
+    whose PTX runs on 9.0 only) and named ones (Ampere) are left as they are."""
+    entries = [e for e in re.split(r"[;\s]+", archs.strip()) if e]
+    plain = [(tuple(int(p) for p in e.split(".")), i) for i, e in enumerate(entries) if re.fullmatch(r"\d+\.\d+", e)]
+    if plain and not any(e.endswith("+PTX") for e in entries):
+        entries[max(plain)[1]] += "+PTX"
+    return ";".join(entries)
+
+
 def cuda_archs() -> str:
-    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    """The CUDA targets of the build: TORCH_CUDA_ARCH_LIST (default 8.0;9.0) with PTX for the highest."""
+    return with_ptx(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS)
 
 
 def build_config() -> dict:

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import threading
 import warnings
@@ -23,6 +24,10 @@ from ._compat import has_kernel, library_ops
 _lock = threading.RLock()
 _state: dict | None = None
 _after_load: list[Callable[[], None]] = []
+_cuda_fits: dict[tuple[str, int], bool] = {}  # (op, device index) -> whether the CUDA kernel can run there
+
+# CUDA kernels that need more than an image for the device: the lowest compute capability they run on.
+MIN_CAPABILITY = {"sparse24_linear": (8, 0)}  # cp.async, ldmatrix and mma.sp (csrc/include/.../mma_sp.cuh)
 
 
 def _cache_dir() -> str:
@@ -176,3 +181,62 @@ def native_available(op: str, device_type: str) -> bool:
     """Whether the compiled kernel of `op` serves tensors of this device type ('cpu' or 'cuda')."""
     s = state()
     return s["backend"] == "native" and s["ops"].get(op, {}).get(device_type, False)
+
+
+def kernel_image(capability: tuple[int, int], archs: str | None) -> str | None:
+    """The image of a library built for `archs` (TORCH_CUDA_ARCH_LIST syntax, as backend_info reports it)
+    that a GPU of compute capability `capability` runs: "sm_XY" (a binary of the same major version and a
+    minor no higher than the device's; an arch-specific "X.Ya" binary on X.Y only), "compute_XY" (PTX of an
+    arch no higher than the device's, JIT-compiled by the driver), or None when there is none. "unknown"
+    when the list has entries other than X.Y[a|f][+PTX] (named archs): then the library is trusted."""
+    cubins, ptx = [], []
+    for entry in re.split(r"[;\s]+", (archs or "").strip()):
+        if not entry:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        if m is None:
+            return "unknown"
+        arch, suffix = (int(m.group(1)), int(m.group(2))), m.group(3)
+        if arch[0] == capability[0] and (arch == capability if suffix == "a" else arch[1] <= capability[1]):
+            cubins.append(arch)
+        if m.group(4) and (arch == capability if suffix == "a" else arch <= capability):
+            ptx.append(arch)
+    if cubins:
+        return "sm_{}{}".format(*max(cubins))
+    if ptx:
+        return "compute_{}{}".format(*max(ptx))
+    return None
+
+
+def _decided(key: tuple[str, int], why_not: Callable[[], str | None]) -> bool:
+    """Whether `why_not()` is None, computed once per key; the first time it is not, one warning."""
+    if key not in _cuda_fits:
+        why = why_not()
+        with _lock:
+            _cuda_fits[key] = why is None
+        if why is not None:
+            warnings.warn(f"pyprune_fast: {why}; the pure-PyTorch reference path serves it there", stacklevel=5)
+    return _cuda_fits[key]
+
+
+def cuda_kernel_fits(op: str, device: object) -> bool:
+    """Whether `op`'s CUDA kernel can run on this GPU (a torch.device of type cuda): the build has an image
+    for its compute capability and the op's MIN_CAPABILITY is met. Decided once per device (and op); where
+    it cannot, one warning says why and the reference path serves the ops there."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    name = f"{torch.cuda.get_device_name(index)} (cuda:{index}, compute capability {major}.{minor})"
+
+    def no_image() -> str | None:
+        archs = state()["cuda_archs"]
+        if kernel_image((major, minor), archs) is not None:
+            return None
+        return f"this build has no kernel image for {name}: CUDA archs {archs} (TORCH_CUDA_ARCH_LIST at build time)"
+
+    def too_old() -> str | None:
+        need = MIN_CAPABILITY.get(op, (0, 0))
+        return None if (major, minor) >= need else f"{op} needs compute capability {need[0]}.{need[1]}, {name}"
+
+    return _decided(("", index), no_image) and _decided((op, index), too_old)

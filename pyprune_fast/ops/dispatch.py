@@ -1,7 +1,7 @@
 """The one dispatch rule of every op: the compiled kernel (`torch.ops.pyprune_fast.<op>`) when the
-loaded library has one for the tensors' device type, else the pure-PyTorch definition in `reference`
-(same arguments, same results). Also where op modules hook in their fake kernels and autograd
-formulas, registered once the library has defined the ops."""
+loaded library has one for the tensors' device (its type; on a GPU, its compute capability), else the
+pure-PyTorch definition in `reference` (same arguments, same results). Also where op modules hook in
+their fake kernels and autograd formulas, registered once the library has defined the ops."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from .. import _extension, reference
 
 
 def native(op: str, tensors: Sequence[Tensor] | Tensor) -> bool:
-    """Whether `op`'s compiled kernel serves these tensors (the first one's device type decides)."""
+    """Whether `op`'s compiled kernel serves these tensors (the first one's device decides): the library
+    has a kernel for its device type and, on a GPU, an image for its compute capability (else the reference
+    path serves it, after one warning; see _extension.cuda_kernel_fits)."""
     first = tensors if isinstance(tensors, Tensor) else (tensors[0] if tensors else None)
-    return first is not None and _extension.native_available(op, first.device.type)
+    if first is None or not _extension.native_available(op, first.device.type):
+        return False
+    return first.device.type != "cuda" or _extension.cuda_kernel_fits(op, first.device)
 
 
 def call(op: str, on: Sequence[Tensor] | Tensor, *args):
