@@ -63,3 +63,8 @@ def test_torch_prune_vit_b16(benchmark, impl):
 @pytest.mark.parametrize("impl", ["ours", "torch.kthvalue(torch.cat)", "torch.topk(torch.cat)"])
 def test_kth_200m_cuda(benchmark, cuda_device, impl):
     run_case(benchmark, case("kth_case", 200_000_000, 20, cuda_device), impl, cuda_device)
+
+
+@pytest.mark.parametrize("impl", ["ours", "torch.cat + kthvalue + compare"])
+def test_global_masks_200m_cuda(benchmark, cuda_device, impl):
+    run_case(benchmark, case("global_masks_case", 200_000_000, 20, cuda_device), impl, cuda_device)

@@ -36,14 +36,20 @@ def test_n_m_cuda(benchmark, cuda_device, model, impl):
     run_case(benchmark, cached(n_m_case, model, cuda_device, torch.float32), impl, cuda_device)
 
 
+@pytest.mark.parametrize("model", ["vit_b_16", "llama_7b"])
+@pytest.mark.parametrize("impl", ["ours", "torch cutlass conversion"])
+def test_compress_24_cuda(benchmark, cuda_device, model, impl):
+    run_case(benchmark, cached(compress_case, model, cuda_device, torch.float16), impl, cuda_device)
+
+
 SHAPES = [shape for shapes in SPARSE24_SHAPES.values() for shape in shapes]
 TOKENS = [1, 16, 64, 256, 1024, 2048, 4096, 8192]
 
 
+@pytest.mark.parametrize("impl", ["ours", "dense F.linear", "torch 2:4 (semi_structured)"])  # fastest: one case each
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
-@pytest.mark.parametrize("impl", ["ours", "dense F.linear", "torch 2:4 (semi_structured)"])
 def test_sparse24_linear_cuda(benchmark, cuda_device, dtype, tokens, shape, impl):
     case = cached(sparse24_linear_case, *shape, tokens, dtype, cuda_device)
     if impl not in case.baselines and impl != "ours":
