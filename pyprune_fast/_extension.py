@@ -208,35 +208,37 @@ def kernel_image(capability: tuple[int, int], archs: str | None) -> str | None:
     return None
 
 
-def _decided(key: tuple[str, int], why_not: Callable[[], str | None]) -> bool:
-    """Whether `why_not()` is None, computed once per key; the first time it is not, one warning."""
-    if key not in _cuda_fits:
-        why = why_not()
-        with _lock:
-            _cuda_fits[key] = why is None
-        if why is not None:
-            warnings.warn(f"pyprune_fast: {why}; the pure-PyTorch reference path serves it there", stacklevel=5)
-    return _cuda_fits[key]
+def _why_not(op: str, index: int) -> tuple[str | None, str | None]:
+    """(why no CUDA kernel runs on GPU `index`, why `op`'s cannot): None where it can."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    name = f"{torch.cuda.get_device_name(index)} (cuda:{index}, compute capability {major}.{minor})"
+    archs = state()["cuda_archs"]
+    no_image = None
+    if kernel_image((major, minor), archs) is None:
+        no_image = f"this build has no kernel image for {name}: CUDA archs {archs} (TORCH_CUDA_ARCH_LIST at build time)"
+    need = MIN_CAPABILITY.get(op, (0, 0))
+    too_old = None if (major, minor) >= need else f"{op} needs compute capability {need[0]}.{need[1]}, {name}"
+    return no_image, too_old
 
 
 def cuda_kernel_fits(op: str, device: object) -> bool:
     """Whether `op`'s CUDA kernel can run on this GPU (a torch.device of type cuda): the build has an image
-    for its compute capability and the op's MIN_CAPABILITY is met. Decided once per device (and op); where
-    it cannot, one warning says why and the reference path serves the ops there."""
+    for its compute capability and the op's MIN_CAPABILITY is met. Decided once per device and op; where
+    it cannot, one warning (per device, and per op for MIN_CAPABILITY) says why, and the reference path
+    serves the op there."""
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    name = f"{torch.cuda.get_device_name(index)} (cuda:{index}, compute capability {major}.{minor})"
-
-    def no_image() -> str | None:
-        archs = state()["cuda_archs"]
-        if kernel_image((major, minor), archs) is not None:
-            return None
-        return f"this build has no kernel image for {name}: CUDA archs {archs} (TORCH_CUDA_ARCH_LIST at build time)"
-
-    def too_old() -> str | None:
-        need = MIN_CAPABILITY.get(op, (0, 0))
-        return None if (major, minor) >= need else f"{op} needs compute capability {need[0]}.{need[1]}, {name}"
-
-    return _decided(("", index), no_image) and _decided((op, index), too_old)
+    fits = _cuda_fits.get((op, index))
+    if fits is None:
+        no_image, too_old = _why_not(op, index)
+        with _lock:
+            device_known = ("", index) in _cuda_fits
+            _cuda_fits[("", index)] = no_image is None
+            fits = _cuda_fits[(op, index)] = no_image is None and too_old is None
+        why = (None if device_known else no_image) if no_image else too_old
+        if why:
+            warnings.warn(f"pyprune_fast: {why}; the pure-PyTorch reference path serves it there", stacklevel=4)
+    return fits
