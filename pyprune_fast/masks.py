@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, ops, reference
-from .ops.checks import check_n_m, raise_on_nan
+from .ops.checks import SCORE_TYPES, check_n_m, raise_on_nan
 
 
 def _check_score_types(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -83,8 +83,8 @@ def _targets(apply_to: nn.Module | Mapping[str, Tensor], names: list[str], tenso
         p = named[name]
         if p.shape != s.shape:
             raise ValueError(f"apply_to[{name!r}] has shape {tuple(p.shape)} but its scores have {tuple(s.shape)}")
-        if not p.is_floating_point():
-            raise TypeError(f"apply_to[{name!r}] must be floating point, got {p.dtype}")
+        if p.dtype not in SCORE_TYPES:
+            raise TypeError(f"apply_to[{name!r}] must be float32, float16, bfloat16 or float64, got {p.dtype}")
         if p.device != s.device:
             raise ValueError(f"apply_to[{name!r}] is on {p.device} but its scores are on {s.device}")
         targets.append(p)

@@ -358,6 +358,7 @@ void fill_masks(const SelectJob& job, const Threshold& th, std::vector<at::Tenso
 std::vector<at::Tensor> threshold_masks_cpu(at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
                                             int64_t k) {
   const SelectJob job = make_select_job(xs, c10::DeviceType::CPU, /*row_major=*/true);
+  check_threshold(job, value, counts);
   std::vector<at::Tensor> masks = new_masks(job);
   dispatch_format(job.dtype, [&]<typename Fmt>() {
     fill_masks<Fmt>(job, threshold_of<Fmt>(value, counts, k), masks);
@@ -396,14 +397,8 @@ struct ZeroSink {
 void threshold_apply_cpu(at::TensorList params, at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
                          int64_t k) {
   const SelectJob job = make_select_job(xs, c10::DeviceType::CPU, /*row_major=*/true);
-  TORCH_CHECK(params.size() == xs.size(), "params and scores must have the same length, got ", params.size(), " and ",
-              xs.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].sizes() == xs[i].sizes(), "params[", i, "] has shape ", params[i].sizes(),
-                " but scores[", i, "] has shape ", xs[i].sizes());
-    TORCH_CHECK(params[i].is_contiguous(), "params[", i, "] must be contiguous");
-    TORCH_CHECK(params[i].is_floating_point(), "params[", i, "] must be floating point, got ", params[i].scalar_type());
-  }
+  check_threshold(job, value, counts);
+  check_params(params, job);
   ZeroSink sink{job, params};
   dispatch_format(job.dtype, [&]<typename Fmt>() {
     const Threshold th = threshold_of<Fmt>(value, counts, k);

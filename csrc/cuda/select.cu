@@ -400,6 +400,7 @@ std::vector<at::Tensor> threshold_masks_cuda(at::TensorList xs, const at::Tensor
                                              int64_t k) {
   c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  check_threshold(job, value, counts);
   std::vector<at::Tensor> masks = empty_masks(job);
   dispatch_format(job.dtype, [&]<typename Fmt>() {
     threshold_on_device<Fmt, false>(job, masks, value, counts, k);
@@ -412,18 +413,9 @@ void threshold_apply_cuda(at::TensorList params, at::TensorList xs, const at::Te
                           int64_t k) {
   c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
-  TORCH_CHECK(params.size() == xs.size(), "params and scores must have the same length, got ", params.size(), " and ",
-              xs.size());
-  std::vector<at::Tensor> outputs;
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].sizes() == xs[i].sizes(), "params[", i, "] has shape ", params[i].sizes(), " but scores[",
-                i, "] has shape ", xs[i].sizes());
-    TORCH_CHECK(params[i].is_contiguous(), "params[", i, "] must be contiguous");
-    TORCH_CHECK(params[i].is_floating_point(), "params[", i, "] must be floating point, got ", params[i].scalar_type());
-    TORCH_CHECK(params[i].device() == xs[i].device(), "params[", i, "] is on ", params[i].device(), " but scores[", i,
-                "] is on ", xs[i].device());
-    outputs.push_back(params[i]);
-  }
+  check_threshold(job, value, counts);
+  check_params(params, job);
+  const std::vector<at::Tensor> outputs(params.begin(), params.end());
   dispatch_format(job.dtype, [&]<typename Fmt>() {
     threshold_on_device<Fmt, true>(job, outputs, value, counts, k);
     return 0;

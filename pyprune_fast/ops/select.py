@@ -22,6 +22,8 @@ from .checks import (
     check_k,
     check_one_dtype,
     check_same_device,
+    check_tensor,
+    dtype_name,
     raise_on_nan,
 )
 from .dispatch import call, native, when_loaded
@@ -107,11 +109,34 @@ def select_counts(tensors: Sequence[Tensor], k: int, names: Sequence[str] | None
     return value, counts
 
 
+def check_threshold(tensors: Sequence[Tensor], value: Tensor, counts: Tensor) -> None:
+    """value and counts as `select_counts(tensors, k)` returns them: value one element of the tensors'
+    dtype, counts int64 [2], each on the tensors' device or the CPU (metadata only, no synchronization)."""
+    check_tensor("value", value)
+    check_tensor("counts", counts)
+    if not tensors:
+        return
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if value.dtype != dtype:
+        raise TypeError(f"value must be {dtype_name(dtype)} (the scores' dtype), got {dtype_name(value.dtype)}")
+    if value.numel() != 1:
+        raise ValueError(f"value must hold one element (the k-th smallest score), got shape {tuple(value.shape)}")
+    if counts.dtype != torch.int64:
+        raise TypeError(f"counts must be int64, got {dtype_name(counts.dtype)}")
+    if tuple(counts.shape) != (2,):
+        raise ValueError(f"counts must have shape (2,) (elements below and equal to value), got {tuple(counts.shape)}")
+    for name, t in (("value", value), ("counts", counts)):
+        if t.device != device and t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device} but the scores are on {device}")
+
+
 def threshold_masks(tensors: Sequence[Tensor], value: Tensor, counts: Tensor, k: int) -> list[Tensor]:
-    """Building block (arguments not checked). Keep-masks (bool, shaped like the tensors) with the k
-    lowest entries of all tensors pruned; among entries equal to the threshold the lower flat index
-    (tensors in order, each row-major) is pruned first. value/counts: `select_counts(tensors, k)`. One
-    fused compare pass; a second (tie-counting) pass only when the threshold value is partly pruned."""
+    """Building block (the tensors and k are trusted; value and counts checked by `check_threshold`).
+    Keep-masks (bool, shaped like the tensors) with the k lowest entries of all tensors pruned; among
+    entries equal to the threshold the lower flat index (tensors in order, each row-major) is pruned first.
+    value/counts: `select_counts(tensors, k)`. One fused compare pass; a second (tie-counting) pass only
+    when the threshold value is partly pruned."""
+    check_threshold(tensors, value, counts)
     return list(call("threshold_masks", tensors, list(tensors), value, counts, int(k)))
 
 
@@ -119,9 +144,11 @@ def threshold_masks(tensors: Sequence[Tensor], value: Tensor, counts: Tensor, k:
 def threshold_apply_(
     params: Sequence[Tensor], tensors: Sequence[Tensor], value: Tensor, counts: Tensor, k: int
 ) -> None:
-    """Building block (arguments not checked). The selection of `threshold_masks` applied in place:
-    params[i] entries whose score tensors[i] entry is pruned are set to zero, without materializing
-    the masks."""
+    """Building block (tensors and k trusted; value, counts and the params' dtypes checked). The selection
+    of `threshold_masks` applied in place: params[i] entries whose score tensors[i] entry is pruned are set
+    to zero, without materializing the masks. params: float32/float16/bfloat16/float64."""
+    check_threshold(tensors, value, counts)
+    check_dtypes("params", params, SCORE_TYPES)
     if not native("threshold_apply_", tensors):
         for p, m in zip(params, reference.threshold_masks(tensors, value, counts, int(k))):
             p.masked_fill_(~m, 0)

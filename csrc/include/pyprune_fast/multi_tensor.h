@@ -22,11 +22,12 @@ inline int64_t dtype_code(const at::Tensor& t, const char* what) {
     case at::kDouble:
       return kF64;
     default:
-      TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+      TORCH_CHECK(false, what, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   }
 }
 
-// Checks that grads[i] and weights[i] pair up (same shape, dtype and device).
+// Checks that grads[i] and weights[i] pair up (same shape and dtype) and that all of them are on one
+// device of this type (the kernels are launched on weights[0]'s device with all their pointers).
 inline void check_pairs(at::TensorList grads, at::TensorList weights, c10::DeviceType device) {
   TORCH_CHECK(grads.size() == weights.size(), "grads and weights must have the same length, got ",
               grads.size(), " and ", weights.size());
@@ -39,8 +40,12 @@ inline void check_pairs(at::TensorList grads, at::TensorList weights, c10::Devic
                 " but weights[", i, "] is ", w.scalar_type());
     const int64_t code = dtype_code(w, "weights");
     TORCH_CHECK(code != kF64, "weights[", i, "] must be float32, float16 or bfloat16, got Double");
-    TORCH_CHECK(g.device().type() == device && w.device().type() == device, "grads[", i,
-                "] and weights[", i, "] must be on ", c10::DeviceTypeName(device));
+    TORCH_CHECK(w.device().type() == device, "weights[", i, "] must be on ", c10::DeviceTypeName(device), ", got ",
+                w.device());
+    TORCH_CHECK(w.device() == weights[0].device(), "weights[", i, "] is on ", w.device(), " but weights[0] is on ",
+                weights[0].device());
+    TORCH_CHECK(g.device() == w.device(), "grads[", i, "] is on ", g.device(), " but weights[", i, "] is on ",
+                w.device());
   }
 }
 

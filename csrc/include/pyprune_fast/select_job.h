@@ -56,6 +56,40 @@ inline SelectJob make_select_job(at::TensorList xs, c10::DeviceType device, bool
   return job;
 }
 
+// value and counts of a selection (as kth_smallest_counts returns them) before a launcher reads their
+// bytes: value one element of the scores' dtype, counts int64 [2], each on the scores' device or the CPU.
+inline void check_threshold(const SelectJob& job, const at::Tensor& value, const at::Tensor& counts) {
+  const at::Device device = job.dense[0].device();
+  TORCH_CHECK(value.numel() == 1 && value.scalar_type() == job.dtype, "value must be a single ", job.dtype,
+              " element (the k-th smallest score, of the scores' dtype), got ", value.scalar_type(), " of shape ",
+              value.sizes());
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 && counts.size(0) == 2,
+              "counts must be an int64 tensor of shape [2] (elements below and equal to value), got ",
+              counts.scalar_type(), " of shape ", counts.sizes());
+  TORCH_CHECK(value.device() == device || value.is_cpu(), "value is on ", value.device(), " but the scores are on ",
+              device);
+  TORCH_CHECK(counts.device() == device || counts.is_cpu(), "counts is on ", counts.device(),
+              " but the scores are on ", device);
+}
+
+// The parameters that threshold_apply_ zeroes: one per score tensor, same shape and device, contiguous,
+// float32/float16/bfloat16/float64 (each its own dtype; the kernels write 2, 4 or 8 bytes per entry).
+inline void check_params(at::TensorList params, const SelectJob& job) {
+  TORCH_CHECK(params.size() == job.dense.size(), "params and scores must have the same length, got ", params.size(),
+              " and ", job.dense.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.sizes() == job.dense[i].sizes(), "params[", i, "] has shape ", p.sizes(), " but scores[", i,
+                "] has shape ", job.dense[i].sizes());
+    const auto d = p.scalar_type();
+    TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || d == at::kDouble, "params[", i,
+                "] must be float32, float16, bfloat16 or float64, got ", d);
+    TORCH_CHECK(p.is_contiguous(), "params[", i, "] must be contiguous");
+    TORCH_CHECK(p.device() == job.dense[i].device(), "params[", i, "] is on ", p.device(), " but scores[", i,
+                "] is on ", job.dense[i].device());
+  }
+}
+
 // The selection results every launcher returns: value (0-d, the inputs' dtype), counts int64 [2] =
 // (elements < value, elements == value), nan int64 [len(xs)] = NaN count per tensor.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> selection_outputs(const SelectJob& job) {
