@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyprune_fast
 from pyprune_fast import ops, reference
 from pyprune_fast.reference import mma_sp as emu
+from pyprune_fast.sparse import SparseLinear
 from tests.conftest import DEVICES, native_or_skip
 
 VALID_NIBBLES = {0b0100, 0b1000, 0b1001, 0b1100, 0b1101, 0b1110}  # (i0, i1) with i0 < i1, i0 in the low bits
@@ -427,3 +429,22 @@ def test_cuda_compression_matches_cpu_and_float32_is_refused():
     values, meta = ops.compress_24(random_24(64, 64, device="cuda")[0])
     with pytest.raises(TypeError, match="needs float16 or bfloat16"):
         ops.sparse24_linear(torch.ones(2, 64, device="cuda"), values, meta)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_with_no_output_features_or_no_tokens_is_empty(device):
+    """A grid of zero blocks is a launch error on CUDA: empty results are returned without a launch."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    for out, tokens in [(0, 5), (64, 0), (0, 0)]:
+        values, meta = ops.compress_24(torch.zeros(out, 64, dtype=dtype, device=device))
+        x = torch.ones(2, tokens, 64, dtype=dtype, device=device)
+        bias = torch.ones(out, dtype=dtype, device=device)
+        y = ops.sparse24_linear(x, values, meta, bias)
+        assert y.shape == (2, tokens, out) and y.dtype == dtype and y.device == x.device
+        if pyprune_fast.backend_info()[f"{device}_ops"]:
+            direct = torch.ops.pyprune_fast.sparse24_linear(x, values, meta, bias, "none")
+            assert direct.shape == (2, tokens, out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    layer = SparseLinear.from_compressed(*ops.compress_24(torch.zeros(0, 64, dtype=dtype, device=device)))
+    assert layer(torch.ones(7, 64, dtype=dtype, device=device)).shape == (7, 0)

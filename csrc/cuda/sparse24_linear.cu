@@ -1,5 +1,6 @@
 // sparse24_linear on CUDA: y = act(x @ W^T + bias) with W 2:4-sparse, on the sparse tensor cores
-// (mma.sp::ordered_metadata m16n8k32, fp16/bf16 inputs, fp32 accumulation), sm_80 and sm_90.
+// (mma.sp::ordered_metadata m16n8k32, fp16/bf16 inputs, fp32 accumulation), sm_80 and later;
+// devices below 8.0 are refused before anything is launched (the kernel is a trap there, mma_sp.cuh).
 //
 // The product is computed transposed, D = W * X^T (M = out features, N = tokens, K = in features), so
 // the sparse weight is operand A of mma.sp and X [tokens, in] row-major is operand B in its "col"
@@ -228,11 +229,16 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, c
               "sparse24_linear on CUDA needs float16 or bfloat16 (the sparse tensor cores), got ", x.scalar_type());
   TORCH_CHECK(s.out / 64 <= 65535, "sparse24_linear supports at most ", 65535 * 64, " output features, got ", s.out);
   c10::cuda::CUDAGuard guard(x.device());
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major * 10 + prop->minor >= kSparseMmaMinArch,
+              "sparse24_linear on CUDA needs the sparse tensor cores of compute capability 8.0 or newer; ", prop->name,
+              " (", x.device(), ") has ", prop->major, ".", prop->minor,
+              " (pyprune_fast.sparse24_linear uses the reference path there)");
   const at::Tensor x2 = aligned_contiguous(x.reshape({-1, s.in}));
   const at::Tensor v = aligned_contiguous(values), e = aligned_contiguous(meta);
   const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   at::Tensor y = at::empty({x2.size(0), s.out}, x.options());
-  if (x2.size(0) > 0) {
+  if (x2.size(0) > 0 && s.out > 0) {  // an empty result launches nothing (a grid of 0 blocks is an error)
     const LinearArgs args{x2.data_ptr(),
                           v.data_ptr(),
                           reinterpret_cast<const uint32_t*>(e.data_ptr<int32_t>()),
@@ -242,7 +248,7 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, c
                           s.in,
                           s.out,
                           act};
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int sms = prop->multiProcessorCount;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (x.scalar_type() == at::kHalf) {
       dispatch<__half>(args, stream, sms);
