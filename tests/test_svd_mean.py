@@ -344,3 +344,27 @@ def test_narrower_vector_kernels(capability):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-2:] == ["ok", capability.upper()]
+
+
+@pytest.mark.cuda
+def test_cuda_gram_matrices_are_full_float32_with_tf32_allowed():
+    """TF32 matmuls (torch.set_float32_matmul_precision("high"), common in training scripts) round the
+    inputs of the Gram matrices to 10 mantissa bits, ~1e-3 relative on the values; the op computes them in
+    full float32 whatever that setting says: its errors against float64 stay within a small multiple of the
+    CPU's (float32 Gram matrices too) on the same inputs, for both cuSOLVER paths and both Gram sides."""
+    precision = torch.get_float32_matmul_precision()
+    for shape in [(4, 24, 2048), (4, 96, 2048), (2, 2048, 48)]:
+        f = gaussian(shape, torch.float32, "cpu", seed=shape[1])
+        weights = torch.ones(shape[0])
+        exact_value, exact_grad = expected(f, weights)
+        cpu_value, cpu_grad = ours(ops.svd_mean, f, weights)
+        torch.set_float32_matmul_precision("high")
+        try:
+            cuda_value, cuda_grad = ours(ops.svd_mean, f.cuda(), weights.cuda())
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        for cpu, cuda, exact in ((cpu_value, cuda_value, exact_value), (cpu_grad, cuda_grad, exact_grad)):
+            cpu_error = (cpu.double() - exact).abs().max().item()
+            cuda_error = (cuda.double().cpu() - exact).abs().max().item()
+            floor = 4 * 2.0**-24 * exact.abs().max().item()  # a few float32 roundings of the largest entry
+            assert cuda_error <= 8 * cpu_error + floor, (shape, cuda_error, cpu_error)

@@ -3,8 +3,11 @@
 // input). The eigendecompositions of all Gram matrices of one size are one cuSOLVER call, chosen by
 // size: the batched Jacobi solver (syevjBatched) for n <= 32, where it is fastest and which is its
 // limit, and the batched 64-bit solver XsyevBatched above (torch.linalg.eigh loops over the matrices
-// there). Nothing synchronizes the host: the solvers' info arrays stay on the device and turn the
-// values and factors of matrices whose eigensolver did not converge into NaN.
+// there), or one 64-bit Xsyevd call per matrix where XsyevBatched cannot serve: cuSOLVER older than
+// 11.7.1 (CUDA 12.6 Update 2, which added it) and matrices with n * n > INT32_MAX (its size limit).
+// Nothing synchronizes the host: the solvers' info arrays stay on the device and turn the values and
+// factors of matrices whose eigensolver did not converge into NaN. The GEMMs run in full precision
+// whatever torch.backends.cuda.matmul allows (TF32 would cost the Gram matrices ~1e-3 relative).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +19,14 @@
 #include <vector>
 
 #include "pyprune_fast/svd_mean.h"
+
+// PYPRUNE_FAST_NO_XSYEV_BATCHED builds the per-matrix path alone (how tests/test_cuda_build.py
+// compiles it with a toolkit that has both).
+#if CUSOLVER_VERSION >= 11701 && !defined(PYPRUNE_FAST_NO_XSYEV_BATCHED)
+#define PPF_HAVE_XSYEV_BATCHED 1
+#else
+#define PPF_HAVE_XSYEV_BATCHED 0
+#endif
 
 namespace pyprune_fast {
 namespace {
@@ -76,16 +87,40 @@ void jacobi_batched(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
   PPF_CUSOLVER_CHECK(cusolverDnDestroySyevjInfo(params));
 }
 
-// The same with the batched 64-bit API (any n). It still needs n * n * batch <= INT32_MAX, so larger
-// batches take several calls. Its host workspace (none on the versions we know of) is used during
-// the call, as in torch's own use of this function.
+// The same one matrix at a time with the 64-bit API (any n, no size limit). The host workspace of
+// the 64-bit solvers (none on the versions we know of) is used during the call, as in torch's own use.
+void syev_looped(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
+  const int64_t n = a.size(1);
+  const cudaDataType type = a.scalar_type() == at::kDouble ? CUDA_R_64F : CUDA_R_32F;
+  cusolverDnHandle_t handle = solver_handle();
+  cusolverDnParams_t params;
+  PPF_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
+  size_t device_bytes = 0, host_bytes = 0;
+  PPF_CUSOLVER_CHECK(cusolverDnXsyevd_bufferSize(handle, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+                                                 type, a.data_ptr(), n, type, w.data_ptr(), type, &device_bytes,
+                                                 &host_bytes));
+  at::Tensor device_work =
+      at::empty({static_cast<int64_t>(std::max<size_t>(device_bytes, 1))}, a.options().dtype(at::kByte));
+  std::vector<char> host_work(host_bytes);
+  for (int64_t b = 0; b < a.size(0); ++b) {
+    PPF_CUSOLVER_CHECK(cusolverDnXsyevd(handle, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, type,
+                                        a[b].data_ptr(), n, type, w[b].data_ptr(), type, device_work.data_ptr(),
+                                        device_bytes, host_bytes ? host_work.data() : nullptr, host_bytes,
+                                        info.data_ptr<int>() + b));
+  }
+  PPF_CUSOLVER_CHECK(cusolverDnDestroyParams(params));
+}
+
+#if PPF_HAVE_XSYEV_BATCHED
+// The same with the batched 64-bit API, for n * n <= INT32_MAX: the solver needs n * lda * batch <=
+// INT32_MAX, so larger batches take several calls.
 void syev_batched(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
   const int64_t n = a.size(1);
   const cudaDataType type = a.scalar_type() == at::kDouble ? CUDA_R_64F : CUDA_R_32F;
   cusolverDnHandle_t handle = solver_handle();
   cusolverDnParams_t params;
   PPF_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
-  const int64_t per_call = std::max<int64_t>(1, INT32_MAX / (n * n));
+  const int64_t per_call = INT32_MAX / (n * n);
   for (int64_t start = 0; start < a.size(0); start += per_call) {
     const int64_t batch = std::min(per_call, a.size(0) - start);
     void* a_ptr = static_cast<char*>(a.data_ptr()) + start * n * n * a.element_size();
@@ -104,6 +139,7 @@ void syev_batched(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
   }
   PPF_CUSOLVER_CHECK(cusolverDnDestroyParams(params));
 }
+#endif
 
 // (lambda ascending [G, n], U [G, n, n] with eigenvectors as columns, converged [G]). The Gram matrices
 // are symmetric, so their row-major storage is also their column-major storage; cuSOLVER overwrites
@@ -121,7 +157,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& gram)
         jacobi_batched<float>(a, w, info);
       }
     } else {
-      syev_batched(a, w, info);
+#if PPF_HAVE_XSYEV_BATCHED
+      if (n * n <= INT32_MAX) {
+        syev_batched(a, w, info);
+      } else {
+        syev_looped(a, w, info);
+      }
+#else
+      syev_looped(a, w, info);
+#endif
     }
   }
   return {w, a.mT(), info.eq(0)};
@@ -130,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& gram)
 std::tuple<at::Tensor, std::vector<at::Tensor>> svd_mean_cuda(at::TensorList features) {
   const SvdMeanPlan plan = plan_svd_mean(features, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(plan.inputs[0].f.device());
+  const at::NoTF32Guard full_precision;  // this thread's cuBLAS calls in full fp32 until we return
   auto gram_rows = [](const SvdMeanPlan& p, std::vector<at::Tensor>& grams) {
     for (const SvdMeanInput& in : p.inputs) {
       if (!in.row_gram) continue;
@@ -144,6 +189,7 @@ std::vector<at::Tensor> svd_mean_backward_cuda(const at::Tensor& grad, at::Tenso
                                                at::TensorList factors) {
   const SvdMeanPlan plan = plan_svd_mean(features, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(plan.inputs[0].f.device());
+  const at::NoTF32Guard full_precision;
   auto apply_rows = [](const SvdMeanPlan& p, const std::vector<at::Tensor>& scaled, std::vector<at::Tensor>& grads) {
     for (size_t i = 0; i < p.inputs.size(); ++i) {
       if (p.inputs[i].row_gram) at::matmul_out(grads[i], scaled[i], p.inputs[i].f);
