@@ -119,6 +119,55 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(lambda *m: ops.svd_mean_list(list(m)), tuple(mats))
 
 
+EXTREME_SCALES = {torch.float32: [1e19, 1e30, 1e38, 1e-20, 1e-30, 1e-37], torch.float64: [1e160, 1e300, 1e-160, 1e-300]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ops", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_extreme_magnitudes(device, backend, dtype):
+    """Issue 14 item 8: unscaled, the Gram matrix overflowed (NaN from 1e19 in float32, 1e160 in float64)
+    or fell below the eigenvalue cutoff (0 with a zero gradient below 1e-20). Each matrix is now scaled by
+    a power of two: values scale with the input, gradients do not, both within the usual tolerances of
+    torch.linalg.svdvals in float64 on the same (rounded) inputs. Upstream weights as large as the
+    features do not overflow the gradient (it never holds 2**e · grad)."""
+    fn = {"ops": ops.svd_mean, "reference": reference.svd_mean}[backend]
+    base = conditioned((3, 7, 19), torch.float64, device, seed=41)
+    for scale in EXTREME_SCALES[dtype]:
+        f = (base * scale).to(dtype)
+        weights = torch.tensor([1.0, -2.0, scale if dtype == torch.float64 else 1e30], device=device, dtype=dtype)
+        value, grad = ours(fn, f, weights)
+        ref_value, ref_grad = expected(f, weights)
+        assert value.isfinite().all() and grad.isfinite().all(), scale
+        assert_matches(value, grad, ref_value, ref_grad, dtype)
+        assert_matches(value[:2], grad[:2], ref_value[:2], expected(base.to(dtype), weights)[1][:2], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_subnormal_and_mixed_magnitude_list(device):
+    """One float32 list: a matrix of subnormal entries, a huge one and an ordinary one (each its own
+    scale). The subnormal matrix's value is itself subnormal: rounded to a multiple of 2**-149."""
+    base = conditioned((6, 11), torch.float64, device, seed=43)
+    mats = [(base * s).float().requires_grad_(True) for s in (1e-40, 1e37, 1.0)]
+    assert mats[0].abs().max() < torch.finfo(torch.float32).tiny
+    values = ops.svd_mean_list(mats)
+    grads = torch.autograd.grad(values.sum(), mats)
+    for i, m in enumerate(mats):
+        ref_value, ref_grad = expected(m, torch.ones((), device=device))
+        atol = 2.0**-149 if i == 0 else 0.0
+        torch.testing.assert_close(values[i].double().cpu(), ref_value.cpu(), rtol=2e-5, atol=atol)
+        torch.testing.assert_close(grads[i].double().cpu(), ref_grad.cpu(), rtol=0, atol=2e-4 * ref_grad.abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_scaled_float64(device):
+    """The scaled paths of both backends (max|F| far from [0.5, 1)) against finite differences."""
+    for scale in (2.0**-30, 3.0e9):
+        f = (conditioned((2, 4, 9), torch.float64, device, seed=47) * scale).requires_grad_(True)
+        for fn in (ops.svd_mean, reference.svd_mean):
+            assert torch.autograd.gradcheck(fn, (f,), eps=1e-6 * scale, atol=1e-8)
+
+
 def minimum_norm(f: torch.Tensor, rank: int):
     """Σ_{i<rank} σ_i / k and U_r V_rᵀ / k: the value and minimum-norm subgradient of a rank-r matrix."""
     u, s, vh = torch.linalg.svd(f.double(), full_matrices=False)
@@ -218,6 +267,17 @@ def test_non_finite_matrices_give_nan_and_leave_the_others(device):
     assert grad[1].isnan().all() and grad[2].isnan().all()
     keep = torch.tensor([0, 3], device=device)
     assert_matches(value[keep], grad[keep], *expected(f[keep], torch.ones(2, device=device)), torch.float32)
+
+
+def test_reference_non_finite_matrices_give_nan():
+    """The reference follows the op's contract (torch.linalg.svdvals raises on NaN entries)."""
+    f = gaussian((3, 5, 8), torch.float64, "cpu", seed=31)
+    f[0, 1, 1] = float("nan")
+    f[1, 0, 2] = float("-inf")
+    value = reference.svd_mean(f)
+    assert value[:2].isnan().all()
+    torch.testing.assert_close(value[2], torch.linalg.svdvals(f[2]).mean())
+    torch.testing.assert_close(ops.svd_mean(f), value, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -39,14 +39,15 @@ def svd_mean(features: Tensor) -> Tensor:
     F G^{-1/2} / k). Eigenvalues at or below k·eps·λ_max (the rounding level of the Gram matrix) count as
     zero, so rank-deficient and zero inputs have finite gradients (the minimum-norm subgradient).
     float32/float64; half inputs are computed in float32. Matrices with NaN or inf entries give NaN.
+    Each matrix is scaled by a power of two before its Gram matrix is formed (see `_ScaledSvdMean`),
+    so every finite input works, from subnormal to the largest finite values.
     """
     if not isinstance(features, Tensor):
         raise TypeError(f"features must be a Tensor, got {type(features).__name__}")
     _check_matrices("features", [features], dims=(2, 3))
     (x,) = _compute_dtype([features])
     if native("svd_mean", x):
-        values, _ = torch.ops.pyprune_fast.svd_mean([x])
-        return values.reshape(x.shape[:-2])
+        return _ScaledSvdMean.apply(x).reshape(x.shape[:-2])
     return reference.svd_mean(features)
 
 
@@ -67,9 +68,41 @@ def svd_mean_list(features: Sequence[Tensor]) -> Tensor:
     check_same_device({"features": features})
     xs = _compute_dtype(features)
     if native("svd_mean", xs):
-        values, _ = torch.ops.pyprune_fast.svd_mean(xs)
-        return values
+        return _ScaledSvdMean.apply(*xs)
     return reference.svd_mean_list(features)
+
+
+class _ScaledSvdMean(torch.autograd.Function):
+    """The compiled op on F_b · 2**k_b, 2**k_b a power of two near 1 / max|F_b| (the scaling of
+    `reference.svd_mean`, whose docstring has the formulas): the Gram matrix of the scaled matrix has
+    entries of at most a few times D and eigenvalues that neither overflow nor underflow for any finite
+    F_b (unscaled, σ² overflows float32 from σ ≈ 1.8e19 and is lost below the cutoff from σ ≈ 1e-19).
+    The value is scaled back by 2**-k_b; the gradient, homogeneous of degree 0, is the op's backward
+    applied to the scaled matrices directly, with no factor 2**k_b anywhere."""
+
+    @staticmethod
+    def forward(ctx, *features: Tensor) -> Tensor:
+        exponents = [reference.scale_exponents(f) for f in features]
+        values, factors = torch.ops.pyprune_fast.svd_mean(_scale(features, exponents))
+        ctx.count = len(features)
+        ctx.save_for_backward(*features, *exponents, *factors)
+        return reference.ldexp(values, -torch.cat([k.reshape(-1) for k in exponents]))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        saved, count = ctx.saved_tensors, ctx.count
+        features, exponents, factors = saved[:count], saved[count : 2 * count], list(saved[2 * count :])
+        scaled = _scale(features, exponents)  # again, rather than a copy of every matrix kept alive
+        return tuple(torch.ops.pyprune_fast.svd_mean_backward(grad.contiguous(), scaled, factors))
+
+
+def _scale(features: Sequence[Tensor], exponents: Sequence[Tensor]) -> list[Tensor]:
+    """Each F · 2**k; on the CPU (where reading k costs no synchronization) F itself where k is all 0,
+    the common case, which saves a pass over the features (the product would equal F)."""
+    return [
+        f if f.device.type == "cpu" and not k.any() else reference.scale_matrices(f, k)
+        for f, k in zip(features, exponents)
+    ]
 
 
 def _fake_svd_mean(features):

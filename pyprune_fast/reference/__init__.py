@@ -20,7 +20,7 @@ from .select import (
     threshold_masks,
 )
 from .sparse24 import compress_24, decompress_24, pack_meta, sparse24_linear, unpack_meta
-from .svd_mean import svd_mean, svd_mean_list
+from .svd_mean import ldexp, scale_exponents, scale_matrices, svd_mean, svd_mean_list
 
 __all__ = [
     "RADIX_BINS",
@@ -30,6 +30,7 @@ __all__ = [
     "decompress_24",
     "kth_smallest_counts",
     "layerwise_masks",
+    "ldexp",
     "n_m",
     "nm_mask",
     "order_keys",
@@ -41,6 +42,8 @@ __all__ = [
     "rows_of",
     "saliency",
     "saliency_accumulate_",
+    "scale_exponents",
+    "scale_matrices",
     "sortable",
     "sparse24_linear",
     "stats_of",
