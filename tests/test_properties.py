@@ -344,19 +344,20 @@ def linear_inputs(draw):
     return x, w, bias, draw(st.sampled_from(["none", "relu", "gelu"]))
 
 
-def linear_bound(x: torch.Tensor, w: torch.Tensor, bias, activation: str, y: torch.Tensor) -> torch.Tensor:
+def linear_bound(x: torch.Tensor, w: torch.Tensor, bias, activation: str, z: torch.Tensor) -> torch.Tensor:
     """K · u32 · Σ|x w| + K · 2⁻¹⁴⁹ (products below the float32 subnormals) (+ |b| u32) for the float32
-    dot products, × 1.13 + 4 u32 |y| for GELU, + one rounding to the output dtype (u_out |y|) and its
-    smallest subnormal; inf where Σ|x w| reaches the float32 range (a product or partial sum may
-    overflow in float32, in both backends alike)."""
+    dot products z, × 1.13 + 4 u32 |z| for GELU (z/2 · (1 + erf(z/√2)) in float32: 1 + erf cancels for
+    negative z, an absolute error of a few u32 · |z|), + one rounding to the output dtype (u_out |z|,
+    |act(z)| <= |z|) and its smallest subnormal; inf where Σ|x w| reaches the float32 range (a product
+    or partial sum may overflow in float32, in both backends alike)."""
     magnitude = x.double().abs() @ w.double().abs().T
     err = cols_err = x.shape[-1] * (U32 * magnitude + 2.0**-149)
     if bias is not None:
         err = cols_err + U32 * bias.double().abs()
     if activation == "gelu":
-        err = 1.13 * err + 4 * U32 * y.abs()
+        err = 1.13 * err + 4 * U32 * z.abs()
     out = torch.finfo(x.dtype)
-    err = err + out.eps / 2 * y.abs() * 1.01 + out.smallest_normal * out.eps
+    err = err + out.eps / 2 * z.abs() * 1.01 + out.smallest_normal * out.eps
     return torch.where(magnitude >= torch.finfo(torch.float32).max / 2, math.inf, err)
 
 
@@ -365,9 +366,9 @@ def test_sparse24_linear(inputs):
     """Compiled and reference against the float64 product, each within the float32 summation bound."""
     x, w, bias, activation = inputs
     values, meta = ops.compress_24(w)
-    y64 = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
-    y64 = {"none": y64, "relu": torch.relu(y64), "gelu": torch.nn.functional.gelu(y64)}[activation]
-    bound = linear_bound(x, w, bias, activation, y64)
+    z64 = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+    y64 = {"none": z64, "relu": torch.relu(z64), "gelu": torch.nn.functional.gelu(z64)}[activation]
+    bound = linear_bound(x, w, bias, activation, z64)
     for y in (
         ops.sparse24_linear(x, values, meta, bias, None if activation == "none" else activation),
         reference.sparse24_linear(x, values, meta, bias, activation),
