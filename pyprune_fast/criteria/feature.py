@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .engine import GradSum, Job, as_float32, capture_outputs, grads_of, observable_attention
+from .backward import RunningSum
+from .engine import Job, as_float32, capture_outputs, observable_attention
 from .registry import criterion
 
 
@@ -29,9 +30,10 @@ def feature_gradients(
     job: Job, objective: Callable[[list[Tensor]], Tensor], with_loss: bool = False
 ) -> tuple[list[Tensor], list[Tensor] | None]:
     """Σ_batches ∂objective(F)/∂w and, when asked, Σ_batches ∂L/∂w from the same forward passes (with
-    group=, over the batches of every rank)."""
+    group=, over the batches of every rank). Each gradient is added to its sum inside the backward
+    pass and released (criteria.backward)."""
     layers = job.layers()
-    feat_sum, loss_sum = GradSum(), GradSum()
+    feat_sum, loss_sum = RunningSum(job.tensors), RunningSum(job.tensors)
     with observable_attention(job.model), capture_outputs(layers) as seen:
         for inputs, targets in job.batches():
             seen.clear()
@@ -42,8 +44,8 @@ def feature_gradients(
             if not seen:
                 raise ValueError("none of the feature layers was called in the forward pass")
             if with_loss:
-                loss_sum.add(grads_of(job.loss(outputs, targets), job.tensors, retain_graph=True))
-            feat_sum.add(grads_of(objective([seen[n] for n in layers if n in seen]), job.tensors))
+                loss_sum.backward(job.loss(outputs, targets), retain_graph=True)
+            feat_sum.backward(objective([seen[n] for n in layers if n in seen]))
     if with_loss:
         sums = job.reduce([*feat_sum.value(), *loss_sum.value()])
         return sums[: len(job.tensors)], sums[len(job.tensors) :]

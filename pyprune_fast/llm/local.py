@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import ops
-from ..criteria.engine import GradSum, as_float32, capture_outputs, first_tensor, grads_of, preserved
+from ..criteria.backward import RunningSum
+from ..criteria.engine import as_float32, capture_outputs, first_tensor, preserved
 from .blocks import BlockInputs
 
 CRITERIA = ("snip", "feature_l1", "refer", "afr")
@@ -45,12 +46,15 @@ def _gradients(
     comm=None,
 ) -> list[Tensor]:
     """Σ_b ∂objective/∂W over the batches, W = `weights` substituted for the Linears' weights (and
-    over every rank's batches with a distributed.Communicator `comm`)."""
+    over every rank's batches with a distributed.Communicator `comm`). The weights enter as detached
+    views (no copy); each batch's gradients are added to the float32 sums inside its backward pass and
+    released one Linear at a time (criteria.backward), so a block's gradients are never all resident
+    next to the sums."""
     names = list(linears)
-    total = GradSum()
+    leaves = {n: weights[n].detach().requires_grad_(True) for n in names}
+    total = RunningSum(list(leaves.values()))
     with capture_outputs(linears) as seen:
         for j in range(len(inputs)):
-            leaves = {n: weights[n].detach().clone().requires_grad_(True) for n in names}
             args, kwargs = inputs.call(j)
             seen.clear()
             out = first_tensor(functional_call(block, {f"{n}.weight": leaves[n] for n in names}, args, kwargs))
@@ -58,7 +62,7 @@ def _gradients(
             if missing:
                 raise ValueError(f"these Linear layers of the block were not called in its forward: {missing}")
             value = objective(j, out, [seen[n] for n in names])
-            total.add(grads_of(value, [leaves[n] for n in names]))
+            total.backward(value)
     return total.value() if comm is None else comm.all_reduce_sum_(total.value())
 
 
