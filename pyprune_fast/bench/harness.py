@@ -80,21 +80,37 @@ def one_line(exc: BaseException) -> str:
 def time_case(
     case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1, keep_going: bool = False
 ) -> list[Timing]:
-    """Ours, then each baseline, timed in turn in the same process on the same inputs. With
-    `keep_going`, an implementation that raises (an Exception) gets a Timing with its `error` and the
-    others are still timed; otherwise the exception propagates."""
+    """Ours and each baseline timed in the same process on the same inputs, interleaved: after the
+    warm-up calls of each, every round calls ours then each baseline once, so that a load that changes
+    during the run (a shared machine) weighs on all of them alike. With `keep_going`, an
+    implementation that raises (an Exception) gets a Timing with its `error` and the others are still
+    timed; otherwise the exception propagates."""
     impls = {"ours": case.ours, **case.baselines}
-    out = []
-    for impl, fn in impls.items():
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    errors: dict[str, str] = {}
+
+    def timed(impl: str, warm: bool) -> None:
         try:
-            times = time_call(fn, device, repeats, warmup)
+            times[impl].extend(time_call(impls[impl], device, 0 if warm else 1, 1 if warm else 0))
         except Exception as exc:
             if not keep_going:
                 raise
-            out.append(Timing(impl, float("nan"), float("nan"), one_line(exc)))
-            continue
-        out.append(Timing(impl, min(times), statistics.median(times)))
-    return out
+            errors[impl] = one_line(exc)
+
+    for impl in impls:
+        for _ in range(warmup):
+            if impl not in errors:
+                timed(impl, True)
+    for _ in range(repeats):
+        for impl in impls:
+            if impl not in errors:
+                timed(impl, False)
+    return [
+        Timing(impl, float("nan"), float("nan"), errors[impl])
+        if impl in errors
+        else Timing(impl, min(times[impl]), statistics.median(times[impl]))
+        for impl in impls
+    ]
 
 
 def resident_bytes() -> int:

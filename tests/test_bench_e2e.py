@@ -1,0 +1,42 @@
+"""The end-to-end criteria benchmark at a tiny scale: the hand-written versions compute what ours
+computes (so that the timings compare the same formula), and a workload runs in `pyprune-fast bench`."""
+
+import pytest
+import torch
+
+from pyprune_fast.app import cli
+from pyprune_fast.bench import e2e, harness, registry
+
+SCALE = 0.1  # ViT: 1 layer, width 64, 16 x 16 images (one patch)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = e2e.vit(SCALE)
+    return model, e2e.vit_batch(model, 4)
+
+
+@pytest.mark.parametrize("name", sorted(e2e.HAND_WRITTEN))
+def test_hand_written_versions_compute_our_scores(tiny, name):
+    model, data = tiny
+    ours = e2e.ours(model, data, name)
+    hand = e2e.HAND_WRITTEN[name](model, data)
+    assert list(ours) == list(hand)
+    for n in ours:
+        expected = hand[n].float()
+        atol = 1e-5 * max(expected.abs().max().item(), 1e-12)
+        torch.testing.assert_close(ours[n], expected, rtol=2e-3, atol=atol, msg=f"{name} {n}")
+
+
+def test_the_e2e_workloads_are_in_the_bench_and_interleaved(capsys):
+    names = [n for n in registry.WORKLOADS if n.startswith("criterion ")]
+    assert {n.split()[1] for n in names} == set(e2e.HAND_WRITTEN)
+    order = []
+    case = harness.Case("g", ours=lambda: order.append("ours"), baselines={"b": lambda: order.append("b")})
+    harness.time_case(case, repeats=2, warmup=1)
+    assert order == ["ours", "b", "ours", "b", "ours", "b"]
+    assert (
+        cli.main(["bench", "--only", "criterion snip ViT-B/16", "--scale", "0.003", "--repeats", "1", "--quiet"]) == 0
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("criterion snip ViT-B/16 ")]
+    assert len(rows) == 2 and " ours " in rows[0] and "hand-written" in rows[1] and rows[1].rstrip().endswith("x")
