@@ -96,16 +96,19 @@ def obd(job: Job) -> list[Tensor]:
 
     Accumulated by the fused saliency op (acc += ½ |g_b ⊙ w|²) inside each batch's backward pass, one
     weight at a time as its gradient is accumulated, the gradient released at once."""
-    acc = [torch.zeros_like(w, dtype=torch.float32) for w in job.tensors]
+    acc: list[Tensor | None] = [None] * len(job.tensors)
 
     def add(i: int, grad: Tensor) -> None:
         (g, w) = as_float32([grad, job.tensors[i]])
+        if acc[i] is None:  # allocated when first reached, as the activations are being freed
+            acc[i] = torch.zeros_like(w)
         ops.saliency_accumulate_([acc[i]], [g], [w], scale=0.5, power=2)
 
     count = 0
     for inputs, targets in job.batches():
         backward_each(job.loss(job.run(inputs), targets), job.tensors, add)
         count += 1
+    acc = [torch.zeros_like(w, dtype=torch.float32) if a is None else a for a, w in zip(acc, job.tensors)]
     batches = torch.tensor([float(count)], dtype=torch.float64, device=acc[0].device)
     job.reduce([*acc, batches])
     torch._foreach_mul_(acc, 1.0 / float(batches))
