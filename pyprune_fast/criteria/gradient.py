@@ -34,8 +34,8 @@ def snip(job: Job) -> list[Tensor]:
     Equal to |∂L/∂m| at m = 1 for the mask m in w ⊙ m. Computed by the fused saliency op inside the
     last batch's backward pass: as each weight's gradient is accumulated it is added to that weight's
     running sum over the earlier batches (none for a single batch), the score |Σg ⊙ w| is written and
-    the gradient and the sum are released. With group=, the sums are reduced over the ranks first, so
-    the scores are formed after the backward pass."""
+    the gradient and the sum are released (the batches are read one ahead to know the last). With
+    group=, the sums are reduced over the ranks first, so the scores are formed after the backward."""
     if job.comm is not None:
         grads = loss_gradient(job)
         scores, _ = ops.saliency(grads, as_float32(job.tensors))
