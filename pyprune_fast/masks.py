@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import distributed, ops, reference
 from .ops.checks import SCORE_TYPES, check_n_m, raise_on_nan
@@ -232,3 +233,90 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
             raise TypeError(f"masks[{name!r}] must be a bool tensor (True = keep), got {mask.dtype}")
         param.masked_fill_(~mask.to(param.device), 0)
     return model
+
+
+class KeptMasks:
+    """The handle `keep` returns: while it is active, every `torch.optim` optimizer step leaves the
+    pruned weights exactly zero. A context manager (removed on exit) with `.remove()`; `.masks` holds
+    the keep-masks by parameter name."""
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+        named = dict(model.named_parameters())
+        apply_masks(model, masks)  # checks names, shapes and dtypes, and zeros the pruned weights now
+        self.masks = {name: mask.to(named[name].device) for name, mask in masks.items()}
+        # by parameter identity: an optimizer knows its parameters, not their names
+        self._pruned = {id(named[n]): (named[n], ~m) for n, m in self.masks.items() if not bool(m.all())}
+        self._handles = [
+            register_optimizer_step_pre_hook(self.mask_gradients),
+            register_optimizer_step_post_hook(self.zero_weights),
+        ]
+
+    def _mine(self, optimizer: torch.optim.Optimizer):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                hit = self._pruned.get(id(p))
+                if hit is not None and hit[0] is p:
+                    yield hit
+
+    @torch.no_grad()
+    def mask_gradients(self, optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:
+        """The step pre hook: the gradients of the pruned entries this optimizer holds set to 0."""
+        for p, pruned in self._mine(optimizer):
+            if p.grad is not None:
+                p.grad.masked_fill_(pruned, 0)
+
+    @torch.no_grad()
+    def zero_weights(self, optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:
+        """The step post hook: the pruned entries this optimizer holds set to 0."""
+        for p, pruned in self._mine(optimizer):
+            p.masked_fill_(pruned, 0)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Stops keeping the masks; the model is left as it is (pruned weights zero), with nothing of
+        the handle attached to it. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> KeptMasks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def keep(model: nn.Module, masks: Mapping[str, Tensor]) -> KeptMasks:
+    """Keeps the pruned weights of `model` exactly zero while it is trained: zeros them now (as
+    `apply_masks`), then around every `torch.optim` optimizer step that updates one of them, masks
+    their gradients before the step and zeros them again after it. Returns a handle; use it as a
+    context manager or call `.remove()`.
+
+        with ppf.masks.keep(model, masks):
+            for batch in data:
+                loss_fn(model(batch)).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+    Mechanism, and why: two global optimizer step hooks (`torch.optim.optimizer.
+    register_optimizer_step_pre_hook` / `..._post_hook`), which act only on the parameters of `masks`
+    that the stepping optimizer holds.
+    - Zeroing after the step is what guarantees the invariant, whatever the optimizer's rule: SGD's
+      momentum and weight decay, Adam's and AdamW's moments (even moments carried over from training
+      before the masks) move a pruned weight during the step and the post hook puts it back to 0.
+    - Masking the gradient before the step keeps the optimizer's state of pruned entries at zero
+      (momentum buffers, first and second moments), so the pruned entries cost no state drift and
+      removing the handle later leaves no stale momentum behind. It runs once per step, after any
+      number of accumulated backward passes and after DDP's all-reduce, so gradient accumulation and
+      DistributedDataParallel need nothing special.
+    - Nothing is attached to the model: no parametrization (which would rename the state_dict keys
+      and recompute `weight` at every forward), no tensor hooks (which torch.compile'd backward
+      graphs and DDP's own gradient hooks interact with). A compiled model reads the zeroed
+      parameters as it reads any parameter update. The cost is two masked fills of the pruned
+      tensors per optimizer step (benchmarks/bench_schedule.py).
+    Not covered: updates that bypass `torch.optim` (a hand-written `p -= lr * p.grad`); call
+    `apply_masks(model, handle.masks)` after those."""
+    return KeptMasks(model, masks)

@@ -1,4 +1,4 @@
-"""The `pyprune-fast` command line (also `python -m pyprune_fast`): prune, score, bench, info.
+"""The `pyprune-fast` command line (also `python -m pyprune_fast`): prune, score, sensitivity, bench, info.
 
 Exit status: 0 done, 1 some `bench` workloads failed (each is marked in the table; the others ran), 2 bad
 input (model, data, criterion, option, output directory), 130 interrupted. Every file is written to a
@@ -301,6 +301,7 @@ def _file_writer(args, out: OutDir, staged, bundle, single: bool):
             "model": bundle.name,
             "calibration_batches": min(args.batches, len(bundle.calibration or [])),
             "metrics": result.metrics,
+            **({"finetuned_metrics": result.finetuned} if result.finetuned is not None else {}),
         }
         result.files["masks"] = f"masks{tag}.safetensors"
         save_masks(staged.path(out.file(result.files["masks"])), masks, meta)
@@ -349,6 +350,14 @@ def cmd_prune(args) -> int:
     if args.remove_channels and not channel:
         raise UsageError(f"--remove-channels applies to --granularity {' or '.join(runner.CHANNEL_SCOPES)}")
     _check_batches(args)
+    if args.finetune < 0:
+        raise UsageError(f"--finetune must be >= 0, got {args.finetune}")
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.schedule == "iterative" and args.granularity not in runner.GRANULARITIES:
+        raise UsageError(f"--schedule iterative prunes weights: use --granularity {' or '.join(runner.GRANULARITIES)}")
+    if args.schedule == "iterative" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--schedule iterative runs in one process (its rounds re-score the pruned model): not under torchrun")
     _need_matplotlib()
     group = _process_group(args)
     lead = group is None or group.rank() == 0
@@ -366,6 +375,10 @@ def cmd_prune(args) -> int:
             on_masks=_file_writer(args, out, staged, bundle, single) if lead else None,
             quiet=args.quiet,
             group=group,
+            finetune=args.finetune,
+            finetune_lr=args.finetune_lr,
+            schedule=args.schedule,
+            rounds=args.rounds,
         )
 
     return _lead_reports(args, out, execute, group)
@@ -442,6 +455,8 @@ def _prune_llm(args) -> int:
         )
     if args.remove_channels:
         raise UsageError("--remove-channels does not apply to LLMs")
+    if args.finetune or args.schedule != "one-shot":
+        raise UsageError("--finetune and --schedule iterative are not available for causal LMs yet")
     if args.granularity == runner.TWO_FOUR:
         if args.sparsity is not None:
             raise UsageError("--sparsity does not apply to --granularity 2:4 (2 of every 4 weights are kept: 0.5)")
@@ -497,6 +512,48 @@ def _prune_llm(args) -> int:
         return llm_runner.prune(bundle, methods, targets, on_model=on_model, **options)
 
     return _lead_reports(args, out, execute, group)
+
+
+def cmd_sensitivity(args) -> int:
+    from ..io import Staged
+    from . import sensitivity, zoo
+
+    _check_batches(args)
+    criterion = (args.criterion or ["magnitude"])[0]
+    if len(args.criterion or []) > 1:
+        raise UsageError(f"sensitivity takes one --criterion (default magnitude), got {args.criterion}")
+    if zoo.is_llm_spec(args.model):
+        raise UsageError("sensitivity does not apply to causal LMs (pruned block by block): use pyprune-fast prune")
+    for s in args.sparsity:
+        if not 0 < s <= 1:
+            raise UsageError(f"--sparsity must be in (0, 1], got {s}")
+    if not 0 <= args.budget <= max(args.sparsity):
+        raise UsageError(f"--budget must be in [0, the highest --sparsity {max(args.sparsity)}], got {args.budget}")
+    _need_matplotlib()
+    out = OutDir(args.out)
+    start = time.perf_counter()
+    try:
+        with Staged() as staged:
+            bundle = _load(args)
+            report, allocation = sensitivity.run(
+                bundle, criterion, args.sparsity, args.granularity, args.budget, args.batches, args.quiet
+            )
+            meta = {
+                "command": ["pyprune-fast", *args.argv],
+                "model": bundle.name,
+                "criterion": criterion,
+                "granularity": args.granularity,
+                "calibration_batches": min(args.batches, len(bundle.calibration or [])),
+            }
+            text = sensitivity.write(report, allocation, args.budget, meta, lambda name: staged.path(out.file(name)))
+            staged.commit()
+    except BaseException:
+        out.remove_created()
+        raise
+    print(text)
+    files = f"sensitivity.json, sensitivity.md, {sensitivity.PLOT}"
+    print(f"wrote {files} to {args.out}/ in {time.perf_counter() - start:.0f} s")
+    return 0
 
 
 def _process_group(args):
@@ -667,9 +724,26 @@ def _add_pruning_options(p: argparse.ArgumentParser, choices: list[str]) -> None
         const=True,
         default=False,
         metavar="DIR",
-        help="also write each pruned model: Hugging Face models as from_pretrained directories "
-        "<criterion>-<sparsity or 2of4>/ (under DIR if given, else --out), others as safetensors files",
+        help="also write each pruned model (fine-tuned with --finetune): Hugging Face models as from_pretrained "
+        "directories <criterion>-<sparsity or 2of4>/ (under DIR if given, else --out), others as safetensors files",
     )
+    group.add_argument(
+        "--finetune",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="fine-tune each pruned model STEPS AdamW steps with its masks kept (the default model: InfoNCE on the "
+        "calibration passages) and evaluate it before and after (default 0: no fine-tuning)",
+    )
+    group.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    group.add_argument(
+        "--schedule",
+        choices=["one-shot", "iterative"],
+        default="one-shot",
+        help="one-shot: masks from one scoring; iterative: --rounds rounds, each re-scoring the model as pruned so "
+        "far and pruning more (exponential schedule, exact final sparsity)",
+    )
+    group.add_argument("--rounds", type=int, default=5, help="rounds of --schedule iterative (default 5)")
 
 
 def _add_llm_options(p: argparse.ArgumentParser) -> None:
@@ -746,6 +820,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=cmd_bench)
+
+    sens = sub.add_parser(
+        "sensitivity",
+        help="prune one block (or layer) at a time, evaluate, restore; table, plot, per-unit budget allocation",
+        description="Scores the model once, prunes each block (or layer) alone at each sparsity, evaluates it and "
+        "restores it; writes sensitivity.json, sensitivity.md and sensitivity.png to --out, and the per-unit "
+        "sparsities that meet --budget with the least loss the measured curves predict.",
+    )
+    _add_model_options(sens, criteria, "pyprune-sensitivity", "sensitivity.json, .md and .png are added or replaced")
+    _add_data_options(sens, evaluation=True)
+    sens.add_argument(
+        "--sparsity", nargs="+", type=float, default=[0.5, 0.9], metavar="S", help="sparsities (default 0.5 0.9)"
+    )
+    sens.add_argument(
+        "--granularity",
+        choices=["block", "layer"],
+        default="block",
+        help="block: each numbered block (e.g. an encoder layer) pruned alone (default); layer: each weight",
+    )
+    sens.add_argument("--budget", type=float, default=0.5, help="global sparsity to allocate (default 0.5)")
+    sens.set_defaults(run=cmd_sensitivity)
 
     sub.add_parser("info", help="print backend_info(): what compiled kernels are loaded").set_defaults(run=cmd_info)
     return parser

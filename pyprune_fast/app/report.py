@@ -41,6 +41,16 @@ def _finite(value):
     return value
 
 
+def _finetuned(run: Run, r) -> dict:
+    losses = r.finetune_losses or [None]
+    return {
+        "metrics": r.finetuned,
+        "retention": retention(run, r.finetuned),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
+
+
 def to_json(run: Run, command: list[str], files: list[str]) -> dict:
     """The report as a JSON-able dict (non-finite numbers as null)."""
     from .. import __version__
@@ -58,6 +68,8 @@ def to_json(run: Run, command: list[str], files: list[str]) -> dict:
                 **run.info,
             },
             "granularity": run.granularity,
+            "schedule": run.schedule,
+            **({"finetune": run.finetune} if run.finetune else {}),
             "calibration_batches": run.batches,
             "device": run.device,
             "skipped": run.skipped,
@@ -74,10 +86,17 @@ def to_json(run: Run, command: list[str], files: list[str]) -> dict:
                     "files": r.files,
                     "layer_sparsity": r.layers,
                     **({"parameters": r.parameters} if r.parameters is not None else {}),
+                    **({"rounds": r.rounds} if r.rounds is not None else {}),
+                    **({"finetuned": _finetuned(run, r)} if r.finetuned is not None else {}),
                 }
                 for r in run.results
             ],
             "ranking": [{"criterion": n, f"mean_{run.primary}": v} for n, v in run.ranking()],
+            **(
+                {"ranking_finetuned": [{"criterion": n, f"mean_{run.primary}": v} for n, v in run.ranking(True)]}
+                if run.finetuned
+                else {}
+            ),
             "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
             "files": files,
         }
@@ -90,6 +109,13 @@ def _setup_lines(run: Run) -> list[str]:
         f"in {len(run.scored)} weight tensors",
         f"granularity {run.granularity}; {run.batches} calibration batches; device {run.device}",
     ]
+    if run.schedule != "one-shot":
+        lines.append(f"schedule {run.schedule}")
+    if run.finetune:
+        lines.append(
+            f"fine-tuned {run.finetune['steps']} steps (AdamW, lr {run.finetune['lr']:g}, masks kept) on "
+            f"{run.finetune['data']}"
+        )
     if run.skipped:
         lines.append(f"2:4 left {len(run.skipped)} weight tensors dense (row length not divisible by 4)")
     return lines
@@ -103,15 +129,20 @@ def summary_table(run: Run) -> str:
         lines.append("dense       " + "  ".join(f"{m} {run.dense[m]:.4f}" for m in metrics))
     lines.append("")
     head = f"{'sparsity':>8s}  {'criterion':12s}" + "".join(f" {m:>15s}" for m in metrics)
-    lines.append(head + f" {'achieved':>9s} {'score s':>8s}")
+    tuned = [f"fine-tuned {m}"[:15] for m in metrics] if run.finetuned else []
+    lines.append(head + "".join(f" {m:>15s}" for m in tuned) + f" {'achieved':>9s} {'score s':>8s}")
     for r in sorted(run.results, key=lambda r: (r.sparsity, run.criteria.index(r.criterion))):
         row = f"{_label(run, r.sparsity):>8s}  {r.criterion:12s}" + "".join(f" {r.metrics[m]:15.4f}" for m in metrics)
+        if tuned:
+            row += "".join(f" {r.finetuned[m]:15.4f}" for m in metrics)
         lines.append(row + f" {r.achieved:9.4f} {run.score_seconds[r.criterion]:8.1f}")
-    ranking = run.ranking()
-    if ranking:
-        lines.append("")
-        order = "  ".join(f"{i}. {n} {v:.4f}" for i, (n, v) in enumerate(ranking, 1))
-        lines.append(f"ranking by mean {run.primary} over sparsities: {order}")
+    for after in (False, True):
+        ranking = run.ranking(after)
+        if ranking:
+            lines.append("")
+            order = "  ".join(f"{i}. {n} {v:.4f}" for i, (n, v) in enumerate(ranking, 1))
+            when = " after fine-tuning" if after else ""
+            lines.append(f"ranking by mean {run.primary}{when} over sparsities: {order}")
     return "\n".join(lines)
 
 
@@ -141,11 +172,26 @@ def markdown(run: Run, files: list[str], plots: list[str]) -> str:
             out.append(f"| {i} | {name} | {means} | {run.score_seconds[name]:.1f} s |")
     else:
         out.append("This model has no evaluation: no ranking (sparsities only).")
+    tuned_ranking = run.ranking(True)
+    if tuned_ranking:
+        out += ["", f"After fine-tuning, by the mean {run.primary}:", ""]
+        out += [
+            "| rank | criterion | " + " | ".join(f"mean {m}" for m in metrics) + " |",
+            "|---" * (2 + len(metrics)) + "|",
+        ]
+        for i, (name, _) in enumerate(tuned_ranking, 1):
+            rows = [r.finetuned for r in run.results if r.criterion == name]
+            means = " | ".join(f"{sum(m[k] for m in rows) / len(rows):.4f}" for k in metrics)
+            out.append(f"| {i} | {name} | {means} |")
     out += ["", "## Results", ""]
-    out.append("| sparsity | criterion | " + " | ".join(metrics) + (" | " if metrics else "") + "achieved | masks |")
-    out.append("|---" * (4 + len(metrics)) + "|")
+    tuned = [f"{m} after fine-tuning" for m in metrics] if run.finetuned else []
+    columns = " | ".join(metrics + tuned) + (" | " if metrics else "")
+    out.append("| sparsity | criterion | " + columns + "achieved | masks |")
+    out.append("|---" * (4 + len(metrics) + len(tuned)) + "|")
     for r in sorted(run.results, key=lambda r: (r.sparsity, run.criteria.index(r.criterion))):
         values = "".join(f"{r.metrics[m]:.4f} ({100 * retention(run, r.metrics)[m]:.1f}%) | " for m in metrics)
+        if tuned:
+            values += "".join(f"{r.finetuned[m]:.4f} ({100 * retention(run, r.finetuned)[m]:.1f}%) | " for m in metrics)
         out.append(
             f"| {_label(run, r.sparsity)} | {r.criterion} | {values}{r.achieved:.4f} | `{r.files.get('masks', '')}` |"
         )
@@ -169,14 +215,29 @@ def _figure(width: float, height: float):
 
 def retention_plot(run: Run, path: str) -> None:
     """One panel per metric: its retention (value over the dense model's) vs the achieved sparsity, one
-    line per criterion; the raw value where the dense one is 0."""
+    line per criterion (after --finetune, dashed in the same color: after fine-tuning); the raw value
+    where the dense one is 0."""
     metrics = list(run.dense)
     fig = _figure(5.0 * len(metrics), 4.0)
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
         dense = run.dense[metric]
         for name in run.criteria:
             rows = sorted((r.achieved, r.metrics[metric]) for r in run.results if r.criterion == name)
-            ax.plot([x for x, _ in rows], [y / dense if dense else y for _, y in rows], marker="o", label=name)
+            (line,) = ax.plot(
+                [x for x, _ in rows], [y / dense if dense else y for _, y in rows], marker="o", label=name
+            )
+            tuned = sorted(
+                (r.achieved, r.finetuned[metric]) for r in run.results if r.criterion == name and r.finetuned
+            )
+            if tuned:
+                ax.plot(
+                    [x for x, _ in tuned],
+                    [y / dense if dense else y for _, y in tuned],
+                    marker="s",
+                    linestyle="--",
+                    color=line.get_color(),
+                    label=f"{name} fine-tuned",
+                )
         ax.axhline(1.0 if dense else 0.0, color="gray", linestyle="--", label="dense" if dense else None)
         ax.set_xlabel(f"sparsity of the scored weights ({run.granularity})")
         ax.set_ylabel(f"{metric} retention (dense = {dense:.4g})" if dense else metric)

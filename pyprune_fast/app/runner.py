@@ -30,6 +30,8 @@ TWO_FOUR = "2:4"
 # "channel-layerwise": round(sparsity × C) in each layer.
 CHANNEL_SCOPES = {"channel": "global", "channel-layerwise": "layer"}
 CHOICES = [*GRANULARITIES, TWO_FOUR, *CHANNEL_SCOPES]
+SCHEDULES = ("one-shot", "iterative")  # --schedule: masks from one scoring, or re-scored over --rounds
+FINETUNE_LR = 1e-4
 
 
 def kind_of(granularity: str) -> str:
@@ -220,6 +222,9 @@ class Result:
     layers: dict[str, float]
     files: dict[str, str] = field(default_factory=dict)
     parameters: int | None = None  # of the pruned model, when channels were removed physically
+    finetuned: dict[str, float] | None = None  # the metrics after --finetune (masks kept)
+    finetune_losses: list[float] | None = None  # the training loss of each fine-tuning step
+    rounds: list[dict] | None = None  # --schedule iterative: each round's target and achieved sparsity
 
 
 @dataclass
@@ -239,6 +244,8 @@ class Run:
     score_seconds: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     lower_better: tuple[str, ...] = ()  # metrics where lower is better (perplexity); the others: higher
+    schedule: str = "one-shot"
+    finetune: dict = field(default_factory=dict)  # {"steps", "lr", "data"} when --finetune ran
 
     @property
     def criteria(self) -> list[str]:
@@ -253,14 +260,20 @@ class Run:
         """The metric criteria are ranked by: the evaluation's first."""
         return next(iter(self.dense), None)
 
-    def ranking(self) -> list[tuple[str, float]]:
+    @property
+    def finetuned(self) -> bool:
+        """Whether the results hold metrics after fine-tuning (--finetune)."""
+        return any(r.finetuned is not None for r in self.results)
+
+    def ranking(self, finetuned: bool = False) -> list[tuple[str, float]]:
         """(criterion, mean of the primary metric over the sparsities), best first; ties broken by the
-        means of the other metrics in order, then by name."""
-        if self.primary is None:
+        means of the other metrics in order, then by name. `finetuned`: of the metrics after
+        fine-tuning."""
+        if self.primary is None or (finetuned and not self.finetuned):
             return []
         means = {}
         for name in self.criteria:
-            rows = [r.metrics for r in self.results if r.criterion == name]
+            rows = [r.finetuned if finetuned else r.metrics for r in self.results if r.criterion == name]
             means[name] = [sum(m[k] for m in rows) / len(rows) for k in self.dense]
         signs = [1.0 if k in self.lower_better else -1.0 for k in self.dense]
         order = sorted(means, key=lambda n: ([s * v for s, v in zip(signs, means[n])], n))
@@ -288,6 +301,10 @@ def prune(
     on_masks: Callable[[Result, dict[str, Tensor], nn.Module], None] | None = None,
     quiet: bool = True,
     group: object = None,
+    finetune: int = 0,
+    finetune_lr: float = FINETUNE_LR,
+    schedule: str = "one-shot",
+    rounds: int = 1,
 ) -> Run | None:
     """Scores the bundle's model with each criterion once; for each sparsity builds the masks from
     those scores, applies them, evaluates, calls `on_masks(result, masks, pruned model)` while
@@ -300,7 +317,15 @@ def prune(
     the same arguments and model: the calibration batches are shared out among the ranks (data
     parallel; `share`), each criterion sums its statistics over them, and rank 0 alone evaluates,
     builds the masks and calls `on_masks`; it returns the Run, the other ranks None. An error on any
-    rank makes every rank raise (distributed.Communicator)."""
+    rank makes every rank raise (distributed.Communicator); schedule="iterative" is one process's.
+
+
+    finetune: that many AdamW steps (at `finetune_lr`) on the bundle's training batches (its
+    calibration batches if it has none) with its loss, the masks kept (masks.keep), after the pruned
+    model is evaluated; it is evaluated again (Result.finetuned), handed to on_masks fine-tuned, and
+    the whole model restored. schedule="iterative": each sparsity's masks come from `rounds` rounds of
+    scoring the model as pruned so far (schedule.iterative, exponential, no training between rounds)
+    instead of one scoring."""
     if granularity not in CHOICES:
         raise ValueError(f"--granularity must be one of {CHOICES}, got {granularity!r}")
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
@@ -309,6 +334,20 @@ def prune(
     if remove_channels and not channel:
         raise ValueError(f"--remove-channels applies to the channel granularities {list(CHANNEL_SCOPES)}")
     check_criteria(bundle, names, kind_of(granularity))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "iterative" and granularity not in GRANULARITIES:
+        raise ValueError(f"--schedule iterative prunes weights: use --granularity {' or '.join(GRANULARITIES)}")
+    if schedule == "iterative" and group is not None:
+        raise ValueError("--schedule iterative runs in one process: its rounds re-score the pruned model there")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"--rounds must be a positive int, got {rounds!r}")
+    if isinstance(finetune, bool) or not isinstance(finetune, int) or finetune < 0:
+        raise ValueError(f"--finetune must be a non-negative int, got {finetune!r}")
+    if finetune and not (bundle.training or bundle.calibration):
+        raise CriterionDataError(f"--finetune trains on data, which model {bundle.name!r} does not provide")
+    if finetune and bundle.loss_fn is None and not _available(bundle)["loss"]:
+        raise CriterionDataError(f"--finetune needs a loss, which model {bundle.name!r} does not provide")
     sparsities = [0.5] if granularity == TWO_FOUR else check_sparsities(sparsities)
     model = bundle.model
     if channel:
@@ -345,19 +384,30 @@ def prune(
                 skipped=skipped,
                 dense=dense,
                 seconds={"dense_evaluation": time.perf_counter() - start},
+                schedule=schedule if schedule == "one-shot" else f"iterative, {rounds} rounds (exponential)",
             )
             if comm is not None:
                 run.info["processes"] = f"{comm.size} (torch.distributed, calibration batches shared out)"
+            if finetune:
+                run.finetune = {"steps": finetune, "lr": finetune_lr, "data": _training_note(bundle)}
+            tune = {"steps": finetune, "lr": finetune_lr}
             for name in names:
                 scoring_bar.set_postfix_str(name)
                 t0 = time.perf_counter()
-                scores = score_criterion(bundle, name, batches, comm)
+                scores = score_criterion(bundle, name, batches, comm) if schedule == "one-shot" else None
                 run.score_seconds[name] = time.perf_counter() - t0
                 scoring_bar.update()
                 for sparsity in sparsities if lead else []:
                     eval_bar.set_postfix_str(f"{name} @ {sparsity:g}")
-                    keep = build_masks(scores, granularity, sparsity)
-                    result = _evaluate(bundle, name, sparsity, keep, shapes, channel, remove_channels, on_masks)
+                    trace = None
+                    if scores is None:
+                        t0 = time.perf_counter()
+                        keep, trace = _iterative_masks(bundle, name, granularity, sparsity, batches, rounds)
+                        run.score_seconds[name] += time.perf_counter() - t0
+                    else:
+                        keep = build_masks(scores, granularity, sparsity)
+                    result = _evaluate(bundle, name, sparsity, keep, shapes, channel, remove_channels, on_masks, tune)
+                    result.rounds = trace
                     run.results.append(result)
                     eval_bar.update()
                 del scores
@@ -368,8 +418,58 @@ def prune(
     return run if lead else None
 
 
+def _training_note(bundle: Bundle) -> str:
+    batches = bundle.training or bundle.calibration
+    source = "training" if bundle.training else "calibration"
+    return f"{len(batches)} {source} batches of the model's data, cycled, with its loss"
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Every parameter and buffer of the model put back bit for bit on exit."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.state_dict(keep_vars=True).items():
+                v.copy_(saved[k])
+
+
+def _iterative_masks(bundle: Bundle, name: str, granularity: str, sparsity: float, batches: int, rounds: int):
+    """The masks of `rounds` exponential rounds of schedule.iterative on the bundle's model (restored
+    after), and each round's {round, target, achieved}."""
+    from .. import schedule
+
+    with _restored(bundle.model):
+        report = schedule.iterative(
+            bundle.model,
+            lambda model, data: score_criterion(bundle, name, batches),
+            sparsity=sparsity,
+            rounds=rounds,
+            granularity=granularity,
+            quiet=True,
+        )
+    trace = [{"round": r.round, "target": r.target, "achieved": r.achieved} for r in report.rounds]
+    return report.masks, trace
+
+
+def _finetune(bundle: Bundle, model: nn.Module, keep: dict[str, Tensor] | None, steps: int, lr: float) -> list[float]:
+    from .. import schedule
+
+    return schedule.finetune(
+        model,
+        bundle.training or bundle.calibration,
+        steps,
+        masks=keep,
+        loss_fn=bundle.loss_fn,
+        forward=bundle.forward,
+        lr=lr,
+    )
+
+
 def _evaluate(
-    bundle: Bundle, name: str, sparsity: float, keep, shapes, channel: bool, remove: bool, on_masks
+    bundle: Bundle, name: str, sparsity: float, keep, shapes, channel: bool, remove: bool, on_masks, tune=None
 ) -> Result:
     """One pruned model: masks applied (or channels removed), evaluated, handed to on_masks. Channel
     masks are keyed by layer, `shapes` by the layers' weights ("<layer>.weight"). With `remove`, the
@@ -390,9 +490,18 @@ def _evaluate(
     result = Result(criterion=name, sparsity=sparsity, achieved=achieved, metrics={}, layers=layers)
     if remove:
         result.parameters = sum(p.numel() for p in model.parameters())
-    with contextlib.nullcontext() if remove else masked(model, channel_weight_masks(model, keep) if channel else keep):
+    params = None if remove else channel_weight_masks(model, keep) if channel else keep
+    steps = (tune or {}).get("steps", 0)
+    with (
+        contextlib.nullcontext() if remove else masked(model, params),
+        _restored(model) if steps else contextlib.nullcontext(),
+    ):
         metrics = bundle.evaluate(model) if bundle.evaluate is not None else {}
         result.metrics = {k: float(v) for k, v in metrics.items()}
+        if steps:
+            result.finetune_losses = _finetune(bundle, model, params, steps, tune["lr"])
+            metrics = bundle.evaluate(model) if bundle.evaluate is not None else {}
+            result.finetuned = {k: float(v) for k, v in metrics.items()}
         if on_masks is not None:
             on_masks(result, keep, model)
     return result

@@ -49,7 +49,8 @@ class Bundle:
     input_shape: one sample's shape, for SynFlow when there are no tensor batches.
     data_kind: what `--data` / `--eval-data` give this model: "images" (an image folder, read with
     `preprocess`, a data.Preprocess; default: data.default_preprocess at a (3, H, W) input_shape),
-    "text" (read with `tokenizer`), or None (the model takes no files: the default model)."""
+    "text" (read with `tokenizer`), or None (the model takes no files: the default model).
+    training: the batches `prune --finetune` trains on, with `loss_fn` (None: `calibration`)."""
 
     name: str
     model: nn.Module
@@ -63,6 +64,7 @@ class Bundle:
     pretrained: nn.Module | None = None  # the Hugging Face model inside `model`, saved with from_pretrained
     tokenizer: Any = None
     data_kind: str | None = None
+    training: list | None = None  # batches `--finetune` trains on (None: the calibration batches)
     preprocess: Any = None
 
     def criterion_kwargs(self, num_batches: int | None = None) -> dict:
@@ -103,8 +105,8 @@ def info_nce(embeddings: Tensor, _targets: Any = None, scale: float = 20.0) -> T
     return F.cross_entropy(logits, torch.arange(b, device=embeddings.device))
 
 
-def _tokenize(tokenizer, texts: list[str], device) -> dict[str, Tensor]:
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+def _tokenize(tokenizer, texts: list[str], device, max_length: int = 128) -> dict[str, Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 
 
@@ -163,6 +165,12 @@ def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration
     for i in range(0, len(calibration_passages) - batch_size + 1, batch_size):
         chunk = calibration_passages[i : i + batch_size]
         batches.append((_tokenize(tokenizer, [p.first for p in chunk] + [p.second for p in chunk], device), None))
+    # fine-tuning (--finetune): every calibration passage, in smaller and shorter batches (8 passages,
+    # 64 tokens) so that a step costs a few times less than a calibration batch on a CPU
+    training = [
+        (_tokenize(tokenizer, [p.first for p in chunk] + [p.second for p in chunk], device, max_length=64), None)
+        for chunk in (calibration_passages[i : i + 8] for i in range(0, len(calibration_passages) - 7, 8))
+    ]
     if calibration_batches is not None:
         batches = batches[:calibration_batches]
     encoded = Encoded(tokenizer, [p.first for p in held_out] + [p.second for p in held_out], device)
@@ -173,6 +181,7 @@ def minilm(device: str | torch.device = "cpu", batch_size: int = 16, calibration
         pretrained=bert,
         tokenizer=tokenizer,
         calibration=batches,
+        training=training,
         loss_fn=info_nce,
         evaluate=lambda m: sentence_metrics(m, encoded, reference),
         info={
