@@ -17,9 +17,9 @@ def case(device):
 
 @pytest.mark.parametrize("impl", ["ours", "plain step (no masks kept)", "the keep hooks alone"])
 def test_keep_step_cpu(benchmark, impl):
-    run_case(benchmark, case("cpu"), impl, rounds=9)
+    run_case(benchmark, case("cpu"), impl, rounds=5)
 
 
 @pytest.mark.parametrize("impl", ["ours", "plain step (no masks kept)", "the keep hooks alone"])
 def test_keep_step_cuda(benchmark, cuda_device, impl):
-    run_case(benchmark, case(cuda_device), impl, cuda_device, rounds=9)
+    run_case(benchmark, case(cuda_device), impl, cuda_device, rounds=5)
