@@ -346,7 +346,7 @@ def prune(
         raise ValueError(f"--finetune must be a non-negative int, got {finetune!r}")
     if finetune and not (bundle.training or bundle.calibration):
         raise CriterionDataError(f"--finetune trains on data, which model {bundle.name!r} does not provide")
-    if finetune and bundle.loss_fn is None and not _available(bundle)["loss"]:
+    if finetune and not _available(bundle)["loss"]:
         raise CriterionDataError(f"--finetune needs a loss, which model {bundle.name!r} does not provide")
     sparsities = [0.5] if granularity == TWO_FOUR else check_sparsities(sparsities)
     model = bundle.model
