@@ -357,7 +357,7 @@ def cmd_prune(args) -> int:
     if args.schedule == "iterative" and args.granularity not in runner.GRANULARITIES:
         raise UsageError(f"--schedule iterative prunes weights: use --granularity {' or '.join(runner.GRANULARITIES)}")
     if args.schedule == "iterative" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("--schedule iterative runs in one process (its rounds re-score the pruned model): not under torchrun")
+        raise UsageError("--schedule iterative re-scores the pruned model in one process: not under torchrun")
     _need_matplotlib()
     group = _process_group(args)
     lead = group is None or group.rank() == 0
