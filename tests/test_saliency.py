@@ -10,8 +10,8 @@ from tests.conftest import DEVICES, native_or_skip
 
 STAT_NAMES = reference.STATS_FIELDS
 
-# The kernels sum runs of values in fp32 and the runs' sums in fp64: at most 256 values per run (a CUDA
-# thread's share of a 65536-element chunk over 256 threads; a CPU lane sums 1024 / 16 = 64).
+# The CPU kernel sums runs of 64 values per fp32 lane (1024 over 16 lanes) and the runs' sums in fp64
+# (a run whose fp32 sum or square overflowed again in fp64); CUDA threads sum in fp64. 256 bounds both.
 FP32_RUN = 256
 U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of fp32 and fp64
 

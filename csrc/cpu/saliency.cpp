@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "pyprune_fast/cpu_simd.h"
 #include "pyprune_fast/saliency_job.h"
@@ -29,7 +30,7 @@ PPF_TARGET_CLONES SaliencyStats saliency_span(const T* __restrict g, const T* __
   const vint abs_mask = (vint){} + 0x7fffffff, exp_mask = (vint){} + 0x7f800000;
   int64_t i = 0;
   for (; i + kWidth <= n;) {
-    const int64_t run_end = std::min(n, i + kRun);
+    const int64_t run_begin = i, run_end = std::min(n, i + kRun);
     vfloat s = zero, ss = zero, mn = inf, mx = ninf;
     vint nonfinite = {}, nan = {};
     for (; i + kWidth <= run_end; i += kWidth) {
@@ -51,6 +52,19 @@ PPF_TARGET_CLONES SaliencyStats saliency_span(const T* __restrict g, const T* __
       nonfinite -= ~fin;  // lanes are 0 or -1: subtracting ~fin adds 1 where not finite
       nan -= magnitude > exp_mask;
     }
+    bool overflow = false;
+    for (int j = 0; j < kWidth; ++j) overflow |= std::isinf(s[j]) || std::isinf(ss[j]);
+    if (overflow) {  // finite scores whose fp32 lane sum or square overflowed: this run again in fp64
+      s = zero;
+      ss = zero;
+      for (int64_t k = run_begin; k < i; ++k) {
+        const double v = out[k];
+        if (is_finite_value(out[k])) {
+          st.sum += v;
+          st.sumsq += v * v;
+        }
+      }
+    }
     for (int j = 0; j < kWidth; ++j) {
       st.sum += s[j];
       st.sumsq += ss[j];
@@ -66,7 +80,7 @@ PPF_TARGET_CLONES SaliencyStats saliency_span(const T* __restrict g, const T* __
     out[i] = v;
     const bool fin = is_finite_value(v);
     st.sum += fin ? v : 0.f;
-    st.sumsq += fin ? static_cast<double>(v * v) : 0.0;
+    st.sumsq += fin ? static_cast<double>(v) * v : 0.0;
     if (fin) {
       st.min = std::min<double>(st.min, v);
       st.max = std::max<double>(st.max, v);

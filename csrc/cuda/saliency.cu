@@ -16,12 +16,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kEntryWords = 5;  // g, w, out, numel, dtype
 
+// The sums are fp64 per thread: an fp32 partial sum (or square) of finite scores can overflow (scores
+// from ~1.8e19 up square past FLT_MAX); on A100/H100 fp64 adds cost nothing in this memory-bound loop.
 struct ThreadStats {
-  float sum = 0.f, sumsq = 0.f, min = INFINITY, max = -INFINITY;
+  double sum = 0.0, sumsq = 0.0;
+  float min = INFINITY, max = -INFINITY;
   int nonfinite = 0, nan = 0;
   __device__ void add(float v) {
     const bool fin = is_finite_value(v);
-    const float vf = fin ? v : 0.f;
+    const double vf = fin ? static_cast<double>(v) : 0.0;
     sum += vf;
     sumsq += vf * vf;
     if (fin) {
