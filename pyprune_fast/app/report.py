@@ -146,6 +146,22 @@ def summary_table(run: Run) -> str:
     return "\n".join(lines)
 
 
+def _ranking_table(run, ranking: list[tuple[str, float]], finetuned: bool) -> list[str]:
+    """The markdown rows of a ranking: each criterion's mean of every metric over the sparsities (after
+    fine-tuning with `finetuned`), and its scoring time for the one-shot ranking."""
+    metrics = list(run.dense)
+    timed = not finetuned
+    lines = [
+        "| rank | criterion | " + " | ".join(f"mean {m}" for m in metrics) + (" | scoring time |" if timed else " |"),
+        "|---" * (2 + timed + len(metrics)) + "|",
+    ]
+    for i, (name, _) in enumerate(ranking, 1):
+        rows = [r.finetuned if finetuned else r.metrics for r in run.results if r.criterion == name]
+        means = " | ".join(f"{sum(m[k] for m in rows) / len(rows):.4f}" for k in metrics)
+        lines.append(f"| {i} | {name} | {means} |" + (f" {run.score_seconds[name]:.1f} s |" if timed else ""))
+    return lines
+
+
 def markdown(run: Run, files: list[str], plots: list[str]) -> str:
     """report.md: setup, ranking, the results table, the plots, the files."""
     metrics = list(run.dense)
@@ -163,26 +179,14 @@ def markdown(run: Run, files: list[str], plots: list[str]) -> str:
             f"({'lower' if run.primary in run.lower_better else 'higher'} is better; ties broken by the other "
             "metrics).",
             "",
-            "| rank | criterion | " + " | ".join(f"mean {m}" for m in metrics) + " | scoring time |",
-            "|---" * (3 + len(metrics)) + "|",
+            *_ranking_table(run, ranking, finetuned=False),
         ]
-        for i, (name, _) in enumerate(ranking, 1):
-            rows = [r.metrics for r in run.results if r.criterion == name]
-            means = " | ".join(f"{sum(m[k] for m in rows) / len(rows):.4f}" for k in metrics)
-            out.append(f"| {i} | {name} | {means} | {run.score_seconds[name]:.1f} s |")
     else:
         out.append("This model has no evaluation: no ranking (sparsities only).")
     tuned_ranking = run.ranking(True)
     if tuned_ranking:
         out += ["", f"After fine-tuning, by the mean {run.primary}:", ""]
-        out += [
-            "| rank | criterion | " + " | ".join(f"mean {m}" for m in metrics) + " |",
-            "|---" * (2 + len(metrics)) + "|",
-        ]
-        for i, (name, _) in enumerate(tuned_ranking, 1):
-            rows = [r.finetuned for r in run.results if r.criterion == name]
-            means = " | ".join(f"{sum(m[k] for m in rows) / len(rows):.4f}" for k in metrics)
-            out.append(f"| {i} | {name} | {means} |")
+        out += _ranking_table(run, tuned_ranking, finetuned=True)
     out += ["", "## Results", ""]
     tuned = [f"{m} after fine-tuning" for m in metrics] if run.finetuned else []
     columns = " | ".join(metrics + tuned) + (" | " if metrics else "")
