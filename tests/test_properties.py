@@ -498,7 +498,7 @@ def test_float8_scores_are_refused_by_the_mask_functions(op, dtype):
 @pytest.mark.parametrize("dtype", FP8, ids=["e4m3", "e5m2"])
 def test_float8_is_refused_by_the_compiled_ops(dtype):
     """The same at the torch.ops level (callers that skip the Python checks). threshold_apply_'s params
-    are not covered here: its C++ dtype check is issue 14 item 7's."""
+    are covered by tests/test_op_dtypes.py."""
     t = torch.zeros(64, 64, dtype=dtype)
     values = torch.zeros(64, 32, dtype=dtype)
     meta = torch.zeros(4, 2, 16, dtype=torch.int32)

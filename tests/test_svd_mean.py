@@ -126,7 +126,7 @@ EXTREME_SCALES = {torch.float32: [1e19, 1e30, 1e38, 1e-20, 1e-30, 1e-37], torch.
 @pytest.mark.parametrize("backend", ["ops", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_extreme_magnitudes(device, backend, dtype):
-    """Issue 14 item 8: unscaled, the Gram matrix overflowed (NaN from 1e19 in float32, 1e160 in float64)
+    """Unscaled, the Gram matrix overflowed (NaN from 1e19 in float32, 1e160 in float64)
     or fell below the eigenvalue cutoff (0 with a zero gradient below 1e-20). Each matrix is now scaled by
     a power of two: values scale with the input, gradients do not, both within the usual tolerances of
     torch.linalg.svdvals in float64 on the same (rounded) inputs. Upstream weights as large as the
