@@ -235,6 +235,28 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
     return model
 
 
+# the signed integer type of each element width: a parameter's bits are viewed as these to zero them
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _and_mask(name: str, param: Tensor, keep_mask: Tensor) -> Tensor:
+    """keep_mask as an integer tensor of the parameter's element width: all ones where kept, 0 where
+    pruned, so that `bits(t) &= and_mask` zeros exactly the pruned entries of t (NaN and ±inf too)."""
+    bits = _BITS.get(param.element_size())
+    if bits is None:
+        raise TypeError(
+            f"masks.keep: parameter {name!r} has dtype {param.dtype}; "
+            f"it masks elements of 1, 2, 4 or 8 bytes, not {param.element_size()}"
+        )
+    return keep_mask.to(device=param.device, dtype=bits).neg_()
+
+
+def _zero_pruned_(t: Tensor, and_mask: Tensor) -> None:
+    """t's pruned entries set to +0 in place: one vectorized bitwise AND on t's bits (twice as fast
+    as a masked_fill with a bool mask on CPU, and exact where a multiplication by 0 would make NaN)."""
+    t.view(and_mask.dtype).bitwise_and_(and_mask)
+
+
 class KeptMasks:
     """The handle `keep` returns: while it is active, every `torch.optim` optimizer step leaves the
     pruned weights exactly zero. A context manager (removed on exit) with `.remove()`; `.masks` holds
@@ -243,13 +265,28 @@ class KeptMasks:
     def __init__(self, model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         named = dict(model.named_parameters())
         apply_masks(model, masks)  # checks names, shapes and dtypes, and zeros the pruned weights now
-        self.masks = {name: mask.to(named[name].device) for name, mask in masks.items()}
-        # by parameter identity: an optimizer knows its parameters, not their names
-        self._pruned = {id(named[n]): (named[n], ~m) for n, m in self.masks.items() if not bool(m.all())}
+        self._names = list(masks)
+        # by parameter identity (an optimizer knows its parameters, not their names); fully kept
+        # tensors are left out. Each mask is held once, as the integer AND mask of its parameter.
+        self._pruned = {}
+        self._kept = {}
+        for name, mask in masks.items():
+            param = named[name]
+            if bool(mask.all()):
+                self._kept[name] = param
+            else:
+                self._pruned[id(param)] = (param, _and_mask(name, param, mask), name)
         self._handles = [
             register_optimizer_step_pre_hook(self.mask_gradients),
             register_optimizer_step_post_hook(self.zero_weights),
         ]
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The keep-masks (bool, True = kept) by parameter name, on the parameters' devices."""
+        out = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self._kept.items()}
+        out.update({name: bits != 0 for _, bits, name in self._pruned.values()})
+        return {name: out[name] for name in self._names}
 
     def _mine(self, optimizer: torch.optim.Optimizer):
         for group in optimizer.param_groups:
@@ -261,15 +298,15 @@ class KeptMasks:
     @torch.no_grad()
     def mask_gradients(self, optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:
         """The step pre hook: the gradients of the pruned entries this optimizer holds set to 0."""
-        for p, pruned in self._mine(optimizer):
+        for p, bits, _ in self._mine(optimizer):
             if p.grad is not None:
-                p.grad.masked_fill_(pruned, 0)
+                _zero_pruned_(p.grad, bits)
 
     @torch.no_grad()
     def zero_weights(self, optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:
         """The step post hook: the pruned entries this optimizer holds set to 0."""
-        for p, pruned in self._mine(optimizer):
-            p.masked_fill_(pruned, 0)
+        for p, bits, _ in self._mine(optimizer):
+            _zero_pruned_(p, bits)
 
     @property
     def active(self) -> bool:
@@ -312,10 +349,15 @@ def keep(model: nn.Module, masks: Mapping[str, Tensor]) -> KeptMasks:
       removing the handle later leaves no stale momentum behind. It runs once per step, after any
       number of accumulated backward passes and after DDP's all-reduce, so gradient accumulation and
       DistributedDataParallel need nothing special.
+    - The zeroing is a bitwise AND of each tensor's bits with an integer mask of the same element
+      width (all ones where kept, 0 where pruned): exact for every value (NaN and ±inf become +0,
+      where multiplying by a 0/1 float mask would give NaN) and vectorized, half the time of
+      `masked_fill_` with a bool mask on CPU. The price is memory: each pruned tensor's mask takes
+      the size of the tensor (a bool mask would take an eighth of an fp32 tensor).
     - Nothing is attached to the model: no parametrization (which would rename the state_dict keys
       and recompute `weight` at every forward), no tensor hooks (which torch.compile'd backward
       graphs and DDP's own gradient hooks interact with). A compiled model reads the zeroed
-      parameters as it reads any parameter update. The cost is two masked fills of the pruned
+      parameters as it reads any parameter update. The cost is two masked passes over the pruned
       tensors per optimizer step (benchmarks/bench_schedule.py).
     Not covered: updates that bypass `torch.optim` (a hand-written `p -= lr * p.grad`); call
     `apply_masks(model, handle.masks)` after those."""

@@ -91,6 +91,52 @@ def test_masked_gradients_leave_adam_moments_of_pruned_entries_at_zero():
         assert int(state["exp_avg"][m].count_nonzero()) > 0
 
 
+def test_nonfinite_gradients_of_pruned_entries_leave_weights_and_moments_at_plus_zero():
+    model = mlp()
+    masks = half_masks(model)
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    with ppf.masks.keep(model, masks):
+        for i, (x, y) in enumerate(batches()):
+            F.cross_entropy(model(x), y).backward()
+            for n, m in masks.items():  # a multiplication by a 0/1 mask would turn these into NaN
+                g = named[n].grad
+                g[~m] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])[i]
+            optimizer.step()
+            optimizer.zero_grad()
+    for n, m in masks.items():
+        pruned = named[n].detach()[~m]
+        assert torch.equal(pruned.view(torch.int32), torch.zeros_like(pruned, dtype=torch.int32)), n  # +0.0 bits
+        assert int(optimizer.state[named[n]]["exp_avg_sq"][~m].count_nonzero()) == 0
+        assert bool(named[n].detach()[m].isfinite().all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_pruned_weights_stay_zero_in_every_float_width(dtype):
+    model = mlp().to(dtype)
+    masks = half_masks(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    with ppf.masks.keep(model, masks) as handle:
+        assert handle.masks.keys() == masks.keys()
+        for n, m in masks.items():
+            assert torch.equal(handle.masks[n], m), n
+        for x, y in batches():
+            F.cross_entropy(model(x.to(dtype)), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for n, z in zeros_of(model, masks).items():
+        assert z.dtype == dtype and int(z.count_nonzero()) == 0, n
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_keep_names_a_parameter_it_cannot_mask():
+    model = nn.Linear(4, 4).to(torch.complex128)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[0, 0] = False
+    with pytest.raises(TypeError, match=r"parameter 'weight' has dtype torch.complex128"):
+        ppf.masks.keep(model, {"weight": mask})
+
+
 def test_zeros_stay_zero_under_torch_compile():
     model = mlp()
     masks = half_masks(model)

@@ -6,6 +6,7 @@ masked fill of the gradients before the step and of the weights after it)."""
 from __future__ import annotations
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .. import masks
 from ..criteria.engine import default_param_names
@@ -33,12 +34,19 @@ def keep_step_case(device: str = "cpu", scale: float = 1.0) -> Case:
         optimizer.zero_grad(set_to_none=False)  # the gradients stay allocated: the hooks see them every call
 
     step()  # the optimizer's state exists before any timing
-    handle = masks.keep(model, keep)
+    handle = masks.keep(model, keep)  # built once, as in training; its hooks are on only during `kept`
     handle.remove()
 
     def kept():
-        with masks.keep(model, keep):
+        hooks = [
+            register_optimizer_step_pre_hook(handle.mask_gradients),
+            register_optimizer_step_post_hook(handle.zero_weights),
+        ]
+        try:
             step()
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def hooks():
         handle.mask_gradients(optimizer)
