@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 
 from .channel import channel_stats_case
-from .e2e import HAND_WRITTEN, criterion_case
+from .e2e import WORKLOADS as E2E_WORKLOADS
+from .e2e import criterion_case, workload_criteria
 from .harness import Case
 from .llm import block_case, sparsegpt_case, wanda_case
 from .nm_mask import n_m_case
@@ -35,4 +36,10 @@ WORKLOADS: dict[str, Callable[..., Case]] = {
     "Wanda masks LLaMA-7B block": wanda_case,
     "llm.prune sparsegpt LLaMA-7B block": functools.partial(block_case, "sparsegpt", 0.5),
 }
-WORKLOADS.update({f"criterion {name} ViT-B/16": functools.partial(criterion_case, name) for name in HAND_WRITTEN})
+WORKLOADS.update(
+    {
+        f"criterion {name} {workload}": functools.partial(criterion_case, name, workload)
+        for workload in E2E_WORKLOADS
+        for name in workload_criteria(workload)
+    }
+)
