@@ -562,3 +562,14 @@ def test_a_factory_that_raises_is_one_error_line(tmp_path, capsys):
         "RuntimeError: weights file tiny.pt is missing\n"
     )
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", [[], ["prune"], ["score"], ["bench"], ["sensitivity"], ["info"]])
+def test_every_help_prints(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: pyprune-fast")
+    if command == ["bench"]:
+        assert "SparseGPT 50% q_proj 4096x4096" in out  # a workload name with a percent sign

@@ -811,7 +811,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'failed: <reason>' in the table and the others still run; the exit status is then 1.",
     )
     bench.add_argument(
-        "--only", nargs="+", choices=list(WORKLOADS), metavar="W", help=f"workloads: {', '.join(WORKLOADS)}"
+        "--only",
+        nargs="+",
+        choices=list(WORKLOADS),
+        metavar="W",
+        help="workloads: " + ", ".join(WORKLOADS).replace("%", "%%"),
     )
     bench.add_argument(
         "--scale", type=float, default=0.1, help="shrink each workload's tensors, in (0, 1] (default 0.1)"

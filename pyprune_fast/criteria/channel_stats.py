@@ -72,11 +72,10 @@ class ChannelStats:
         self.sums: dict[str, Tensor] = {}
 
     def _add(self, key: str, value: Tensor) -> None:
-        value = value.double()
         if key in self.sums:
-            self.sums[key] += value
+            self.sums[key] += value  # added in float64 (in-place type promotion), no float64 temporary
         else:
-            self.sums[key] = value.clone()
+            self.sums[key] = value.to(torch.float64, copy=True)
 
     def add_output(self, output: Tensor) -> None:
         """Forward-only sums: zeros = Σ_{n,s} [x ≤ 0] (what a ReLU zeroes), ranks, x_sum = Σ_n x_n."""
