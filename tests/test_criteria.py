@@ -268,6 +268,18 @@ def test_synflow(seed, dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_synflow_leaves_the_model_as_it_was(dtype):
+    model, data, _ = setup(0, dtype)  # float64: its |θ| must be a copy, not the parameters made absolute
+    before = snapshot(model)
+    criteria.synflow(model, input_shape=(3, 8, 8))
+    after = snapshot(model)
+    assert before["values"].keys() == after["values"].keys()
+    for n, v in before["values"].items():
+        assert torch.equal(v, after["values"][n]), n
+    assert before["grads"] == after["grads"] and before["training"] == after["training"]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_synflow_conserves_flow_per_layer(seed):
     model = bias_free_net(seed)

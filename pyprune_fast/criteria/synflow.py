@@ -3,10 +3,8 @@ without any data by iteratively conserving synaptic flow", NeurIPS), single shot
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .engine import Job, first_tensor
 from .registry import criterion
@@ -20,7 +18,8 @@ def synflow(job: Job, *, input_shape: tuple[int, ...] | None = None) -> list[Ten
     floating point: a model of token ids has no all-ones input, ValueError).
 
     Single shot (the iterative schedule is not applied here). The user's model is not modified: the
-    linearized network is a deep copy, so it costs one float64 copy of the model in memory."""
+    linearized network is the model run on float64 copies of |θ| (one float64 copy of its parameters
+    and floating buffers in memory), not a deep copy of the model."""
     if input_shape is None:
         if job.data is None:
             raise ValueError("synflow needs input_shape= (one sample's shape) or data to read it from")
@@ -35,18 +34,37 @@ def synflow(job: Job, *, input_shape: tuple[int, ...] | None = None) -> list[Ten
             )
         input_shape = tuple(inputs.shape[1:])
     shape = tuple(int(d) for d in input_shape)
-    linear = copy.deepcopy(job.model).double()
+    # The linearized network: the model itself run with float64 |θ| in place of its parameters and
+    # floating buffers (torch.func.functional_call), so neither a deep copy of the model nor a change
+    # to it; only the scored weights take gradients.
+    scored = set(job.names)
+    state = {}
     with torch.no_grad():
-        for value in linear.state_dict().values():
-            if value.is_floating_point():
-                value.abs_()
-    params = dict(linear.named_parameters())
-    weights = [params[n] for n in job.names]
+        for name, p in job.model.named_parameters():
+            state[name] = p.detach().to(torch.float64, copy=True).abs_().requires_grad_(name in scored)
+        for name, b in job.model.named_buffers():
+            state[name] = b.to(torch.float64, copy=True).abs_() if b.is_floating_point() else b
+    weights = [state[n] for n in job.names]
     ones = torch.ones((1, *shape), dtype=torch.float64, device=job.device)
-    outputs = job.forward(linear, ones) if job.forward is not None else linear(ones)
-    total = first_tensor(outputs).sum()
+    with torch.enable_grad():
+        outputs = torch.func.functional_call(_Forward(job), {f"model.{n}": v for n, v in state.items()}, (ones,))
+        total = first_tensor(outputs).sum()
     grads = torch.autograd.grad(total, weights, allow_unused=True)
-    return [
-        torch.zeros_like(w, dtype=torch.float32) if g is None else (g * w).detach().abs().float()
-        for g, w in zip(grads, weights)
-    ]
+    with torch.no_grad():
+        return [
+            torch.zeros_like(w, dtype=torch.float32) if g is None else g.mul_(w).abs_().float()
+            for g, w in zip(grads, weights)
+        ]
+
+
+class _Forward(nn.Module):
+    """The job's model behind its forward (job.forward(model, inputs), or model(inputs)), as one module
+    that functional_call can run with other parameters."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__()
+        self.model = job.model
+        self.forward_fn = job.forward
+
+    def forward(self, inputs: Tensor):
+        return self.forward_fn(self.model, inputs) if self.forward_fn is not None else self.model(inputs)
