@@ -364,6 +364,23 @@ def test_bench_calls_each_workload_with_the_device_and_scale(capsys, monkeypatch
     # every registered workload end to end: tests/test_bench_quick.py
 
 
+def test_bench_memory_column_shows_each_implementations_peak(capsys, monkeypatch):
+    def toy(device="cpu", scale=1.0):
+        # ours touches 64 MiB (pages written, so resident), the baseline nothing
+        return harness.Case(group="toy", ours=lambda: torch.ones(16 * 2**20), baselines={"nothing": lambda: None})
+
+    monkeypatch.setitem(registry.WORKLOADS, "toy memory", toy)
+    assert cli.main(["bench", "--only", "toy memory", "--repeats", "1", "--device", "cpu", "--memory"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].rstrip().endswith("peak extra MiB")
+    ours = next(line for line in lines if line.startswith("toy memory") and " ours " in line)
+    base = next(line for line in lines if line.startswith("toy memory") and " nothing " in line)
+    assert 60 <= int(ours.split()[-1]) <= 80 and int(base.split()[-1]) < 8
+    monkeypatch.setattr(cli, "_device", lambda name: "cuda")  # as on a machine with a GPU
+    with pytest.raises(cli.UsageError, match="--memory measures this process's resident memory: CPU only"):
+        cli.cmd_bench(cli.build_parser().parse_args(["bench", "--only", "toy memory", "--device", "cuda", "--memory"]))
+
+
 def test_time_case_times_ours_and_each_baseline():
     case = harness.Case(group="g", ours=lambda: 1, baselines={"a": lambda: 2, "b": lambda: 3})
     timings = harness.time_case(case, repeats=3)

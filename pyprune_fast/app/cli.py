@@ -580,22 +580,29 @@ def cmd_bench(args) -> int:
     """Every workload (or --only's) in turn: ours, then each baseline. A workload that fails (building
     its inputs or any implementation raising) is reported in the table as `failed: <one line>` and the
     others still run; the exit status is then 1 (some workloads failed), else 0."""
-    from ..bench.harness import one_line, time_case
+    from ..bench.harness import one_line, peak_extra_bytes, time_case
     from ..bench.registry import WORKLOADS
 
     device = _device(args.device)
+    if args.memory and device != "cpu":
+        raise UsageError(f"--memory measures this process's resident memory: CPU only, not {device}")
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     if not 0 < args.scale <= 1:
         raise UsageError(f"--scale must be in (0, 1], got {args.scale}")
     names = args.only or list(WORKLOADS)
     width = max(len(n) for n in names) + 1
-    print(f"{'workload':{width}s} {'impl':42s} {'best ms':>10s} {'median ms':>10s} {'ours faster by':>15s}")
+    peak_column = f" {'peak extra MiB':>15s}" if args.memory else ""
+    print(
+        f"{'workload':{width}s} {'impl':42s} {'best ms':>10s} {'median ms':>10s} {'ours faster by':>15s}{peak_column}"
+    )
     failed = []
     for name in _bar(names, "bench", args.quiet):
         try:
             case = WORKLOADS[name](device=device, scale=args.scale)
             timings = time_case(case, device, args.repeats, warmup=1, keep_going=True)
+            impls = {"ours": case.ours, **case.baselines}
+            peaks = {t.impl: peak_extra_bytes(impls[t.impl]) for t in timings if args.memory and t.error is None}
         except Exception as exc:
             failed.append(name)
             print(f"{name:{width}s} {'':42s} failed: {one_line(exc)}", flush=True)
@@ -608,7 +615,11 @@ def cmd_bench(args) -> int:
                 print(f"{name:{width}s} {t.impl:42s} failed: {t.error}", flush=True)
                 continue
             ratio = "" if t.impl == "ours" or timings[0].error else f"{t.median / ours:14.2f}x"
-            print(f"{name:{width}s} {t.impl:42s} {t.best * 1e3:10.2f} {t.median * 1e3:10.2f} {ratio:>15s}", flush=True)
+            peak = f" {peaks[t.impl] / 2**20:15.0f}" if args.memory else ""
+            print(
+                f"{name:{width}s} {t.impl:42s} {t.best * 1e3:10.2f} {t.median * 1e3:10.2f} {ratio:>15s}{peak}",
+                flush=True,
+            )
         if any(t.error for t in timings):
             failed.append(name)
     import torch
@@ -822,6 +833,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--repeats", type=int, default=5, help="timed calls per implementation (default 5)")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    bench.add_argument(
+        "--memory",
+        action="store_true",
+        help="also the peak resident memory above the level before the call, of one more call of each "
+        "implementation (CPU only)",
+    )
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=cmd_bench)
 
