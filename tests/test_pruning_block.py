@@ -85,6 +85,67 @@ def test_fold_equals_the_gated_network(make, shape, layers, kwargs, nexts):
             assert first.weight.shape[0] == k and nxt.weight.shape[1] == k
 
 
+def bn_conv_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.BatchNorm2d(6, affine=False),
+        nn.GELU(),
+        nn.Conv2d(6, 4, 1),
+    ).double()
+
+
+def bn_mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "layers", "kwargs"),
+    [
+        (bn_conv_net, (4, 3, 6, 5), ["0", "3"], {"ratio": 0.75}),
+        (bn_conv_net, (4, 3, 6, 5), ["0", "3"], {"encoder": False}),
+        (bn_mlp, (6, 5), ["0"], {"width": 5}),
+        (bn_mlp, (6, 5), ["0"], {"encoder": False}),
+    ],
+)
+def test_fold_takes_the_batchnorm_in(make, shape, layers, kwargs):
+    """Layer → BatchNorm → activation: the block gates BN's output; fold multiplies BN's eval-mode map
+    into the layer, and the plain network (no BatchNorm left) equals the gated one in eval mode."""
+    torch.manual_seed(0)
+    model = make()
+    with torch.no_grad():  # running statistics and affine parameters away from their defaults
+        for bn in (m for m in model if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            if bn.affine:
+                bn.weight.uniform_(0.5, 2)
+                bn.bias.normal_()
+        model.train()
+        for _ in range(3):
+            model(3 * torch.randn(shape, dtype=torch.float64) + 1)
+    originals = list(model)
+    norms = [m for m in originals if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handle = pb.insert(model, layers, **kwargs)
+    assert [b.norm for b in handle.blocks.values()] == norms
+    assert all(isinstance(model[int(k)], nn.Identity) for b in handle.blocks.values() for k in b.slots)
+    set_gates(model, torch.Generator().manual_seed(1))
+    model.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    plain, report = pb.fold(model)
+    assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, pb.PruningBlock)) for m in plain.modules())
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-12)
+    for name in layers:
+        assert plain.get_submodule(name).weight.shape[0] == report[name]["channels"]
+    block = handle.blocks[layers[0]]
+    if block.encoder is None:  # the gates act after the BN: a channel off is 0, BN's shift does not leak
+        with torch.no_grad():
+            out = block(x)
+        assert torch.equal(out[:, ::2], torch.zeros_like(out[:, ::2]))
+        assert torch.count_nonzero(out[:, 1::2]) > 0
+    handle.remove()
+    assert list(model) == originals
+
+
 def test_fold_keeps_the_dtype():
     """float32 in, float32 out: the products are formed in float64 and rounded once."""
     torch.manual_seed(0)

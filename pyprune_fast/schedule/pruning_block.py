@@ -34,6 +34,12 @@ pruned rows zeroed (the report's "kept" is the mask).
 The block takes over the activation that follows L when L sits in an nn.Sequential and the next
 module is one of ACTIVATIONS (its slot becomes nn.Identity until `remove` or `fold`); otherwise a is
 the identity. Activations must map 0 to 0 (all of ACTIVATIONS do), so that a channel off gives 0.
+A BatchNorm between L and the activation (BatchNorm2d after a Conv2d, BatchNorm1d after a Linear,
+over L's C channels, with running statistics) is taken over the same way: the block computes
+E · BN(L(x)), so the gates act after the normalization and a channel off gives exactly 0 (gating
+before BN would not: BN maps a zero channel to β). `fold` multiplies BN's eval-mode affine map
+z ↦ (z − μ)·γ/√(σ² + ε) + β into L's rows and bias first; the folded network equals the gated one
+in eval mode (in train mode BN normalizes with the batch's statistics, which no fixed layer can).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from torch import Tensor, nn
 GATES = ("hard_sigmoid", "sigmoid")
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Mish)
 LAYERS = (nn.Conv2d, nn.Linear)
+NORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 
 __all__ = [
     "ACTIVATIONS",
@@ -92,10 +99,11 @@ def _projection(layer: nn.Module, weight: Tensor) -> nn.Module:
 
 
 class PruningBlock(nn.Module):
-    """`layer` followed by [encoder C → width] → gates h_σ(m) → activation → [decoder width → C]; with
-    `width=None` the continuous-gate baseline (no encoder, no decoder, one gate per channel of `layer`).
-    E and D start as identities when width = C, otherwise as E = Qᵀ, D = Q with Q (C, width) having
-    orthonormal columns (drawn from the default generator)."""
+    """`layer` [→ `norm`] followed by [encoder C → width] → gates h_σ(m) → activation → [decoder width → C];
+    with `width=None` the continuous-gate baseline (no encoder, no decoder, one gate per channel of
+    `layer`). `norm`: the BatchNorm over the layer's C channels that followed it, or None. E and D start
+    as identities when width = C, otherwise as E = Qᵀ, D = Q with Q (C, width) having orthonormal
+    columns (drawn from the default generator)."""
 
     def __init__(
         self,
@@ -104,10 +112,16 @@ class PruningBlock(nn.Module):
         activation: nn.Module | None = None,
         gate: str = "hard_sigmoid",
         sigma: float = 1.0,
+        norm: nn.Module | None = None,
     ):
         super().__init__()
         if not isinstance(layer, LAYERS) or (isinstance(layer, nn.Conv2d) and layer.groups != 1):
             raise ValueError(f"layer must be an nn.Linear or an nn.Conv2d with groups=1, got {layer!r}")
+        if norm is not None and not _norm_of(layer, norm):
+            raise ValueError(
+                f"norm must be an nn.{NORMS[type(layer)].__name__} over the layer's {_channels(layer)} "
+                f"channels with running statistics, got {norm!r}"
+            )
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
@@ -115,7 +129,8 @@ class PruningBlock(nn.Module):
         channels = _channels(layer)
         if width is not None and (isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= channels):
             raise ValueError(f"width must be an int in [1, {channels}] (the layer's channels), got {width!r}")
-        self.layer = layer
+        self.layer, self.norm = layer, norm
+        self.slots: tuple[str, ...] = ()  # keys of the Sequential slots `insert` emptied (norm, activation)
         self.activation = activation if activation is not None else nn.Identity()
         self.gate, self.sigma = gate, float(sigma)
         kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
@@ -137,11 +152,18 @@ class PruningBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.layer(x)
+        if self.norm is not None:
+            z = self.norm(z)
         if self.encoder is not None:
             z = self.encoder(z)
         g = self.gates()
         z = self.activation(z * (g.view(-1, 1, 1) if isinstance(self.layer, nn.Conv2d) else g))
         return self.decoder(z) if self.decoder is not None else z
+
+
+def _norm_of(layer: nn.Module, module: nn.Module) -> bool:
+    """Whether `module` is a BatchNorm of `layer`'s kind over its channels, with running statistics."""
+    return type(module) is NORMS[type(layer)] and module.num_features == _channels(layer) and module.track_running_stats
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -162,11 +184,11 @@ def blocks(model: nn.Module) -> dict[str, PruningBlock]:
 
 class Inserted:
     """What `insert` did: `.blocks` ({layer name: PruningBlock}); `.remove()` (or leaving a `with`
-    block) puts the original layers and activations back, with their trained weights, and drops E, D
-    and the gates."""
+    block) puts the original layers, BatchNorms and activations back, with their trained weights, and
+    drops E, D and the gates."""
 
-    def __init__(self, model: nn.Module, blocks: dict[str, PruningBlock], absorbed: dict[str, str]):
-        self.model, self.blocks, self._absorbed, self.removed = model, blocks, absorbed, False
+    def __init__(self, model: nn.Module, blocks: dict[str, PruningBlock]):
+        self.model, self.blocks, self.removed = model, blocks, False
 
     def remove(self) -> None:
         if self.removed:
@@ -176,8 +198,8 @@ class Inserted:
             if getattr(parent, key) is not block:
                 raise RuntimeError(f"the module at {name!r} is no longer the Pruning Block inserted there")
             setattr(parent, key, block.layer)
-            if name in self._absorbed:
-                setattr(parent, self._absorbed[name], block.activation)
+            for slot, module in zip(block.slots, _taken(block)):
+                setattr(parent, slot, module)
         self.removed = True
 
     def __enter__(self) -> Inserted:
@@ -221,23 +243,34 @@ def insert(
             raise ValueError(f"{name!r} already has a Pruning Block")
         if not isinstance(modules[name], LAYERS):
             raise ValueError(f"{name!r} is a {type(modules[name]).__name__}; blocks go after Conv2d/Linear layers")
-    made, absorbed = {}, {}
+    made = {}
     for name in names:  # every block built (and its arguments checked) before the model is touched
         layer = modules[name]
         channels = _channels(layer)
         c = width if width is not None else (max(1, round(ratio * channels)) if ratio is not None else channels)
         parent, key = _parent(model, name)
+        slots, norm, act = [], None, None
         after = _next_key(parent, key) if isinstance(parent, nn.Sequential) else None
-        act = getattr(parent, after) if after is not None else None
-        if isinstance(act, ACTIVATIONS):
-            absorbed[name] = after
-        made[name] = PruningBlock(layer, c if encoder else None, act if name in absorbed else None, gate, sigma)
+        if after is not None and _norm_of(layer, getattr(parent, after)):
+            norm = getattr(parent, after)
+            slots.append(after)
+            after = _next_key(parent, after)
+        if after is not None and isinstance(getattr(parent, after), ACTIVATIONS):
+            act = getattr(parent, after)
+            slots.append(after)
+        made[name] = PruningBlock(layer, c if encoder else None, act, gate, sigma, norm)
+        made[name].slots = tuple(slots)
     for name, block in made.items():
         parent, key = _parent(model, name)
         setattr(parent, key, block)
-        if name in absorbed:
-            setattr(parent, absorbed[name], nn.Identity())
-    return Inserted(model, made, absorbed)
+        for slot in block.slots:
+            setattr(parent, slot, nn.Identity())
+    return Inserted(model, made)
+
+
+def _taken(block: PruningBlock) -> list[nn.Module]:
+    """The modules `insert` took out of the slots `block.slots`, in order: the norm, the activation."""
+    return [m for m in (block.norm, block.activation) if m is not None and not isinstance(m, nn.Identity)]
 
 
 def _blocks_or_raise(model: nn.Module) -> dict[str, PruningBlock]:
@@ -406,13 +439,13 @@ def fold(model: nn.Module, threshold: float = 0.5) -> tuple[nn.Module, dict[str,
         channels, dtype = _channels(layer), layer.weight.dtype
         w = layer.weight.detach().double()
         b = layer.bias.detach().double() if layer.bias is not None else None
+        if block.norm is not None:
+            w, b = _with_norm(w, b, block.norm)
         eye = torch.eye(channels, dtype=torch.float64, device=w.device)
         rows = g[kept, None] * (_matrix(block.encoder)[kept] if block.encoder is not None else eye[kept])
         first_w = (rows @ w.flatten(1)).reshape(k, *w.shape[1:])
         first_b = rows @ b if b is not None else None
         nxt_key = _next_layer(parent, key, layer, channels)
-        act_key = _next_key(parent, key) if isinstance(parent, nn.Sequential) else None
-        absorbed = act_key is not None and isinstance(getattr(parent, act_key), nn.Identity)
         if block.decoder is not None:
             tail = _matrix(block.decoder)[:, kept]  # (C, k): what follows the activation
         else:
@@ -441,15 +474,26 @@ def fold(model: nn.Module, threshold: float = 0.5) -> tuple[nn.Module, dict[str,
                 full_b[kept] = first_b
             first = _resized(layer, full_w.to(dtype), None if full_b is None else full_b.to(dtype))
             after = block.activation
-        if absorbed:
+        if block.slots:
             setattr(parent, key, first)
-            setattr(parent, act_key, after)
+            setattr(parent, block.slots[-1], after)
         elif isinstance(after, nn.Identity):
             setattr(parent, key, first)
         else:
             setattr(parent, key, nn.Sequential(first, after))
         report[name] = {"kept": kept.cpu(), "channels": k, "next": _join(name, nxt_key)}
     return plain, report
+
+
+def _with_norm(w: Tensor, b: Tensor | None, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of the layer followed by `norm` in eval mode: the running statistics and the affine
+    map multiplied into the rows, BN(z) = (z − μ)·γ/√(σ² + ε) + β."""
+    scale = 1 / torch.sqrt(norm.running_var.double() + norm.eps)
+    shift = -norm.running_mean.double() * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+    w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+    return w, (shift if b is None else b * scale + shift)
 
 
 def _join(name: str, key: str | None) -> str | None:
