@@ -20,6 +20,30 @@ the auxiliary variables M are updated alternately, each with its own optimizer:
     W ← step of ∇_W L(W, M)                   M ← step of ∇_M [L(W, M) + λ R(M)]
     R(M) = Σ_l Σ_c h_σ(m_c^l) / C^l            (C^l: the number of gates of block l)
 
+What R(M) can decide: the gate multiplies the pre-activation, so the loss is unchanged under
+h_c → t·h_c with row c of E divided by t (in the baseline: row c of L with its bias, or the
+BatchNorm's γ_c and β_c), for every t > 0 and any activation; for positively homogeneous ones (ReLU,
+LeakyReLU) also with column c of what follows (D, or the next layer) divided by t. min_W L(W, M)
+therefore does not depend on the value of a live gate: λR lowers every live gate while the weight
+steps make up for it, so live gates drift down for as long as λ > 0, and which gates reach 0 is
+decided by the race between the two steps, not by the objective. A channel that is identically zero
+on the data has no loss gradient and goes first. Of two identical channels, L + λR takes the same
+value whichever twin carries the pair's contribution (R is linear in the gates, the weights are
+free), so only the race picks one: the twin with the higher gate gets the larger gradient on its
+outgoing weights (∝ h_c for ReLU), takes over the pair's contribution, and the other gate falls to 0.
+That needs λ/C above the gradient that the fitting error puts on a gate (else both twins stay at 1),
+and it leaves the kept gates drifting, the faster the quicker the weight step makes up for them. On
+the duplicate toy of the tests (baseline, ten seeds, Adam(lr=2e-2) on M): λ = 0.01, 120 steps (the
+settings that find dead channels): no seed; λ = 3, 800 steps, one twin of each pair exactly 0 and the
+other on in 9 of 10 with SGD(lr=0.05), SGD(lr=0.1) or Adam(lr=1e-2) on W, the kept gates then near
+0.3, 0.22 and 0.15 and still falling. So with the hard sigmoid take "off" as "exactly 0" (a threshold
+just above 0), end the gate phase when "on" in the history has settled, and fine-tune the folded
+network. With the encoder no setting we tried gave 4 channels on and a matching fold: E, a full
+C'×C matrix, makes up for every gate at once. Weight decay ω in the W step would make the objective
+decide (a contribution p then costs at least 2√(λωp/C), at h = √(ωpC/λ), concave in p, so one twin
+is cheaper than two), but only while that h is below 1, and in our runs it did not make the toy
+reliable.
+
 Folding: a gate below `threshold` switches its channel off. The gates that stay are multiplied into
 the rows of E (before the activation, so exact for any activation), E into L (no nonlinearity
 between them), and D into the next layer when it is a Conv2d/Linear of the same kind directly after
