@@ -423,6 +423,10 @@ def test_bad_arguments():
         pb.insert(model, "0", gate="step")
     with pytest.raises(ValueError, match="sigma must be a positive number, got 0"):
         pb.insert(model, "0", sigma=0)
+    with pytest.raises(ValueError, match="norm must be an nn.BatchNorm1d over the layer's 4 channels"):
+        pb.PruningBlock(nn.Linear(3, 4), None, norm=nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="with running statistics"):
+        pb.PruningBlock(nn.Linear(3, 4), None, norm=nn.BatchNorm1d(4, track_running_stats=False))
     with pytest.raises(ValueError, match="groups=1"):
         pb.insert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "0")
     with pytest.raises(ValueError, match="model has no Pruning Block"):
