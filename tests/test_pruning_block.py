@@ -1,7 +1,8 @@
 """The Pruning Block (Ide's thesis, ch. 4.4) and its continuous-gate baseline: the gate function and
 R(M) written out, one alternate step against hand-computed SGD updates, folding equal to the gated
-network (float64) for Conv2d and Linear chains, gates that find the dead channels of a teacher, the
-handle that removes the blocks, bad arguments."""
+network (float64) for Conv2d and Linear chains and with a BatchNorm taken in, gates that find the dead
+channels of a teacher and one of each pair of duplicate channels, the handle that removes the blocks,
+bad arguments."""
 
 import copy
 
