@@ -171,7 +171,17 @@ def _resolve_device(device: str | torch.device | None, blocks: nn.ModuleList) ->
 
 
 def _check_options(
-    method: str, sparsity, granularity, owl, propagate, num_samples, seq_len, batch_size, blocksize, percdamp
+    method: str,
+    sparsity,
+    granularity,
+    owl,
+    propagate,
+    num_samples,
+    seq_len,
+    batch_size,
+    blocksize,
+    percdamp,
+    nested=False,
 ) -> tuple[Method, Pattern, str | None]:
     chosen = get_method(method)
     pattern = parse_sparsity(sparsity)
@@ -188,6 +198,14 @@ def _check_options(
             )
         if owl is not None:
             raise ValueError("granularity='global' sets the block sparsities itself; it does not combine with OWL")
+    if not isinstance(nested, bool):
+        raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
+    if nested and pattern.is_nm:
+        raise ValueError(
+            f"nested=True grows an unstructured sparsity; the {pattern} pattern is one fixed count per group"
+        )
+    if nested and owl is not None:
+        raise ValueError("nested=True keeps the earlier run's groups; OWL sets new block sparsities: not together")
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
@@ -307,6 +325,7 @@ class _Plan:
     blocksize: int
     percdamp: float
     comm: Communicator | None = None
+    nested: bool = False
 
 
 def _scored(plan: _Plan, linears: dict[str, nn.Linear], stats: dict) -> list[str]:
@@ -321,17 +340,29 @@ def _weight_score(plan: _Plan, name: str, linear: nn.Linear, stats: dict) -> Ten
     return wanda_score(linear.weight, stats[name].norms())
 
 
+def _pruned_first(plan: _Plan, linear: nn.Linear, score: Tensor) -> Tensor:
+    """With nested=True, the score with every weight already exactly zero at −inf (pruned first, so
+    that a weight pruned by an earlier run stays pruned); else the score as it is."""
+    if plan.nested:
+        score.masked_fill_(linear.weight.detach() == 0, -torch.inf)
+    return score
+
+
 def _scores(block, linears, plan: _Plan, fraction, inputs, stats, targets) -> dict[str, Tensor]:
     """{Linear name: float32 score} of a score method (magnitude, wanda, block-local criteria)."""
     method = plan.method
     if not method.local:
-        return {n: _weight_score(plan, n, linears[n], stats) for n in _scored(plan, linears, stats)}
+        return {
+            n: _pruned_first(plan, linears[n], _weight_score(plan, n, linears[n], stats))
+            for n in _scored(plan, linears, stats)
+        }
     candidate_granularity = "layer" if plan.granularity in (None, "global") else plan.granularity
 
     def candidate(name: str, weight: Tensor) -> Tensor:
         return keep_mask(name, magnitude_score(weight), plan.pattern, fraction, candidate_granularity)
 
-    return local.block_scores(method.name, block, inputs, linears, targets, candidate, comm=plan.comm)
+    scores = local.block_scores(method.name, block, inputs, linears, targets, candidate, comm=plan.comm)
+    return {n: _pruned_first(plan, linears[n], s) for n, s in scores.items()}
 
 
 def _prune_linears(block, linears, plan: _Plan, fraction, inputs, stats, targets) -> None:
@@ -349,7 +380,9 @@ def _prune_linears(block, linears, plan: _Plan, fraction, inputs, stats, targets
             factor = sparsegpt.inverse_factor(shared.hessian(), plan.percdamp)
             shared.xtx = None
             for n in names:
-                sparsegpt.prune_(linears[n].weight, factor, pattern, fraction, gran, plan.blocksize)
+                weight = linears[n].weight
+                pruned = (weight == 0) if plan.nested else None
+                sparsegpt.prune_(weight, factor, pattern, fraction, gran, plan.blocksize, pruned=pruned)
             del factor
         if comm is not None:
             for g, names in enumerate(groups.values()):
@@ -361,7 +394,7 @@ def _prune_linears(block, linears, plan: _Plan, fraction, inputs, stats, targets
             _apply(lin, keep_mask(n, scores[n], pattern, fraction, gran))
         return
     for n in _scored(plan, linears, stats):  # one Linear's float32 scores at a time
-        score = _weight_score(plan, n, linears[n], stats)
+        score = _pruned_first(plan, linears[n], _weight_score(plan, n, linears[n], stats))
         _apply(linears[n], keep_mask(n, score, pattern, fraction, gran))
         del score
 
@@ -519,7 +552,7 @@ def _prune_global(model, prefix, blocks, store, plan: _Plan, windows, compute, r
 
 
 def _options(
-    chosen, pattern, granularity, owl, num_samples, seq_len, batch_size, propagate, blocksize, percdamp, windows
+    chosen, pattern, granularity, owl, num_samples, seq_len, batch_size, propagate, blocksize, percdamp, windows, nested
 ) -> dict:
     """What a resumed run must share with the run it continues."""
     return {
@@ -533,6 +566,7 @@ def _options(
         "propagate": propagate,
         "blocksize": blocksize,
         "percdamp": float(percdamp),
+        "nested": nested,
         "calibration": None if windows is None else hashlib.sha1(windows.cpu().numpy().tobytes()).hexdigest(),
     }
 
@@ -557,6 +591,7 @@ def prune(
     out: str | os.PathLike | None = None,
     resume: bool = False,
     group: object = None,
+    nested: bool = False,
 ) -> PruneResult:
     """Prunes the Linear layers of every decoder block of a Hugging Face causal LM in place, one block
     at a time (module docstring), and returns what was done.
@@ -585,6 +620,11 @@ def prune(
         calibrates on its share of the sequences, statistics are summed over the ranks, SparseGPT's
         solves are spread over them); every rank calls prune with the same arguments and ends with
         the same pruned model; with offload="disk", rank 0 writes the output.
+    nested: the weights already exactly zero are pruned first (their scores −inf; SparseGPT: its mask
+        of each Linear chosen once, before its sweep, instead of per block of columns, so that the OBS
+        updates cannot revive them): a model pruned by an earlier run at a lower sparsity with the same
+        groups keeps every weight it pruned, and every group still ends with exactly round(s × N)
+        (iterative pruning over rounds; unstructured fractions only, not with OWL).
 
     Every argument is checked before the model is touched: a model without decoder blocks, a
     calibration set shorter than asked, a sparsity out of range or an unknown method raise ValueError
@@ -593,7 +633,8 @@ def prune(
     comm = None if group is None else Communicator(group)
     with session(comm):  # distributed: an error on any rank makes every rank raise
         result = _prune(model, calibration, comm, method, sparsity, granularity, owl, num_samples, seq_len,
-                        batch_size, propagate, device, blocksize, percdamp, progress, offload, out, resume)  # fmt: skip
+                        batch_size, propagate, device, blocksize, percdamp, progress, offload, out, resume,
+                        nested)  # fmt: skip
     result.seconds = time.perf_counter() - start
     return result
 
@@ -607,9 +648,9 @@ def _share(windows: Tensor, comm: Communicator) -> Tensor:
 
 
 def _prune(model, calibration, comm, method, sparsity, granularity, owl, num_samples, seq_len, batch_size,
-           propagate, device, blocksize, percdamp, progress, offload, out, resume) -> PruneResult:  # fmt: skip
+           propagate, device, blocksize, percdamp, progress, offload, out, resume, nested) -> PruneResult:  # fmt: skip
     chosen, pattern, granularity = _check_options(
-        method, sparsity, granularity, owl, propagate, num_samples, seq_len, batch_size, blocksize, percdamp
+        method, sparsity, granularity, owl, propagate, num_samples, seq_len, batch_size, blocksize, percdamp, nested
     )
     model, store = _store(model, offload, out, resume)
     prefix, blocks = find_blocks(model)
@@ -623,7 +664,7 @@ def _prune(model, calibration, comm, method, sparsity, granularity, owl, num_sam
             raise ValueError(f"method {chosen.name!r}{' with OWL' if owl else ''} needs calibration token ids")
         windows = calibration_windows(calibration, num_samples, seq_len)
     options = _options(chosen, pattern, granularity, owl, num_samples, seq_len, batch_size, propagate,
-                       blocksize, percdamp, windows)  # fmt: skip
+                       blocksize, percdamp, windows, nested)  # fmt: skip
     if comm is not None:
         ours = {**options, "offload": offload, "out": None if out is None else str(Path(out).resolve())}
         theirs = comm.all_gather_object(ours)
@@ -633,7 +674,7 @@ def _prune(model, calibration, comm, method, sparsity, granularity, owl, num_sam
         if windows is not None:
             windows = _share(windows, comm)
     compute = _resolve_device(device, blocks)
-    plan = _Plan(chosen, pattern, granularity, propagate, batch_size, blocksize, float(percdamp), comm)
+    plan = _Plan(chosen, pattern, granularity, propagate, batch_size, blocksize, float(percdamp), comm, nested)
     result = PruneResult(
         chosen.name, str(pattern), granularity, num_samples if needs_data else 0, seq_len if needs_data else 0,
         propagate, str(compute),

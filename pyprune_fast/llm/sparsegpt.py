@@ -91,10 +91,14 @@ def prune_(
     fraction: float | None = None,
     granularity: str = "layer",
     blocksize: int = 128,
+    pruned: Tensor | None = None,
 ) -> Tensor:
     """Prunes `weight` [rows, d] in place with SparseGPT's OBS updates (computed in float32, or float64
     for a float64 weight) and returns its keep-mask. `fraction` overrides the pattern's (OWL's
-    per-layer sparsity)."""
+    per-layer sparsity). `pruned` (bool [rows, d], unstructured only): entries that must stay pruned
+    (an earlier round's); the mask of the whole row or layer is then chosen once, before the sweep,
+    from the saliency w²/U_ii² with these entries first, so that the count of every group is exact
+    and no OBS update revives them (per-block counts could fall below what a block already holds)."""
     if weight.dim() != 2 or factor.upper.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight {tuple(weight.shape)} does not match the Hessian {tuple(factor.upper.shape)}")
     if not isinstance(blocksize, int) or blocksize < 1 or (pattern.is_nm and blocksize % pattern.m):
@@ -108,6 +112,13 @@ def prune_(
     wt[factor.dead] = 0
     u = factor.upper.to(device=wt.device, dtype=wt.dtype)
     keep = torch.ones_like(wt, dtype=torch.bool)
+    fixed = pruned is not None
+    if fixed:
+        if pattern.is_nm or tuple(pruned.shape) != tuple(weight.shape):
+            raise ValueError(f"pruned must be a bool mask of the weight's shape {tuple(weight.shape)} (unstructured)")
+        saliency = (wt / u.diagonal().unsqueeze(1)).pow(2).T.masked_fill(pruned.to(wt.device), -torch.inf)
+        keep.copy_(_block_keep(saliency, pattern, fraction, granularity, 0, d).T)
+        del saliency
     sub = pattern.m * max(1, SUBBLOCK // pattern.m) if pattern.is_nm else SUBBLOCK
     for c0 in range(0, d, blocksize):
         c1 = min(c0 + blocksize, d)
@@ -116,7 +127,8 @@ def prune_(
         err = torch.empty_like(w1)
         gain = torch.empty_like(w1)  # (1 − keep) / U_ii: e = w ⊙ gain is (w − q) / U_ii with q = w ⊙ keep
         if not pattern.is_nm:
-            keep1.copy_(_block_keep((w1 / scale).pow(2).T, pattern, fraction, granularity, c0, c1).T)
+            if not fixed:
+                keep1.copy_(_block_keep((w1 / scale).pow(2).T, pattern, fraction, granularity, c0, c1).T)
             torch.div((~keep1).to(w1.dtype), scale, out=gain)
         for s0 in range(0, c1 - c0, sub):  # the same lazy batching again, inside the block
             s1 = min(s0 + sub, c1 - c0)
