@@ -442,6 +442,33 @@ def _run_and_report(args, out: OutDir, execute) -> int:
 LLM_GRANULARITIES = {None: None, "per-row": "row", "layerwise": "layer", "global": "global", "2:4": None}
 
 
+def _check_llm_schedule(args, iterative: bool) -> None:
+    """The refusals of --finetune and --schedule iterative on a causal LM, before anything loads."""
+    from .runner import TWO_FOUR
+
+    if args.finetune < 0:
+        raise UsageError(f"--finetune must be >= 0, got {args.finetune}")
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.finetune and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.offload and args.finetune:
+        raise UsageError(
+            "--finetune trains the whole model, which must then be in memory; --offload disk holds one decoder "
+            "block at a time: leave out one of them"
+        )
+    if args.offload and iterative:
+        raise UsageError(
+            "--schedule iterative prunes the model in memory round after round; --offload disk streams one pass "
+            "from checkpoint to checkpoint: leave out one of them"
+        )
+    if iterative and args.granularity == TWO_FOUR:
+        raise UsageError(
+            "--schedule iterative grows an unstructured sparsity over rounds; --granularity 2:4 is one fixed "
+            "pattern (2 of every 4 weights kept), reached in one shot: use --schedule one-shot for it"
+        )
+
+
 def _prune_llm(args) -> int:
     """`prune` on a causal LM: llm_runner.prune over methods × targets, perplexity, the same reports."""
     from .. import llm
@@ -455,16 +482,16 @@ def _prune_llm(args) -> int:
         )
     if args.remove_channels:
         raise UsageError("--remove-channels does not apply to LLMs")
-    if args.finetune or args.schedule != "one-shot":
-        raise UsageError("--finetune and --schedule iterative are not available for causal LMs yet")
+    iterative = args.schedule == "iterative"
+    _check_llm_schedule(args, iterative)
     if args.granularity == runner.TWO_FOUR:
         if args.sparsity is not None:
             raise UsageError("--sparsity does not apply to --granularity 2:4 (2 of every 4 weights are kept: 0.5)")
         targets = [runner.TWO_FOUR]
     elif args.sparsity is not None:
         targets = runner.check_sparsities(args.sparsity)
-    else:
-        targets = list(llm_runner.DEFAULT_TARGETS) if args.granularity is None else [0.5]
+    else:  # the default targets: 50 % and 2:4 (50 % alone with a granularity or the iterative schedule)
+        targets = list(llm_runner.DEFAULT_TARGETS) if args.granularity is None and not iterative else [0.5]
     defaults = llm_runner.DEFAULT_METHODS
     if args.granularity == "global":  # SparseGPT chooses its masks inside its solve: no score to threshold
         defaults = [m for m in defaults if not llm.METHODS[m].hessian]
@@ -499,6 +526,8 @@ def _prune_llm(args) -> int:
     def execute(staged, bundle):
         if args.offload:
             return llm_runner.prune_offloaded(bundle, methods, targets, _save_root(args), resume=args.resume, **options)
+        options.update(finetune=args.finetune, finetune_lr=args.finetune_lr, batch_size=args.batch_size)
+        options.update(schedule=args.schedule, rounds=args.rounds)
 
         def on_model(result, keep, model, tag) -> None:
             result.files["masks"] = f"masks-{tag}.safetensors"
@@ -693,7 +722,8 @@ def _add_data_options(p: argparse.ArgumentParser, evaluation: bool) -> None:
         "--batch-size",
         type=int,
         default=DEFAULT_BATCH_SIZE,
-        help=f"images or sequences per batch read from --data / --eval-data (default {DEFAULT_BATCH_SIZE})",
+        help=f"images or sequences per batch read from --data / --eval-data, and the sequences per --finetune step of "
+        f"a causal LM (default {DEFAULT_BATCH_SIZE})",
     )
     group.add_argument(
         "--seq-len",
@@ -744,7 +774,9 @@ def _add_pruning_options(p: argparse.ArgumentParser, choices: list[str]) -> None
         default=0,
         metavar="STEPS",
         help="fine-tune each pruned model STEPS AdamW steps with its masks kept (the default model: InfoNCE on the "
-        "calibration passages) and evaluate it before and after (default 0: no fine-tuning)",
+        "calibration passages; causal LMs: next-token cross-entropy on the calibration sequences the pruning used, "
+        "--batch-size a step, after the last round of --schedule iterative; the whole model in memory, not with "
+        "--offload disk) and evaluate it before and after (default 0: no fine-tuning)",
     )
     group.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
     group.add_argument(
@@ -752,7 +784,8 @@ def _add_pruning_options(p: argparse.ArgumentParser, choices: list[str]) -> None
         choices=["one-shot", "iterative"],
         default="one-shot",
         help="one-shot: masks from one scoring; iterative: --rounds rounds, each re-scoring the model as pruned so "
-        "far and pruning more (exponential schedule, exact final sparsity)",
+        "far and pruning more (exponential schedule, exact final sparsity; causal LMs: each round a run of the "
+        "block pipeline, the weights pruned before kept pruned; not for 2:4 nor with --offload disk)",
     )
     group.add_argument("--rounds", type=int, default=5, help="rounds of --schedule iterative (default 5)")
 

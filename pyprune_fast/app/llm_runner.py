@@ -1,6 +1,8 @@
 """The main job on causal LLMs (`pyprune-fast prune --model smollm2` or `hf:PATH` of a causal LM): each
-method at each target pruned block by block (pyprune_fast.llm.prune) from the same dense weights,
-judged by perplexity on held-out text, reported like the other models (report.json, report.md, plots).
+method at each target pruned block by block (pyprune_fast.llm.prune) from the same dense weights, in
+one shot or over rounds of growing sparsity (schedule="iterative"), optionally fine-tuned with the
+masks kept, judged by perplexity on held-out text, reported like the other models (report.json,
+report.md, plots).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import llm
-from .runner import TWO_FOUR, Result, Run
+from ..llm.blocks import accepts, input_device
+from ..schedule import finetune as finetune_
+from ..schedule import round_sparsity
+from .runner import FINETUNE_LR, SCHEDULES, TWO_FOUR, Result, Run
 
 DEFAULT_METHODS = ["magnitude", "wanda", "sparsegpt"]
 DEFAULT_TARGETS: list[float | str] = [0.5, TWO_FOUR]
@@ -111,6 +116,66 @@ def _check(bundle: LLMBundle, methods, targets, samples, seq_len, eval_tokens) -
     check_tokens(bundle, samples, seq_len)
 
 
+def _check_schedule(targets, schedule: str, rounds: int, finetune: int, batch_size: int) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"--rounds must be a positive int, got {rounds!r}")
+    if schedule == "iterative" and any(isinstance(t, str) for t in targets):
+        raise ValueError(
+            "--schedule iterative grows an unstructured sparsity over rounds; 2:4 is one fixed pattern (2 of every "
+            "4 weights kept), reached in one shot: give fractions (--sparsity) or --schedule one-shot"
+        )
+    if isinstance(finetune, bool) or not isinstance(finetune, int) or finetune < 0:
+        raise ValueError(f"--finetune must be a non-negative int, got {finetune!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive int, got {batch_size!r}")
+
+
+def next_token_loss(logits: Tensor, token_ids: Tensor) -> Tensor:
+    """The causal LM's loss: mean cross-entropy of the logits at positions 0..T−2 against the tokens
+    1..T−1 (in float32)."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), token_ids[:, 1:].reshape(-1).to(logits.device)
+    )
+
+
+def _logits(model: nn.Module, token_ids: Tensor) -> Tensor:
+    extra = {"use_cache": False} if accepts(model, "use_cache") else {}
+    return model(input_ids=token_ids.to(input_device(model)), **extra).logits
+
+
+def finetune_batches(bundle: LLMBundle, samples: int, seq_len: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """The fine-tuning batches: the calibration sequences the pruning used (samples × seq_len tokens),
+    `batch_size` sequences a batch, each batch its own next-token targets."""
+    windows = llm.calibration_windows(bundle.calibration, samples, seq_len)
+    return [(ids, ids) for ids in windows.split(batch_size)]
+
+
+def _finetune_note(samples: int, seq_len: int, batch_size: int, bundle: LLMBundle) -> str:
+    per_step = min(batch_size, samples)
+    return (
+        f"the {samples} calibration sequences × {seq_len} tokens the pruning used ({bundle.sources['calibration']}), "
+        f"{per_step} a step, cycled, next-token cross-entropy"
+    )
+
+
+def _prune_rounds(model, bundle: LLMBundle, method: str, target, rounds: int, options: dict):
+    """The method at `target` reached over `rounds` rounds of llm.prune at the exponential schedule's
+    sparsities (schedule.round_sparsity), each from the model as pruned so far, the weights already
+    zero pruned first (nested=True): (the last round's PruneResult, its seconds summed over the
+    rounds, each round's {round, target, achieved})."""
+    fraction = llm.parse_sparsity(target).fraction
+    trace, seconds, pruned = [], 0.0, None
+    for r in range(1, rounds + 1):
+        goal = round_sparsity(fraction, rounds, r)
+        pruned = llm.prune(model, bundle.calibration, method=method, **{**options, "sparsity": goal}, nested=r > 1)
+        seconds += pruned.seconds
+        trace.append({"round": r, "target": goal, "achieved": pruned.overall_sparsity})
+    pruned.seconds = seconds
+    return pruned, trace
+
+
 def _prune_options(target, granularity, samples, seq_len, device, progress, group) -> dict:
     """The llm.prune options of one target, the same in memory and streamed from disk (N:M patterns
     take no granularity)."""
@@ -132,7 +197,8 @@ def _note_peak(run: Run, pruned: llm.PruneResult) -> None:
         run.info["peak memory (formula)"] = f"{pruned.memory} ({pruned.method} {pruned.sparsity})"
 
 
-def _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, device, shapes, dense, seconds):
+def _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, device, shapes, dense, seconds,
+             schedule="one-shot"):  # fmt: skip
     run = Run(
         model=bundle.name,
         info=dict(bundle.info),
@@ -145,6 +211,7 @@ def _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_se
         dense=dense,
         seconds={"dense_evaluation": seconds},
         lower_better=("perplexity",),
+        schedule=schedule,
     )
     run.info["calibration"] = f"{samples} sequences × {seq_len} tokens of {bundle.sources['calibration']}"
     run.info["evaluation"] = (
@@ -169,15 +236,30 @@ def prune(
     quiet: bool = True,
     group: object = None,
     evaluate: bool = True,
+    finetune: int = 0,
+    finetune_lr: float = FINETUNE_LR,
+    batch_size: int = 16,
+    schedule: str = "one-shot",
+    rounds: int = 1,
 ) -> Run | None:
     """Prunes the bundle's model with every method at every target, each from the dense weights, and
     measures perplexity on the first `eval_tokens` held-out tokens (windows of `eval_seq_len`). Calls
     `on_model(result, masks, model, tag)` while each pruned model is loaded (to save it; tag: see
     `tag`). The model is given back dense. Methods, targets and sizes are checked before anything
     runs; llm.prune checks the rest before it touches the model. With `group` (torchrun), every rank
-    prunes together (llm.prune's group=); only the rank with `evaluate` measures, reports (returns the
-    Run) and calls on_model, the others return None."""
+    prunes together (llm.prune's group=); only the rank with `evaluate` measures, fine-tunes, reports
+    (returns the Run) and calls on_model, the others return None.
+
+    schedule="iterative": each target (a fraction; not 2:4) is reached over `rounds` rounds of the
+    block pipeline at the exponential schedule's sparsities (`_prune_rounds`), each round from the
+    model as pruned so far, the weights pruned before pruned first (llm.prune's nested=): the masks
+    are nested and the last round prunes exactly the target in every group (Result.rounds).
+    finetune: after the pruned model is evaluated, that many AdamW steps (at `finetune_lr`, after the
+    last round) of next-token cross-entropy on the calibration sequences the pruning used,
+    `batch_size` sequences a step, cycled (schedule.finetune), the masks kept (masks.keep: the pruned
+    weights stay exactly zero); evaluated again (Result.finetuned) and handed to on_model fine-tuned."""
     _check(bundle, methods, targets, samples, seq_len, eval_tokens)
+    _check_schedule(targets, schedule, rounds, finetune, batch_size)
     model = bundle.model
     prefix, blocks = llm.find_blocks(model)
     linears = {
@@ -192,14 +274,23 @@ def prune(
         dense = {"perplexity": llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)}
         shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
         where = str(device or next(model.parameters()).device)
+        iterative = f"iterative, {rounds} rounds (exponential)"
         run = _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, where, shapes, dense,
-                       time.perf_counter() - start)  # fmt: skip
+                       time.perf_counter() - start, schedule if schedule == "one-shot" else iterative)  # fmt: skip
+        if finetune:
+            note = _finetune_note(samples, seq_len, batch_size, bundle)
+            run.finetune = {"steps": finetune, "lr": finetune_lr, "data": note}
+    batches = finetune_batches(bundle, samples, seq_len, batch_size) if finetune and run is not None else None
     try:
         for method in methods:
             for target in targets:
                 name = label(method, target)
                 options = _prune_options(target, granularity, samples, seq_len, device, quiet_bar, group)
-                pruned = llm.prune(model, bundle.calibration, method=method, **options)
+                trace = None
+                if schedule == "iterative":
+                    pruned, trace = _prune_rounds(model, bundle, method, target, rounds, options)
+                else:
+                    pruned = llm.prune(model, bundle.calibration, method=method, **options)
                 if run is not None:
                     run.score_seconds[name] = pruned.seconds
                     _note_peak(run, pruned)
@@ -211,7 +302,12 @@ def prune(
                         achieved=pruned.overall_sparsity,
                         metrics={"perplexity": ppl},
                         layers={n: 1.0 - keep[n].float().mean().item() for n in linears},
+                        rounds=trace,
                     )
+                    if finetune:
+                        result.finetune_losses = _finetune(model, batches, keep, finetune, finetune_lr)
+                        after = llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)
+                        result.finetuned = {"perplexity": after}
                     if on_model is not None:
                         on_model(result, keep, model, tag(method, target))
                     run.results.append(result)
@@ -221,6 +317,14 @@ def prune(
     if run is not None:
         run.seconds["prune"] = time.perf_counter() - start
     return run
+
+
+def _finetune(model: nn.Module, batches, keep: dict[str, Tensor], steps: int, lr: float) -> list[float]:
+    """schedule.finetune of every parameter of the model on the batches with the masks `keep` of the
+    pruned Linear weights (keyed by parameter name) kept; returns each step's loss."""
+    losses = finetune_(model, batches, steps, masks=keep, loss_fn=next_token_loss, forward=_logits, lr=lr)
+    model.zero_grad(set_to_none=True)
+    return losses
 
 
 def prune_offloaded(

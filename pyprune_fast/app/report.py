@@ -162,8 +162,21 @@ def _ranking_table(run, ranking: list[tuple[str, float]], finetuned: bool) -> li
     return lines
 
 
+def _rounds_table(run: Run) -> list[str]:
+    """The markdown section of --schedule iterative: each result's rounds, target and achieved sparsity."""
+    traced = [r for r in run.results if r.rounds]
+    if not traced:
+        return []
+    lines = ["", "## Rounds", "", f"Schedule {run.schedule}: the sparsity each round asked and reached.", ""]
+    lines += ["| sparsity | criterion | round | target | achieved |", "|---" * 5 + "|"]
+    for r in traced:
+        head = f"| {_label(run, r.sparsity)} | {r.criterion} |"
+        lines += [f"{head} {t['round']} | {t['target']:.4f} | {t['achieved']:.4f} |" for t in r.rounds]
+    return lines
+
+
 def markdown(run: Run, files: list[str], plots: list[str]) -> str:
-    """report.md: setup, ranking, the results table, the plots, the files."""
+    """report.md: setup, ranking, the results table, the rounds (iterative), the plots, the files."""
     metrics = list(run.dense)
     out = [f"# pyprune-fast prune: {run.model}", ""]
     out += [f"- {line}" for line in _setup_lines(run)]
@@ -201,6 +214,7 @@ def markdown(run: Run, files: list[str], plots: list[str]) -> str:
         )
     if metrics:
         out += ["", "Percentages: the metric's retention, its value over the dense model's."]
+    out += _rounds_table(run)
     out += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     if run.skipped:
         out += ["", "## Weights left dense by 2:4", ""] + [f"- `{n}`: {why}" for n, why in run.skipped.items()]
