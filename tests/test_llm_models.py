@@ -51,6 +51,23 @@ def tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
+def save_tiny_llama(directory) -> str:
+    """A tiny random Llama and its tokenizer saved under `directory` as a Hugging Face model (hf:PATH)."""
+    path = directory / "tiny-llama"
+    llm.save_pretrained(tiny_causal_lm("llama"), tiny_tokenizer(), path)
+    return str(path)
+
+
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight of every Linear of every decoder block, by parameter name (detached, not copied)."""
+    prefix, blocks = llm.find_blocks(model)
+    return {
+        f"{prefix}.{i}.{n}.weight": lin.weight.detach()
+        for i, block in enumerate(blocks)
+        for n, lin in llm.block_linears(block).items()
+    }
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_blocks_are_found_generically(arch):
     model = tiny_causal_lm(arch)

@@ -14,25 +14,14 @@ from pyprune_fast import llm
 from pyprune_fast.app import cli, llm_runner
 
 transformers = pytest.importorskip("transformers")
-from tests.test_llm_models import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from tests.test_llm_models import linear_weights, save_tiny_llama, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 OPTIONS = ["--samples", "4", "--seq-len", "32", "--eval-tokens", "256", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llm") / "tiny-llama"
-    llm.save_pretrained(tiny_causal_lm("llama"), tiny_tokenizer(), path)
-    return str(path)
-
-
-def linear_weights(model) -> dict[str, torch.Tensor]:
-    prefix, blocks = llm.find_blocks(model)
-    return {
-        f"{prefix}.{i}.{n}.weight": lin.weight.detach().clone()
-        for i, block in enumerate(blocks)
-        for n, lin in llm.block_linears(block).items()
-    }
+    return save_tiny_llama(tmp_path_factory.mktemp("llm"))
 
 
 @functools.cache

@@ -227,13 +227,7 @@ def hand_wanda(w: Workload):
         x = x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x.transpose(0, 1).flatten(1).T
         squares[n] = x.square().sum(0)
 
-    hooks = [m.register_forward_hook(functools.partial(hook, n=n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad(), observable_attention(w.model):
-            w.model(w.inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_hooked(w, hook)
     scores = {}
     for n, m in layers.items():
         norms = squares[n].sqrt()
@@ -295,11 +289,8 @@ def hand_ide(w: Workload):
 
 
 def _forward_hooked(w: Workload, hook: Callable[..., None]) -> None:
-    """One no-grad forward of the workload's inputs with hook(module, output, name) on every layer."""
-    hooks = [
-        m.register_forward_hook(functools.partial(lambda m, _a, o, n: hook(m, o, n), n=n))
-        for n, m in _layers(w.model).items()
-    ]
+    """One no-grad forward of the workload's inputs with hook(module, args, output, name) on every layer."""
+    hooks = [m.register_forward_hook(functools.partial(hook, n=n)) for n, m in _layers(w.model).items()]
     try:
         with torch.no_grad(), observable_attention(w.model):
             w.model(w.inputs)
@@ -311,7 +302,7 @@ def _forward_hooked(w: Workload, hook: Callable[..., None]) -> None:
 def hand_hrank(w: Workload):
     ranks: dict[str, Tensor] = {}
 
-    def hook(module, out, n):
+    def hook(module, _args, out, n):
         if isinstance(module, nn.Conv2d):  # each sample's H x W map
             ranks[n] = torch.linalg.matrix_rank(out).double().mean(0)
         else:  # a Linear: each channel's samples x tokens matrix
@@ -325,7 +316,7 @@ def hand_ide_trace(w: Workload):
     g_mean = {n: g.mean(0) for n, (_, g) in _outputs_and_grads(w).items()}
     scores: dict[str, Tensor] = {}
 
-    def hook(module, out, n):
+    def hook(module, _args, out, n):
         scores[n] = (_channels_last(out, module) * g_mean[n]).sum(1).square().mean(0)
 
     _forward_hooked(w, hook)
@@ -333,20 +324,12 @@ def hand_ide_trace(w: Workload):
 
 
 def hand_apoz(w: Workload):
-    x = w.inputs
-    layers = _layers(w.model)
     scores: dict[str, Tensor] = {}
 
-    def hook(_m, _a, out, n):
-        scores[n] = 1.0 - (_channels_last(out, layers[n]) <= 0).float().mean((0, 1))
+    def hook(module, _args, out, n):
+        scores[n] = 1.0 - (_channels_last(out, module) <= 0).float().mean((0, 1))
 
-    hooks = [m.register_forward_hook(functools.partial(hook, n=n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad(), observable_attention(w.model):
-            w.model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_hooked(w, hook)
     return scores
 
 
