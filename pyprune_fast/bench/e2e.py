@@ -91,16 +91,24 @@ def minilm_workload(scale: float = 1.0, device: str = "cpu") -> Workload:
     """The default model (all-MiniLM-L6-v2, pretrained) on its first calibration batch (16 passages as
     32 half-passages of up to 128 tokens), the InfoNCE loss of `pyprune-fast prune`. `scale` < 1 keeps
     that fraction of the batch's passages."""
-    from ..app import zoo
-
-    bundle = zoo.minilm(device, calibration_batches=1)
-    inputs, targets = bundle.calibration[0]
+    model, (inputs, targets), loss_fn = _minilm(str(device))
     half = inputs["input_ids"].shape[0] // 2
     keep = max(2, int(half * scale))  # InfoNCE needs two passages: one is its own only candidate, loss 0
     rows = torch.cat([torch.arange(keep), half + torch.arange(keep)]).to(inputs["input_ids"].device)
     inputs = {k: v[rows] for k, v in inputs.items()}
     tokens = tuple(inputs["input_ids"].shape)
-    return Workload(f"MiniLM {tokens[0]}x{tokens[1]} tokens", bundle.model, [(inputs, targets)], bundle.loss_fn)
+    return Workload(f"MiniLM {tokens[0]}x{tokens[1]} tokens", model, [(inputs, targets)], loss_fn)
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm(device: str) -> tuple[nn.Module, tuple, Callable]:
+    """The default model, its first calibration batch and its loss, loaded once per process (with its
+    held-out embeddings, which the workloads do not use): every MiniLM workload scores the same model,
+    which neither ours nor the hand-written versions change."""
+    from ..app import zoo
+
+    bundle = zoo.minilm(device, calibration_batches=1)
+    return bundle.model, bundle.calibration[0], bundle.loss_fn
 
 
 def resnet_workload(scale: float = 1.0, batch: int = 8, device: str = "cpu") -> Workload:
