@@ -3,6 +3,7 @@
 normalization (eq. 4.13); channel masks; bad input."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -192,6 +193,81 @@ def test_hrank(setup):
     close(got, expected)
     first_name = layer_names(model)[0]
     assert got[first_name][0] == 0 and got[first_name][1] == 1
+
+
+class InplaceNet(nn.Module):
+    """Conv → ReLU(inplace) (the activation overwrites the conv's output), a Linear applied twice, and
+    a Linear whose output the loss does not use."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5)
+        self.unused = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.conv(x), inplace=True).mean((2, 3))
+        self.unused(h)
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
+
+
+def test_outputs_modified_in_place_shared_layers_and_unused_outputs():
+    """The documented x_n and ∇_n are the layer's output and its gradient before an in-place
+    activation overwrites them; each call of a shared layer is a sample; an unused output has ∇ = 0."""
+    torch.manual_seed(0)
+    model = InplaceNet().double().eval()
+    data = image_batches(6, count=2, dtype=torch.float64)
+    calls = {n: [] for n in ("conv", "shared", "head", "unused")}  # per batch: [(x, ∇)] of every call
+    for x, y in data:
+        outs = {n: [] for n in calls}  # each output as the layer returned it; a copy goes on
+        handles = [
+            getattr(model, n).register_forward_hook(lambda _m, _a, o, n=n, outs=outs: outs[n].append(o) or o.clone())
+            for n in calls
+        ]
+        loss = F.cross_entropy(model(x), y)
+        for h in handles:
+            h.remove()
+        flat = [(n, o) for n, os in outs.items() for o in os]
+        grads = torch.autograd.grad(loss, [o for _, o in flat], allow_unused=True)
+        for (n, o), g in zip(flat, grads):
+            calls[n].append((o.detach(), torch.zeros_like(o) if g is None else g))
+    for name, pairs in calls.items():
+        linear = name != "conv"
+        xs = [(x.reshape(x.shape[0], -1, x.shape[-1]) if linear else x.flatten(2).transpose(1, 2)) for x, _ in pairs]
+        gs = [(g.reshape(g.shape[0], -1, g.shape[-1]) if linear else g.flatten(2).transpose(1, 2)) for _, g in pairs]
+        dots = torch.cat([(x * g).sum(1) for x, g in zip(xs, gs)])  # (samples, C)
+        fisher = channel.fisher(model, data)[name]
+        torch.testing.assert_close(fisher, dots.square().mean(0).float(), rtol=1e-5, atol=1e-12)
+        taylor = channel.taylor(model, data)[name]
+        torch.testing.assert_close(taylor, dots.mean(0).abs().float(), rtol=1e-5, atol=1e-12)
+        if name == "unused":
+            assert taylor.eq(0).all() and fisher.eq(0).all()
+    assert channel.fisher(model, data)["conv"].gt(0).all()
+    g_mean = torch.cat([g for _, g in calls["conv"]]).mean(0)
+    x_mean = torch.cat([x for x, _ in calls["conv"]]).mean(0)  # before the ReLU: negative entries kept
+    assert x_mean.lt(0).any()
+    torch.testing.assert_close(channel.ide(model, data)["conv"], (x_mean * g_mean).sum((1, 2)).square().float())
+
+
+def test_output_gradients_are_consumed_one_at_a_time():
+    """A deep chain of Linears: when a layer's output gradient reaches its statistics, the gradients
+    of the layers after it have been freed (autograd.grad over all outputs would hold all of them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), nn.Tanh())], nn.Linear(16, 3))
+    data = [(torch.randn(4, 16), torch.randint(0, 3, (4,)))]
+    alive, refs = [], []
+    real = channel.ChannelStats.add_gradient
+
+    def counting(self, output, grad):
+        alive.append(sum(r() is not None for r in refs))
+        refs.append(weakref.ref(grad))
+        real(self, output, grad)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(channel.ChannelStats, "add_gradient", counting)
+        channel.fisher(model, data)
+    assert len(alive) == 9 and max(alive) <= 1, alive
 
 
 @pytest.mark.parametrize("p", [0.5, 1.0, 2.0])

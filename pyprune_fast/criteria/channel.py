@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .._compat import BatchNorm
+from .backward import check_objective
 from .channel_stats import ChannelStats, reduce_stats
 from .engine import (
     ChannelRequest,
@@ -122,29 +123,87 @@ def forward_stats(
     return reduce_stats(job, stats, seen)
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output, tied to an anchor leaf: one backward into the anchor reaches
+    every tapped output, and each tap's backward hands ∂L/∂output to its callback and passes it on
+    unchanged. The output comes back as a new tensor on the same storage (not a view: code after the
+    layer may still modify it in place)."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, anchor: Tensor, on_grad: Callable[[Tensor], None]) -> Tensor:
+        ctx.on_grad = on_grad
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        on_grad, ctx.on_grad = ctx.on_grad, None  # what the callback holds (the output) goes with it
+        on_grad(grad)
+        return grad, None, None
+
+
+@contextlib.contextmanager
+def _tapped(layers: dict[str, nn.Module], tap: Callable[[str, Tensor], Tensor | None]) -> Iterator[None]:
+    """Forward hooks that replace each layer's (tensor) output by `tap(name, output)` unless it
+    returns None."""
+    handles = []
+    for name, module in layers.items():
+
+        def hook(_module, _args, output, name=name):
+            return tap(name, output) if isinstance(output, Tensor) else None
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def gradient_stats(req: ChannelRequest, needs: set[str]) -> dict[str, ChannelStats]:
-    """One forward and one backward (∂L/∂outputs only, no parameter .grad) per batch."""
+    """One forward and one backward per batch, towards the layer outputs only (no parameter .grad).
+
+    Each layer's output is tapped in its forward hook (`_Tap`): the forward-only sums are taken
+    there, and the output's gradient ∂L/∂output is consumed inside the backward pass the moment
+    autograd has computed it, then released. The gradients of the outputs are never resident
+    together (`torch.autograd.grad(loss, outputs)` holds all of them until it returns), and an
+    output is held only for the sums that need it with its gradient (dot, dot_sq), until that
+    gradient arrives. A layer called several times in one forward contributes each call's output as
+    samples; an output the loss does not depend on gets a zero gradient."""
     job = req.job
     stats = {n: ChannelStats(m, needs) for n, m in req.layers.items()}
-    outputs: dict[str, Tensor] = {}
+    keep_output = bool(needs & {"dot", "dot_sq"})
+    anchor = torch.zeros((), requires_grad=True)
+    tapped: list[str] = []  # this batch's tapped outputs, in call order
+    pending: dict[int, Tensor] = {}  # call index -> zeros shaped like the output, until its gradient arrives
 
-    def on_output(name: str, output: Tensor) -> None:
-        outputs[name] = output
+    def tap(name: str, output: Tensor) -> Tensor | None:
+        if not output.requires_grad:
+            return None
+        stats[name].add_output(output)
+        call = len(tapped)
+        tapped.append(name)
+        pending[call] = output.new_zeros(()).expand(output.shape)
+        kept = output.detach() if keep_output else None
+
+        def on_grad(grad: Tensor) -> None:
+            del pending[call]
+            stats[name].add_gradient(grad if kept is None else kept, grad)
+
+        return _Tap.apply(output, anchor, on_grad)
 
     seen: set[str] = set()
-    with preserved(job.model, job.tensors), _observing(job, req.layers, on_output):
+    with preserved(job.model, job.tensors), observable_attention(job.model), _tapped(req.layers, tap):
         for inputs, targets in job.batches():
-            outputs.clear()
+            tapped.clear()
             loss = job.loss(job.run(inputs), targets)
-            req.check_seen(outputs)
-            names = [n for n in outputs if outputs[n].requires_grad]
-            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
-            for name, grad in zip(names, grads):
-                out = outputs[name]
-                stats[name].add_output(out)
-                stats[name].add_gradient(out, torch.zeros_like(out) if grad is None else grad)
-                seen.add(name)
-            outputs.clear()
+            req.check_seen(tapped)
+            if tapped:
+                torch.autograd.grad(check_objective(loss), [anchor], allow_unused=True)
+            del loss
+            for call, zeros in pending.items():  # not on the loss's path: its gradient is 0
+                stats[tapped[call]].add_gradient(zeros, zeros)
+            pending.clear()
+            seen.update(tapped)
     return reduce_stats(job, stats, seen)
 
 
@@ -158,7 +217,7 @@ def apoz(req: ChannelRequest) -> dict[str, Tensor]:
     bns = following_batchnorm(req.model, req.layers)
     watched = {n: bns.get(n, m) for n, m in req.layers.items()}
     stats = forward_stats(req, {"zeros"}, watched)
-    return {n: 1.0 - s.sums["zeros"] / s.positions for n, s in stats.items()}
+    return {n: 1.0 - s.total("zeros") / s.positions for n, s in stats.items()}
 
 
 @criterion(needs=("data",), kind="channel")
@@ -169,7 +228,7 @@ def hrank(req: ChannelRequest) -> dict[str, Tensor]:
     taken of the channel's samples × positions matrix over each batch (tokens for a ViT's Linear)
     and averaged over batches. Ranks from torch.linalg.matrix_rank in float32 (default tolerance)."""
     stats = forward_stats(req, {"ranks"})
-    return {n: s.sums["ranks"] / s.rank_count for n, s in stats.items()}
+    return {n: s.total("ranks") / s.rank_count for n, s in stats.items()}
 
 
 @criterion(needs=("data", "loss"), kind="channel")

@@ -5,7 +5,8 @@ Conv2d, the tokens for a Linear applied to N × T × C, 1 for a Linear applied t
 layout the layer produced it: (N, C, S) for convolutions, (N, S, C) for Linear layers, so that no
 reduction runs over a transposed view. Every update reduces the whole batch for all channels at once
 (sums over the sample and position dims, no loop over channels) in float32 (float64 outputs stay
-float64), and the sums are kept in float64 so that many batches add up without drift."""
+float64), and from the second batch on the sums are kept in float64 so that many batches add up
+without drift."""
 
 from __future__ import annotations
 
@@ -72,10 +73,20 @@ class ChannelStats:
         self.sums: dict[str, Tensor] = {}
 
     def _add(self, key: str, value: Tensor) -> None:
-        if key in self.sums:
-            self.sums[key] += value  # added in float64 (in-place type promotion), no float64 temporary
-        else:
-            self.sums[key] = value.to(torch.float64, copy=True)
+        """value: a fresh sum over one batch. The first is kept as it is (float32, or an integer count:
+        no copy, half the memory of float64 during that batch's passes); from the second on the sum
+        is float64 and each batch's is added in place (type promotion, no float64 temporary)."""
+        total = self.sums.get(key)
+        if total is None:
+            self.sums[key] = value
+            return
+        if total.dtype != torch.float64:
+            total = self.sums[key] = total.double()
+        total += value
+
+    def total(self, key: str) -> Tensor:
+        """Σ over the samples seen, float64."""
+        return self.sums[key].double()
 
     def add_output(self, output: Tensor) -> None:
         """Forward-only sums: zeros = Σ_{n,s} [x ≤ 0] (what a ReLU zeroes), ranks, x_sum = Σ_n x_n."""
@@ -113,7 +124,7 @@ class ChannelStats:
 
     def mean(self, key: str) -> Tensor:
         """E_n of a per-sample sum (divides by the samples seen)."""
-        return self.sums[key] / self.samples
+        return self.total(key) / self.samples
 
 
 def reduce_stats(job: Job, stats: dict[str, ChannelStats], seen: set[str]) -> dict[str, ChannelStats]:
@@ -130,7 +141,9 @@ def reduce_stats(job: Job, stats: dict[str, ChannelStats], seen: set[str]) -> di
     kept = {n: stats[n] for n, f in zip(names, flags.tolist()) if f}
     if job.comm is None:
         return kept
-    sums = [s.sums[key] for s in kept.values() for key in sorted(s.sums)]
+    for s in kept.values():  # reduced in float64
+        s.sums = {key: s.total(key) for key in sorted(s.sums)}
+    sums = [s.sums[key] for s in kept.values() for key in s.sums]
     counts = torch.tensor([[s.samples, s.positions, s.rank_count] for s in kept.values()], dtype=torch.float64)
     job.reduce([*sums, counts])
     for s, (samples, positions, rank_count) in zip(kept.values(), counts.tolist()):
