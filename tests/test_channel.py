@@ -250,6 +250,24 @@ def test_outputs_modified_in_place_shared_layers_and_unused_outputs():
     torch.testing.assert_close(channel.ide(model, data)["conv"], (x_mean * g_mean).sum((1, 2)).square().float())
 
 
+class TupleLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x), "extra"
+
+
+def test_layer_returning_a_tuple_is_scored_through_its_first_tensor():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": TupleLinear(4, 4), "b": nn.Linear(4, 3)}).double()
+    data = [(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))]
+    run = lambda m, x: m["b"](torch.tanh(m["a"](x)[0]))  # noqa: E731
+    seen = {}
+    handle = model["a"].register_forward_hook(lambda _m, _a, out: seen.__setitem__("a", out[0]))
+    grad = torch.autograd.grad(F.cross_entropy(run(model, data[0][0]), data[0][1]), seen["a"])[0]
+    handle.remove()
+    got = ppf.score(model, "fisher", data, forward=run)
+    torch.testing.assert_close(got["a"], (seen["a"] * grad).square().mean(0).float())
+
+
 def test_output_gradients_are_consumed_one_at_a_time():
     """A deep chain of Linears: when a layer's output gradient reaches its statistics, the gradients
     of the layers after it have been freed (autograd.grad over all outputs would hold all of them)."""

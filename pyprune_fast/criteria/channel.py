@@ -96,9 +96,11 @@ def bn_scale(req: ChannelRequest) -> dict[str, Tensor]:
 
 
 @contextlib.contextmanager
-def _observing(job: Job, watched: dict[str, nn.Module], on_output: Callable[[str, Tensor], None]) -> Iterator[None]:
-    """Forward hooks passing `watched[name]`'s output to on_output(name, output); attention out_proj
-    made observable."""
+def _observing(
+    job: Job, watched: dict[str, nn.Module], on_output: Callable[[str, Tensor], Tensor | None]
+) -> Iterator[None]:
+    """Forward hooks passing `watched[name]`'s output to on_output(name, output) (a tensor it returns
+    replaces the output, see `on_outputs`); attention out_proj made observable."""
     with observable_attention(job.model), on_outputs(watched, on_output):
         yield
 
@@ -141,24 +143,6 @@ class _Tap(torch.autograd.Function):
         return grad, None, None
 
 
-@contextlib.contextmanager
-def _tapped(layers: dict[str, nn.Module], tap: Callable[[str, Tensor], Tensor | None]) -> Iterator[None]:
-    """Forward hooks that replace each layer's (tensor) output by `tap(name, output)` unless it
-    returns None."""
-    handles = []
-    for name, module in layers.items():
-
-        def hook(_module, _args, output, name=name):
-            return tap(name, output) if isinstance(output, Tensor) else None
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def gradient_stats(req: ChannelRequest, needs: set[str]) -> dict[str, ChannelStats]:
     """One forward and one backward per batch, towards the layer outputs only (no parameter .grad).
 
@@ -192,7 +176,7 @@ def gradient_stats(req: ChannelRequest, needs: set[str]) -> dict[str, ChannelSta
         return _Tap.apply(output, anchor, on_grad)
 
     seen: set[str] = set()
-    with preserved(job.model, job.tensors), observable_attention(job.model), _tapped(req.layers, tap):
+    with preserved(job.model, job.tensors), _observing(job, req.layers, tap):
         for inputs, targets in job.batches():
             tapped.clear()
             loss = job.loss(job.run(inputs), targets)

@@ -381,13 +381,21 @@ def capture_outputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]
 
 
 @contextlib.contextmanager
-def on_outputs(layers: dict[str, nn.Module], on_output: Callable[[str, Tensor], None]) -> Iterator[None]:
-    """Forward hooks that pass each layer's output tensor to `on_output(name, y)`."""
+def on_outputs(layers: dict[str, nn.Module], on_output: Callable[[str, Tensor], Tensor | None]) -> Iterator[None]:
+    """Forward hooks that pass each layer's output tensor (`first_tensor`) to `on_output(name, y)`; a
+    tensor it returns takes y's place in the layer's output (the output itself, or that element of a
+    tuple or list)."""
     handles = []
     for name, module in layers.items():
 
         def hook(_module, _args, output, name=name):
-            on_output(name, first_tensor(output))
+            y = first_tensor(output)
+            replacement = on_output(name, y)
+            if replacement is None or isinstance(output, Tensor):
+                return replacement
+            if isinstance(output, (tuple, list)):
+                return type(output)(replacement if v is y else v for v in output)
+            raise TypeError(f"{name}: cannot replace the tensor inside a {type(output).__name__} output")
 
         handles.append(module.register_forward_hook(hook))
     try:
