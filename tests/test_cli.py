@@ -388,6 +388,13 @@ def test_time_case_times_ours_and_each_baseline():
     assert all(0 <= t.best <= t.median for t in timings)
 
 
+def test_time_case_alternates_the_order_of_each_round():
+    calls = []
+    case = harness.Case(group="g", ours=lambda: calls.append("ours"), baselines={"a": lambda: calls.append("a")})
+    harness.time_case(case, repeats=4, warmup=1)
+    assert calls == ["ours", "a", "ours", "a", "a", "ours", "ours", "a", "a", "ours"]
+
+
 def test_info_prints_the_backend(capsys):
     assert cli.main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -81,10 +81,11 @@ def time_case(
     case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1, keep_going: bool = False
 ) -> list[Timing]:
     """Ours and each baseline timed in the same process on the same inputs, interleaved: after the
-    warm-up calls of each, every round calls ours then each baseline once, so that a load that changes
-    during the run (a shared machine) weighs on all of them alike. With `keep_going`, an
-    implementation that raises (an Exception) gets a Timing with its `error` and the others are still
-    timed; otherwise the exception propagates."""
+    warm-up calls of each, every round calls each implementation once, ours first in even rounds and
+    last in odd ones, so that a load that changes during the run (a shared machine) weighs on all of
+    them alike, and so does the place in a round (what the call before left to the allocator and the
+    caches). With `keep_going`, an implementation that raises (an Exception) gets a Timing with its
+    `error` and the others are still timed; otherwise the exception propagates."""
     impls = {"ours": case.ours, **case.baselines}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     errors: dict[str, str] = {}
@@ -101,8 +102,9 @@ def time_case(
         for _ in range(warmup):
             if impl not in errors:
                 timed(impl, True)
-    for _ in range(repeats):
-        for impl in impls:
+    order = list(impls)
+    for round_ in range(repeats):
+        for impl in order if round_ % 2 == 0 else reversed(order):
             if impl not in errors:
                 timed(impl, False)
     return [
