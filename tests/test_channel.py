@@ -130,6 +130,22 @@ def test_weight_criteria(setup):
     close(channel.l2(model, data), l2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_l1_over_row_blocks(dtype):
+    """ℓ1 is summed over blocks of rows (2^18 values each): 1000 rows of 700 take three blocks, the
+    last one short; every row's norm matches the float64 sum, in every dtype."""
+    torch.manual_seed(0)
+    fc = nn.Linear(700, 1000).to(dtype)
+    with torch.no_grad():
+        fc.weight[3] = 0.0
+        fc.weight[374, :5] = -0.0
+    expected = fc.weight.detach().double().abs().sum(1)
+    got = channel.l1(nn.Sequential(fc))["0"]
+    assert got.dtype == torch.float32 and got.shape == (1000,)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    assert got[3] == 0
+
+
 def test_bn_scale():
     model = small_cnn(1)
     close(channel.bn_scale(model), {"conv1": model.bn1.weight.detach().abs(), "conv2": model.bn2.weight.detach().abs()})

@@ -323,16 +323,20 @@ def preserved(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        model.eval()
+        if any(training for _, training in modes):
+            model.eval()
         for p in params:
-            p.requires_grad_(True)
+            if not p.requires_grad:
+                p.requires_grad_(True)
         with torch.enable_grad():
             yield
     finally:
         for m, training in modes:
-            m.training = training
+            if m.training != training:  # nn.Module.__setattr__ is slow: only the flags eval() changed
+                m.training = training
         for p, flag in flags:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 class _Identity(nn.Module):
