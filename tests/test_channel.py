@@ -284,6 +284,31 @@ def test_layer_returning_a_tuple_is_scored_through_its_first_tensor():
     torch.testing.assert_close(got["a"], (seen["a"] * grad).square().mean(0).float())
 
 
+def test_gradient_pass_saves_no_layer_input_for_weight_gradients_and_scores_frozen_layers():
+    """The backward goes to the layer outputs only, so no Conv/Linear weight needs a gradient: a
+    Linear's input that nothing but its weight gradient needs (GELU's output) is not saved for the
+    backward. A first layer frozen by the user (its output needs no gradient by itself) is scored
+    like any other; every requires_grad flag is given back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    model[0].requires_grad_(False)
+    data = [(torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))]
+    flags = [p.requires_grad for p in model.parameters()]
+    gelu_out, saved = [], []
+    hook = model[1].register_forward_hook(lambda _m, _a, out: gelu_out.append(out.data_ptr()))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        got = channel.taylor(model, data, loss_fn=F.cross_entropy)
+    hook.remove()
+    assert len(gelu_out) == 1 and gelu_out[0] not in saved
+    assert [p.requires_grad for p in model.parameters()] == flags
+    x, y = data[0]
+    h = model[0](x).requires_grad_(True)
+    out = model[2](F.gelu(h))
+    grad_h, grad_out = torch.autograd.grad(F.cross_entropy(out, y), [h, out])
+    expected = {"0": (h * grad_h).mean(0).abs().detach(), "2": (out * grad_out).mean(0).abs().detach()}
+    close(got, expected)
+
+
 def test_output_gradients_are_consumed_one_at_a_time():
     """A deep chain of Linears: when a layer's output gradient reaches its statistics, the gradients
     of the layers after it have been freed (autograd.grad over all outputs would hold all of them)."""
