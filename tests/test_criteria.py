@@ -334,6 +334,49 @@ def test_keys_shapes_and_params_selection(name):
     assert list(by_predicate) == ["blocks.0.fc2.weight", "blocks.1.fc2.weight"]
 
 
+class _Tied(nn.Module):
+    """An embedding tied to the output Linear (registered first, so named_parameters() names the
+    shared weight after the embedding), a Linear registered twice and one without a weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.again = self.body
+        self.plain = nn.Linear(4, 4)
+        del self.plain.weight
+        self.plain.weight = torch.ones(4, 4)  # a buffer-like tensor, not a Parameter
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight
+        self.conv = nn.Conv1d(4, 4, 1)
+
+
+def test_default_params_follow_named_parameters():
+    """The default scored weights are named and ordered as named_parameters() has them: a tied weight
+    once, under the name of the module that registered it first; a shared layer once; a weight that is
+    not a Parameter is not scored."""
+    model = _Tied()
+    owned = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))}
+    expected = [n for n, p in model.named_parameters() if id(p) in owned]
+    assert expected == ["embed.weight", "body.weight", "conv.weight"]
+    assert criteria.engine.default_param_names(model) == expected
+    assert list(ppf.score(model, "magnitude")) == expected
+    assert ppf.score(model, "magnitude")["embed.weight"].equal(model.embed.weight.detach().abs())
+
+
+def test_data_free_criterion_leaves_module_modes_alone():
+    """magnitude reads the weights only: no train/eval switch, no requires_grad change on any module."""
+    model, _, _ = setup(0, torch.float32)
+    model.train()
+    model.head.weight.requires_grad_(False)
+    seen = []
+    for m in model.modules():
+        m.register_forward_hook(lambda *_: seen.append(1))
+    scores = ppf.score(model, "magnitude")
+    assert seen == [] and model.training and all(m.training for m in model.modules())
+    assert not model.head.weight.requires_grad and scores["head.weight"].equal(model.head.weight.detach().abs())
+
+
 def test_num_batches_limits_data():
     model, data, params = setup(0, torch.float64)
     g = loss_grads(model, data[:1], list(params.values()))

@@ -23,28 +23,42 @@ Forward = Callable[[nn.Module, Any], Any]
 PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def default_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights of every Linear and Conv1d/2d/3d by name, in `named_parameters()` order and under
+    the names it gives them (a weight tied to an earlier module's parameter is named after that one),
+    read in one walk over the modules."""
+    named: dict[int, tuple[str, nn.Parameter]] = {}
+    owned: set[int] = set()
+    for prefix, module in model.named_modules():
+        for key, p in module._parameters.items():
+            if p is not None and id(p) not in named:
+                named[id(p)] = (f"{prefix}.{key}" if prefix else key, p)
+        if isinstance(module, PRUNABLE_MODULES) and isinstance(module.weight, nn.Parameter):
+            owned.add(id(module.weight))
+    return {name: p for i, (name, p) in named.items() if i in owned}
+
+
 def default_param_names(model: nn.Module) -> list[str]:
     """Names of the weights of every Linear and Conv1d/2d/3d, in `named_parameters()` order."""
-    owned = {
-        id(m.weight) for m in model.modules() if isinstance(m, PRUNABLE_MODULES) and isinstance(m.weight, nn.Parameter)
-    }
-    return [n for n, p in model.named_parameters() if id(p) in owned]
+    return list(default_params(model))
 
 
 def select_params(model: nn.Module, params: ParamSelector) -> dict[str, nn.Parameter]:
     """The scored parameters by name: the default weights, the given names, or those a predicate accepts."""
-    named = dict(model.named_parameters())
     if params is None:
-        names = default_param_names(model)
-    elif callable(params):
-        names = [n for n, p in named.items() if params(n, p)]
-    elif isinstance(params, str):
-        raise TypeError("params must be a list of parameter names or a predicate (name, param) -> bool, got a str")
+        named = default_params(model)
+        names = list(named)
     else:
-        names = list(params)
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise ValueError(f"params names not in model.named_parameters(): {unknown}")
+        named = dict(model.named_parameters())
+        if callable(params):
+            names = [n for n, p in named.items() if params(n, p)]
+        elif isinstance(params, str):
+            raise TypeError("params must be a list of parameter names or a predicate (name, param) -> bool, got a str")
+        else:
+            names = list(params)
+            unknown = [n for n in names if n not in named]
+            if unknown:
+                raise ValueError(f"params names not in model.named_parameters(): {unknown}")
     if not names:
         raise ValueError(
             "no parameters selected for scoring (params= selected nothing, or the model has no Linear/Conv)"
@@ -214,7 +228,10 @@ def make_job(
     num_batches: int | None = None,
     forward: Forward | None = None,
     comm: Communicator | None = None,
+    selected: dict[str, nn.Parameter] | None = None,
 ) -> Job:
+    """A Job over the parameters `params=` selects (`select_params`), or over `selected`, parameters
+    already chosen by name (then params must be None)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if loss_fn is not None and not callable(loss_fn):
@@ -222,7 +239,10 @@ def make_job(
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable (model, inputs) -> outputs, got {type(forward).__name__}")
     num_batches = check_num_batches(num_batches)
-    selected = select_params(model, params)
+    if selected is None:
+        selected = select_params(model, params)
+    elif params is not None or not selected:
+        raise ValueError("make_job takes params= or a non-empty selected=, not both")
     device = next(iter(selected.values())).device
     return Job(model, data, selected, loss_fn, layers, num_batches, forward, device, comm)
 
@@ -306,8 +326,14 @@ def make_channel_request(
     other shared arguments (loss_fn, num_batches, forward)."""
     check_normalize(normalize, p)
     chosen = channel_layers(model, layers, params)
-    ids = {id(m.weight) for m in chosen.values()}
-    job = make_job(model, data, params=lambda _n, w: id(w) in ids, **job_options)
+    weights, seen = {}, set()  # each layer's weight, a shared one once
+    for name, module in chosen.items():
+        if isinstance(module.weight, nn.Parameter) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            weights[f"{name}.weight" if name else "weight"] = module.weight
+    if not weights:
+        raise ValueError("none of the chosen layers has its weight as a Parameter to score")
+    job = make_job(model, data, selected=weights, **job_options)
     return ChannelRequest(model, chosen, layers is not None or params is not None, job)
 
 

@@ -10,8 +10,9 @@ A criterion is a function registered with `@criterion(needs=..., kind=...)`:
 
 Every public criterion has the signature
 `NAME(model, data=None, *, loss_fn=None, params=None, layers=None, num_batches=None, forward=None,
-group=None, **options)`, runs with the model's state preserved, and says what it needs in `.needs` (a
-subset of NEEDS) and its kind in `.kind`.
+group=None, **options)`, runs with the model's state preserved (`engine.preserved`; a weight criterion
+that needs nothing, such as magnitude, reads the weights only and must not run the model), and says
+what it needs in `.needs` (a subset of NEEDS) and its kind in `.kind`.
 
 `group=` (a torch.distributed ProcessGroup): data-parallel calibration. Each rank passes its own
 share of the batches and the same model; the criterion's sums over batches are summed over the ranks
@@ -114,8 +115,11 @@ def _check_reduced(fn, job: Job) -> None:
 
 def _run_weight(fn, model, data, *, options, **shared) -> dict[str, Tensor]:
     job: Job = make_job(model, data, **shared)
-    with preserved(model, job.tensors):
+    if not fn.needs:  # reads the weights only, never runs the model: nothing to preserve
         values = fn(job, **options)
+    else:
+        with preserved(model, job.tensors):
+            values = fn(job, **options)
     _check_reduced(fn, job)
     return job.scores(values)
 
