@@ -130,18 +130,21 @@ def test_weight_criteria(setup):
     close(channel.l2(model, data), l2)
 
 
+@pytest.mark.parametrize("rows", [1000, 3000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_l1_over_row_blocks(dtype):
-    """ℓ1 is summed over blocks of rows (2^18 values each): 1000 rows of 700 take three blocks, the
-    last one short; every row's norm matches the float64 sum, in every dtype."""
+def test_l1_over_row_blocks(dtype, rows):
+    """ℓ1 is summed in one go up to 2^20 values and over blocks of rows (2^20 values each) above:
+    1000 rows of 700 are one block, 3000 rows of 700 take three, the last one short; every row's
+    norm matches the float64 sum, in every dtype."""
     torch.manual_seed(0)
-    fc = nn.Linear(700, 1000).to(dtype)
+    fc = nn.Linear(700, rows).to(dtype)
     with torch.no_grad():
         fc.weight[3] = 0.0
         fc.weight[374, :5] = -0.0
+        fc.weight[-1] *= 1e3  # the last block's short tail
     expected = fc.weight.detach().double().abs().sum(1)
     got = channel.l1(nn.Sequential(fc))["0"]
-    assert got.dtype == torch.float32 and got.shape == (1000,)
+    assert got.dtype == torch.float32 and got.shape == (rows,)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
     assert got[3] == 0
 
