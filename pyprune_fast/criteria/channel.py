@@ -68,7 +68,7 @@ _ROW_CHUNK = 1 << 20  # values per ℓ1 block: its |W| temporary (4 MiB in float
 
 def _row_norms(rows: Tensor, order: int) -> Tensor:
     """The ℓ1 or ℓ2 norm of each row, as float64 scores, accumulated in float32 (the rows of fp16/bf16
-    weights converted, of float64 weights kept in float64), no temporary of the weights' size.
+    weights converted, of float64 weights kept in float64), no temporary of more than 2^20 values.
     ℓ2: one fused `vector_norm`. ℓ1: `|W|.sum(1)`, over blocks of rows of at most 2^20 values for
     larger weights, each block's |W| still in cache when it is summed: on CPU 3–4× faster than
     `vector_norm(ord=1)` (no vectorized kernel), and 7–9× faster than one `abs().sum(1)` of a

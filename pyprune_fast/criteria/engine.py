@@ -241,8 +241,10 @@ def make_job(
     num_batches = check_num_batches(num_batches)
     if selected is None:
         selected = select_params(model, params)
-    elif params is not None or not selected:
-        raise ValueError("make_job takes params= or a non-empty selected=, not both")
+    elif params is not None:
+        raise ValueError("make_job takes params= or selected=, not both")
+    elif not selected:
+        raise ValueError("selected= must name at least one parameter")
     device = next(iter(selected.values())).device
     return Job(model, data, selected, loss_fn, layers, num_batches, forward, device, comm)
 
