@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .criteria.channel import following_batchnorm
-from .criteria.engine import PRUNABLE_MODULES, out_channels
+from .modeling import PRUNABLE_MODULES, out_channels
 
 MODES = ("duplicate", "best")
 

@@ -13,7 +13,7 @@ from torch import nn
 import pyprune_fast as ppf
 from pyprune_fast import criteria, masks
 from pyprune_fast.criteria import channel
-from pyprune_fast.criteria.engine import out_channels
+from pyprune_fast.modeling import out_channels
 from tests.conftest import DEVICES
 from tests.models import image_batches, small_cnn, tiny_vit
 

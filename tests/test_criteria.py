@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyprune_fast as ppf
-from pyprune_fast import criteria
+from pyprune_fast import criteria, modeling
 from tests.models import bias_free_net, image_batches, tiny_vit
 
 WEIGHT_CRITERIA = sorted(criteria.of_kind("weight"))
@@ -359,7 +359,7 @@ def test_default_params_follow_named_parameters():
     owned = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))}
     expected = [n for n, p in model.named_parameters() if id(p) in owned]
     assert expected == ["embed.weight", "body.weight", "conv.weight"]
-    assert criteria.engine.default_param_names(model) == expected
+    assert modeling.default_param_names(model) == expected
     assert list(ppf.score(model, "magnitude")) == expected
     assert ppf.score(model, "magnitude")["embed.weight"].equal(model.embed.weight.detach().abs())
 

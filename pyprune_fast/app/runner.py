@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import criteria, masks
-from ..criteria.engine import channel_layers, first_tensor, select_params, split_batch
 from ..distributed import Communicator, session
+from ..modeling import channel_layers, first_tensor, restored, select_params, split_batch
 from .zoo import Bundle
 
 GRANULARITIES: dict[str, Callable[[dict[str, Tensor], float], dict[str, Tensor]]] = {
@@ -120,15 +120,9 @@ def build_masks(scores: dict[str, Tensor], granularity: str, sparsity: float) ->
 @contextlib.contextmanager
 def masked(model: nn.Module, keep: dict[str, Tensor]) -> Iterator[nn.Module]:
     """The model with `keep` applied in place; its weights are restored on exit."""
-    named = dict(model.named_parameters())
-    saved = {n: named[n].detach().clone() for n in keep}
-    try:
+    with restored(model, keep):
         masks.apply_masks(model, keep)
         yield model
-    finally:
-        with torch.no_grad():
-            for n, value in saved.items():
-                named[n].copy_(value)
 
 
 def score_criterion(bundle: Bundle, name: str, batches: int, comm: Communicator | None = None) -> dict[str, Tensor]:
@@ -424,24 +418,12 @@ def _training_note(bundle: Bundle) -> str:
     return f"{len(batches)} {source} batches of the model's data, cycled, with its loss"
 
 
-@contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
-    """Every parameter and buffer of the model put back bit for bit on exit."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in model.state_dict(keep_vars=True).items():
-                v.copy_(saved[k])
-
-
 def _iterative_masks(bundle: Bundle, name: str, granularity: str, sparsity: float, batches: int, rounds: int):
     """The masks of `rounds` exponential rounds of schedule.iterative on the bundle's model (restored
     after), and each round's {round, target, achieved}."""
     from .. import schedule
 
-    with _restored(bundle.model):
+    with restored(bundle.model):
         report = schedule.iterative(
             bundle.model,
             lambda model, data: score_criterion(bundle, name, batches),
@@ -494,7 +476,7 @@ def _evaluate(
     steps = (tune or {}).get("steps", 0)
     with (
         contextlib.nullcontext() if remove else masked(model, params),
-        _restored(model) if steps else contextlib.nullcontext(),
+        restored(model) if steps else contextlib.nullcontext(),
     ):
         metrics = bundle.evaluate(model) if bundle.evaluate is not None else {}
         result.metrics = {k: float(v) for k, v in metrics.items()}

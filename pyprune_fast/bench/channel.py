@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..criteria.channel_stats import ChannelStats, channel_view, map_ranks
-from ..criteria.engine import PRUNABLE_MODULES, observable_attention
+from ..modeling import PRUNABLE_MODULES, observable_attention
 from .harness import Case
 
 CHANNEL_NEEDS = {"zeros", "x_sum", "g_sum", "dot", "dot_sq"}

@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyprune_fast as ppf
 
-from ..criteria.engine import PRUNABLE_MODULES, observable_attention
+from ..modeling import PRUNABLE_MODULES, observable_attention
 from .harness import Case, scaled
 
 GRASP_TEMPERATURE = 200.0

@@ -9,7 +9,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .. import masks
-from ..criteria.engine import default_param_names
+from ..modeling import default_param_names
 from .harness import Case
 
 

@@ -32,18 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from .._compat import BatchNorm
+from ..modeling import PRUNABLE_MODULES, observable_attention, on_outputs, out_channels, preserved
 from .backward import check_objective
 from .channel_stats import ChannelStats, reduce_stats
-from .engine import (
-    PRUNABLE_MODULES,
-    ChannelRequest,
-    Job,
-    observable_attention,
-    on_outputs,
-    out_channels,
-    preserved,
-    require_reiterable,
-)
+from .engine import ChannelRequest, Job, require_reiterable
 from .registry import criterion
 
 

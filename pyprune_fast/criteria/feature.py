@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..modeling import capture_outputs, observable_attention
 from .backward import RunningSum
-from .engine import Job, as_float32, capture_outputs, observable_attention
+from .engine import Job, as_float32
 from .registry import criterion
 
 

@@ -7,8 +7,9 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
+from ..modeling import first_tensor
 from .backward import RunningSum, backward_each, with_last
-from .engine import Job, as_float32, first_tensor, grads_of, require_reiterable
+from .engine import Job, as_float32, grads_of, require_reiterable
 from .registry import criterion
 
 

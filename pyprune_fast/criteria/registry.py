@@ -10,7 +10,7 @@ A criterion is a function registered with `@criterion(needs=..., kind=...)`:
 
 Every public criterion has the signature
 `NAME(model, data=None, *, loss_fn=None, params=None, layers=None, num_batches=None, forward=None,
-group=None, **options)`, runs with the model's state preserved (`engine.preserved`; a weight criterion
+group=None, **options)`, runs with the model's state preserved (`modeling.preserved`; a weight criterion
 that needs nothing, such as magnitude, reads the weights only and must not run the model), and says
 what it needs in `.needs` (a subset of NEEDS) and its kind in `.kind`.
 
@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterable
 from torch import Tensor
 
 from .. import distributed
-from .engine import ChannelRequest, Job, lp_normalize, make_channel_request, make_job, preserved
+from ..modeling import preserved
+from .engine import ChannelRequest, Job, lp_normalize, make_channel_request, make_job
 
 NEEDS = {
     "data": "calibration data",

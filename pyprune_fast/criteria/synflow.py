@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .engine import Job, first_tensor
+from ..modeling import first_tensor
+from .engine import Job
 from .registry import criterion
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .engine import PRUNABLE_MODULES, Job, capture_inputs, observable_attention
+from ..modeling import PRUNABLE_MODULES, capture_inputs, observable_attention
+from .engine import Job
 from .registry import criterion
 
 

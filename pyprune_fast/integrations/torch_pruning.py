@@ -35,7 +35,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
     ) from error
 
 from ..criteria import of_kind
-from ..criteria.engine import out_channels
+from ..modeling import out_channels
 
 _OUT_CHANNELS = (tp_function.prune_conv_out_channels, tp_function.prune_linear_out_channels)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..criteria.engine import first_tensor, to_device
+from ..modeling import first_tensor, to_device
 
 
 def _holds_linear(module: nn.Module) -> bool:

@@ -25,7 +25,8 @@ from torch.func import functional_call
 
 from .. import ops
 from ..criteria.backward import RunningSum
-from ..criteria.engine import as_float32, capture_outputs, first_tensor, preserved
+from ..criteria.engine import as_float32
+from ..modeling import capture_outputs, first_tensor, preserved
 from .blocks import BlockInputs
 
 CRITERIA = ("snip", "feature_l1", "refer", "afr")

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import masks as masks_
-from ..criteria.engine import default_loss, split_batch, to_device
+from ..criteria.engine import default_loss
+from ..modeling import split_batch, to_device
 
 
 def finetune(

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import criteria
 from .. import masks as masks_
-from ..criteria.engine import select_params
+from ..modeling import select_params
 
 GRANULARITIES = ("layer", "block")
 
