@@ -494,8 +494,8 @@ def _prune_llm(args) -> int:
         targets = list(llm_runner.DEFAULT_TARGETS) if args.granularity is None and not iterative else [0.5]
     defaults = llm_runner.DEFAULT_METHODS
     if args.granularity == "global":  # SparseGPT chooses its masks inside its solve: no score to threshold
-        defaults = [m for m in defaults if not llm.METHODS[m].hessian]
-        chosen = [m for m in args.criterion or [] if m in llm.METHODS and llm.METHODS[m].hessian]
+        defaults = [m for m in defaults if not llm.METHODS[m].prunes_in_place]
+        chosen = [m for m in args.criterion or [] if m in llm.METHODS and llm.METHODS[m].prunes_in_place]
         if chosen:
             raise UsageError(
                 f"--granularity global thresholds one score per weight; {chosen[0]} chooses its masks inside its "
