@@ -168,10 +168,16 @@ def check_method(method: object) -> Method:
 
 
 def register_method(method: Method, *, as_criterion: bool = True) -> Method:
-    """Adds `method` to METHODS under its name (llm.prune(method=name), the CLI). A LayerMethod is also
-    registered as a weight criterion of `ppf.score` (unless `as_criterion` is False, or a criterion of
-    that name exists: the built-in magnitude and Wanda have their own, which call the same code).
-    Returns the method."""
+    """Registers a method by its name.
+
+    Args:
+        method: a Method instance (checked by `check_method`); its name must be new.
+        as_criterion: a LayerMethod is also registered as a weight criterion of `ppf.score` and the
+            CLI, unless this is False or a criterion of that name exists (the built-in magnitude and
+            Wanda have their own, which call the same code).
+
+    Returns:
+        The method, now `METHODS[method.name]` (llm.prune(method=name), the CLI's --criterion)."""
     check_method(method)
     if method.name in METHODS:
         raise ValueError(f"a method named {method.name!r} is registered already")
@@ -182,7 +188,15 @@ def register_method(method: Method, *, as_criterion: bool = True) -> Method:
 
 
 def get_method(method: str | Method, **options: Any) -> Method:
-    """The method a name stands for (configured with the pipeline's options), or a Method as given."""
+    """The method a name stands for, or a Method as given.
+
+    Args:
+        method: a registered name or a Method instance.
+        options: the pipeline's keyword options (blocksize, percdamp) for a method given by name
+            (`Method.configured`).
+
+    Returns:
+        A checked Method instance."""
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")

@@ -27,8 +27,14 @@ def _holds_linear(module: nn.Module) -> bool:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(name, blocks): the blocks of `model`, the ModuleList or Sequential of same-class modules holding
-    nn.Linear layers with the most parameters. ValueError when there is none."""
+    """The blocks of a transformer: the ModuleList or Sequential of same-class modules holding nn.Linear
+    layers with the most parameters. ValueError when there is none.
+
+    Args:
+        model: any nn.Module.
+
+    Returns:
+        (name, blocks): the blocks' qualified name (`model.layers`) and the container."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     best: tuple[int, str, nn.ModuleList] | None = None
@@ -149,9 +155,17 @@ def capture_inputs(
     forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> BlockInputs:
     """Runs the model on each batch up to its first block, whose every argument is recorded (moved to
-    `device`) and the forward stopped there. A batch is token ids [b, T], run without a KV cache, or,
-    with `forward` (a callable (model, inputs), as the criteria API's), any inputs of the model: an
-    `(inputs, targets)` pair or bare inputs, passed to forward(model, inputs)."""
+    `device`) and the forward stopped there.
+
+    Args:
+        model: the model; first_block: its first block (`find_blocks(model)[1][0]`).
+        token_batches: batches of token ids [b, T] (run without a KV cache), or with `forward` any
+            inputs of the model: an `(inputs, targets)` pair or bare inputs.
+        device: where the captured arguments go.
+        forward: a callable (model, inputs), as the criteria API's.
+
+    Returns:
+        BlockInputs: per batch, the hidden states and every other argument of the first block's call."""
     captured = BlockInputs()
     extra = {"use_cache": False} if accepts(model, "use_cache") else {}
     where = input_device(model)
