@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -239,6 +240,16 @@ def _store(model, options: Options) -> tuple[nn.Module, MemoryStore | DiskStore]
     return open_disk_model(model)
 
 
+def _architecture(prefix: str, blocks: nn.ModuleList) -> str:
+    """A fingerprint of the blocks' structure: their container's name, count, and every parameter's
+    name, shape and dtype (ranks of group= must hold the same model)."""
+    digest = hashlib.sha1(f"{prefix} {len(blocks)}".encode())
+    for i, block in enumerate(blocks):
+        for n, p in block.named_parameters():
+            digest.update(f"{i}.{n} {tuple(p.shape)} {p.dtype}".encode())
+    return digest.hexdigest()
+
+
 def _resolve_device(device: str | torch.device | None, blocks: nn.ModuleList) -> torch.device:
     if device is None:
         if torch.cuda.is_available():
@@ -273,6 +284,33 @@ def _apply(linear: nn.Linear, keep: Tensor) -> None:
         linear.weight.masked_fill_(~keep.to(linear.weight.device), 0)
 
 
+class _Undo:
+    """The original Linear weights of every block an in-memory run has started to prune, on disk (one
+    safetensors file per block in a temporary directory, written before the block changes), so that a
+    run that fails — a NaN score, a Linear never called, a singular Hessian, Ctrl-C — gives the model
+    back as it was instead of half pruned. Costs one write of the blocks' Linear weights to the temporary
+    directory (TMPDIR); removed when the run ends."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.TemporaryDirectory(prefix="pyprune_undo_")
+        self.saved: list[int] = []
+
+    def save(self, i: int, block: nn.Module) -> None:
+        weights = {n: lin.weight.detach().cpu().contiguous() for n, lin in block_linears(block).items()}
+        save_file(weights, str(Path(self.directory.name) / f"block-{i:05d}.safetensors"))
+        self.saved.append(i)
+
+    def restore(self, blocks: nn.ModuleList) -> None:
+        with torch.no_grad():
+            for i in self.saved:
+                weights = load_file(str(Path(self.directory.name) / f"block-{i:05d}.safetensors"))
+                for n, lin in block_linears(blocks[i]).items():
+                    lin.weight.copy_(weights[n].to(lin.weight.device))
+
+    def close(self) -> None:
+        self.directory.cleanup()
+
+
 def _mapped(file: Path, numel: int) -> Tensor:
     """A float32 score file as a tensor backed by the file (pages read on demand, never written)."""
     return torch.from_file(str(file), shared=False, size=numel, dtype=torch.float32)
@@ -292,6 +330,7 @@ class Run:
         self.compute = torch.device("cpu")
         self.result: PruneResult | None = None
         self.disable = None if plan.options.progress is None else not plan.options.progress
+        self.undo: _Undo | None = None
 
     @classmethod
     def start(cls, model, calibration: Tensor | None, options: Options, comm: Communicator | None) -> Run:
@@ -312,9 +351,14 @@ class Run:
         record = plan.record(run.windows)
         if comm is not None:
             out = None if options.out is None else str(Path(options.out).resolve())
-            ours = {**record, "offload": options.offload, "out": out}
+            ours = {**record, "offload": options.offload, "out": out, "model": _architecture(prefix, blocks)}
             theirs = comm.all_gather_object(ours)
             differ = sorted({k for other in theirs for k in ours if other[k] != ours[k]})
+            if "model" in differ:
+                raise ValueError(
+                    "group=: the ranks hold different models (their blocks' count, parameter names, shapes or dtypes "
+                    "differ): every rank must load the same model"
+                )
             if differ:
                 raise ValueError(f"group=: the ranks called prune with different {', '.join(differ)}")
             if run.windows is not None:
@@ -350,11 +394,20 @@ class Run:
         """Runs the plan: the sequential run (with OWL's pre-pass) or the global one; then the peaks."""
         if self.compute.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.compute)
-        with eval_mode(self.model), torch.no_grad():
-            if self.plan.granularity == "global":
-                self.whole_model()
-            else:
-                self.sequential()
+        self.undo = None if self.store.disk else _Undo()  # a disk run never changes its input
+        try:
+            with eval_mode(self.model), torch.no_grad():
+                if self.plan.granularity == "global":
+                    self.whole_model()
+                else:
+                    self.sequential()
+        except BaseException:
+            if self.undo is not None:
+                self.undo.restore(self.blocks)
+            raise
+        finally:
+            if self.undo is not None:
+                self.undo.close()
         if self.store.disk and self.store.writer:
             self.store.finish()
         if self.compute.type == "cuda":
@@ -440,7 +493,8 @@ class Run:
         for group in [[n] for n in names] if method.per_layer else [names]:
             scores = self.scores(block, group)
             for n in group:
-                _apply(block.linears[n], keep_mask(n, scores.pop(n), block.pattern, block.fraction, granularity))
+                keep = keep_mask(block.qualified(n), scores.pop(n), block.pattern, block.fraction, granularity)
+                _apply(block.linears[n], keep)
 
     def memory(self, block: Block, collector: StatsCollector | None) -> MemoryEstimate:
         """The peak-memory estimate of one block's step (module docstring's formula)."""
@@ -459,15 +513,26 @@ class Run:
         return MemoryEstimate(params, activations, statistics, forward, workspace)
 
     def record(self, i: int) -> None:
-        """The measured sparsity of every Linear weight of block i into the result."""
-        for n, lin in block_linears(self.blocks[i]).items():
+        """The measured sparsity of every Linear weight of block i into the result, and the block's other
+        weight matrices (2-D or more: experts stored as 3-D tensors, routers), which stay dense."""
+        linears = block_linears(self.blocks[i])
+        for n, lin in linears.items():
             name = f"{self.prefix}.{i}.{n}.weight"
             self.result.layer_numel[name] = lin.weight.numel()
             self.result.layer_sparsity[name] = int((lin.weight == 0).sum()) / lin.weight.numel()
+        pruned = {id(lin.weight) for lin in linears.values()}
+        for n, p in self.blocks[i].named_parameters():
+            if p.dim() >= 2 and id(p) not in pruned:
+                self.result.left_dense[f"{self.prefix}.{i}.{n}"] = p.numel()
 
     def _rerun(self, i: int, inputs: BlockInputs) -> None:
         for j in range(len(inputs)):
             inputs.hidden[j] = inputs.run(self.blocks[i], j)
+
+    def _changing(self, i: int) -> None:
+        """Block i is about to be pruned: its weights go to the undo log first (in-memory runs)."""
+        if self.undo is not None:
+            self.undo.save(i, self.blocks[i])
 
     def _keep_peak(self, estimate: MemoryEstimate) -> None:
         if self.result.memory is None or estimate.total > self.result.memory.total:
@@ -494,6 +559,7 @@ class Run:
                 self._replay(i, inputs)
                 continue
             with store.block(i, module, write=True):
+                self._changing(i)
                 with _on(module, self.compute):
                     self._keep_peak(self.run_block(i, fractions[i], inputs))
                     if self.compute.type == "cuda":
@@ -643,6 +709,7 @@ class Run:
                 local_counts = torch.tensor([less, equal], dtype=torch.int64)
                 keep = ops.threshold_masks([scores], value, local_counts, less + take)[0]
             with self.store.block(i, module, write=True):
+                self._changing(i)
                 offset = 0
                 for lin in block_linears(module).values():
                     n = lin.weight.numel()
@@ -762,6 +829,7 @@ def scores(
     calibration: Tensor | None = None,
     *,
     method: str | Method = DEFAULT_METHOD,
+    sparsity: float = 0.5,
     num_samples: int = 128,
     seq_len: int = 2048,
     batch_size: int = 1,
@@ -776,18 +844,25 @@ def scores(
         model: the causal LM.
         calibration, num_samples, seq_len, batch_size, device, progress, forward: as for `prune`.
         method: a method with a score per weight (magnitude, wanda, snip, refer, afr, feature_l1, or a
-            Method object); the block-local snip's candidate masks are taken at 50 % per layer.
+            Method object).
+        sparsity: the fraction the scores are for. Only methods whose scores depend on the target
+            read it: the block-local snip and afr take their candidate masks (magnitude, per layer) at
+            this sparsity; the others' scores are the same at every sparsity.
 
     Returns:
         {parameter name: float32 score} (higher = more important), for `pyprune_fast.masks` or another
-        tool. prune(granularity="global") at sparsity 0.5 prunes by masks.global_unstructured over
-        exactly these scores."""
+        tool. prune(granularity="global", sparsity=s) prunes by masks.global_unstructured(scores, s)
+        over exactly the scores of scores(..., sparsity=s), for every method and every s."""
     chosen = get_method(method)
     if chosen.prunes_in_place:
         raise ValueError(f"{chosen.name} has no score per weight (it chooses its masks inside its own solve)")
+    if isinstance(sparsity, (str, tuple)):
+        raise ValueError(
+            f"sparsity must be a fraction in [0, 1] (scores are for unstructured targets), got {sparsity!r}"
+        )
     options = Options(
         method=chosen,
-        sparsity=0.5,
+        sparsity=sparsity,
         granularity="global",
         num_samples=num_samples,
         seq_len=seq_len,

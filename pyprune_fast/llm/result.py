@@ -36,10 +36,11 @@ def _size(nbytes: float) -> str:
 @dataclass
 class PruneResult:
     """What a `prune` run did: targets, the measured sparsity of every pruned Linear weight (fraction of
-    zeros, by parameter name), the target sparsity of each block (non-uniform with OWL; measured for
-    global sparsity), times, the peak-memory estimate (and the measured peak on a CUDA device, and
-    the process's peak RSS), and for offload="disk" the output checkpoint and the blocks a resumed
-    run found finished."""
+    zeros, by parameter name), every weight matrix of the blocks it left dense (`left_dense`: numel by
+    parameter name; the sparsity figures do not count them), the target sparsity of each block
+    (non-uniform with OWL; measured for global sparsity), times, the peak-memory estimate (and the
+    measured peak on a CUDA device, and the process's peak RSS), and for offload="disk" the output
+    checkpoint and the blocks a resumed run found finished."""
 
     method: str
     sparsity: str
@@ -60,10 +61,19 @@ class PruneResult:
     resumed_blocks: int = 0
 
     layer_numel: dict[str, int] = field(default_factory=dict)
+    left_dense: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def left_dense_fraction(self) -> float:
+        """The share of the blocks' weight matrices (parameters of 2 or more dimensions) that the run left
+        dense because they are not nn.Linear weights: mixture-of-experts experts stored as 3-D tensors,
+        routers, packed parameters of custom modules."""
+        pruned, dense = sum(self.layer_numel.values()), sum(self.left_dense.values())
+        return dense / max(pruned + dense, 1)
 
     @property
     def overall_sparsity(self) -> float:
-        """Fraction of zeros over every pruned weight."""
+        """Fraction of zeros over every pruned weight (those in `layer_sparsity`; `left_dense` not counted)."""
         total = sum(self.layer_numel.values())
         return sum(s * self.layer_numel[n] for n, s in self.layer_sparsity.items()) / max(total, 1)
 
@@ -81,6 +91,13 @@ class PruneResult:
             if self.num_samples
             else "no calibration data",
         ]
+        if self.left_dense:
+            names = list(self.left_dense)
+            shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+            lines.append(
+                f"left dense (not nn.Linear weights): {len(names)} block parameters, "
+                f"{100 * self.left_dense_fraction:.1f} % of the blocks' weights: {shown}"
+            )
         if self.memory is not None:
             lines.append(f"peak memory {self.memory}")
         if self.peak_device_bytes is not None:

@@ -191,12 +191,18 @@ class SparseGPT(Method):
             if comm is not None and g % comm.size != comm.rank:
                 continue  # over ranks: each input group solved by one rank, its weights broadcast below
             shared = block.stats[names[0]]
-            factor = inverse_factor(shared.hessian(), self.percdamp)
+            try:
+                factor = inverse_factor(shared.hessian(), self.percdamp)
+            except ValueError as error:
+                raise ValueError(f"{', '.join(block.qualified(n) for n in names)}: {error}") from error
             shared.xtx = None
             for n in names:
                 weight = block.linears[n].weight
                 pruned = (weight == 0) if block.nested else None
-                prune_(weight, factor, block.pattern, block.fraction, granularity, self.blocksize, pruned=pruned)
+                try:
+                    prune_(weight, factor, block.pattern, block.fraction, granularity, self.blocksize, pruned=pruned)
+                except ValueError as error:
+                    raise ValueError(f"{block.qualified(n)}: {error}") from error
             del factor
         if comm is not None:
             for g, names in enumerate(groups.values()):

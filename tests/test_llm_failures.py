@@ -1,0 +1,152 @@
+"""What llm.prune guarantees when a run fails or the model is not what it expects: an in-memory run that
+raises (a NaN, a Linear never called, Ctrl-C) gives the model back as it was; errors name the full
+parameter; weight matrices that are not nn.Linear (mixture-of-experts experts stored as 3-D tensors)
+are listed as left dense, not counted as pruned; ranks holding different models are refused on every
+rank; the global run equals masks.global_unstructured over llm.scores at every sparsity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pyprune_fast import llm, masks
+from tests.test_llm_models import VOCAB, tiny_causal_lm
+from tests.test_llm_pipeline import BATCH, N_SAMPLES, SEQ_LEN, block_weights, calibration
+from tests.worlds import run_world
+
+transformers = pytest.importorskip("transformers")
+
+OPTIONS = {"num_samples": N_SAMPLES, "seq_len": SEQ_LEN, "batch_size": BATCH, "progress": False}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(before, model):
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v.view(torch.uint8) if v.is_floating_point() else v, after[k].view(torch.uint8)
+                           if after[k].is_floating_point() else after[k]), k  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt"])
+def test_a_nan_weight_leaves_the_model_as_it_was_and_names_the_parameter(method):
+    model = tiny_causal_lm("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\b.*(NaN|non-finite)"):
+        llm.prune(model, calibration(), method=method, sparsity=0.5, **OPTIONS)
+    assert_same(before, model)  # block 0 was pruned before block 1 failed: it is back
+
+
+def test_a_linear_never_called_leaves_the_model_as_it_was():
+    model = tiny_causal_lm("llama")
+    model.model.layers[1].mlp.forward = lambda x: torch.zeros_like(x)  # gate/up/down never called
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"not called in its forward: \['model\.layers\.1\.mlp\.gate_proj'"):
+        llm.prune(model, calibration(), method="wanda", sparsity=0.5, **OPTIONS)
+    assert_same(before, model)
+
+
+def test_an_interrupt_leaves_the_model_as_it_was(monkeypatch):
+    from pyprune_fast.llm import pipeline
+
+    model = tiny_causal_lm("llama")
+    before = snapshot(model)
+    real = pipeline.Run.record
+
+    def interrupt(self, i):
+        real(self, i)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Run, "record", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.prune(model, calibration(), method="sparsegpt", sparsity="2:4", **OPTIONS)
+    assert_same(before, model)
+
+
+def test_a_successful_run_leaves_no_undo_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    llm.prune(tiny_causal_lm("llama"), calibration(), method="wanda", **OPTIONS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def tiny_mixtral():
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_weights_that_are_not_linear_are_listed_as_left_dense():
+    model = tiny_mixtral()
+    experts = {n: p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.") and p.dim() >= 2}
+    linear = {n: w.numel() for n, w in block_weights(model).items()}
+    result = llm.prune(model, calibration(), method="wanda", sparsity=0.5, **OPTIONS)
+    assert set(result.left_dense) == set(experts) - set(linear)
+    assert any("experts" in n for n in result.left_dense)
+    dense = sum(result.left_dense.values())
+    assert result.left_dense_fraction == pytest.approx(dense / (dense + sum(linear.values())))
+    assert result.left_dense_fraction > 0.5  # the experts hold most of a Mixtral block's weights
+    assert result.overall_sparsity == pytest.approx(0.5)  # over what was pruned, and only that
+    for name in result.left_dense:
+        assert int((model.get_parameter(name) == 0).sum()) == 0, name
+    assert "left dense (not nn.Linear weights): " in result.summary()
+    assert llm.prune(tiny_causal_lm("llama"), method="magnitude", progress=False).left_dense == {}
+
+
+@pytest.mark.parametrize("method", ["snip", "afr"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.7])
+def test_global_sparsity_equals_masks_over_the_scores_at_every_sparsity(method, sparsity):
+    model = tiny_causal_lm("llama")
+    dense = {n: w.detach().clone() for n, w in block_weights(model).items()}
+    scores = llm.scores(model, calibration(), method=method, sparsity=sparsity, **OPTIONS)
+    want = masks.global_unstructured(scores, sparsity)
+    llm.prune(model, calibration(), method=method, sparsity=sparsity, granularity="global", **OPTIONS)
+    got = block_weights(model)
+    for name, keep in want.items():
+        assert torch.equal(got[name], dense[name] * keep), name
+
+
+def test_scores_take_only_a_fraction():
+    with pytest.raises(ValueError, match="sparsity must be a fraction in"):
+        llm.scores(tiny_causal_lm("llama"), calibration(), method="snip", sparsity="2:4", **OPTIONS)
+
+
+def _job(rank: int, world: int):
+    def different():
+        model = tiny_causal_lm("llama")
+        if rank == 1:
+            config = model.config
+            config.intermediate_size = 48
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        return llm.prune(model, calibration(), method="wanda", group=dist.group.WORLD, **OPTIONS)
+
+    yield "different", different
+
+
+JOBS = {"models": _job}
+
+
+def test_ranks_holding_different_models_are_refused_on_every_rank(tmp_path):
+    ranks = run_world(__name__, "models", 2, tmp_path)
+    for r in ranks:
+        assert r["different"][:2] == ("error", "ValueError"), r
+        assert "the ranks hold different models" in r["different"][2]
