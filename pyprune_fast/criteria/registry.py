@@ -56,8 +56,17 @@ _CHANNEL_OPTIONS = [
 
 
 def criterion(*, needs: Iterable[str] = (), kind: str = "weight") -> Callable[[Callable], Callable]:
-    """Registers `fn` under its name as a public criterion of the given kind, which needs `needs`
-    ("data": calibration batches, "loss": a loss on them, "input": an input shape or tensor batches)."""
+    """A decorator that registers `fn` under its name as a public criterion.
+
+    Args:
+        needs: what it needs besides the weights, a subset of NEEDS ("data": calibration batches,
+            "loss": a loss on them, "input": an input shape or tensor batches).
+        kind: "weight" (`fn(job, **options) -> [score per scored parameter]`) or "channel"
+            (`fn(request, **options) -> {layer name: (C,) score}`).
+
+    Returns:
+        The decorator; it returns the public criterion (module docstring's signature), which is also
+        `CRITERIA[fn.__name__]`."""
     needs = frozenset(needs)
     if not needs <= NEEDS.keys():
         raise ValueError(f"needs must be a subset of {sorted(NEEDS)}, got {sorted(needs)}")
@@ -136,7 +145,13 @@ def _run_channel(fn, model, data, *, options, **shared) -> dict[str, Tensor]:
 
 
 def of_kind(kind: str) -> dict[str, Callable[..., dict[str, Tensor]]]:
-    """The registered criteria of one kind ("weight" or "channel"), in registration order."""
+    """The registered criteria of one kind.
+
+    Args:
+        kind: "weight" or "channel".
+
+    Returns:
+        {name: public criterion}, in registration order."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return {name: c for name, c in CRITERIA.items() if c.kind == kind}
