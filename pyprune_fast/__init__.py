@@ -14,12 +14,13 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from . import criteria, distributed, masks, ops, schedule, sparse, structured
+from ._version import __version__ as __version__
+from .errors import UsageError
 from .io import load_masks, mask_metadata, save_masks
 from .masks import apply_masks
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "UsageError",
     "apply_masks",
     "backend_info",
     "criteria",

