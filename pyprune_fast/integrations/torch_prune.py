@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from .. import ops
+from .. import _compat, ops
 
 
 def _unpruned_scores(importance: list[Tensor], masks: list[Tensor | None]) -> list[Tensor]:
@@ -101,8 +101,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     masks = [getattr(module, name + "_mask", None) for module, name in parameters]
     candidates = _unpruned_scores(importance, masks)
     competing = sum(c.numel() for c in candidates)
-    count = prune._compute_nparams_toprune(method.amount, competing)
-    prune._validate_pruning_amount(count, competing)
+    count = _compat.prune_amount(method.amount, competing)
     if count == 0:
         keeps = [torch.ones_like(c, dtype=torch.bool) for c in candidates]
     else:
