@@ -82,6 +82,8 @@ class Options:
         batch_size: images or sequences per batch read from the files, >= 1.
         seq_len: tokens per text sequence, >= 1.
         argv: the command line, recorded in the reports.
+
+    Derived when validated: `llm`, whether the model is a causal LM (pruned block by block).
     """
 
     model: str | None = None
@@ -95,6 +97,7 @@ class Options:
     batch_size: int = DEFAULT_BATCH_SIZE
     seq_len: int = DEFAULT_SEQ_LEN
     argv: list[str] = field(default_factory=list)
+    llm: bool = field(init=False, default=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, argv: list[str]):
@@ -103,7 +106,7 @@ class Options:
         Raises:
             UsageError: see `validate`.
         """
-        names = {f.name for f in fields(cls)} - {"argv"}
+        names = {f.name for f in fields(cls) if f.init} - {"argv"}
         return cls(**{k: v for k, v in vars(args).items() if k in names}, argv=list(argv))
 
     def __post_init__(self) -> None:
@@ -202,6 +205,9 @@ class PruneOptions(Options):
         samples, eval_tokens: causal LMs' calibration sequences and held-out tokens, >= 1.
         offload: "disk": stream a causal LM from its checkpoint; None: in memory.
         resume: continue an offloaded run.
+
+    Derived when validated: `refinement`; for causal LMs `methods` and `targets` (fractions and
+    "2:4"), for the other models `criteria`, `sparsities` and `granularity` (its default filled in).
     """
 
     sparsity: list[float] | None = None
@@ -216,6 +222,11 @@ class PruneOptions(Options):
     eval_tokens: int = 8192
     offload: str | None = None
     resume: bool = False
+    refinement: Refinement = field(init=False, default_factory=Refinement)
+    criteria: list[str] = field(init=False, default_factory=list)
+    sparsities: list[float] = field(init=False, default_factory=list)
+    methods: list[str] = field(init=False, default_factory=list)
+    targets: list[float | str] = field(init=False, default_factory=list)
 
     def validate(self) -> None:
         super().validate()
