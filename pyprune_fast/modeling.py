@@ -293,3 +293,90 @@ def restored(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[N
         with torch.no_grad():
             for k, v in state.items():
                 v.copy_(saved[k])
+
+
+def _view_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear whose weight (and bias) are Parameters on the storage of the given slices: writes to
+    the Linear's weight (pruning in place) are writes to the tensor the slices come from."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    return linear
+
+
+class UnpackedAttention(nn.Module):
+    """nn.MultiheadAttention as separate q_proj, k_proj, v_proj Linears (views of its packed
+    in_proj_weight and in_proj_bias: pruning one prunes the packed weight in place) and its own out_proj,
+    each called as a module so that hooks see their inputs and outputs. The same attention up to float
+    rounding (three products instead of one), in eval mode; masks and attention dropout are refused."""
+
+    def __init__(self, attention: nn.MultiheadAttention, name: str) -> None:
+        super().__init__()
+        packed = attention.in_proj_weight is not None and attention.kdim == attention.vdim == attention.embed_dim
+        if not packed or attention.bias_k is not None or attention.add_zero_attn:
+            raise ValueError(
+                f"{name}: an nn.MultiheadAttention with separate kdim/vdim, bias_k/bias_v or add_zero_attn is not "
+                "supported by the block pipeline (its packed in_proj_weight would not be pruned)"
+            )
+        e, weight, bias = attention.embed_dim, attention.in_proj_weight, attention.in_proj_bias
+        for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            rows = slice(i * e, (i + 1) * e)
+            setattr(self, proj, _view_linear(weight[rows], None if bias is None else bias[rows]))
+        self.out_proj = attention.out_proj
+        self.heads, self.batch_first, self.name = attention.num_heads, attention.batch_first, name
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise ValueError(f"{self.name}: attention masks are not supported by the block pipeline's unpacking")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, t, e = query.shape
+        h = self.heads
+
+        def split(x: Tensor) -> Tensor:
+            return x.reshape(b, -1, h, e // h).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value))
+        weights = None
+        if need_weights:
+            attn = torch.softmax((q @ k.transpose(-2, -1)) * (e // h) ** -0.5, dim=-1)
+            out = attn @ v
+            weights = attn.mean(1) if average_attn_weights else attn
+        else:
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, t, e))
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+@contextlib.contextmanager
+def unpacked_attention(model: nn.Module) -> Iterator[None]:
+    """Every nn.MultiheadAttention of the model replaced by its UnpackedAttention for the duration (so that
+    its q/k/v/out projections are four Linears of the block, pruned in place through views of the packed
+    weight), then put back. ValueError, with the model unchanged, for an attention it cannot unpack."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not found:
+        yield
+        return
+    replacements = [UnpackedAttention(m, n) for n, m in found]
+    parents = []
+    for (name, attention), unpacked in zip(found, replacements):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parents.append((parent, child, attention))
+        setattr(parent, child, unpacked)
+    try:
+        yield
+    finally:
+        for parent, child, attention in parents:
+            setattr(parent, child, attention)

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import masks
-from ..llm import methods, sparsegpt
+from ..criteria.wanda import wanda_score
+from ..llm import sparsegpt
 from ..llm.sparsity import parse_sparsity
 from .harness import Case
 
@@ -147,11 +148,11 @@ def published_wanda(
 
 
 def ours_wanda(weights: dict[str, Tensor], norms: dict[str, Tensor], sparsity: float = 0.5) -> dict[str, Tensor]:
-    """The pipeline's Wanda step: llm.methods.wanda_score, then the fused per-row selection
+    """The pipeline's Wanda step: criteria.wanda.wanda_score, then the fused per-row selection
     (masks.per_row), one Linear at a time as llm.prune does. Returns keep-masks."""
     out = {}
     for name, w in weights.items():
-        out.update(masks.per_row({name: methods.wanda_score(w, norms[name])}, sparsity))
+        out.update(masks.per_row({name: wanda_score(w, norms[name].unsqueeze(0))}, sparsity))
     return out
 
 

@@ -19,12 +19,20 @@ from .engine import Job, as_float32
 from .registry import criterion
 
 
-def _l1_objective(features: list[Tensor]) -> Tensor:
+def l1_objective(features: list[Tensor]) -> Tensor:
+    """Σ_l ‖F^l‖₁ (feature_l1's objective)."""
     return sum(f.float().abs().sum() for f in features)
 
 
-def _refer_objective(features: list[Tensor]) -> Tensor:
-    return ops.svd_mean_list([f.reshape(f.shape[0], -1) for f in features]).sum()
+def refer_objective(features: list[Tensor], rows: str = "samples") -> Tensor:
+    """Σ_l mean σ(F^l) (ReFer's objective), F^l viewed as a matrix whose rows are the samples of the batch
+    (rows="samples": [N, -1], the criterion's definition) or every token of every sample (rows="tokens":
+    [N·T, D], the block-local form of llm.local, where a batch may hold a single sequence)."""
+    if rows == "samples":
+        return ops.svd_mean_list([f.reshape(f.shape[0], -1) for f in features]).sum()
+    if rows == "tokens":
+        return ops.svd_mean_list([f.reshape(-1, f.shape[-1]) for f in features]).sum()
+    raise ValueError(f"rows must be 'samples' or 'tokens', got {rows!r}")
 
 
 def feature_gradients(
@@ -61,7 +69,7 @@ def feature_l1(job: Job) -> list[Tensor]:
     by iteratively conserving synaptic flow", NeurIPS), S = (∂R/∂w) ⊙ w, with R the total L1 mass of
     the layers' features on real data instead of SynFlow's all-ones input. It came to this project
     without a published source, and none could be found; cite it as this toolkit's criterion."""
-    grads, _ = feature_gradients(job, _l1_objective)
+    grads, _ = feature_gradients(job, l1_objective)
     scores, _ = ops.saliency(grads, as_float32(job.tensors))
     return scores
 
@@ -74,12 +82,14 @@ def refer(job: Job) -> list[Tensor]:
     large nuclear norm per direction) are kept. It came to this project without a published source,
     and none could be found (the nearest published work: HRank, Lin et al. 2020, ranks feature maps
     per channel); cite it as this toolkit's criterion."""
-    grads, _ = feature_gradients(job, _refer_objective)
+    grads, _ = feature_gradients(job, refer_objective)
     scores, _ = ops.saliency(grads, as_float32(job.tensors))
     return scores
 
 
-def _standardized(scores: list[Tensor], stats: ops.Stats, what: str) -> list[Tensor]:
+def standardized(scores: list[Tensor], stats: ops.Stats, what: str) -> list[Tensor]:
+    """z(s) = (s − mean) / std over all the scores together (population std; z = 0 where std = 0), mean
+    and std from the fused saliency op's statistics; ValueError on non-finite scores (AFR's z-scores)."""
     if stats.nonfinite.item() > 0:
         raise ValueError(
             f"afr: the {what} scores hold {int(stats.nonfinite.item())} non-finite values "
@@ -98,10 +108,10 @@ def afr(job: Job) -> list[Tensor]:
     One forward per batch serves both gradients; the mean and std come from the fused saliency op's
     statistics. Like ReFer it came to this project without a published source, and none could be
     found; cite it as this toolkit's criterion."""
-    feat_grads, loss_grads = feature_gradients(job, _refer_objective, with_loss=True)
+    feat_grads, loss_grads = feature_gradients(job, refer_objective, with_loss=True)
     weights = as_float32(job.tensors)
     refer_scores, refer_stats = ops.saliency(feat_grads, weights)
     snip_scores, snip_stats = ops.saliency(loss_grads, weights)
-    z_refer = _standardized(refer_scores, refer_stats, "ReFer")
-    z_snip = _standardized(snip_scores, snip_stats, "SNIP")
+    z_refer = standardized(refer_scores, refer_stats, "ReFer")
+    z_snip = standardized(snip_scores, snip_stats, "SNIP")
     return _compat.foreach_add(z_refer, z_snip)

@@ -1,5 +1,7 @@
 """Wanda (Sun, Liu, Bair and Kolter 2024, "A Simple and Effective Pruning Approach for Large Language
-Models", ICLR): weight magnitude times input activation norm."""
+Models", ICLR): weight magnitude times input activation norm, as a registry criterion (Linear and
+Conv layers of any model) and as a method of the block pipeline (per row, the paper's granularity);
+both call `wanda_score`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,15 @@ from torch import Tensor, nn
 
 from ..modeling import PRUNABLE_MODULES, capture_inputs, observable_attention
 from .engine import Job
+from .input_stats import InputStats
+from .method import LayerMethod, register_method
 from .registry import criterion
+
+
+def wanda_score(weight: Tensor, scale: Tensor) -> Tensor:
+    """S_ij = |W_ij| · ‖X_j‖₂ in float32 (one new tensor): `scale` holds ‖X_j‖₂ arranged to broadcast
+    against the weight (`_input_scale`)."""
+    return weight.detach().to(torch.float32, copy=True).abs_().mul_(scale)
 
 
 def _weight_owners(job: Job) -> dict[str, nn.Module]:
@@ -80,5 +90,19 @@ def wanda(job: Job) -> list[Tensor]:
         mname, module = owners[pname]
         if mname not in sums:
             raise ValueError(f"wanda: layer {mname!r} (owner of {pname!r}) was not called in the forward pass")
-        scores.append(p.detach().abs().float() * _input_scale(module, sums[mname].sqrt()))
+        scores.append(wanda_score(p, _input_scale(module, sums[mname].sqrt())))
     return scores
+
+
+class Wanda(LayerMethod):
+    """S_ij = |W_ij| · ‖X_j‖₂ per Linear, ‖X_j‖ over every calibration token; pruned per output row."""
+
+    name = "wanda"
+    granularity = "row"
+    observes = frozenset({"norms"})
+
+    def score_layer(self, weight: Tensor, stats: InputStats | None) -> Tensor:
+        return wanda_score(weight, stats.norms().to(weight.device).unsqueeze(0))
+
+
+register_method(Wanda(), as_criterion=False)

@@ -1,8 +1,9 @@
-"""Decoder blocks of a causal LM, found generically, and the calibration inputs of the first one.
+"""The blocks of a transformer, found generically, and the calibration inputs of the first one.
 
-Blocks: the model's `nn.ModuleList` of identical modules that hold Linear layers (Llama/Mistral/Qwen2
-`model.layers`, GPT-NeoX `gpt_neox.layers`, OPT `model.decoder.layers`, ...); among several such
-lists, the one with the most parameters. Inputs: a forward pre-hook (with kwargs) on block 0 records
+Blocks: the model's `nn.ModuleList` (or `nn.Sequential`) of identical modules that hold Linear layers
+(Llama/Mistral/Qwen2 `model.layers`, GPT-NeoX `gpt_neox.layers`, OPT `model.decoder.layers`, BERT and
+Hugging Face ViT/DINOv2/CLIP `encoder.layer(s)`, timm `blocks`, torchvision ViT `encoder.layers`, ...);
+among several such lists, the one with the most parameters. Inputs: a forward pre-hook (with kwargs) on block 0 records
 exactly what the model passes to it — hidden states, attention mask, position ids, rotary position
 embeddings, cache position, whatever the architecture uses — and raises a sentinel to stop the forward
 there, so nothing is rebuilt per architecture and nothing past the first block runs.
@@ -11,14 +12,14 @@ there, so nothing is rebuilt per architecture and nothing past the first block r
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..modeling import first_tensor, to_device
+from ..modeling import first_tensor, split_batch, to_device
 
 
 def _holds_linear(module: nn.Module) -> bool:
@@ -26,13 +27,19 @@ def _holds_linear(module: nn.Module) -> bool:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(name, blocks): the decoder blocks of `model`, the ModuleList of same-class modules holding
-    nn.Linear layers with the most parameters. ValueError when there is none."""
+    """The blocks of a transformer: the ModuleList or Sequential of same-class modules holding nn.Linear
+    layers with the most parameters. ValueError when there is none.
+
+    Args:
+        model: any nn.Module.
+
+    Returns:
+        (name, blocks): the blocks' qualified name (`model.layers`) and the container."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
         if len(kinds) != 1 or not all(_holds_linear(child) for child in module):
@@ -42,8 +49,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             best = (size, name, module)
     if best is None:
         raise ValueError(
-            f"found no decoder blocks in {type(model).__name__}: expected an nn.ModuleList of identical "
-            "modules that contain nn.Linear layers (the model's decoder layers)"
+            f"found no decoder blocks in {type(model).__name__}: expected an nn.ModuleList (or nn.Sequential) of "
+            "identical modules that contain nn.Linear layers (the model's decoder or encoder layers)"
         )
     return best[1], best[2]
 
@@ -140,13 +147,34 @@ def input_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, first_block: nn.Module, token_batches: Iterable[Tensor], device: torch.device
+    model: nn.Module,
+    first_block: nn.Module,
+    token_batches: Iterable[Any],
+    device: torch.device,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> BlockInputs:
-    """Runs the model on each batch of token ids [b, T] (without a KV cache) up to its first decoder
-    block, whose every argument is recorded (moved to `device`) and the forward stopped there."""
+    """Runs the model on each batch up to its first block, whose every argument is recorded (moved to
+    `device`) and the forward stopped there.
+
+    Args:
+        model: the model; first_block: its first block (`find_blocks(model)[1][0]`).
+        token_batches: batches of token ids [b, T] (run without a KV cache), or with `forward` any
+            inputs of the model: an `(inputs, targets)` pair or bare inputs.
+        device: where the captured arguments go.
+        forward: a callable (model, inputs), as the criteria API's.
+
+    Returns:
+        BlockInputs: per batch, the hidden states and every other argument of the first block's call."""
     captured = BlockInputs()
     extra = {"use_cache": False} if accepts(model, "use_cache") else {}
     where = input_device(model)
+
+    def run(batch: Any) -> None:
+        if forward is None:
+            model(input_ids=batch.to(where), **extra)
+        else:
+            forward(model, to_device(split_batch(batch)[0], where))
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         captured.add(args, kwargs, device)
@@ -154,12 +182,12 @@ def capture_inputs(
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for ids in token_batches:
+        for batch in token_batches:
             try:
-                model(input_ids=ids.to(where), **extra)
+                run(batch)
             except _Stop:
                 continue
-            raise RuntimeError("the model's forward returned without calling its first decoder block")
+            raise RuntimeError("the model's forward returned without calling its first block")
     finally:
         handle.remove()
     return captured

@@ -13,7 +13,9 @@ inputs) — no gradient through the whole model. F_l is the output of Linear l o
                 F_l [tokens, D_l] (the spectrum of the block's features, ops.svd_mean_list)
     afr         z(refer) + z(snip), each z-scored over all of the block's Linear weights together
 
-The products |g ⊙ w| and their statistics come from the fused saliency op (ops.saliency)."""
+The products |g ⊙ w| and their statistics come from the fused saliency op (ops.saliency); the feature
+objectives and AFR's z-scores are the registry criteria's (criteria.feature). Each criterion is a
+`BlockLocal` method of the pipeline's protocol (criteria.method)."""
 
 from __future__ import annotations
 
@@ -26,16 +28,18 @@ from torch.func import functional_call
 from .. import ops
 from ..criteria.backward import RunningSum
 from ..criteria.engine import as_float32
+from ..criteria.feature import l1_objective, refer_objective, standardized
+from ..criteria.magnitude import magnitude_score
+from ..criteria.method import Block, Method
 from ..modeling import capture_outputs, first_tensor, preserved
 from .blocks import BlockInputs
+from .sparsity import keep_mask
 
 CRITERIA = ("snip", "feature_l1", "refer", "afr")
 
 
 def _feature_objective(kind: str, features: list[Tensor]) -> Tensor:
-    if kind == "feature_l1":
-        return sum(f.float().abs().sum() for f in features)
-    return ops.svd_mean_list([f.reshape(-1, f.shape[-1]) for f in features]).sum()
+    return l1_objective(features) if kind == "feature_l1" else refer_objective(features, rows="tokens")
 
 
 def _gradients(
@@ -65,12 +69,6 @@ def _gradients(
             value = objective(j, out, [seen[n] for n in names])
             total.backward(value)
     return total.value() if comm is None else comm.all_reduce_sum_(total.value())
-
-
-def _zscore(scores: list[Tensor], stats: ops.Stats) -> list[Tensor]:
-    mean, std = stats.mean().float(), stats.std().float()
-    inv = torch.where(std > 0, 1.0 / std, torch.zeros_like(std))
-    return [(s - mean) * inv for s in scores]
 
 
 def block_scores(
@@ -111,9 +109,37 @@ def block_scores(
             out[kind] = _gradients(block, inputs, linears, dense, feature, comm)
     if criterion == "afr":
         z = []
-        for grads in (out["refer"], out["snip"]):
+        for what, grads in (("ReFer", out["refer"]), ("SNIP", out["snip"])):
             scores, stats = ops.saliency(grads, weights)
-            z.append(_zscore(scores, stats))
+            z.append(standardized(scores, stats, what))
         return dict(zip(names, torch._foreach_add(z[0], z[1])))
     scores, _ = ops.saliency(out[criterion], weights)
     return dict(zip(names, scores))
+
+
+class BlockLocal(Method):
+    """A block-local criterion (module docstring) as a method of the pipeline: the block's dense outputs
+    are kept as targets, the scores come from gradients on the block alone, and snip's (and afr's)
+    candidate mask is magnitude at the block's own pattern, fraction and granularity (per layer for
+    N:M and global runs)."""
+
+    keeps_targets = True
+
+    def __init__(self, name: str) -> None:
+        if name not in CRITERIA:
+            raise ValueError(f"unknown block-local criterion {name!r}; valid: {CRITERIA}")
+        self.name = name
+
+    def score(self, block: Block, names: list[str] | None = None) -> dict[str, Tensor]:
+        granularity = "layer" if block.granularity in (None, "global") else block.granularity
+
+        def candidate(name: str, weight: Tensor) -> Tensor:
+            return keep_mask(name, magnitude_score(weight), block.pattern, block.fraction, granularity)
+
+        scores = block_scores(
+            self.name, block.module, block.inputs, block.linears, block.targets, candidate, block.comm
+        )
+        return scores if names is None else {n: scores[n] for n in names}
+
+    def workspace_bytes(self, linears: dict[str, nn.Linear], forward_bytes: int) -> int:
+        return 4 * sum(lin.weight.numel() for lin in linears.values()) + 2 * forward_bytes

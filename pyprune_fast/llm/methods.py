@@ -1,55 +1,34 @@
-"""The pruning methods of the block pipeline, and the two metrics that need no solver.
+"""The methods of the block pipeline, all on one protocol (criteria.method.Method), in one registry:
 
-    magnitude   S = |W|                                      (no data)
-    wanda       S = |W_ij| · ‖X_j‖₂  (Sun et al. 2024)       ‖X_j‖ over every calibration token
-    sparsegpt   OBS weight update (see llm.sparsegpt)        H = 2XᵀX/n
-    snip, refer, afr, feature_l1                             block-local forms (see llm.local)
+    magnitude   S = |W|                                      (no data; criteria.magnitude)
+    wanda       S = |W_ij| · ‖X_j‖₂  (Sun et al. 2024)       ‖X_j‖ over every calibration token (criteria.wanda)
+    sparsegpt   OBS weight update (Frantar & Alistarh 2023)  H = 2XᵀX/n, pruned in place (llm.sparsegpt)
+    snip, refer, afr, feature_l1                             block-local forms (llm.local)
 
 Each method's default granularity is its paper's: Wanda per output row, the others per layer
-(SparseGPT: per block of 128 columns jointly, with exact counts per layer)."""
+(SparseGPT: per block of 128 columns jointly, with exact counts per layer). A method of one's own is a
+`Method` (or, scored per Linear from its weight and input statistics, a `LayerMethod`) passed to
+`llm.prune(method=...)` as an object, or registered by name with `register_method`."""
 
-from __future__ import annotations
+from ..criteria.method import METHODS, Block, LayerMethod, Method, get_method, register_method
+from .local import BlockLocal
+from .sparsegpt import SparseGPT
 
-from dataclasses import dataclass
+DEFAULT_METHOD = "wanda"  # llm.prune's and llm.scores' default
 
-import torch
-from torch import Tensor
+# magnitude and wanda registered themselves with the criteria; then the methods of this package
+register_method(SparseGPT(), as_criterion=False)
+for _name in ("snip", "refer", "afr", "feature_l1"):
+    register_method(BlockLocal(_name), as_criterion=False)
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    needs_data: bool
-    hessian: bool = False
-    granularity: str = "layer"
-    local: bool = False
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("magnitude", needs_data=False),
-        Method("wanda", needs_data=True, granularity="row"),
-        Method("sparsegpt", needs_data=True, hessian=True),
-        Method("snip", needs_data=True, local=True),
-        Method("refer", needs_data=True, local=True),
-        Method("afr", needs_data=True, local=True),
-        Method("feature_l1", needs_data=True, local=True),
-    )
-}
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def magnitude_score(weight: Tensor) -> Tensor:
-    """|W| in float32 (one new tensor, no temporaries)."""
-    return weight.detach().to(torch.float32, copy=True).abs_()
-
-
-def wanda_score(weight: Tensor, norms: Tensor) -> Tensor:
-    """Wanda's S_ij = |W_ij| · ‖X_j‖₂ (norms: ‖X_j‖₂ per input feature) in float32 (one new tensor)."""
-    return weight.detach().to(torch.float32, copy=True).abs_().mul_(norms.to(weight.device).unsqueeze(0))
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Block",
+    "BlockLocal",
+    "LayerMethod",
+    "Method",
+    "SparseGPT",
+    "get_method",
+    "register_method",
+]

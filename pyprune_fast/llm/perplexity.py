@@ -51,9 +51,18 @@ def perplexity(
     stride: int | None = None,
     progress: bool | None = None,
 ) -> float:
-    """exp(mean negative log-likelihood) of `model` (a causal LM returning `.logits`) on the 1-D token
-    stream `token_ids` (or [1, N]), over the tokens its windows score (module docstring).
-    `progress`: a tqdm bar; None shows it only on a terminal."""
+    """exp(mean negative log-likelihood) of a causal LM on a token stream, over the tokens its windows
+    score (module docstring).
+
+    Args:
+        model: a causal LM returning `.logits`.
+        token_ids: the 1-D token stream (or [1, N]), at least 2 tokens.
+        seq_len: tokens per window; batch_size: windows per forward.
+        stride: the step between windows (default seq_len: disjoint windows); at most seq_len.
+        progress: a tqdm bar; None shows it only on a terminal.
+
+    Returns:
+        The perplexity, a float."""
     seq_len, batch_size = _check_positive("seq_len", seq_len), _check_positive("batch_size", batch_size)
     stride = seq_len if stride is None else _check_positive("stride", stride)
     if stride > seq_len:

@@ -3,8 +3,10 @@
     capture the inputs of decoder block 0 for the calibration sequences (llm.blocks)
     for each decoder block:
         move it to the compute device
-        run it on the calibration batches with hooks on its Linears: ‖X_j‖², XᵀX (llm.stats)
-        prune each Linear: magnitude, Wanda, SparseGPT's OBS update, or a block-local criterion
+        run it on the calibration batches with hooks on its Linears: what the method observes of
+            their inputs (‖X_j‖², XᵀX: criteria.input_stats), and the dense outputs if it keeps them
+        the method scores the block (the pipeline chooses the masks) or prunes it in place
+            (the method protocol, criteria.method: the pipeline knows no method by name)
         run the pruned block to produce the next block's inputs   (propagate="pruned", sequential)
             — or pass on the dense outputs of the first run       (propagate="dense")
         move it back
@@ -55,172 +57,168 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..criteria.input_stats import StatsCollector
+from ..criteria.method import Block, Method, get_method
 from ..distributed import Communicator, session
 from ..io import atomic_path
-from . import local, sparsegpt
+from ..modeling import eval_mode, unpacked_attention
 from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks, module_device
-from .methods import Method, get_method, magnitude_score, wanda_score
+from .methods import DEFAULT_METHOD, METHODS
 from .offload import OFFLOADS, DiskStore, MemoryStore, open_disk_model
-from .owl import OWL, block_sparsities, outlier_ratio
+from .owl import OWL, block_sparsities
+from .result import MemoryEstimate, PruneResult
 from .sparsity import Pattern, check_fits, check_granularity, keep_mask, parse_sparsity
-from .stats import StatsCollector
 from .text import calibration_windows
 
 PROPAGATE = ("pruned", "dense")
 
-
-@dataclass
-class MemoryEstimate:
-    """Peak compute-device memory of a run, in bytes, by term of the formula in llm.pipeline."""
-
-    block: int
-    activations: int
-    statistics: int
-    forward: int
-    workspace: int
-
-    @property
-    def total(self) -> int:
-        return self.block + self.activations + self.statistics + self.forward + self.workspace
-
-    def __str__(self) -> str:
-        parts = ", ".join(f"{k} {_size(getattr(self, k))}" for k in self.__dataclass_fields__)
-        return f"≈ {_size(self.total)} ({parts})"
+__all__ = ["METHODS", "PROPAGATE", "MemoryEstimate", "Options", "PruneResult", "Run", "prune", "scores"]
 
 
-def _size(nbytes: float) -> str:
-    units, i = ("B", "KiB", "MiB", "GiB", "TiB"), 0
-    while nbytes >= 1024 and i < len(units) - 1:
-        nbytes, i = nbytes / 1024, i + 1
-    return f"{nbytes:.0f} B" if i == 0 else f"{nbytes:.2f} {units[i]}"
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-@dataclass
-class PruneResult:
-    """What a `prune` run did: targets, the measured sparsity of every pruned Linear weight (fraction of
-    zeros, by parameter name), the target sparsity of each block (non-uniform with OWL; measured for
-    global sparsity), times, the peak-memory estimate (and the measured peak on a CUDA device, and
-    the process's peak RSS), and for offload="disk" the output checkpoint and the blocks a resumed
-    run found finished."""
+@dataclass(frozen=True)
+class Options:
+    """The keyword options of `prune` as the caller gave them (see its docstring); `checked()` validates
+    them all, before anything is touched, and resolves the method, the pattern and the granularity."""
 
-    method: str
-    sparsity: str
-    granularity: str | None
-    num_samples: int
-    seq_len: int
-    propagate: str
-    device: str
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
-    block_sparsity: list[float] = field(default_factory=list)
-    outlier_ratio: list[float] | None = None
-    block_seconds: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    memory: MemoryEstimate | None = None
-    peak_device_bytes: int | None = None
-    peak_host_bytes: int | None = None
-    output: Path | None = None
-    resumed_blocks: int = 0
+    method: str | Method = DEFAULT_METHOD
+    sparsity: float | str | tuple[int, int] = 0.5
+    granularity: str | None = None
+    owl: OWL | None = None
+    num_samples: int = 128
+    seq_len: int = 2048
+    batch_size: int = 1
+    propagate: str = "pruned"
+    device: str | torch.device | None = None
+    blocksize: int = 128
+    percdamp: float = 0.01
+    progress: bool | None = None
+    offload: str | None = None
+    out: str | os.PathLike | None = None
+    resume: bool = False
+    nested: bool = False
+    forward: Callable[[nn.Module, Any], Any] | None = None
 
-    layer_numel: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def overall_sparsity(self) -> float:
-        """Fraction of zeros over every pruned weight."""
-        total = sum(self.layer_numel.values())
-        return sum(s * self.layer_numel[n] for n, s in self.layer_sparsity.items()) / max(total, 1)
-
-    def summary(self) -> str:
-        lines = [
-            f"{self.method} {self.sparsity}"
-            + (f" ({self.granularity})" if self.granularity else "")
-            + f": {len(self.layer_sparsity)} Linear layers in {len(self.block_sparsity)} blocks, "
-            f"sparsity {self.overall_sparsity:.4f}, {self.seconds:.1f} s on {self.device}",
-            f"calibration {self.num_samples} × {self.seq_len} tokens, propagate={self.propagate}"
-            if self.num_samples
-            else "no calibration data",
-        ]
-        if self.memory is not None:
-            lines.append(f"peak memory {self.memory}")
-        if self.peak_device_bytes is not None:
-            lines.append(f"measured peak {_size(self.peak_device_bytes)}")
-        if self.peak_host_bytes is not None:
-            lines.append(f"peak host memory (RSS of this process) {_size(self.peak_host_bytes)}")
-        if self.output is not None:
-            resumed = f", {self.resumed_blocks} blocks found finished (resumed)" if self.resumed_blocks else ""
-            lines.append(f"written to {self.output}{resumed}")
-        if self.outlier_ratio is not None or self.granularity == "global":
-            lines.append("block sparsity " + " ".join(f"{s:.3f}" for s in self.block_sparsity))
-        return "\n".join(lines)
-
-
-def _resolve_device(device: str | torch.device | None, blocks: nn.ModuleList) -> torch.device:
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        home = module_device(blocks[0])
-        return torch.device("cpu") if home.type == "meta" else home
-    return torch.device(device)
-
-
-def _check_options(
-    method: str,
-    sparsity,
-    granularity,
-    owl,
-    propagate,
-    num_samples,
-    seq_len,
-    batch_size,
-    blocksize,
-    percdamp,
-    nested=False,
-) -> tuple[Method, Pattern, str | None]:
-    chosen = get_method(method)
-    pattern = parse_sparsity(sparsity)
-    granularity = None if pattern.is_nm else check_granularity(granularity or chosen.granularity)
-    if owl is not None and not isinstance(owl, OWL):
-        raise TypeError(f"owl must be an llm.OWL(M=..., lam=...) or None, got {type(owl).__name__}")
-    if owl is not None and pattern.is_nm:
-        raise ValueError(f"OWL sets a sparsity per block; it does not apply to the {pattern} pattern")
-    if granularity == "global":
-        if chosen.hessian:
-            raise ValueError(
-                "granularity='global' needs a score per weight; sparsegpt chooses its masks inside the OBS "
-                "update, per block of columns: use granularity 'row' or 'layer' (or OWL for non-uniform sparsity)"
-            )
-        if owl is not None:
+    def checked(self) -> Plan:
+        """The run's plan; ValueError/TypeError naming the first option that is wrong."""
+        _positive_int("blocksize", self.blocksize)
+        percdamp = self.percdamp
+        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
+            raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+        method = get_method(self.method, blocksize=self.blocksize, percdamp=float(percdamp))
+        pattern = parse_sparsity(self.sparsity)
+        granularity = None if pattern.is_nm else check_granularity(self.granularity or method.granularity)
+        owl = self.owl
+        if owl is not None and not isinstance(owl, OWL):
+            raise TypeError(f"owl must be an llm.OWL(M=..., lam=...) or None, got {type(owl).__name__}")
+        if owl is not None and pattern.is_nm:
+            raise ValueError(f"OWL sets a sparsity per block; it does not apply to the {pattern} pattern")
+        method.check(pattern, granularity)
+        if granularity == "global" and owl is not None:
             raise ValueError("granularity='global' sets the block sparsities itself; it does not combine with OWL")
-    if not isinstance(nested, bool):
-        raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
-    if nested and pattern.is_nm:
-        raise ValueError(
-            f"nested=True grows an unstructured sparsity; the {pattern} pattern is one fixed count per group"
+        if not isinstance(self.nested, bool):
+            raise TypeError(f"nested must be a bool, got {type(self.nested).__name__}")
+        if self.nested and pattern.is_nm:
+            raise ValueError(
+                f"nested=True grows an unstructured sparsity; the {pattern} pattern is one fixed count per group"
+            )
+        if self.nested and owl is not None:
+            raise ValueError("nested=True keeps the earlier run's groups; OWL sets new block sparsities: not together")
+        if self.propagate not in PROPAGATE:
+            raise ValueError(f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
+        for name in ("num_samples", "seq_len", "batch_size"):
+            _positive_int(name, getattr(self, name))
+        if self.forward is not None and not callable(self.forward):
+            raise TypeError(f"forward must be callable (model, inputs) -> outputs, got {type(self.forward).__name__}")
+        return Plan(method, pattern, granularity, self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The checked choices of one run: the method object, the pattern, the granularity (None for N:M)
+    and the options they came from."""
+
+    method: Method
+    pattern: Pattern
+    granularity: str | None
+    options: Options
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method.needs_data or self.options.owl is not None
+
+    def record(self, windows: Tensor | list | None) -> dict:
+        """What a resumed run must share with the run it continues (and every rank with the others)."""
+        o = self.options
+        if isinstance(windows, list):
+            digest = hashlib.sha1()
+            for t in _tensors(windows):
+                digest.update(str((t.dtype, tuple(t.shape))).encode())
+                digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            calibration = digest.hexdigest()
+        else:
+            calibration = None if windows is None else hashlib.sha1(windows.cpu().numpy().tobytes()).hexdigest()
+        return {
+            "method": self.method.name,
+            "sparsity": str(self.pattern),
+            "granularity": self.granularity,
+            "owl": None if o.owl is None else [o.owl.M, o.owl.lam],
+            "num_samples": o.num_samples if windows is not None else 0,
+            "seq_len": o.seq_len if windows is not None else 0,
+            "batch_size": o.batch_size,
+            "propagate": o.propagate,
+            "blocksize": o.blocksize,
+            "percdamp": float(o.percdamp),
+            "nested": o.nested,
+            "calibration": calibration,
+            **self.method.record(),
+        }
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor inside a batch structure (tensors, dicts, lists, tuples), in order."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _calibration(calibration: Any, options: Options) -> Tensor | list:
+    """The calibration windows [n, T] of token ids, or the list of batches a `forward` is called on."""
+    if options.forward is None:
+        return calibration_windows(calibration, options.num_samples, options.seq_len)
+    if isinstance(calibration, Tensor) or not isinstance(calibration, (list, tuple)):
+        raise TypeError(
+            "with forward=, calibration must be a list of batches (each passed to forward(model, inputs)), "
+            f"got {type(calibration).__name__}"
         )
-    if nested and owl is not None:
-        raise ValueError("nested=True keeps the earlier run's groups; OWL sets new block sparsities: not together")
-    if propagate not in PROPAGATE:
-        raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
-    for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if chosen.hessian and pattern.is_nm and blocksize % pattern.m:
-        raise ValueError(f"blocksize {blocksize} must be a multiple of m={pattern.m} for the {pattern} pattern")
-    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
-        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
-    return chosen, pattern, granularity
+    if not calibration:
+        raise ValueError("calibration holds no batches")
+    if options.offload is not None:
+        raise ValueError("offload='disk' reads a causal LM checkpoint: its calibration is token ids, not forward=")
+    return list(calibration)
 
 
-def _store(model, offload, out, resume) -> tuple[nn.Module, MemoryStore | DiskStore]:
+def _store(model, options: Options) -> tuple[nn.Module, MemoryStore | DiskStore]:
+    offload, out, resume = options.offload, options.out, options.resume
     if offload not in OFFLOADS:
         raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
     if not isinstance(resume, bool):
@@ -241,13 +239,26 @@ def _store(model, offload, out, resume) -> tuple[nn.Module, MemoryStore | DiskSt
     return open_disk_model(model)
 
 
-def _capture(model, blocks, store, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
-    with store.front():
-        return capture_inputs(model, blocks[0], windows.split(batch_size), device)
+def _resolve_device(device: str | torch.device | None, blocks: nn.ModuleList) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        home = module_device(blocks[0])
+        return torch.device("cpu") if home.type == "meta" else home
+    return torch.device(device)
+
+
+def _share(windows: Tensor | list, comm: Communicator) -> Tensor | list:
+    """This rank's contiguous share of the calibration windows [n, T] or batches (data-parallel
+    calibration)."""
+    n = len(windows)
+    if n < comm.size:
+        raise ValueError(f"{n} calibration sequences cannot be shared by {comm.size} ranks: give at least one per rank")
+    return windows[n * comm.rank // comm.size : n * (comm.rank + 1) // comm.size]
 
 
 @contextlib.contextmanager
-def _on(block: nn.Module, device: torch.device):
+def _on(block: nn.Module, device: torch.device) -> Iterator[None]:
     """The block on the compute device for the duration, then back where it was."""
     home = module_device(block)
     block.to(device)
@@ -257,242 +268,9 @@ def _on(block: nn.Module, device: torch.device):
         block.to(home)
 
 
-def _owl_sparsities(model, blocks, store, windows, batch_size, device, owl: OWL, target: float, disable, comm):
-    """OWL's dense pre-pass: the outlier ratio of Wanda's metric in every block, then block sparsities."""
-    inputs = _capture(model, blocks, store, windows, batch_size, device)
-    ratios, sizes = [], []
-    for i, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=disable)):
-        linears = block_linears(block)
-        with store.block(i, block), _on(block, device):
-            collector = StatsCollector(block, linears, hessian=False)
-            with collector as stats:
-                for j in range(len(inputs)):
-                    inputs.hidden[j] = inputs.run(block, j)
-            if comm is not None:
-                collector.reduce(comm)
-            scores = [wanda_score(linears[n].weight, stats[n].norms()) for n in _called(linears, stats)]
-            ratios.append(outlier_ratio(scores, owl.M))
-            sizes.append(sum(lin.weight.numel() for lin in linears.values()))
-    return ratios, block_sparsities(ratios, sizes, target, owl.lam)
-
-
-def _called(linears: dict[str, nn.Linear], stats: dict) -> list[str]:
-    missing = [n for n in linears if n not in stats]
-    if missing:
-        raise ValueError(f"these Linear layers of a decoder block were not called in its forward: {missing}")
-    return list(linears)
-
-
 def _apply(linear: nn.Linear, keep: Tensor) -> None:
     with torch.no_grad():
         linear.weight.masked_fill_(~keep.to(linear.weight.device), 0)
-
-
-def _memory(
-    block: nn.Module,
-    inputs: BlockInputs | None,
-    method: Method,
-    collector: StatsCollector | None,
-    batch_size: int,
-) -> MemoryEstimate:
-    params = sum(p.numel() * p.element_size() for p in block.parameters())
-    linears = list(block_linears(block).values())
-    if inputs is None or not len(inputs):
-        return MemoryEstimate(params, 0, 0, 0, 0)
-    h = inputs.hidden[0]
-    tokens, hidden, s_a = h.shape[-2], h.shape[-1], h.element_size()
-    widest = max(lin.out_features for lin in linears)
-    activations = inputs.nbytes() * (2 if method.local else 1)
-    statistics = sum(s.nbytes() for s in collector.shared()) if collector is not None else 0
-    forward = batch_size * tokens * (4 * hidden + 3 * widest) * s_a
-    workspace = 0
-    if method.hessian:
-        workspace = max(4 * (2 * lin.in_features**2 + 2 * lin.out_features * lin.in_features) for lin in linears)
-    elif method.local:
-        workspace = 4 * sum(lin.weight.numel() for lin in linears) + 2 * forward
-    return MemoryEstimate(params, activations, statistics, forward, workspace)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """The checked choices of one run."""
-
-    method: Method
-    pattern: Pattern
-    granularity: str | None
-    propagate: str
-    batch_size: int
-    blocksize: int
-    percdamp: float
-    comm: Communicator | None = None
-    nested: bool = False
-
-
-def _scored(plan: _Plan, linears: dict[str, nn.Linear], stats: dict) -> list[str]:
-    """The Linears a magnitude or wanda run scores (wanda: every one must have input statistics)."""
-    return list(linears) if plan.method.name == "magnitude" else _called(linears, stats)
-
-
-def _weight_score(plan: _Plan, name: str, linear: nn.Linear, stats: dict) -> Tensor:
-    """The float32 score of one Linear for magnitude (|W|) or wanda (|W|·‖X‖)."""
-    if plan.method.name == "magnitude":
-        return magnitude_score(linear.weight)
-    return wanda_score(linear.weight, stats[name].norms())
-
-
-def _pruned_first(plan: _Plan, linear: nn.Linear, score: Tensor) -> Tensor:
-    """With nested=True, the score with every weight already exactly zero at −inf (pruned first, so
-    that a weight pruned by an earlier run stays pruned); else the score as it is."""
-    if plan.nested:
-        score.masked_fill_(linear.weight.detach() == 0, -torch.inf)
-    return score
-
-
-def _scores(block, linears, plan: _Plan, fraction, inputs, stats, targets) -> dict[str, Tensor]:
-    """{Linear name: float32 score} of a score method (magnitude, wanda, block-local criteria)."""
-    method = plan.method
-    if not method.local:
-        return {
-            n: _pruned_first(plan, linears[n], _weight_score(plan, n, linears[n], stats))
-            for n in _scored(plan, linears, stats)
-        }
-    candidate_granularity = "layer" if plan.granularity in (None, "global") else plan.granularity
-
-    def candidate(name: str, weight: Tensor) -> Tensor:
-        return keep_mask(name, magnitude_score(weight), plan.pattern, fraction, candidate_granularity)
-
-    scores = local.block_scores(method.name, block, inputs, linears, targets, candidate, comm=plan.comm)
-    return {n: _pruned_first(plan, linears[n], s) for n, s in scores.items()}
-
-
-def _prune_linears(block, linears, plan: _Plan, fraction, inputs, stats, targets) -> None:
-    """Prunes every Linear of one block (already on the compute device) in place."""
-    pattern, gran = plan.pattern, plan.granularity or "layer"
-    if plan.method.hessian:
-        groups: dict[int, list[str]] = {}
-        for n in _called(linears, stats):
-            groups.setdefault(id(stats[n]), []).append(n)
-        comm = plan.comm
-        for g, names in enumerate(groups.values()):  # Linears sharing their input (q/k/v) share H
-            if comm is not None and g % comm.size != comm.rank:
-                continue  # over ranks: each input group solved by one rank, its weights broadcast below
-            shared = stats[names[0]]
-            factor = sparsegpt.inverse_factor(shared.hessian(), plan.percdamp)
-            shared.xtx = None
-            for n in names:
-                weight = linears[n].weight
-                pruned = (weight == 0) if plan.nested else None
-                sparsegpt.prune_(weight, factor, pattern, fraction, gran, plan.blocksize, pruned=pruned)
-            del factor
-        if comm is not None:
-            for g, names in enumerate(groups.values()):
-                comm.broadcast_([linears[n].weight for n in names], src=g % comm.size)
-        return
-    if plan.method.local:
-        scores = _scores(block, linears, plan, fraction, inputs, stats, targets)
-        for n, lin in linears.items():
-            _apply(lin, keep_mask(n, scores[n], pattern, fraction, gran))
-        return
-    for n in _scored(plan, linears, stats):  # one Linear's float32 scores at a time
-        score = _pruned_first(plan, linears[n], _weight_score(plan, n, linears[n], stats))
-        _apply(linears[n], keep_mask(n, score, pattern, fraction, gran))
-        del score
-
-
-def _statistics_pass(block, plan: _Plan, inputs: BlockInputs | None, dense_into_inputs: bool):
-    """Runs the block on every calibration batch with the statistics hooks its method needs; returns
-    (collector, stats, targets). The dense outputs are kept as targets for block-local criteria (which
-    still need the inputs); for the other methods they replace the inputs when `dense_into_inputs`."""
-    linears = block_linears(block)
-    collector, stats, targets = None, {}, None
-    if inputs is not None:
-        collector = None if plan.method.local else StatsCollector(block, linears, hessian=plan.method.hessian)
-        targets = [] if plan.method.local else None
-        with collector if collector is not None else contextlib.nullcontext():
-            for j in range(len(inputs)):
-                y = inputs.run(block, j)
-                if targets is not None:
-                    targets.append(y)
-                elif dense_into_inputs:
-                    inputs.hidden[j] = y
-        stats = collector.stats if collector is not None else {}
-        if collector is not None and plan.comm is not None:
-            collector.reduce(plan.comm)
-    return collector, stats, targets
-
-
-def _run_block(block, plan: _Plan, fraction: float, inputs: BlockInputs | None, last: bool) -> MemoryEstimate:
-    """One block on the compute device: the statistics pass over the calibration batches, the pruning,
-    then the next block's inputs in place of this block's. The dense outputs of the statistics pass are
-    kept as targets for block-local criteria; with propagate="dense" they are the next inputs."""
-    linears = block_linears(block)
-    collector, stats, targets = _statistics_pass(block, plan, inputs, dense_into_inputs=plan.propagate == "dense")
-    estimate = _memory(block, inputs, plan.method, collector, plan.batch_size)
-    _prune_linears(block, linears, plan, fraction, inputs, stats, targets)
-    if inputs is not None and not last:
-        if plan.propagate == "pruned":
-            for j in range(len(inputs)):
-                inputs.hidden[j] = inputs.run(block, j)
-        elif targets is not None:
-            inputs.hidden = targets
-    return estimate
-
-
-def _record(result: PruneResult, prefix: str, i: int, block: nn.Module) -> None:
-    for n, lin in block_linears(block).items():
-        name = f"{prefix}.{i}.{n}.weight"
-        result.layer_numel[name] = lin.weight.numel()
-        result.layer_sparsity[name] = int((lin.weight == 0).sum()) / lin.weight.numel()
-
-
-def _block_sizes(blocks: nn.ModuleList) -> list[int]:
-    return [sum(lin.weight.numel() for lin in block_linears(b).values()) for b in blocks]
-
-
-def _dense_scores(model, blocks, store, plan: _Plan, windows, compute, todo: list[int], disable):
-    """Yields (i, {Linear name: float32 score}, memory estimate) for each block i in `todo` (ascending),
-    scored on the dense model's calibration inputs; the blocks before the last one in `todo` that are
-    not in it are run only to rebuild the inputs of the next."""
-    if not todo:
-        return
-    inputs = _capture(model, blocks, store, windows, plan.batch_size, compute) if plan.method.needs_data else None
-    bar = tqdm(total=todo[-1] + 1, desc=f"{plan.method.name} scores", unit="block", disable=disable)
-    wanted = set(todo)
-    for i, block in enumerate(blocks[: todo[-1] + 1]):
-        with store.block(i, block), _on(block, compute):
-            if i not in wanted:
-                if inputs is not None:
-                    for j in range(len(inputs)):
-                        inputs.hidden[j] = inputs.run(block, j)
-            else:
-                linears = block_linears(block)
-                collector, stats, targets = _statistics_pass(block, plan, inputs, dense_into_inputs=True)
-                estimate = _memory(block, inputs, plan.method, collector, plan.batch_size)
-                scores = _scores(block, linears, plan, plan.pattern.fraction, inputs, stats, targets)
-                if targets is not None:
-                    inputs.hidden = targets
-                yield i, {n: scores[n].detach().float() for n in linears}, estimate
-        bar.update()
-    bar.close()
-
-
-def _global_scores(
-    model, blocks, store, plan: _Plan, windows, compute, directory: Path, disable, result: PruneResult | None = None
-) -> list[Path]:
-    """First pass of a global run: every block's scores (`_dense_scores`), one float32 file per block
-    (its Linears in order, each row-major). Files already complete (a resumed run) are kept."""
-    files = [directory / f"block-{i:05d}.f32" for i in range(len(blocks))]
-    sizes = _block_sizes(blocks)
-    todo = [i for i, (f, n) in enumerate(zip(files, sizes)) if not (f.is_file() and f.stat().st_size == 4 * n)]
-    if plan.comm is not None:  # every rank takes part in every block's reductions: nothing is skipped
-        todo = list(range(len(blocks)))
-    for i, scores, estimate in _dense_scores(model, blocks, store, plan, windows, compute, todo, disable):
-        if result is not None and (result.memory is None or estimate.total > result.memory.total):
-            result.memory = estimate
-        flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
-        with atomic_path(files[i]) as temp:
-            flat.numpy().tofile(temp)
-    return files
 
 
 def _mapped(file: Path, numel: int) -> Tensor:
@@ -500,17 +278,347 @@ def _mapped(file: Path, numel: int) -> Tensor:
     return torch.from_file(str(file), shared=False, size=numel, dtype=torch.float32)
 
 
-def _prune_global(model, prefix, blocks, store, plan: _Plan, windows, compute, result, disable) -> None:
-    """Whole-model sparsity: scores to disk, one exact threshold over all of them, then each block
-    pruned against it (the masks of masks.global_unstructured over every block's scores)."""
-    keep = store.disk and store.writer
-    scratch = None if keep else tempfile.TemporaryDirectory(prefix="pyprune_scores_")
-    directory = store.scores_dir() if keep else Path(scratch.name)
-    try:
-        files = _global_scores(model, blocks, store, plan, windows, compute, directory, disable, result)
-        sizes = _block_sizes(blocks)
+class Run:
+    """One run of the block pipeline, built and validated once (`start`): the model and its blocks, the
+    store the blocks are read from (memory or disk), the plan, the calibration windows of this rank, the
+    compute device, the communicator, the result and the progress bars. `prune` runs it; the
+    sequential, global and OWL passes are its methods."""
+
+    def __init__(self, model: nn.Module, blocks: tuple[str, nn.ModuleList], store, plan: Plan) -> None:
+        self.model, self.store, self.plan = model, store, plan
+        self.prefix, self.blocks = blocks
+        self.windows: Tensor | None = None
+        self.comm: Communicator | None = None
+        self.compute = torch.device("cpu")
+        self.result: PruneResult | None = None
+        self.disable = None if plan.options.progress is None else not plan.options.progress
+
+    @classmethod
+    def start(cls, model, calibration: Tensor | None, options: Options, comm: Communicator | None) -> Run:
+        """Checks every option and argument (nothing is touched before), opens the store, takes this
+        rank's share of the calibration windows and prepares the output of a disk run."""
+        plan = options.checked()
+        model, store = _store(model, options)
+        prefix, blocks = find_blocks(model)
+        for i, block in enumerate(blocks):
+            for n, lin in block_linears(block).items():
+                check_fits(f"{prefix}.{i}.{n}", lin.weight, plan.pattern)
+        run = cls(model, (prefix, blocks), store, plan)
+        if plan.needs_data:
+            if calibration is None:
+                with_owl = " with OWL" if options.owl else ""
+                raise ValueError(f"method {plan.method.name!r}{with_owl} needs calibration token ids")
+            run.windows = _calibration(calibration, options)
+        record = plan.record(run.windows)
+        if comm is not None:
+            out = None if options.out is None else str(Path(options.out).resolve())
+            ours = {**record, "offload": options.offload, "out": out}
+            theirs = comm.all_gather_object(ours)
+            differ = sorted({k for other in theirs for k in ours if other[k] != ours[k]})
+            if differ:
+                raise ValueError(f"group=: the ranks called prune with different {', '.join(differ)}")
+            if run.windows is not None:
+                run.windows = _share(run.windows, comm)
+        run.comm = comm
+        run.compute = _resolve_device(options.device, blocks)
+        data, batches = plan.needs_data, isinstance(run.windows, list)
+        run.result = PruneResult(
+            plan.method.name,
+            str(plan.pattern),
+            plan.granularity,
+            (len(run.windows) if batches else options.num_samples) if data else 0,
+            options.seq_len if data and not batches else 0,
+            options.propagate,
+            str(run.compute),
+        )
+        if store.disk:
+            run._open_output(record)
+        return run
+
+    def _open_output(self, record: dict) -> None:
+        store, comm, result, out = self.store, self.comm, self.result, self.plan.options.out
+        if comm is None or comm.rank == 0:
+            result.resumed_blocks = store.open_output(out, record, self.plan.options.resume)
+        else:
+            store.attach(out)
+        if comm is not None:  # rank 0 prepared the output; every rank starts after the same block
+            store.alone = False
+            result.resumed_blocks = comm.all_gather_ints([result.resumed_blocks])[0][0]
+        result.output = store.out
+
+    def prune(self) -> PruneResult:
+        """Runs the plan: the sequential run (with OWL's pre-pass) or the global one; then the peaks."""
+        if self.compute.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.compute)
+        with eval_mode(self.model), torch.no_grad():
+            if self.plan.granularity == "global":
+                self.whole_model()
+            else:
+                self.sequential()
+        if self.store.disk and self.store.writer:
+            self.store.finish()
+        if self.compute.type == "cuda":
+            self.result.peak_device_bytes = torch.cuda.max_memory_allocated(self.compute)
+        self.result.peak_host_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self.result
+
+    # ---- the parts every pass shares
+
+    def capture(self) -> BlockInputs:
+        """The inputs of block 0 for this rank's calibration windows (or batches), on the compute device."""
+        forward = self.plan.options.forward
+        with self.store.front():
+            if forward is not None:
+                return capture_inputs(self.model, self.blocks[0], self.windows, self.compute, forward=forward)
+            batches = self.windows.split(self.plan.options.batch_size)
+            return capture_inputs(self.model, self.blocks[0], batches, self.compute)
+
+    def view(self, i: int, fraction: float, inputs: BlockInputs | None) -> Block:
+        """Block i as the method sees it (criteria.method.Block), before its statistics pass."""
+        block = self.blocks[i]
+        plan = self.plan
+        return Block(
+            i,
+            block,
+            block_linears(block),
+            plan.pattern,
+            fraction,
+            plan.granularity,
+            inputs=inputs,
+            comm=self.comm,
+            nested=plan.options.nested,
+            prefix=self.prefix,
+        )
+
+    def statistics_pass(self, block: Block, dense_into_inputs: bool) -> StatsCollector | None:
+        """Runs the block on every calibration batch with the hooks its method needs: the input
+        statistics it observes (summed over the ranks) and its dense outputs as targets if it keeps them
+        (the inputs then stay); otherwise the dense outputs replace the inputs when `dense_into_inputs`."""
+        method, inputs = self.plan.method, block.inputs
+        if inputs is None:
+            return None
+        collector = None
+        if method.observes:
+            collector = StatsCollector(block.module, block.linears, method.observes)
+            collector.__enter__()
+        try:
+            block.targets = [] if method.keeps_targets else None
+            for j in range(len(inputs)):
+                y = inputs.run(block.module, j)
+                if block.targets is not None:
+                    block.targets.append(y)
+                elif dense_into_inputs:
+                    inputs.hidden[j] = y
+        finally:
+            if collector is not None:
+                collector.__exit__(None, None, None)
+        if collector is not None:
+            if self.comm is not None:
+                collector.reduce(self.comm)
+            block.stats = collector.stats
+        return collector
+
+    def scores(self, block: Block, names: list[str] | None = None) -> dict[str, Tensor]:
+        """The method's float32 scores of the block's Linears `names` (default: all it scores); with
+        nested=True every weight already exactly zero at −inf (pruned first, so that a weight pruned by
+        an earlier run stays pruned)."""
+        scores = self.plan.method.score(block, names)
+        if block.nested:
+            for n, score in scores.items():
+                score.masked_fill_(block.linears[n].weight.detach() == 0, -torch.inf)
+        return scores
+
+    def prune_block(self, block: Block) -> None:
+        """Prunes every Linear of the block (on the compute device) in place: the method's own solve, or
+        its scores turned into masks by the block's pattern and granularity."""
+        method = self.plan.method
+        if method.prunes_in_place:
+            method.prune_(block)
+            return
+        granularity = block.granularity or "layer"
+        names = method.layers(block)
+        for group in [[n] for n in names] if method.per_layer else [names]:
+            scores = self.scores(block, group)
+            for n in group:
+                _apply(block.linears[n], keep_mask(n, scores.pop(n), block.pattern, block.fraction, granularity))
+
+    def memory(self, block: Block, collector: StatsCollector | None) -> MemoryEstimate:
+        """The peak-memory estimate of one block's step (module docstring's formula)."""
+        params = sum(p.numel() * p.element_size() for p in block.module.parameters())
+        inputs = block.inputs
+        if inputs is None or not len(inputs):
+            return MemoryEstimate(params, 0, 0, 0, 0)
+        h = inputs.hidden[0]
+        tokens, hidden, s_a = h.shape[-2], h.shape[-1], h.element_size()
+        widest = max(lin.out_features for lin in block.linears.values())
+        method = self.plan.method
+        activations = inputs.nbytes() * (2 if method.keeps_targets else 1)
+        statistics = sum(s.nbytes() for s in collector.shared()) if collector is not None else 0
+        forward = self.plan.options.batch_size * tokens * (4 * hidden + 3 * widest) * s_a
+        workspace = method.workspace_bytes(block.linears, forward)
+        return MemoryEstimate(params, activations, statistics, forward, workspace)
+
+    def record(self, i: int) -> None:
+        """The measured sparsity of every Linear weight of block i into the result."""
+        for n, lin in block_linears(self.blocks[i]).items():
+            name = f"{self.prefix}.{i}.{n}.weight"
+            self.result.layer_numel[name] = lin.weight.numel()
+            self.result.layer_sparsity[name] = int((lin.weight == 0).sum()) / lin.weight.numel()
+
+    def _rerun(self, i: int, inputs: BlockInputs) -> None:
+        for j in range(len(inputs)):
+            inputs.hidden[j] = inputs.run(self.blocks[i], j)
+
+    def _keep_peak(self, estimate: MemoryEstimate) -> None:
+        if self.result.memory is None or estimate.total > self.result.memory.total:
+            self.result.memory = estimate
+
+    # ---- the sequential run
+
+    def sequential(self) -> None:
+        """The block-sequential run (module docstring); blocks a resumed run found finished are only rerun
+        to rebuild the next block's inputs (from the output when pruned outputs propagate)."""
+        plan, store, result = self.plan, self.store, self.result
+        done = result.resumed_blocks
+        fractions = [plan.pattern.fraction] * len(self.blocks)
+        if plan.options.owl is not None:
+            ratios, fractions = store.remember("owl", self.owl_sparsities)
+            result.outlier_ratio = list(ratios)
+        result.block_sparsity = list(fractions)
+        todo = plan.method.needs_data and done < len(self.blocks)
+        inputs = self.capture() if todo else None
+        name = f"{plan.method.name} {plan.pattern}"
+        for i, module in enumerate(tqdm(self.blocks, desc=name, unit="block", disable=self.disable)):
+            t0 = time.perf_counter()
+            if i < done:
+                self._replay(i, inputs)
+                continue
+            with store.block(i, module, write=True):
+                with _on(module, self.compute):
+                    self._keep_peak(self.run_block(i, fractions[i], inputs))
+                    if self.compute.type == "cuda":
+                        torch.cuda.synchronize(self.compute)
+                self.record(i)
+            result.block_seconds.append(time.perf_counter() - t0)
+
+    def _replay(self, i: int, inputs: BlockInputs | None) -> None:
+        """A block a resumed run found finished: rerun only to rebuild the next block's inputs."""
+        module, store = self.blocks[i], self.store
+        replay = inputs is not None
+        source = "output" if self.plan.options.propagate == "pruned" or not replay else "input"
+        with store.block(i, module, source=source), _on(module, self.compute):
+            if replay:
+                self._rerun(i, inputs)
+            if source == "output":
+                self.record(i)
+        if source != "output":
+            with store.block(i, module, source="output"):
+                self.record(i)
+
+    def run_block(self, i: int, fraction: float, inputs: BlockInputs | None) -> MemoryEstimate:
+        """Block i on the compute device: the statistics pass over the calibration batches, the pruning,
+        then the next block's inputs in place of this block's. The dense outputs of the statistics pass
+        are kept as targets for methods that keep them; with propagate="dense" they are the next inputs."""
+        propagate = self.plan.options.propagate
+        block = self.view(i, fraction, inputs)
+        collector = self.statistics_pass(block, dense_into_inputs=propagate == "dense")
+        estimate = self.memory(block, collector)
+        self.prune_block(block)
+        if inputs is not None and i + 1 < len(self.blocks):
+            if propagate == "pruned":
+                self._rerun(i, inputs)
+            elif block.targets is not None:
+                inputs.hidden = block.targets
+        return estimate
+
+    def owl_sparsities(self) -> tuple[list[float], list[float]]:
+        """OWL's dense pre-pass: the outlier ratio of every block (llm.owl), then block sparsities."""
+        owl = self.plan.options.owl
+        inputs = self.capture()
+        ratios, sizes = [], []
+        for i, module in enumerate(tqdm(self.blocks, desc="OWL outlier ratios", unit="block", disable=self.disable)):
+            linears = block_linears(module)
+            with self.store.block(i, module), _on(module, self.compute):
+                collector = StatsCollector(module, linears, {"norms"})
+                with collector as stats:
+                    self._rerun(i, inputs)
+                if self.comm is not None:
+                    collector.reduce(self.comm)
+                block = Block(i, module, linears, self.plan.pattern, 0.0, None, stats=stats, prefix=self.prefix)
+                ratios.append(owl.block_ratio(block))
+                sizes.append(sum(lin.weight.numel() for lin in linears.values()))
+        return ratios, block_sparsities(ratios, sizes, self.plan.pattern.fraction, owl.lam)
+
+    # ---- the global run
+
+    def block_sizes(self) -> list[int]:
+        return [sum(lin.weight.numel() for lin in block_linears(b).values()) for b in self.blocks]
+
+    def dense_scores(self, todo: list[int]) -> Iterator[tuple[int, dict[str, Tensor], MemoryEstimate]]:
+        """Yields (i, {Linear name: float32 score}, memory estimate) for each block i in `todo` (ascending),
+        scored on the dense model's calibration inputs; the blocks before the last one in `todo` that are
+        not in it are run only to rebuild the inputs of the next."""
+        if not todo:
+            return
+        inputs = self.capture() if self.plan.method.needs_data else None
+        desc = f"{self.plan.method.name} scores"
+        bar = tqdm(total=todo[-1] + 1, desc=desc, unit="block", disable=self.disable)
+        wanted = set(todo)
+        for i, module in enumerate(self.blocks[: todo[-1] + 1]):
+            with self.store.block(i, module), _on(module, self.compute):
+                if i not in wanted:
+                    if inputs is not None:
+                        self._rerun(i, inputs)
+                else:
+                    block = self.view(i, self.plan.pattern.fraction, inputs)
+                    collector = self.statistics_pass(block, dense_into_inputs=True)
+                    estimate = self.memory(block, collector)
+                    scores = self.scores(block)
+                    if block.targets is not None:
+                        inputs.hidden = block.targets
+                    yield i, {n: scores[n].detach().float() for n in block.linears}, estimate
+            bar.update()
+        bar.close()
+
+    def global_scores(self, directory: Path) -> list[Path]:
+        """First pass of a global run: every block's scores (`dense_scores`), one float32 file per block
+        (its Linears in order, each row-major). Files already complete (a resumed run) are kept."""
+        files = [directory / f"block-{i:05d}.f32" for i in range(len(self.blocks))]
+        sizes = self.block_sizes()
+        todo = [i for i, (f, n) in enumerate(zip(files, sizes)) if not (f.is_file() and f.stat().st_size == 4 * n)]
+        if self.comm is not None:  # every rank takes part in every block's reductions: nothing is skipped
+            todo = list(range(len(self.blocks)))
+        for i, scores, estimate in self.dense_scores(todo):
+            self._keep_peak(estimate)
+            flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
+            with atomic_path(files[i]) as temp:
+                flat.numpy().tofile(temp)
+        return files
+
+    def whole_model(self) -> None:
+        """Whole-model sparsity: scores to disk, one exact threshold over all of them, then each block
+        pruned against it (the masks of masks.global_unstructured over every block's scores)."""
+        keep = self.store.disk and self.store.writer
+        scratch = None if keep else tempfile.TemporaryDirectory(prefix="pyprune_scores_")
+        directory = self.store.scores_dir() if keep else Path(scratch.name)
+        try:
+            files = self.global_scores(directory)
+            self._prune_to_threshold(files)
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
+        sizes = self.block_sizes()
+        zeros = [0.0] * len(self.blocks)
+        for name, fraction in self.result.layer_sparsity.items():
+            zeros[int(name[len(self.prefix) + 1 :].split(".", 1)[0])] += fraction * self.result.layer_numel[name]
+        self.result.block_sparsity = [z / max(size, 1) for z, size in zip(zeros, sizes)]
+
+    def _prune_to_threshold(self, files: list[Path]) -> None:
+        """The second pass of a global run: the exact threshold over every block's score file, then each
+        block's masks against it (ties by flat index in block order)."""
+        result, sizes = self.result, self.block_sizes()
         labels = [f"the scores of decoder block {i} ({f})" for i, f in enumerate(files)]
-        k = round(plan.pattern.fraction * sum(sizes))
+        k = round(self.plan.pattern.fraction * sum(sizes))
         value = need = None
         if k > 0:
             value, counts = ops.select_counts([_mapped(f, n) for f, n in zip(files, sizes)], k, labels)
@@ -519,11 +627,11 @@ def _prune_global(model, prefix, blocks, store, plan: _Plan, windows, compute, r
             for f, n, label in zip(files, sizes, labels):
                 if bool(torch.isnan(_mapped(f, n)).any()):
                     raise ValueError(f"{label} hold NaN")
-        for i, block in enumerate(tqdm(blocks, desc="global masks", unit="block", disable=disable)):
+        for i, module in enumerate(tqdm(self.blocks, desc="global masks", unit="block", disable=self.disable)):
             t0 = time.perf_counter()
             if i < result.resumed_blocks:
-                with store.block(i, block, source="output"):
-                    _record(result, prefix, i, block)
+                with self.store.block(i, module, source="output"):
+                    self.record(i)
                 continue
             scores = _mapped(files[i], sizes[i])
             if value is None:
@@ -534,48 +642,21 @@ def _prune_global(model, prefix, blocks, store, plan: _Plan, windows, compute, r
                 need -= take
                 local_counts = torch.tensor([less, equal], dtype=torch.int64)
                 keep = ops.threshold_masks([scores], value, local_counts, less + take)[0]
-            with store.block(i, block, write=True):
+            with self.store.block(i, module, write=True):
                 offset = 0
-                for lin in block_linears(block).values():
+                for lin in block_linears(module).values():
                     n = lin.weight.numel()
                     _apply(lin, keep[offset : offset + n].view(lin.weight.shape))
                     offset += n
-                _record(result, prefix, i, block)
+                self.record(i)
             result.block_seconds.append(time.perf_counter() - t0)
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-    zeros = [0.0] * len(blocks)
-    for name, fraction in result.layer_sparsity.items():
-        zeros[int(name[len(prefix) + 1 :].split(".", 1)[0])] += fraction * result.layer_numel[name]
-    result.block_sparsity = [z / max(size, 1) for z, size in zip(zeros, sizes)]
-
-
-def _options(
-    chosen, pattern, granularity, owl, num_samples, seq_len, batch_size, propagate, blocksize, percdamp, windows, nested
-) -> dict:
-    """What a resumed run must share with the run it continues."""
-    return {
-        "method": chosen.name,
-        "sparsity": str(pattern),
-        "granularity": granularity,
-        "owl": None if owl is None else [owl.M, owl.lam],
-        "num_samples": num_samples if windows is not None else 0,
-        "seq_len": seq_len if windows is not None else 0,
-        "batch_size": batch_size,
-        "propagate": propagate,
-        "blocksize": blocksize,
-        "percdamp": float(percdamp),
-        "nested": nested,
-        "calibration": None if windows is None else hashlib.sha1(windows.cpu().numpy().tobytes()).hexdigest(),
-    }
 
 
 def prune(
     model: nn.Module | str | os.PathLike,
     calibration: Tensor | None = None,
     *,
-    method: str = "wanda",
+    method: str | Method = DEFAULT_METHOD,
     sparsity: float | str | tuple[int, int] = 0.5,
     granularity: str | None = None,
     owl: OWL | None = None,
@@ -592,206 +673,134 @@ def prune(
     resume: bool = False,
     group: object = None,
     nested: bool = False,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> PruneResult:
-    """Prunes the Linear layers of every decoder block of a Hugging Face causal LM in place, one block
-    at a time (module docstring), and returns what was done.
+    """Prunes the Linear layers of every block of a transformer in place, one block at a time (module
+    docstring), and returns what was done: a Hugging Face causal LM, or with `forward` any model whose
+    blocks `llm.find_blocks` finds (a BERT-style encoder, a timm, torchvision or Hugging Face ViT).
+    nn.MultiheadAttention's packed in_proj_weight is pruned as the three projections it holds
+    (`modeling.UnpackedAttention`: its Linears are named q_proj, k_proj, v_proj in the result).
 
-    calibration: token ids, a 1-D stream cut into `num_samples` consecutive windows of `seq_len`
-        tokens, or [sequences, tokens] of which the first num_samples × seq_len are used (not needed
-        by magnitude without OWL). The defaults, 128 × 2048, are the papers'; the model's
-        max_position_embeddings is never used as a length.
-    method: "magnitude", "wanda", "sparsegpt", or a block-local criterion "snip", "refer", "afr",
-        "feature_l1" (llm.local).
-    sparsity: a fraction in [0, 1] (exactly round(s × N) weights of each group pruned) or an N:M
-        pattern "2:4" / (2, 4).
-    granularity: "row" (each output row its own group), "layer", or "global" (one group over every
-        pruned weight of the model: a dense scoring pass, then one exact threshold; not for
-        sparsegpt); default: the method's paper's (Wanda per row, the others per layer); ignored for N:M.
-    owl: llm.OWL(M, lam) for outlier-weighted non-uniform block sparsity (unstructured only).
-    propagate: "pruned" (the next block sees the pruned block's outputs) or "dense".
-    device: where each block is computed (default: CUDA when available, else where the block is).
-    blocksize, percdamp: SparseGPT's lazy column block width and Hessian dampening.
-    progress: a tqdm bar over the blocks; None shows it only on a terminal.
-    offload: None (the model is in memory and pruned in place) or "disk": `model` is then the path of
-        a safetensors checkpoint directory, read one block at a time, and the pruned model is written
-        to the directory `out` as a checkpoint that from_pretrained loads (llm.offload).
-    resume: with offload="disk", continue the run recorded in `out` after its last finished block.
-    group: a torch.distributed ProcessGroup to prune over several ranks (module docstring: each rank
-        calibrates on its share of the sequences, statistics are summed over the ranks, SparseGPT's
-        solves are spread over them); every rank calls prune with the same arguments and ends with
-        the same pruned model; with offload="disk", rank 0 writes the output.
-    nested: the weights already exactly zero are pruned first (their scores −inf; SparseGPT: its mask
-        of each Linear chosen once, before its sweep, instead of per block of columns, so that the OBS
-        updates cannot revive them): a model pruned by an earlier run at a lower sparsity with the same
-        groups keeps every weight it pruned, and every group still ends with exactly round(s × N)
-        (iterative pruning over rounds; unstructured fractions only, not with OWL).
+    Args:
+        model: the model (pruned in place), or with offload="disk" the path of a causal LM's safetensors
+            checkpoint directory.
+        calibration: token ids, a 1-D stream cut into `num_samples` consecutive windows of `seq_len`
+            tokens, or [sequences, tokens] of which the first num_samples × seq_len are used (not needed
+            by magnitude without OWL). The defaults, 128 × 2048, are the papers'; the model's
+            max_position_embeddings is never used as a length. With `forward`: a list of batches.
+        method: a registered method's name ("magnitude", "wanda", "sparsegpt", or a block-local
+            criterion "snip", "refer", "afr", "feature_l1": llm.methods) or a `criteria.Method` object
+            (a method of one's own: criteria.method).
+        sparsity: a fraction in [0, 1] (exactly round(s × N) weights of each group pruned) or an N:M
+            pattern "2:4" / (2, 4).
+        granularity: "row" (each output row its own group), "layer", or "global" (one group over every
+            pruned weight of the model: a dense scoring pass, then one exact threshold; not for methods
+            that prune in place, such as sparsegpt); default: the method's (its paper's: Wanda per row,
+            the others per layer); ignored for N:M.
+        owl: llm.OWL(M, lam) for outlier-weighted non-uniform block sparsity (unstructured only).
+        num_samples, seq_len: the calibration windows.
+        batch_size: calibration sequences per forward.
+        propagate: "pruned" (the next block sees the pruned block's outputs) or "dense".
+        device: where each block is computed (default: CUDA when available, else where the block is).
+        blocksize, percdamp: SparseGPT's lazy column block width and Hessian dampening (they configure a
+            method given by name; a Method object carries its own).
+        progress: a tqdm bar over the blocks; None shows it only on a terminal.
+        offload: None (the model is in memory and pruned in place) or "disk": `model` is then the path
+            of a safetensors checkpoint directory, read one block at a time, and the pruned model is
+            written to the directory `out` as a checkpoint that from_pretrained loads (llm.offload).
+        out: with offload="disk", the output checkpoint directory.
+        resume: with offload="disk", continue the run recorded in `out` after its last finished block.
+        group: a torch.distributed ProcessGroup to prune over several ranks (module docstring: each rank
+            calibrates on its share of the sequences, statistics are summed over the ranks, SparseGPT's
+            solves are spread over them); every rank calls prune with the same arguments and ends with
+            the same pruned model; with offload="disk", rank 0 writes the output.
+        nested: the weights already exactly zero are pruned first (their scores −inf; SparseGPT: its
+            mask of each Linear chosen once, before its sweep, instead of per block of columns, so that
+            the OBS updates cannot revive them): a model pruned by an earlier run at a lower sparsity
+            with the same groups keeps every weight it pruned, and every group still ends with exactly
+            round(s × N) (iterative pruning over rounds; unstructured fractions only, not with OWL).
+        forward: for a model that does not take token ids: a callable (model, inputs) run on each
+            calibration batch (an `(inputs, targets)` pair or bare inputs), as the criteria API's.
+
+    Returns:
+        A PruneResult: the measured sparsity of every pruned Linear, block sparsities, times, the
+        peak-memory estimate and the measured peaks (llm.result).
 
     Every argument is checked before the model is touched: a model without decoder blocks, a
     calibration set shorter than asked, a sparsity out of range or an unknown method raise ValueError
     with the model unchanged."""
     start = time.perf_counter()
+    options = Options(
+        method=method,
+        sparsity=sparsity,
+        granularity=granularity,
+        owl=owl,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        propagate=propagate,
+        device=device,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        progress=progress,
+        offload=offload,
+        out=out,
+        resume=resume,
+        nested=nested,
+        forward=forward,
+    )
     comm = None if group is None else Communicator(group)
     with session(comm):  # distributed: an error on any rank makes every rank raise
-        result = _prune(model, calibration, comm, method, sparsity, granularity, owl, num_samples, seq_len,
-                        batch_size, propagate, device, blocksize, percdamp, progress, offload, out, resume,
-                        nested)  # fmt: skip
+        with unpacked_attention(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
+            result = Run.start(model, calibration, options, comm).prune()
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _share(windows: Tensor, comm: Communicator) -> Tensor:
-    """This rank's contiguous share of the calibration windows [n, T] (data-parallel calibration)."""
-    n = windows.shape[0]
-    if n < comm.size:
-        raise ValueError(f"{n} calibration sequences cannot be shared by {comm.size} ranks: give at least one per rank")
-    return windows[n * comm.rank // comm.size : n * (comm.rank + 1) // comm.size]
-
-
-def _prune(model, calibration, comm, method, sparsity, granularity, owl, num_samples, seq_len, batch_size,
-           propagate, device, blocksize, percdamp, progress, offload, out, resume, nested) -> PruneResult:  # fmt: skip
-    chosen, pattern, granularity = _check_options(
-        method, sparsity, granularity, owl, propagate, num_samples, seq_len, batch_size, blocksize, percdamp, nested
-    )
-    model, store = _store(model, offload, out, resume)
-    prefix, blocks = find_blocks(model)
-    for i, block in enumerate(blocks):
-        for n, lin in block_linears(block).items():
-            check_fits(f"{prefix}.{i}.{n}", lin.weight, pattern)
-    needs_data = chosen.needs_data or owl is not None
-    windows = None
-    if needs_data:
-        if calibration is None:
-            raise ValueError(f"method {chosen.name!r}{' with OWL' if owl else ''} needs calibration token ids")
-        windows = calibration_windows(calibration, num_samples, seq_len)
-    options = _options(chosen, pattern, granularity, owl, num_samples, seq_len, batch_size, propagate,
-                       blocksize, percdamp, windows, nested)  # fmt: skip
-    if comm is not None:
-        ours = {**options, "offload": offload, "out": None if out is None else str(Path(out).resolve())}
-        theirs = comm.all_gather_object(ours)
-        differ = sorted({k for other in theirs for k in ours if other[k] != ours[k]})
-        if differ:
-            raise ValueError(f"group=: the ranks called prune with different {', '.join(differ)}")
-        if windows is not None:
-            windows = _share(windows, comm)
-    compute = _resolve_device(device, blocks)
-    plan = _Plan(chosen, pattern, granularity, propagate, batch_size, blocksize, float(percdamp), comm, nested)
-    result = PruneResult(
-        chosen.name, str(pattern), granularity, num_samples if needs_data else 0, seq_len if needs_data else 0,
-        propagate, str(compute),
-    )  # fmt: skip
-    if store.disk:
-        if comm is None or comm.rank == 0:
-            result.resumed_blocks = store.open_output(out, options, resume)
-        else:
-            store.attach(out)
-        if comm is not None:  # rank 0 prepared the output; every rank starts after the same block
-            store.alone = False
-            result.resumed_blocks = comm.all_gather_ints([result.resumed_blocks])[0][0]
-        result.output = store.out
-    if compute.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(compute)
-    disable = None if progress is None else not progress
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            if granularity == "global":
-                _prune_global(model, prefix, blocks, store, plan, windows, compute, result, disable)
-            else:
-                _prune_sequential(model, prefix, blocks, store, plan, windows, compute, owl, result, disable)
-        if store.disk and store.writer:
-            store.finish()
-    finally:
-        for m, training in modes:
-            m.training = training
-    if compute.type == "cuda":
-        result.peak_device_bytes = torch.cuda.max_memory_allocated(compute)
-    result.peak_host_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return result
-
-
-def _prune_sequential(model, prefix, blocks, store, plan: _Plan, windows, compute, owl, result, disable) -> None:
-    """The block-sequential run (module docstring); blocks a resumed run found finished are only rerun
-    to rebuild the next block's inputs (from the output when pruned outputs propagate)."""
-    done = result.resumed_blocks
-    fractions = [plan.pattern.fraction] * len(blocks)
-    if owl is not None:
-        ratios, fractions = store.remember(
-            "owl",
-            lambda: _owl_sparsities(
-                model, blocks, store, windows, plan.batch_size, compute, owl, plan.pattern.fraction, disable, plan.comm
-            ),  # fmt: skip
-        )
-        result.outlier_ratio = list(ratios)
-    result.block_sparsity = list(fractions)
-    todo = plan.method.needs_data and done < len(blocks)
-    inputs = _capture(model, blocks, store, windows, plan.batch_size, compute) if todo else None
-    name = f"{plan.method.name} {plan.pattern}"
-    for i, block in enumerate(tqdm(blocks, desc=name, unit="block", disable=disable)):
-        t0 = time.perf_counter()
-        if i < done:
-            replay = inputs is not None
-            source = "output" if plan.propagate == "pruned" or not replay else "input"
-            with store.block(i, block, source=source), _on(block, compute):
-                if replay:
-                    for j in range(len(inputs)):
-                        inputs.hidden[j] = inputs.run(block, j)
-                if source == "output":
-                    _record(result, prefix, i, block)
-            if source != "output":
-                with store.block(i, block, source="output"):
-                    _record(result, prefix, i, block)
-            continue
-        with store.block(i, block, write=True):
-            with _on(block, compute):
-                estimate = _run_block(block, plan, fractions[i], inputs, last=i + 1 == len(blocks))
-                if compute.type == "cuda":
-                    torch.cuda.synchronize(compute)
-            if result.memory is None or estimate.total > result.memory.total:
-                result.memory = estimate
-            _record(result, prefix, i, block)
-        result.block_seconds.append(time.perf_counter() - t0)
 
 
 def scores(
     model: nn.Module,
     calibration: Tensor | None = None,
     *,
-    method: str = "wanda",
+    method: str | Method = DEFAULT_METHOD,
     num_samples: int = 128,
     seq_len: int = 2048,
     batch_size: int = 1,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> dict[str, Tensor]:
-    """{parameter name: float32 score} of every decoder-block Linear weight of a causal LM (higher =
-    more important), each block scored on the dense model's calibration inputs, block by block as
-    `prune` does; the model is not changed. For score methods (magnitude, wanda, snip, refer, afr,
-    feature_l1; the block-local snip's candidate masks at 50 % per layer): feed them to
-    `pyprune_fast.masks` or another tool. prune(granularity="global") prunes by
-    masks.global_unstructured over exactly these scores."""
-    chosen, pattern, _ = _check_options(method, 0.5, "layer", None, "dense", num_samples, seq_len, batch_size, 128, 0.0)
-    if chosen.hessian:
-        raise ValueError("sparsegpt has no score per weight (it chooses its masks inside the OBS update)")
-    prefix, blocks = find_blocks(model)
-    windows = None
-    if chosen.needs_data:
-        if calibration is None:
-            raise ValueError(f"method {chosen.name!r} needs calibration token ids")
-        windows = calibration_windows(calibration, num_samples, seq_len)
-    compute = _resolve_device(device, blocks)
-    plan = _Plan(chosen, pattern, "global", "dense", batch_size, 128, 0.0)
+    """The scores of every decoder-block Linear weight of a causal LM, each block scored on the dense
+    model's calibration inputs, block by block as `prune` does; the model is not changed.
+
+    Args:
+        model: the causal LM.
+        calibration, num_samples, seq_len, batch_size, device, progress, forward: as for `prune`.
+        method: a method with a score per weight (magnitude, wanda, snip, refer, afr, feature_l1, or a
+            Method object); the block-local snip's candidate masks are taken at 50 % per layer.
+
+    Returns:
+        {parameter name: float32 score} (higher = more important), for `pyprune_fast.masks` or another
+        tool. prune(granularity="global") at sparsity 0.5 prunes by masks.global_unstructured over
+        exactly these scores."""
+    chosen = get_method(method)
+    if chosen.prunes_in_place:
+        raise ValueError(f"{chosen.name} has no score per weight (it chooses its masks inside its own solve)")
+    options = Options(
+        method=chosen,
+        sparsity=0.5,
+        granularity="global",
+        num_samples=num_samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        propagate="dense",
+        device=device,
+        progress=progress,
+        forward=forward,
+    )
     out: dict[str, Tensor] = {}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            todo = list(range(len(blocks)))
-            disable = None if progress is None else not progress
-            passes = _dense_scores(model, blocks, MemoryStore(), plan, windows, compute, todo, disable)
-            for i, block_scores, _ in passes:
-                out.update({f"{prefix}.{i}.{n}.weight": s.cpu() for n, s in block_scores.items()})
-    finally:
-        for m, training in modes:
-            m.training = training
+    with unpacked_attention(model):
+        run = Run.start(model, calibration, options, None)
+        with eval_mode(model), torch.no_grad():
+            for i, block_scores, _ in run.dense_scores(list(range(len(run.blocks)))):
+                out.update({f"{run.prefix}.{i}.{n}.weight": s.cpu() for n, s in block_scores.items()})
     return out

@@ -15,6 +15,15 @@ def save_pretrained(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *
     """Writes `model` (safetensors weights, config, generation config) and `tokenizer` (None: none)
     to the directory `path`, which `AutoModelForCausalLM.from_pretrained(path)` then loads.
 
+    Args:
+        model: a Hugging Face PreTrainedModel.
+        tokenizer: its tokenizer, or None.
+        path: the output directory.
+        overwrite: replace an existing `path` (else FileExistsError).
+
+    Returns:
+        `path` as a Path.
+
     Atomic: everything is written into a temporary directory beside `path` and renamed into place
     only when complete, so `path` never holds a half-written model; on an error the temporary
     directory is removed and an existing `path` is left as it was. FileExistsError when `path`

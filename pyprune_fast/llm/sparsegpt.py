@@ -28,9 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops
+from ..criteria.method import Block, Method
 from .sparsity import Pattern
 
 SUBBLOCK = 32  # columns updated one by one between two matrix products, inside a block (memory traffic)
@@ -146,3 +147,57 @@ def prune_(
     keep = keep.T.contiguous()
     weight.copy_(wt.T.masked_fill(~keep, 0).to(weight.dtype))
     return keep
+
+
+class SparseGPT(Method):
+    """SparseGPT as a method of the block pipeline: H = 2XᵀX/n from the statistics pass (one per input
+    shared by several Linears, such as q/k/v), then the OBS sweep of each Linear in place. Over several
+    ranks (block.comm) each group of Linears sharing an input is solved by one rank, which broadcasts
+    the weights it solved. `blocksize`: the lazy column block width; `percdamp`: the Hessian dampening."""
+
+    name = "sparsegpt"
+    observes = frozenset({"xtx"})
+    prunes_in_place = True
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+            raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
+            raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+        self.blocksize, self.percdamp = blocksize, float(percdamp)
+
+    def configured(self, *, blocksize: int = 128, percdamp: float = 0.01, **_options) -> SparseGPT:
+        return SparseGPT(blocksize, percdamp)
+
+    def check(self, pattern: Pattern, granularity: str | None) -> None:
+        super().check(pattern, granularity)
+        if pattern.is_nm and self.blocksize % pattern.m:
+            raise ValueError(
+                f"blocksize {self.blocksize} must be a multiple of m={pattern.m} for the {pattern} pattern"
+            )
+
+    def workspace_bytes(self, linears: dict[str, nn.Linear], forward_bytes: int) -> int:
+        return max(4 * (2 * lin.in_features**2 + 2 * lin.out_features * lin.in_features) for lin in linears.values())
+
+    def record(self) -> dict:
+        return {"blocksize": self.blocksize, "percdamp": self.percdamp}
+
+    def prune_(self, block: Block) -> None:
+        groups: dict[int, list[str]] = {}
+        for n in block.observed():
+            groups.setdefault(id(block.stats[n]), []).append(n)
+        comm, granularity = block.comm, block.granularity or "layer"
+        for g, names in enumerate(groups.values()):  # Linears sharing their input (q/k/v) share H
+            if comm is not None and g % comm.size != comm.rank:
+                continue  # over ranks: each input group solved by one rank, its weights broadcast below
+            shared = block.stats[names[0]]
+            factor = inverse_factor(shared.hessian(), self.percdamp)
+            shared.xtx = None
+            for n in names:
+                weight = block.linears[n].weight
+                pruned = (weight == 0) if block.nested else None
+                prune_(weight, factor, block.pattern, block.fraction, granularity, self.blocksize, pruned=pruned)
+            del factor
+        if comm is not None:
+            for g, names in enumerate(groups.values()):
+                comm.broadcast_([block.linears[n].weight for n in names], src=g % comm.size)

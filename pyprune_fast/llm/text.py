@@ -14,9 +14,16 @@ SPLITS = ("calibration", "evaluation")
 
 
 def calibration_windows(token_ids: Tensor, num_samples: int, seq_len: int) -> Tensor:
-    """[num_samples, seq_len] int64 calibration sequences: the first rows and columns of a 2-D
-    [sequences, tokens] tensor, or consecutive non-overlapping windows of a 1-D token stream.
-    ValueError when there are fewer tokens than asked (never padded, never repeated)."""
+    """Calibration sequences cut from token ids, never padded, never repeated (ValueError when there are
+    fewer tokens than asked).
+
+    Args:
+        token_ids: a 1-D token stream (cut into consecutive non-overlapping windows) or 2-D
+            [sequences, tokens] (its first rows and columns are taken).
+        num_samples, seq_len: how many sequences of how many tokens.
+
+    Returns:
+        [num_samples, seq_len] int64."""
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -66,6 +73,13 @@ def pydoc_text(split: str, held_out_every: int = 4) -> str:
 
 
 def pydoc_tokens(tokenizer: Any, split: str, held_out_every: int = 4) -> Tensor:
-    """The `pydoc_text` part tokenized as one stream (1-D int64, no special tokens)."""
+    """The `pydoc_text` part tokenized as one stream.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; split: "calibration" or "evaluation";
+        held_out_every: as for `pydoc_text`.
+
+    Returns:
+        1-D int64 token ids, no special tokens."""
     ids = tokenizer(pydoc_text(split, held_out_every), add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)

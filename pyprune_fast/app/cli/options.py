@@ -287,8 +287,8 @@ class PruneOptions(Options):
         llm_runner.check_schedule(self.targets, self.refinement)
         defaults = llm_runner.DEFAULT_METHODS
         if self.granularity == "global":  # SparseGPT chooses its masks inside its solve: no score to threshold
-            defaults = [m for m in defaults if not llm.METHODS[m].hessian]
-            chosen = [m for m in self.criterion or [] if m in llm.METHODS and llm.METHODS[m].hessian]
+            defaults = [m for m in defaults if not llm.METHODS[m].prunes_in_place]
+            chosen = [m for m in self.criterion or [] if m in llm.METHODS and llm.METHODS[m].prunes_in_place]
             if chosen:
                 raise UsageError(
                     f"`granularity` global thresholds one score per weight; {chosen[0]} chooses its masks inside its "

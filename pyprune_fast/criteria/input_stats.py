@@ -6,6 +6,7 @@ gated MLP) share one statistics object: XᵀX is accumulated and stored once for
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,11 @@ class InputStats:
 
 class StatsCollector:
     """Context manager: hooks on `linears` (name -> nn.Linear of `block`) that accumulate their input
-    statistics while the block runs; `stats[name]` holds each Linear's (possibly shared) InputStats."""
+    statistics while the block runs; `stats[name]` holds each Linear's (possibly shared) InputStats.
+    `observes`: the statistics a method reads, "norms" (always collected) and "xtx" (XᵀX)."""
 
-    def __init__(self, block: nn.Module, linears: dict[str, nn.Linear], *, hessian: bool) -> None:
-        self.block, self.linears, self.hessian = block, linears, hessian
+    def __init__(self, block: nn.Module, linears: dict[str, nn.Linear], observes: Iterable[str]) -> None:
+        self.block, self.linears, self.hessian = block, linears, "xtx" in observes
         self.stats: dict[str, InputStats] = {}
         self._aliases: set[str] = set()
         self._seen: dict[int, tuple[Tensor, str]] = {}

@@ -1,0 +1,95 @@
+"""What a block-pipeline run reports: `PruneResult` (targets, measured sparsity per Linear and per
+block, times, memory) and `MemoryEstimate` (the peak-memory formula of llm.pipeline, term by term)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak compute-device memory of a run, in bytes, by term of the formula in llm.pipeline."""
+
+    block: int
+    activations: int
+    statistics: int
+    forward: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.block + self.activations + self.statistics + self.forward + self.workspace
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {_size(getattr(self, k))}" for k in self.__dataclass_fields__)
+        return f"≈ {_size(self.total)} ({parts})"
+
+
+def _size(nbytes: float) -> str:
+    units, i = ("B", "KiB", "MiB", "GiB", "TiB"), 0
+    while nbytes >= 1024 and i < len(units) - 1:
+        nbytes, i = nbytes / 1024, i + 1
+    return f"{nbytes:.0f} B" if i == 0 else f"{nbytes:.2f} {units[i]}"
+
+
+@dataclass
+class PruneResult:
+    """What a `prune` run did: targets, the measured sparsity of every pruned Linear weight (fraction of
+    zeros, by parameter name), the target sparsity of each block (non-uniform with OWL; measured for
+    global sparsity), times, the peak-memory estimate (and the measured peak on a CUDA device, and
+    the process's peak RSS), and for offload="disk" the output checkpoint and the blocks a resumed
+    run found finished."""
+
+    method: str
+    sparsity: str
+    granularity: str | None
+    num_samples: int
+    seq_len: int
+    propagate: str
+    device: str
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    block_sparsity: list[float] = field(default_factory=list)
+    outlier_ratio: list[float] | None = None
+    block_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    memory: MemoryEstimate | None = None
+    peak_device_bytes: int | None = None
+    peak_host_bytes: int | None = None
+    output: Path | None = None
+    resumed_blocks: int = 0
+
+    layer_numel: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Fraction of zeros over every pruned weight."""
+        total = sum(self.layer_numel.values())
+        return sum(s * self.layer_numel[n] for n, s in self.layer_sparsity.items()) / max(total, 1)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.method} {self.sparsity}"
+            + (f" ({self.granularity})" if self.granularity else "")
+            + f": {len(self.layer_sparsity)} Linear layers in {len(self.block_sparsity)} blocks, "
+            f"sparsity {self.overall_sparsity:.4f}, {self.seconds:.1f} s on {self.device}",
+            (
+                f"calibration {self.num_samples} × {self.seq_len} tokens, propagate={self.propagate}"
+                if self.seq_len
+                else f"calibration {self.num_samples} batches, propagate={self.propagate}"
+            )
+            if self.num_samples
+            else "no calibration data",
+        ]
+        if self.memory is not None:
+            lines.append(f"peak memory {self.memory}")
+        if self.peak_device_bytes is not None:
+            lines.append(f"measured peak {_size(self.peak_device_bytes)}")
+        if self.peak_host_bytes is not None:
+            lines.append(f"peak host memory (RSS of this process) {_size(self.peak_host_bytes)}")
+        if self.output is not None:
+            resumed = f", {self.resumed_blocks} blocks found finished (resumed)" if self.resumed_blocks else ""
+            lines.append(f"written to {self.output}{resumed}")
+        if self.outlier_ratio is not None or self.granularity == "global":
+            lines.append("block sparsity " + " ".join(f"{s:.3f}" for s in self.block_sparsity))
+        return "\n".join(lines)
