@@ -26,13 +26,20 @@ class UsageError(ValueError):
     def __str__(self) -> str:
         return self.spelled(lambda name: name)
 
-    def spelled(self, spell: Callable[[str], str]) -> str:
+    def spelled(self, spell: Callable[[str], str | None]) -> str:
         """The message with each parameter written as `spell(name)`.
 
         Args:
-            spell: a parameter's spelling (the command line's: `"--" + name.replace("_", "-")`).
+            spell: a parameter's spelling (the command line's: `"--" + name.replace("_", "-")`), or
+                None for a name it does not know, which then keeps its backquotes (text quoted from
+                elsewhere, such as another library's message, may hold backquotes of its own).
 
         Returns:
             The message.
         """
-        return _PARAMETER.sub(lambda m: spell(m.group(1)), self.args[0])
+
+        def spelled(match: re.Match) -> str:
+            written = spell(match.group(1))
+            return match.group(0) if written is None else written
+
+        return _PARAMETER.sub(spelled, self.args[0])

@@ -23,6 +23,11 @@ def test_usage_error_names_parameters_and_the_cli_spells_them():
     assert str(error) == "batch_size must be >= 1, got 0; see rounds"
     assert error.spelled(options.spell) == "--batch-size must be >= 1, got 0; see --rounds"
     assert pyprune_fast.UsageError is UsageError
+    quoted = UsageError("`rounds` is wrong: the factory said: set `model_type` (quoted from transformers)")
+    assert (
+        quoted.spelled(options.flag)
+        == "--rounds is wrong: the factory said: set `model_type` (quoted from transformers)"
+    )
 
 
 def test_a_user_error_is_one_line_and_status_2(tmp_path, capsys):

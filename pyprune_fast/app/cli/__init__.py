@@ -23,7 +23,7 @@ import threading
 import traceback
 
 from ...errors import UsageError
-from .options import DEFAULT_CRITERIA, DEFAULT_SPARSITIES, spell
+from .options import DEFAULT_CRITERIA, DEFAULT_SPARSITIES, flag
 from .parser import build_parser
 
 __all__ = ["DEFAULT_CRITERIA", "DEFAULT_SPARSITIES", "UsageError", "build_parser", "main"]
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("pyprune-fast: interrupted; no file was written or replaced", file=sys.stderr)
         return 130
     except UsageError as exc:
-        print(f"pyprune-fast: error: {exc.spelled(spell)}", file=sys.stderr)
+        print(f"pyprune-fast: error: {exc.spelled(flag)}", file=sys.stderr)
         return 2
     except Exception:
         traceback.print_exc()

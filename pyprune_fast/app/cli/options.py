@@ -339,3 +339,17 @@ class BenchOptions:
         _at_least({"repeats": self.repeats})
         if not 0 < self.scale <= 1:
             raise UsageError(f"`scale` must be in (0, 1], got {self.scale}")
+
+
+# Every library parameter the command line has a flag for: the fields of the options objects.
+PARAMETERS = frozenset(
+    f.name
+    for cls in (PruneOptions, ScoreOptions, SensitivityOptions, BenchOptions)
+    for f in fields(cls)
+    if f.init and f.name != "argv"
+)
+
+
+def flag(name: str) -> str | None:
+    """The command line's flag of a library parameter (`spell`), None for a name it has no flag for."""
+    return spell(name) if name in PARAMETERS else None
