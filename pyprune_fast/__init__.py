@@ -14,12 +14,13 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from . import criteria, distributed, masks, ops, schedule, sparse, structured
+from ._version import __version__ as __version__
+from .errors import UsageError
 from .io import load_masks, mask_metadata, save_masks
 from .masks import apply_masks
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "UsageError",
     "apply_masks",
     "backend_info",
     "criteria",
@@ -40,7 +41,12 @@ def backend_info() -> dict:
     """What is loaded: the backend ('native' or 'reference'), how the library was built, per op which
     kernels are registered (`ops`: {op: {"cpu": bool, "cuda": bool}}; `cpu_ops`/`cuda_ops`: every op
     has one), the CUDA archs they were compiled for, and why not, if not. Loads (or builds) the
-    compiled library on first call."""
+    compiled library on first call.
+
+    Returns:
+        {"backend": "native" | "reference", "ops": {op: {"cpu": bool, "cuda": bool}}, "cpu_ops",
+        "cuda_ops", "cuda_archs", ...}: what was loaded, and why not where it was not.
+    """
     from . import _extension
 
     return dict(_extension.state())
@@ -52,7 +58,22 @@ def score(model: nn.Module, criterion: str, data: Iterable | None = None, **kwar
     {parameter name: score shaped like it}, channel criteria {layer name: (C,) scores}.
     `group=` (a torch.distributed ProcessGroup): data-parallel calibration, each rank passing its share
     of the batches; the sums over batches are summed over the ranks before the scores are formed (see
-    `pyprune_fast.distributed`)."""
+    `pyprune_fast.distributed`).
+
+    Args:
+        model: the model to score.
+        criterion: a name of `criteria.CRITERIA` ("snip", "taylor", ...).
+        data: calibration batches, `(inputs, targets)` or bare inputs (None for data-free criteria).
+        **kwargs: the criterion's options and the shared ones (loss_fn, params, layers, num_batches,
+            forward, group).
+
+    Returns:
+        {parameter name: scores shaped like it} (weight criteria) or {layer name: (C,) scores}
+        (channel criteria); higher = more important.
+
+    Raises:
+        ValueError: an unknown criterion, or what the criterion refuses.
+    """
     if criterion not in criteria.CRITERIA:
         valid = ", ".join(sorted(criteria.CRITERIA))
         raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {valid}")

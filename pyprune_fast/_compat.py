@@ -34,3 +34,47 @@ def dense_to_cutlass_24() -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
     return sparse_semi_structured_from_dense_cutlass
+
+
+def foreach_add(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+    """xs[i] + ys[i] for every i, by torch's multi-tensor kernel (one launch for the whole list on
+    CUDA). torch has no public name for its `_foreach_*` ops.
+
+    Args:
+        xs, ys: tensors of equal shapes, pairwise.
+
+    Returns:
+        The sums, new tensors.
+    """
+    return list(torch._foreach_add(xs, ys))
+
+
+def foreach_mul_(xs: list[Tensor], scalar: float) -> None:
+    """xs[i] *= scalar for every i, in place, by torch's multi-tensor kernel.
+
+    Args:
+        xs: the tensors, changed in place.
+        scalar: the factor.
+    """
+    torch._foreach_mul_(xs, scalar)
+
+
+def prune_amount(amount: int | float, competing: int) -> int:
+    """How many entries `torch.nn.utils.prune` prunes for `amount`, checked as torch checks it: torch's
+    own helpers, private, so that `integrations.torch_prune` rounds and refuses exactly as torch does.
+
+    Args:
+        amount: a fraction in [0, 1] (rounded as torch rounds it) or a count.
+        competing: the entries that compete (those not pruned yet).
+
+    Returns:
+        The number of entries to prune.
+
+    Raises:
+        ValueError: a count larger than `competing` (torch's message).
+    """
+    from torch.nn.utils import prune
+
+    count = prune._compute_nparams_toprune(amount, competing)
+    prune._validate_pruning_amount(count, competing)
+    return count

@@ -67,7 +67,14 @@ class RankFailed(RuntimeError):
 
 def check_group(group: object) -> object:
     """`group` checked: None, or a ProcessGroup of an initialized torch.distributed that this process
-    belongs to (ValueError/TypeError naming `group` otherwise)."""
+    belongs to (ValueError/TypeError naming `group` otherwise).
+
+    Args:
+        group: the value given as group=.
+
+    Returns:
+        `group`.
+    """
     if group is None:
         return None
     if not dist.is_available() or not dist.is_initialized():
@@ -214,7 +221,14 @@ class Communicator:
 
 
 def session(comm: Communicator | None) -> contextlib.AbstractContextManager:
-    """`comm.session()`, or a context that does nothing when there is no communicator (group=None)."""
+    """`comm.session()`, or a context that does nothing when there is no communicator (group=None).
+
+    Args:
+        comm: the communicator, or None.
+
+    Returns:
+        The context manager.
+    """
     return contextlib.nullcontext() if comm is None else comm.session()
 
 
@@ -256,7 +270,18 @@ def select(
 ) -> Selection:
     """Building block (arguments not checked): the k-th smallest (1 <= k <= global total) over this
     rank's `tensors` (all of `dtype`, possibly none) and the other ranks' by summed radix histograms;
-    NaN on any rank raises ValueError on every rank."""
+    NaN on any rank raises ValueError on every rank.
+
+    Args:
+        comm: the ranks' communicator.
+        tensors: this rank's tensors.
+        dtype: the dtype every rank's tensors have.
+        k: the rank (1-based) of the value over all ranks' elements.
+        labels: how errors name the tensors.
+
+    Returns:
+        The Selection: the value and the per-tensor counts below it.
+    """
     width = reference.radix_width(dtype)
     local = [t for t in tensors if t.numel()]
     device = tensors[0].device if tensors else torch.device("cpu")
@@ -306,7 +331,16 @@ def kth_smallest(tensors: Sequence[Tensor], k: int, *, group: object) -> Tensor:
     on every rank (0-d; the dtype all ranks' tensors promote to; on this rank's tensors' device, CPU
     for a rank without tensors). `k` must be the same on every rank; a rank may pass no tensors.
     Radix histograms are summed over the ranks, the scores never sent. NaN on any rank: ValueError
-    on every rank naming the tensor and the rank."""
+    on every rank naming the tensor and the rank.
+
+    Args:
+        tensors: this rank's tensors.
+        k: the rank (1-based) of the value over all ranks' elements.
+        group: the torch.distributed ProcessGroup.
+
+    Returns:
+        The value, a 0-d tensor.
+    """
     comm = Communicator(group)
     with comm.session():
         tensors = as_list("tensors", tensors)
@@ -333,7 +367,18 @@ def global_threshold(
     """Building block of `masks.global_unstructured(group=)` (arguments checked there, inside
     `comm.session()`): this rank's keep-masks with exactly round(sparsity × all ranks' elements)
     pruned over all ranks, lowest first, ties in rank order then tensor order then row-major; or, with
-    `targets`, those entries zeroed in place (returns None). `sparsity` must be the same on every rank."""
+    `targets`, those entries zeroed in place (returns None). `sparsity` must be the same on every rank.
+
+    Args:
+        comm: the ranks' communicator.
+        tensors: this rank's scores, of one dtype.
+        sparsity: the fraction of all ranks' entries to prune.
+        labels: how errors name the tensors.
+        targets: tensors to prune in place instead of returning masks.
+
+    Returns:
+        This rank's bool keep-masks, or None with `targets`.
+    """
     dtype, total, extras = _agreed_dtype(comm, tensors, [_float_bits(sparsity)])
     if any(e[0] != extras[0][0] for e in extras):
         raise ValueError("sparsity must be the same on every rank")

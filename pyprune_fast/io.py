@@ -52,7 +52,11 @@ def _fsync_dir(directory: str) -> None:
 
 
 def fsync_file(path: PathLike) -> None:
-    """Flushes a written file's data to disk."""
+    """Flushes a written file's data to disk.
+
+    Args:
+        path: the written file.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,7 +92,14 @@ def remove_stale_temps(path: PathLike) -> list[str]:
     """Removes the temporaries that writers of `path` killed mid-write (SIGKILL, power loss) left
     beside it: files `.<name>.<pid>.<random>.tmp` (new_temp) and directories
     `.<name>.<pid>.<random>.partial` (new_temp_dir) whose writer process no longer exists. Returns the
-    removed paths. Temporaries of live processes, of this process, and every other entry are left alone."""
+    removed paths. Temporaries of live processes, of this process, and every other entry are left alone.
+
+    Args:
+        path: the destination whose temporaries are looked for beside it.
+
+    Returns:
+        The removed paths.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     pattern = re.compile(rf"\.{re.escape(os.path.basename(path))}\.([0-9]+)\.[A-Za-z0-9_]+\.(tmp|partial)")
@@ -116,7 +127,14 @@ def remove_stale_temps(path: PathLike) -> list[str]:
 
 def new_temp(path: PathLike) -> str:
     """An empty temporary file `.<name>.<pid>.<random>.tmp` next to `path` (same directory, so a rename
-    onto `path` is atomic); the stale temporaries of `path` that dead writers left are removed first."""
+    onto `path` is atomic); the stale temporaries of `path` that dead writers left are removed first.
+
+    Args:
+        path: the destination.
+
+    Returns:
+        The temporary file's path.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     remove_stale_temps(path)
@@ -127,7 +145,12 @@ def new_temp(path: PathLike) -> str:
 
 def commit(temp: str, path: PathLike) -> None:
     """fsync `temp`, give it the permissions `path` has (or the umask's), rename it onto `path`, fsync
-    the directory."""
+    the directory.
+
+    Args:
+        temp: the complete temporary file.
+        path: the destination.
+    """
     fsync_file(temp)
     with contextlib.suppress(OSError):
         os.chmod(temp, _mode_for(os.fspath(path)))
@@ -145,7 +168,14 @@ def discard(temp: str) -> None:
 
 def new_temp_dir(path: PathLike) -> str:
     """An empty temporary directory `.<name>.<pid>.<random>.partial` next to `path` (a rename onto
-    `path` is atomic); the stale temporaries of `path` that dead writers left are removed first."""
+    `path` is atomic); the stale temporaries of `path` that dead writers left are removed first.
+
+    Args:
+        path: the destination directory.
+
+    Returns:
+        The temporary directory's path.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -155,7 +185,12 @@ def new_temp_dir(path: PathLike) -> str:
 
 def commit_dir(temp: str, path: PathLike) -> None:
     """Renames the complete directory `temp` onto `path`; an existing `path` is moved aside first and
-    removed only once the new one is in place (put back if the rename fails)."""
+    removed only once the new one is in place (put back if the rename fails).
+
+    Args:
+        temp: the complete temporary directory.
+        path: the destination.
+    """
     path = os.fspath(path)
     old = None
     if os.path.lexists(path):
@@ -209,7 +244,14 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     """Yields a temporary path to write in full; on success it replaces `path` atomically, on any
     error or interrupt (BaseException, SIGTERM too: see _sigterm_cleans_up) it is removed and `path`
     is left untouched. A temporary left by a writer killed with SIGKILL is removed by the next write
-    of `path` (remove_stale_temps)."""
+    of `path` (remove_stale_temps).
+
+    Args:
+        path: the destination.
+
+    Returns:
+        A context manager yielding the temporary path.
+    """
     with _sigterm_cleans_up():
         temp = new_temp(path)
         try:
@@ -263,13 +305,23 @@ class Staged:
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
-    """Writes `data` to `path` atomically."""
+    """Writes `data` to `path` atomically.
+
+    Args:
+        path: the destination.
+        data: the file's content.
+    """
     with atomic_path(path) as temp, open(temp, "wb") as f:
         f.write(data)
 
 
 def write_text(path: PathLike, text: str) -> None:
-    """Writes `text` (UTF-8) to `path` atomically."""
+    """Writes `text` (UTF-8) to `path` atomically.
+
+    Args:
+        path: the destination.
+        text: the file's content.
+    """
     write_bytes(path, text.encode("utf-8"))
 
 
@@ -277,7 +329,14 @@ def write_text(path: PathLike, text: str) -> None:
 
 
 def pack_bits(mask: Tensor) -> Tensor:
-    """A bool tensor as uint8 bytes: entry i of the flattened mask is bit i % 8 of byte i // 8 (LSB first)."""
+    """A bool tensor as uint8 bytes: entry i of the flattened mask is bit i % 8 of byte i // 8 (LSB first).
+
+    Args:
+        mask: a bool tensor.
+
+    Returns:
+        A 1-D uint8 tensor of ceil(numel / 8) bytes, the last one zero-padded.
+    """
     flat = mask.detach().reshape(-1).cpu()
     pad = (-flat.numel()) % 8
     if pad:
@@ -286,7 +345,15 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """The inverse of pack_bits for a mask of `shape`."""
+    """The inverse of pack_bits for a mask of `shape`.
+
+    Args:
+        packed: the bytes of pack_bits.
+        shape: the mask's shape.
+
+    Returns:
+        The bool mask.
+    """
     numel = 1
     for d in shape:
         numel *= d
@@ -334,10 +401,17 @@ def save_masks(
 
     `metadata`: str keys; str values are stored as they are, others as JSON (e.g. criterion,
     sparsity, granularity, model). The library version, the packing and the shapes are added.
-    `packed=True` stores 1 bit per entry, `packed=False` a bool tensor per mask."""
+    `packed=True` stores 1 bit per entry, `packed=False` a bool tensor per mask.
+
+    Args:
+        path: the file to write.
+        masks: {parameter name: bool keep-mask}.
+        metadata: what to record with them.
+        packed: 1 bit per entry (True) or a bool tensor per mask.
+    """
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
 
     masks = _check_masks(masks)
     if not isinstance(path, (str, os.PathLike)):
@@ -360,7 +434,14 @@ def save_masks(
 
 
 def mask_metadata(path: PathLike) -> dict[str, str]:
-    """The metadata of a mask file: the caller's keys plus format, packing, shapes, pyprune_fast_version."""
+    """The metadata of a mask file: the caller's keys plus format, packing, shapes, pyprune_fast_version.
+
+    Args:
+        path: a mask file.
+
+    Returns:
+        {key: str} (non-str values as written by save_masks: JSON).
+    """
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -409,7 +490,15 @@ def load_masks(path: PathLike, model: nn.Module | None = None) -> dict[str, Tens
 
     With `model`, every mask must name a parameter of the model with the same shape (the masks may
     cover only some parameters); otherwise ValueError lists the names the model lacks and the
-    shapes that differ."""
+    shapes that differ.
+
+    Args:
+        path: a mask file written by save_masks.
+        model: the model the masks must fit, if given.
+
+    Returns:
+        {parameter name: bool keep-mask} on the CPU.
+    """
     from safetensors.torch import load_file
 
     meta = mask_metadata(path)
@@ -432,7 +521,13 @@ def load_masks(path: PathLike, model: nn.Module | None = None) -> dict[str, Tens
 
 
 def check_against(masks: Mapping[str, Tensor], model: nn.Module, what: str = "masks") -> None:
-    """ValueError naming every mask whose parameter the model lacks or whose shape differs from it."""
+    """ValueError naming every mask whose parameter the model lacks or whose shape differs from it.
+
+    Args:
+        masks: {parameter name: mask}.
+        model: the model they must fit.
+        what: how the error names the masks.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = dict(model.named_parameters())

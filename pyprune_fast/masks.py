@@ -34,7 +34,14 @@ def _check_score_types(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def check_sparsity(sparsity: object) -> float:
     """The sparsity as a float in [0, 1]: a real number (int, float, a numpy scalar or a 0-d real
-    tensor); bools, NaN and values outside [0, 1] are a ValueError."""
+    tensor); bools, NaN and values outside [0, 1] are a ValueError.
+
+    Args:
+        sparsity: the value to check.
+
+    Returns:
+        The sparsity as a float.
+    """
     value = None
     if isinstance(sparsity, Tensor):
         if sparsity.dim() == 0 and sparsity.dtype != torch.bool and not sparsity.is_complex():
@@ -118,7 +125,19 @@ def global_unstructured(
     bit for bit those of one process given every rank's scores in rank order. Only radix histograms
     (512 KiB a pass, 1-4 passes by dtype) and a few ints are exchanged, never the scores (see
     `pyprune_fast.distributed`); `sparsity` must be the same on every rank; an error on any rank
-    (NaN, a bad argument) raises on every rank. None (the default): no communication."""
+    (NaN, a bad argument) raises on every rank. None (the default): no communication.
+
+    Args:
+        scores: {name: floating-point scores}, higher = kept.
+        sparsity: the fraction to prune, in [0, 1].
+        apply_to: a model, or a dict of parameters, keyed like the scores: prune those in place
+            instead of returning masks.
+        group: a torch.distributed ProcessGroup whose ranks hold parts of the scores; None: this
+            process holds them all.
+
+    Returns:
+        {name: bool keep-mask shaped like its scores}, or None with `apply_to`.
+    """
     if group is not None:
         comm = distributed.Communicator(group)
         with comm.session():
@@ -157,7 +176,17 @@ def layerwise(
     scores: Mapping[str, Tensor], sparsity: float, *, apply_to: nn.Module | Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor] | None:
     """Each tensor its own group: exactly round(sparsity × numel) entries pruned in each, lowest first,
-    ties by flat index. `apply_to=` prunes in place instead (see global_unstructured)."""
+    ties by flat index. `apply_to=` prunes in place instead (see global_unstructured).
+
+    Args:
+        scores: {name: floating-point scores}, higher = kept.
+        sparsity: the fraction of each tensor to prune, in [0, 1].
+        apply_to: a model, or a dict of parameters, keyed like the scores: prune those in place
+            instead of returning masks.
+
+    Returns:
+        {name: bool keep-mask}, or None with `apply_to`.
+    """
     return _group_masks(scores, sparsity, apply_to, lambda t: t.numel(), ops.layerwise_masks)
 
 
@@ -166,7 +195,17 @@ def per_row(
 ) -> dict[str, Tensor] | None:
     """Each output row its own group (Wanda's rule): every tensor viewed as (out, -1) and exactly
     round(sparsity × row length) entries pruned in each row, lowest first, ties by lower index.
-    `apply_to=` prunes in place instead (see global_unstructured)."""
+    `apply_to=` prunes in place instead (see global_unstructured).
+
+    Args:
+        scores: {name: floating-point scores}, higher = kept.
+        sparsity: the fraction of each row to prune, in [0, 1].
+        apply_to: a model, or a dict of parameters, keyed like the scores: prune those in place
+            instead of returning masks.
+
+    Returns:
+        {name: bool keep-mask}, or None with `apply_to`.
+    """
     return _group_masks(scores, sparsity, apply_to, lambda t: reference.rows_of(t).shape[1], ops.per_row_masks)
 
 
@@ -179,7 +218,17 @@ def channels(
     equal scores the lower channel index (layers in dict order) first. A global scope may empty a
     layer whose scores are all low: normalize the scores per layer (normalize="lp") or use "layer".
     `group=` (scope="global" only): the layers are split over the ranks of a torch.distributed group
-    and the threshold is global over all ranks (see global_unstructured)."""
+    and the threshold is global over all ranks (see global_unstructured).
+
+    Args:
+        scores: {layer name: (C,) floating-point scores}.
+        sparsity: the fraction of channels to prune, in [0, 1].
+        scope: "global" (one threshold over every layer) or "layer" (each layer alone).
+        group: a torch.distributed ProcessGroup over which the layers are split (scope="global").
+
+    Returns:
+        {layer name: (C,) bool keep-mask}.
+    """
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     if group is not None and scope != "global":
@@ -198,7 +247,16 @@ def channels(
 def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:
     """N:M semi-structured keep-masks: each tensor viewed as (out, -1), groups of m consecutive entries
     along a row, the n highest of each group kept (among equal scores the lower index is kept).
-    One fused op for all tensors of a device (ops.nm_mask), NaN detected in the same pass."""
+    One fused op for all tensors of a device (ops.nm_mask), NaN detected in the same pass.
+
+    Args:
+        scores: {name: floating-point scores}, each row's length divisible by m.
+        n: entries kept in each group.
+        m: the group size.
+
+    Returns:
+        {name: bool keep-mask}.
+    """
     n, m = check_n_m(n, m)
     scores = _check_score_types(scores)
     for name, s in scores.items():
@@ -218,7 +276,15 @@ def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tenso
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
-    """Zeros, in place, every parameter entry whose mask is False; returns the model."""
+    """Zeros, in place, every parameter entry whose mask is False; returns the model.
+
+    Args:
+        model: the model, changed in place.
+        masks: {parameter name: bool keep-mask of its shape}.
+
+    Returns:
+        The model.
+    """
     named = dict(model.named_parameters())
     unknown = [n for n in masks if n not in named]
     if unknown:
@@ -252,8 +318,8 @@ def _and_mask(name: str, param: Tensor, keep_mask: Tensor) -> Tensor:
 
 
 def _zero_pruned_(t: Tensor, and_mask: Tensor) -> None:
-    """t's pruned entries set to +0 in place: one vectorized bitwise AND on t's bits (twice as fast
-    as a masked_fill with a bool mask on CPU, and exact where a multiplication by 0 would make NaN)."""
+    """t's pruned entries set to +0 in place: one vectorized bitwise AND on t's bits (faster than a
+    masked_fill with a bool mask on CPU, and exact where a multiplication by 0 would make NaN)."""
     t.view(and_mask.dtype).bitwise_and_(and_mask)
 
 
@@ -351,8 +417,9 @@ def keep(model: nn.Module, masks: Mapping[str, Tensor]) -> KeptMasks:
       DistributedDataParallel need nothing special.
     - The zeroing is a bitwise AND of each tensor's bits with an integer mask of the same element
       width (all ones where kept, 0 where pruned): exact for every value (NaN and ±inf become +0,
-      where multiplying by a 0/1 float mask would give NaN) and vectorized, half the time of
-      `masked_fill_` with a bool mask on CPU. The price is memory: each pruned tensor's mask takes
+      where multiplying by a 0/1 float mask would give NaN) and vectorized, faster than
+      `masked_fill_` with a bool mask on CPU (benchmarks/README.md, "Keeping masks while training").
+      The price is memory: each pruned tensor's mask takes
       the size of the tensor (a bool mask would take an eighth of an fp32 tensor).
     - Nothing is attached to the model: no parametrization (which would rename the state_dict keys
       and recompute `weight` at every forward), no tensor hooks (which torch.compile'd backward
@@ -360,5 +427,13 @@ def keep(model: nn.Module, masks: Mapping[str, Tensor]) -> KeptMasks:
       parameters as it reads any parameter update. The cost is two masked passes over the pruned
       tensors per optimizer step (benchmarks/bench_schedule.py).
     Not covered: updates that bypass `torch.optim` (a hand-written `p -= lr * p.grad`); call
-    `apply_masks(model, handle.masks)` after those."""
+    `apply_masks(model, handle.masks)` after those.
+
+    Args:
+        model: the model to train.
+        masks: {parameter name: bool keep-mask of its shape}.
+
+    Returns:
+        The KeptMasks handle.
+    """
     return KeptMasks(model, masks)

@@ -43,7 +43,17 @@ def replace_filters(
     mode="duplicate": the i-th lowest channel gets the i-th highest (ratio ≤ 0.5 and k ≤ C // 2, so
     that no channel is both a source and replaced); mode="best": every replaced channel gets the single
     highest. Order: by score, among equal scores the lower index is lower. Returns, per layer, the
-    (replaced channel, source channel) pairs."""
+    (replaced channel, source channel) pairs.
+
+    Args:
+        model: the model, changed in place.
+        scores: {Conv/Linear module name: (C,) scores}.
+        ratio: the fraction of each layer's channels to replace.
+        mode: "duplicate" or "best".
+
+    Returns:
+        {layer name: [(replaced channel, source channel), ...]}.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     limit = 0.5 if mode == "duplicate" else 1.0

@@ -21,13 +21,14 @@ def module_name(path: pathlib.Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE_FILES}
 
 
-def top_level_imports(path: pathlib.Path) -> list[tuple[str, list[str]]]:
-    """(module, names) of each import run when the module is imported (not those inside functions)."""
+def imports(path: pathlib.Path, everywhere: bool = False) -> list[tuple[str, list[str]]]:
+    """(module, names) of each import of a module: those run when it is imported, or with `everywhere`
+    those inside its functions too."""
     tree = ast.parse(path.read_text())
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in tree.body:
+    for node in ast.walk(tree) if everywhere else tree.body:
         if isinstance(node, ast.Import):
             found += [(alias.name, []) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -39,11 +40,11 @@ def top_level_imports(path: pathlib.Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(everywhere: bool = False) -> dict[str, set[str]]:
     graph = {}
     for name, path in MODULES.items():
         edges = set()
-        for base, names in top_level_imports(path):
+        for base, names in imports(path, everywhere):
             for target in [f"{base}.{n}" for n in names if f"{base}.{n}" in MODULES] or [base]:
                 if target in MODULES and target != name:
                     edges.add(target)
@@ -51,25 +52,55 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_cycles():
-    graph, state, cycles = import_graph(), {}, []
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each set of modules that import one another in a circle (the strongly connected components of
+    more than one module, Tarjan's algorithm), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
 
-    def visit(node, stack):
-        state[node] = "open"
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
         for nxt in sorted(graph[node]):
-            if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt) :] + [nxt])
-            elif nxt not in state:
-                visit(nxt, stack + [nxt])
-        state[node] = "done"
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
 
     for node in sorted(graph):
-        if node not in state:
-            visit(node, [node])
-    # A package's __init__ importing its own submodules, which import siblings through the package,
-    # is how packages work; a cycle is two modules needing each other.
-    real = [c for c in cycles if not all(a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(c, c[1:]))]
-    assert not real, f"import cycles: {real}"
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+# Circles closed only by an import inside a function, each with its reason; the test fails when one
+# is gone (remove it here) or a new one appears. ops.select's group= hands the selection to
+# distributed, which builds on ops: the public op takes a process group for its callers' sake.
+DEFERRED_CYCLES = [["pyprune_fast.distributed", "pyprune_fast.ops", "pyprune_fast.ops.select"]]
+
+
+def test_no_import_cycles():
+    """No module of any package needs another that needs it back when imported."""
+    assert cycles(import_graph()) == []
+
+
+def test_no_import_cycles_through_function_level_imports():
+    """Nor through the imports inside functions (such a circle is hidden, not broken), every package."""
+    assert cycles(import_graph(everywhere=True)) == DEFERRED_CYCLES
+
+
+def test_the_cycle_finder_finds_circles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_the_loader_does_not_import_the_ops():
@@ -107,10 +138,89 @@ def test_no_module_imports_private_names_of_another():
     assert not offenders, offenders
 
 
+def _private(dotted: str) -> bool:
+    parts = dotted.split(".")
+    return any(p.startswith("_") and not (p.startswith("__") and p.endswith("__")) for p in parts)
+
+
+def private_torch_names(source: str) -> list[str]:
+    """Every private torch name a module uses, followed through what it imports: the torch modules
+    and names bound by `import torch...` / `from torch... import ...` (with or without `as`), then
+    the attribute chains on those names (`p._x` after `import torch.nn.utils.prune as p`) and
+    `getattr(<torch name>, "_x")`. Private: a dotted component starting with `_`, dunders excepted."""
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}  # local name -> the torch path it stands for
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "torch" or alias.name.startswith("torch."):
+                    if _private(alias.name):
+                        found.append(alias.name)
+                    if alias.asname:
+                        bound[alias.asname] = alias.name
+                    else:
+                        bound[alias.name.split(".")[0]] = alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if node.module == "torch" or node.module.startswith("torch."):
+                for alias in node.names:
+                    dotted = f"{node.module}.{alias.name}"
+                    if _private(dotted):
+                        found.append(dotted)
+                    bound[alias.asname or alias.name] = dotted
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain, inner = [node.attr], node.value
+            while isinstance(inner, ast.Attribute):
+                chain.append(inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name) and inner.id in bound:
+                dotted = ".".join([bound[inner.id], *reversed(chain)])
+                if _private(dotted) and not _private(bound[inner.id]):
+                    found.append(dotted)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr"):
+            target, *rest = node.args or [None]
+            if isinstance(target, ast.Name) and target.id in bound and rest and isinstance(rest[0], ast.Constant):
+                if isinstance(rest[0].value, str) and _private(rest[0].value):
+                    found.append(f"{bound[target.id]}.{rest[0].value}")
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import torch.nn.utils.prune as p\np._foo(1)", ["torch.nn.utils.prune._foo"]),
+        ("from torch.nn.utils import prune\nprune._x", ["torch.nn.utils.prune._x"]),
+        ("import torch\ntorch._foreach_add(a, b)", ["torch._foreach_add"]),
+        ("from torch._C import x", ["torch._C.x"]),
+        ("import torch._dynamo", ["torch._dynamo"]),
+        ("from torch.nn.modules.batchnorm import _BatchNorm", ["torch.nn.modules.batchnorm._BatchNorm"]),
+        ("from torch import nn\nnn.modules.batchnorm._BatchNorm", ["torch.nn.modules.batchnorm._BatchNorm"]),
+        ("import torch.nn.functional as F\nF._pad(x)", ["torch.nn.functional._pad"]),
+        ("import torch\ngetattr(torch, '_C')", ["torch._C"]),
+        ("def f():\n    import torch as t\n    return t.ops._x", ["torch.ops._x"]),
+        ("import torch\ntorch.__version__, torch.nn.Linear, torch.zeros(1)", []),
+        ("from torch import nn\nmodule._parameters, self._x, nn.Module.__init__", []),
+        ("import os\nos._exit", []),
+    ],
+)
+def test_the_private_torch_name_finder(source, expected):
+    assert private_torch_names(source) == expected
+
+
+# Private torch names outside _compat.py in modules another branch owns, each with its reason; the
+# test fails when one is gone (remove it here). llm/local.py is being rewritten into the method
+# protocol, which takes AFR's z-scores from criteria/ (they add with _compat.foreach_add).
+PENDING = {"llm/local.py": ["torch._foreach_add"]}
+
+
 def test_private_torch_names_only_in_the_compat_shim():
-    pattern = re.compile(r"\b(?:torch|nn|F)(?:\.\w+)*\._(?!foreach_)[A-Za-z]\w*")
-    found = {p.name: pattern.findall(p.read_text()) for p in PACKAGE_FILES if p.name != "_compat.py"}
-    assert not {k: v for k, v in found.items() if v}
+    found = {}
+    for path in PACKAGE_FILES:
+        names = private_torch_names(path.read_text())
+        if names and path.name != "_compat.py":
+            found[path.relative_to(ROOT).as_posix()] = names
+    assert found == PENDING
 
 
 def test_backend_info_reports_each_op():

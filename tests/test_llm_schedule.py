@@ -12,6 +12,7 @@ import torch
 import pyprune_fast
 from pyprune_fast import llm
 from pyprune_fast.app import cli, llm_runner
+from pyprune_fast.app.bundle import text_bundle
 
 transformers = pytest.importorskip("transformers")
 from tests.test_llm_models import linear_weights, save_tiny_llama, tiny_causal_lm, tiny_tokenizer  # noqa: E402
@@ -165,7 +166,7 @@ def test_nested_refuses_n_m_patterns_and_the_runner_refuses_iterative_2_4():
     model = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match="nested=True grows an unstructured sparsity"):
         llm.prune(model, calibration(), method="wanda", sparsity="2:4", num_samples=4, seq_len=32, nested=True)
-    bundle = llm_runner.text_bundle("tiny", model, tiny_tokenizer())
+    bundle = text_bundle("tiny", model, tiny_tokenizer())
     with pytest.raises(ValueError, match="2:4 is one fixed pattern"):
         llm_runner.prune(bundle, ["wanda"], ["2:4"], samples=4, seq_len=32, schedule="iterative", rounds=2)
 

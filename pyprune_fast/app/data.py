@@ -13,7 +13,7 @@ name: UTF-8 text, one document) or a folder of `.txt` and `.jsonl` files (any de
 order). Causal LMs get one token stream (llm_runner); other Hugging Face models windows of `seq_len`
 tokens in batches, evaluated by how close their outputs stay to the dense model's.
 
-Every problem with the files is a DataError (a ValueError): one line naming the option, the path and
+Every problem with the files is a DataError (a UsageError): one line naming the option, the path and
 what was expected."""
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UsageError
+
 # As torchvision.datasets.folder.IMG_EXTENSIONS (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TEXT_EXTENSIONS = (".txt", ".jsonl")
@@ -38,8 +40,8 @@ DEFAULT_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then c
 EVAL_CACHE_BYTES = 2 << 30  # preprocessed evaluation images are kept in memory up to this size, else re-read
 
 
-class DataError(ValueError):
-    """A --data / --eval-data path that cannot be used, said in one line."""
+class DataError(UsageError):
+    """A --data / --eval-data path that cannot be used, said in one line (a UsageError: exit status 2)."""
 
 
 def check_path(path: str, option: str) -> None:

@@ -10,85 +10,59 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor, nn
 
 from .. import llm
+from ..errors import UsageError
 from ..llm.blocks import accepts, input_device
 from ..schedule import finetune as finetune_
 from ..schedule import round_sparsity
-from .runner import FINETUNE_LR, SCHEDULES, TWO_FOUR, Result, Run
+from .bundle import LLMBundle
+from .refinement import FINETUNE_LR, Refinement
+from .results import TWO_FOUR, Result, Run
 
 DEFAULT_METHODS = ["magnitude", "wanda", "sparsegpt"]
 DEFAULT_TARGETS: list[float | str] = [0.5, TWO_FOUR]
 
 
-PACKAGED_TEXT = "the packaged pydoc_data text"
+def use_text(bundle: LLMBundle, part: str, tokens: Tensor, source: str) -> None:
+    """Replaces one of the bundle's token streams.
 
-
-@dataclass
-class LLMBundle:
-    """A causal LM, its tokenizer, and disjoint calibration and evaluation token streams (1-D), with
-    where each came from (`sources`: "calibration"/"evaluation" → "--data 'PATH'" or PACKAGED_TEXT)."""
-
-    name: str
-    model: nn.Module
-    tokenizer: Any
-    calibration: Tensor
-    evaluation: Tensor
-    info: dict = field(default_factory=dict)
-    checkpoint: str | None = None  # with --offload disk: the checkpoint directory `model` is a skeleton of
-    sources: dict = field(default_factory=lambda: {"calibration": PACKAGED_TEXT, "evaluation": PACKAGED_TEXT})
-
-
-def text_bundle(name: str, model: nn.Module, tokenizer: Any, info: dict | None = None) -> LLMBundle:
-    """The bundle of a causal LM on the packaged real text (Python's pydoc_data reference topics, split
-    into disjoint calibration and evaluation parts)."""
-    return LLMBundle(
-        name=name,
-        model=model,
-        tokenizer=tokenizer,
-        calibration=llm.pydoc_tokens(tokenizer, "calibration"),
-        evaluation=llm.pydoc_tokens(tokenizer, "evaluation"),
-        info={
-            "data": "Python's pydoc_data reference topics (calibration and held-out evaluation parts)",
-            **(info or {}),
-        },
+    Args:
+        bundle: the causal LM's bundle.
+        part: "calibration" or "evaluation".
+        tokens: the new 1-D token stream.
+        source: where the tokens came from, as reports and errors say it (e.g. "--data 'notes.txt'").
+    """
+    setattr(bundle, part, tokens)
+    bundle.sources[part] = source
+    bundle.info["data"] = (
+        f"calibration: {bundle.sources['calibration']} ({bundle.calibration.numel()} tokens); "
+        f"evaluation: {bundle.sources['evaluation']} ({bundle.evaluation.numel()} tokens)"
     )
 
 
-def use_text_files(bundle: LLMBundle, data: str | None = None, eval_data: str | None = None) -> None:
-    """Replaces the packaged calibration text with the text at `data` and/or the evaluation text with
-    the text at `eval_data` (app.data.read_texts: a file or a folder of .txt/.jsonl files, tokenized with
-    the model's tokenizer into one stream, end-of-sequence tokens between documents)."""
-    from .data import text_tokens
-
-    for path, option, part in ((data, "--data", "calibration"), (eval_data, "--eval-data", "evaluation")):
-        if path is None:
-            continue
-        tokens = text_tokens(path, option, bundle.tokenizer)
-        setattr(bundle, part, tokens)
-        bundle.sources[part] = f"{option} {path!r}"
-    if data is not None or eval_data is not None:
-        bundle.info["data"] = (
-            f"calibration: {bundle.sources['calibration']} ({bundle.calibration.numel()} tokens); "
-            f"evaluation: {bundle.sources['evaluation']} ({bundle.evaluation.numel()} tokens)"
-        )
-
-
 def check_tokens(bundle: LLMBundle, samples: int, seq_len: int) -> None:
-    """ValueError (one line: where the text came from, the tokens found, the tokens needed) unless the
-    calibration stream holds samples × seq_len tokens and the evaluation stream at least 2."""
+    """Checks that the bundle's text is long enough.
+
+    Args:
+        bundle: the causal LM's bundle.
+        samples: calibration sequences.
+        seq_len: tokens per sequence.
+
+    Raises:
+        UsageError: one line (where the text came from, the tokens found, the tokens needed) unless the
+            calibration stream holds samples × seq_len tokens and the evaluation stream at least 2.
+    """
     found, needed = bundle.calibration.numel(), samples * seq_len
     if found < needed:
-        raise ValueError(
-            f"calibration has {found} tokens ({bundle.sources['calibration']}), but --samples × --seq-len = "
-            f"{samples} × {seq_len} = {needed} are needed: give more text or lower --samples / --seq-len"
+        raise UsageError(
+            f"calibration has {found} tokens ({bundle.sources['calibration']}), but `samples` × `seq_len` = "
+            f"{samples} × {seq_len} = {needed} are needed: give more text or lower `samples` / `seq_len`"
         )
     if bundle.evaluation.numel() < 2:
-        raise ValueError(
+        raise UsageError(
             f"evaluation has {bundle.evaluation.numel()} tokens ({bundle.sources['evaluation']}); perplexity "
             "needs at least 2"
         )
@@ -104,32 +78,50 @@ def tag(method: str, target: float | str) -> str:
     return f"{method}-{target:g}" if isinstance(target, float) else f"{method}-{target.replace(':', 'of')}"
 
 
-def _check(bundle: LLMBundle, methods, targets, samples, seq_len, eval_tokens) -> None:
+def check_methods(methods: list[str], targets: list[float | str], sizes: dict[str, int]) -> None:
+    """Checks what an LLM run is asked before anything loads.
+
+    Args:
+        methods: LLM method names (llm.METHODS).
+        targets: sparsities (fractions) and N:M patterns ("2:4").
+        sizes: {parameter name: value} of counts that must be >= 1 (samples, seq_len, eval_tokens).
+
+    Raises:
+        UsageError: an unknown method, a target llm.parse_sparsity refuses, a size below 1.
+    """
     unknown = [m for m in methods if m not in llm.METHODS]
     if unknown:
-        raise ValueError(f"unknown LLM methods {unknown}; valid: {', '.join(llm.METHODS)}")
+        raise UsageError(f"unknown LLM methods {unknown}; valid: {', '.join(llm.METHODS)}")
     for target in targets:
-        llm.parse_sparsity(target)
-    for name, value in (("--samples", samples), ("--seq-len", seq_len), ("--eval-tokens", eval_tokens)):
+        try:
+            llm.parse_sparsity(target)
+        except ValueError as exc:
+            raise UsageError(f"`sparsity`: {exc}") from exc
+    for name, value in sizes.items():
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    check_tokens(bundle, samples, seq_len)
+            raise UsageError(f"`{name}` must be >= 1, got {value}")
 
 
-def _check_schedule(targets, schedule: str, rounds: int, finetune: int, batch_size: int) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"--rounds must be a positive int, got {rounds!r}")
-    if schedule == "iterative" and any(isinstance(t, str) for t in targets):
-        raise ValueError(
-            "--schedule iterative grows an unstructured sparsity over rounds; 2:4 is one fixed pattern (2 of every "
-            "4 weights kept), reached in one shot: give fractions (--sparsity) or --schedule one-shot"
+def check_schedule(targets: list[float | str], refinement: Refinement) -> None:
+    """Checks the targets against the schedule.
+
+    Args:
+        targets: sparsities (fractions) and N:M patterns.
+        refinement: the schedule and fine-tuning.
+
+    Raises:
+        UsageError: the iterative schedule with an N:M target.
+    """
+    if refinement.iterative and any(isinstance(t, str) for t in targets):
+        raise UsageError(
+            "`schedule` iterative grows an unstructured sparsity over rounds; 2:4 is one fixed pattern (2 of every "
+            "4 weights kept), reached in one shot: give fractions (`sparsity`) or `schedule` one-shot"
         )
-    if isinstance(finetune, bool) or not isinstance(finetune, int) or finetune < 0:
-        raise ValueError(f"--finetune must be a non-negative int, got {finetune!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive int, got {batch_size!r}")
+
+
+def _check(bundle: LLMBundle, methods, targets, samples, seq_len, eval_tokens) -> None:
+    check_methods(methods, targets, {"samples": samples, "seq_len": seq_len, "eval_tokens": eval_tokens})
+    check_tokens(bundle, samples, seq_len)
 
 
 def next_token_loss(logits: Tensor, token_ids: Tensor) -> Tensor:
@@ -258,8 +250,9 @@ def prune(
     last round) of next-token cross-entropy on the calibration sequences the pruning used,
     `batch_size` sequences a step, cycled (schedule.finetune), the masks kept (masks.keep: the pruned
     weights stay exactly zero); evaluated again (Result.finetuned) and handed to on_model fine-tuned."""
+    refinement = Refinement(schedule, rounds, finetune, finetune_lr, batch_size)
+    check_schedule(targets, refinement)
     _check(bundle, methods, targets, samples, seq_len, eval_tokens)
-    _check_schedule(targets, schedule, rounds, finetune, batch_size)
     model = bundle.model
     prefix, blocks = llm.find_blocks(model)
     linears = {
@@ -274,9 +267,8 @@ def prune(
         dense = {"perplexity": llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)}
         shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
         where = str(device or next(model.parameters()).device)
-        iterative = f"iterative, {rounds} rounds (exponential)"
         run = _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, where, shapes, dense,
-                       time.perf_counter() - start, schedule if schedule == "one-shot" else iterative)  # fmt: skip
+                       time.perf_counter() - start, refinement.label)  # fmt: skip
         if finetune:
             note = _finetune_note(samples, seq_len, batch_size, bundle)
             run.finetune = {"steps": finetune, "lr": finetune_lr, "data": note}

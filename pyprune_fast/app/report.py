@@ -7,7 +7,7 @@ import math
 import os
 from datetime import datetime, timezone
 
-from .runner import TWO_FOUR, Run
+from .results import TWO_FOUR, Run
 
 RETENTION_PLOT = "retention.png"
 LAYERS_PLOT = "layer-sparsity.png"
@@ -53,7 +53,7 @@ def _finetuned(run: Run, r) -> dict:
 
 def to_json(run: Run, command: list[str], files: list[str]) -> dict:
     """The report as a JSON-able dict (non-finite numbers as null)."""
-    from .. import __version__
+    from .._version import __version__
 
     return _finite(
         {

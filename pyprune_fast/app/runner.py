@@ -9,29 +9,28 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .. import criteria, masks
 from ..distributed import Communicator, session
+from ..errors import UsageError
 from ..modeling import channel_layers, first_tensor, restored, select_params, split_batch
-from .zoo import Bundle
+from .bundle import Bundle
+from .refinement import FINETUNE_LR, Refinement
+from .results import TWO_FOUR, Result, Run
 
 GRANULARITIES: dict[str, Callable[[dict[str, Tensor], float], dict[str, Tensor]]] = {
     "global": masks.global_unstructured,
     "layerwise": masks.layerwise,
     "per-row": masks.per_row,
 }
-TWO_FOUR = "2:4"
 # Channel criteria: one score per output channel; the pruned channels' weight rows (and biases) are
 # zeroed. "channel": exactly round(sparsity × all channels) over every layer together;
 # "channel-layerwise": round(sparsity × C) in each layer.
 CHANNEL_SCOPES = {"channel": "global", "channel-layerwise": "layer"}
 CHOICES = [*GRANULARITIES, TWO_FOUR, *CHANNEL_SCOPES]
-SCHEDULES = ("one-shot", "iterative")  # --schedule: masks from one scoring, or re-scored over --rounds
-FINETUNE_LR = 1e-4
 
 
 def kind_of(granularity: str) -> str:
@@ -39,8 +38,9 @@ def kind_of(granularity: str) -> str:
     return "channel" if granularity in CHANNEL_SCOPES else "weight"
 
 
-class CriterionDataError(ValueError):
-    """A criterion asked of a model that lacks what the criterion needs (data, a loss, an input shape)."""
+class CriterionDataError(UsageError):
+    """A criterion (or fine-tuning) asked of a model that lacks what it needs (data, a loss, an input
+    shape)."""
 
 
 def _available(bundle: Bundle) -> dict[str, bool]:
@@ -54,21 +54,19 @@ def _available(bundle: Bundle) -> dict[str, bool]:
 
 
 def check_criteria(bundle: Bundle, names: list[str], kind: str | None = None) -> None:
-    """CriterionDataError naming every asked criterion the bundle cannot feed, and what it lacks (read
-    from each criterion's registered `needs`); ValueError for unknown criteria and, with `kind`, for
-    criteria of the other kind."""
-    unknown = [n for n in names if n not in criteria.CRITERIA]
-    if unknown:
-        raise ValueError(f"unknown criteria {unknown}; valid criteria: {', '.join(sorted(criteria.CRITERIA))}")
+    """Checks that the bundle can feed every criterion asked (`check_kind` first).
+
+    Args:
+        bundle: the model and its data.
+        names: criterion names of the registry.
+        kind: "weight" or "channel" (None: either).
+
+    Raises:
+        CriterionDataError: naming every criterion the bundle cannot feed and what it lacks (read from
+            each criterion's registered `needs`).
+    """
+    check_kind(names, kind)
     candidates = criteria.CRITERIA if kind is None else criteria.of_kind(kind)
-    if kind is not None:
-        wrong = [n for n in names if n not in candidates]
-        if wrong:
-            hint = "a channel granularity (--granularity channel)" if kind == "weight" else "a weight granularity"
-            raise ValueError(
-                f"criteria {wrong} score {'channels' if kind == 'weight' else 'weights'}: use {hint}, or "
-                f"{kind} criteria: {', '.join(candidates)}"
-            )
     has = _available(bundle)
 
     def lacking(name: str) -> list[str]:
@@ -85,12 +83,70 @@ def check_criteria(bundle: Bundle, names: list[str], kind: str | None = None) ->
         )
 
 
+def check_kind(names: list[str], kind: str | None = None) -> None:
+    """Checks that the criteria exist and are of `kind`.
+
+    Args:
+        names: criterion names.
+        kind: "weight" or "channel" (None: either).
+
+    Raises:
+        UsageError: for unknown criteria and, with `kind`, for criteria of the other kind (whose
+            granularity the message names).
+    """
+    unknown = [n for n in names if n not in criteria.CRITERIA]
+    if unknown:
+        raise UsageError(f"unknown criteria {unknown}; valid criteria: {', '.join(sorted(criteria.CRITERIA))}")
+    if kind is not None:
+        candidates = criteria.of_kind(kind)
+        wrong = [n for n in names if n not in candidates]
+        if wrong:
+            hint = "a channel granularity (`granularity` channel)" if kind == "weight" else "a weight granularity"
+            raise UsageError(
+                f"criteria {wrong} score {'channels' if kind == 'weight' else 'weights'}: use {hint}, or "
+                f"{kind} criteria: {', '.join(candidates)}"
+            )
+
+
 def check_sparsities(values: list[float]) -> list[float]:
-    """The distinct sparsities in increasing order, each checked to be in [0, 1]."""
+    """The distinct sparsities in increasing order.
+
+    Args:
+        values: fractions of the scored weights to prune.
+
+    Returns:
+        The distinct values, sorted.
+
+    Raises:
+        UsageError: a value outside [0, 1].
+    """
     for s in values:
         if not 0.0 <= s <= 1.0:
-            raise ValueError(f"--sparsity must be in [0, 1], got {s!r}")
+            raise UsageError(f"`sparsity` must be in [0, 1], got {s!r}")
     return sorted(set(values))
+
+
+def check_plan(granularity: str, refinement: Refinement, processes: int = 1, remove_channels: bool = False) -> None:
+    """Checks a granularity against the run's other choices.
+
+    Args:
+        granularity: one of CHOICES.
+        refinement: the schedule and fine-tuning.
+        processes: the processes the run is shared by (torch.distributed).
+        remove_channels: remove the pruned channels physically.
+
+    Raises:
+        UsageError: an unknown granularity; `remove_channels` without a channel granularity; the
+            iterative schedule with a granularity other than GRANULARITIES' or over several processes.
+    """
+    if granularity not in CHOICES:
+        raise UsageError(f"`granularity` must be one of {CHOICES}, got {granularity!r}")
+    if remove_channels and granularity not in CHANNEL_SCOPES:
+        raise UsageError(f"`remove_channels` applies to `granularity` {' or '.join(CHANNEL_SCOPES)}")
+    if refinement.iterative and granularity not in GRANULARITIES:
+        raise UsageError(f"`schedule` iterative prunes weights: use `granularity` {' or '.join(GRANULARITIES)}")
+    if refinement.iterative and processes > 1:
+        raise UsageError("`schedule` iterative re-scores the pruned model in one process: not over several processes")
 
 
 def two_four_split(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], dict[str, str]]:
@@ -158,18 +214,18 @@ def _example_inputs(bundle: Bundle):
     if bundle.input_shape is not None:
         device = next(bundle.model.parameters()).device
         return torch.ones((1, *bundle.input_shape), device=device)
-    raise ValueError("--remove-channels traces the model with one forward: it needs calibration data or an input shape")
+    raise UsageError("`remove_channels` traces the model with one forward: it needs calibration data or an input shape")
 
 
 def without_channels(bundle: Bundle, keep: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Tensor]]:
     """A copy of the bundle's model with the channels `keep` prunes removed physically by Torch-Pruning
     (integrations.torch_pruning.remove_channels), and the channels removed per layer. The output
     layer's channels are never removed (they are the model's outputs); a removal that would still
-    change the output's shape is a ValueError."""
+    change the output's shape is a UsageError."""
     try:
         from ..integrations.torch_pruning import remove_channels
     except ImportError as exc:
-        raise ValueError(f"--remove-channels needs Torch-Pruning: pip install torch-pruning ({exc})") from exc
+        raise UsageError(f"`remove_channels` needs Torch-Pruning: pip install torch-pruning ({exc})") from exc
     inputs = _example_inputs(bundle)
     model = copy.deepcopy(bundle.model)
 
@@ -184,9 +240,9 @@ def without_channels(bundle: Bundle, keep: dict[str, Tensor]) -> tuple[nn.Module
     with torch.no_grad():
         after = first_tensor(run(model)).shape
     if after != before:
-        raise ValueError(
+        raise UsageError(
             f"removing these channels changes the model's output from {tuple(before)} to {tuple(after)} (the "
-            "layers feed the output through a residual stream); prune them by zeroing (without --remove-channels)"
+            "layers feed the output through a residual stream); prune them by zeroing (without `remove_channels`)"
         )
     return model, removed
 
@@ -203,75 +259,6 @@ def channel_weight_masks(model: nn.Module, keep: dict[str, Tensor]) -> dict[str,
         if getattr(module, "bias", None) is not None:
             out[f"{layer}.bias"] = channels.to(module.bias.device)
     return out
-
-
-@dataclass
-class Result:
-    """One criterion at one sparsity: what was pruned and what the pruned model keeps."""
-
-    criterion: str
-    sparsity: float
-    achieved: float
-    metrics: dict[str, float]
-    layers: dict[str, float]
-    files: dict[str, str] = field(default_factory=dict)
-    parameters: int | None = None  # of the pruned model, when channels were removed physically
-    finetuned: dict[str, float] | None = None  # the metrics after --finetune (masks kept)
-    finetune_losses: list[float] | None = None  # the training loss of each fine-tuning step
-    rounds: list[dict] | None = None  # --schedule iterative: each round's target and achieved sparsity
-
-
-@dataclass
-class Run:
-    """Everything a prune run measured."""
-
-    model: str
-    info: dict
-    granularity: str
-    batches: int
-    device: str
-    parameters: int
-    scored: dict[str, tuple[int, ...]]
-    skipped: dict[str, str]
-    dense: dict[str, float]
-    results: list[Result] = field(default_factory=list)
-    score_seconds: dict[str, float] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    lower_better: tuple[str, ...] = ()  # metrics where lower is better (perplexity); the others: higher
-    schedule: str = "one-shot"
-    finetune: dict = field(default_factory=dict)  # {"steps", "lr", "data"} when --finetune ran
-
-    @property
-    def criteria(self) -> list[str]:
-        return list(dict.fromkeys(r.criterion for r in self.results))
-
-    @property
-    def sparsities(self) -> list[float]:
-        return sorted({r.sparsity for r in self.results})
-
-    @property
-    def primary(self) -> str | None:
-        """The metric criteria are ranked by: the evaluation's first."""
-        return next(iter(self.dense), None)
-
-    @property
-    def finetuned(self) -> bool:
-        """Whether the results hold metrics after fine-tuning (--finetune)."""
-        return any(r.finetuned is not None for r in self.results)
-
-    def ranking(self, finetuned: bool = False) -> list[tuple[str, float]]:
-        """(criterion, mean of the primary metric over the sparsities), best first; ties broken by the
-        means of the other metrics in order, then by name. `finetuned`: of the metrics after
-        fine-tuning."""
-        if self.primary is None or (finetuned and not self.finetuned):
-            return []
-        means = {}
-        for name in self.criteria:
-            rows = [r.finetuned if finetuned else r.metrics for r in self.results if r.criterion == name]
-            means[name] = [sum(m[k] for m in rows) / len(rows) for k in self.dense]
-        signs = [1.0 if k in self.lower_better else -1.0 for k in self.dense]
-        order = sorted(means, key=lambda n: ([s * v for s, v in zip(signs, means[n])], n))
-        return [(n, means[n][0]) for n in order]
 
 
 def _bars(quiet: bool, scoring: int, evaluations: int):
@@ -320,28 +307,16 @@ def prune(
     the whole model restored. schedule="iterative": each sparsity's masks come from `rounds` rounds of
     scoring the model as pruned so far (schedule.iterative, exponential, no training between rounds)
     instead of one scoring."""
-    if granularity not in CHOICES:
-        raise ValueError(f"--granularity must be one of {CHOICES}, got {granularity!r}")
+    refinement = Refinement(schedule, rounds, finetune, finetune_lr)
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise ValueError(f"--batches must be a positive int, got {batches!r}")
+        raise UsageError(f"`batches` must be a positive int, got {batches!r}")
+    check_plan(granularity, refinement, 1 if group is None else 2, remove_channels)
     channel = granularity in CHANNEL_SCOPES
-    if remove_channels and not channel:
-        raise ValueError(f"--remove-channels applies to the channel granularities {list(CHANNEL_SCOPES)}")
     check_criteria(bundle, names, kind_of(granularity))
-    if schedule not in SCHEDULES:
-        raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if schedule == "iterative" and granularity not in GRANULARITIES:
-        raise ValueError(f"--schedule iterative prunes weights: use --granularity {' or '.join(GRANULARITIES)}")
-    if schedule == "iterative" and group is not None:
-        raise ValueError("--schedule iterative runs in one process: its rounds re-score the pruned model there")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"--rounds must be a positive int, got {rounds!r}")
-    if isinstance(finetune, bool) or not isinstance(finetune, int) or finetune < 0:
-        raise ValueError(f"--finetune must be a non-negative int, got {finetune!r}")
     if finetune and not (bundle.training or bundle.calibration):
-        raise CriterionDataError(f"--finetune trains on data, which model {bundle.name!r} does not provide")
+        raise CriterionDataError(f"`finetune` trains on data, which model {bundle.name!r} does not provide")
     if finetune and not _available(bundle)["loss"]:
-        raise CriterionDataError(f"--finetune needs a loss, which model {bundle.name!r} does not provide")
+        raise CriterionDataError(f"`finetune` needs a loss, which model {bundle.name!r} does not provide")
     sparsities = [0.5] if granularity == TWO_FOUR else check_sparsities(sparsities)
     model = bundle.model
     if channel:
@@ -353,7 +328,7 @@ def prune(
     if granularity == TWO_FOUR:
         eligible, skipped = two_four_split(shapes)
         if not eligible:
-            raise ValueError("--granularity 2:4: no scored weight has a row length divisible by 4")
+            raise UsageError("`granularity` 2:4: no scored weight has a row length divisible by 4")
     used = min(batches, len(bundle.calibration)) if bundle.calibration else 0
     comm = None if group is None else Communicator(group)
     lead = comm is None or comm.rank == 0
@@ -378,7 +353,7 @@ def prune(
                 skipped=skipped,
                 dense=dense,
                 seconds={"dense_evaluation": time.perf_counter() - start},
-                schedule=schedule if schedule == "one-shot" else f"iterative, {rounds} rounds (exponential)",
+                schedule=refinement.label,
             )
             if comm is not None:
                 run.info["processes"] = f"{comm.size} (torch.distributed, calibration batches shared out)"

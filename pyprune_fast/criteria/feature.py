@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import _compat, ops
 from ..modeling import capture_outputs, observable_attention
 from .backward import RunningSum
 from .engine import Job, as_float32
@@ -114,4 +114,4 @@ def afr(job: Job) -> list[Tensor]:
     snip_scores, snip_stats = ops.saliency(loss_grads, weights)
     z_refer = standardized(refer_scores, refer_stats, "ReFer")
     z_snip = standardized(snip_scores, snip_stats, "SNIP")
-    return torch._foreach_add(z_refer, z_snip)
+    return _compat.foreach_add(z_refer, z_snip)

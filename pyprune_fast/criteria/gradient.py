@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import ops
+from .. import _compat, ops
 from ..modeling import first_tensor
 from .backward import RunningSum, backward_each, with_last
 from .engine import Job, as_float32, grads_of, require_reiterable
@@ -112,5 +112,5 @@ def obd(job: Job) -> list[Tensor]:
     acc = [torch.zeros_like(w, dtype=torch.float32) if a is None else a for a, w in zip(acc, job.tensors)]
     batches = torch.tensor([float(count)], dtype=torch.float64, device=acc[0].device)
     job.reduce([*acc, batches])
-    torch._foreach_mul_(acc, 1.0 / float(batches))
+    _compat.foreach_mul_(acc, 1.0 / float(batches))
     return acc

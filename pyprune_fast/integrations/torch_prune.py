@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from .. import ops
+from .. import _compat, ops
 
 
 def _unpruned_scores(importance: list[Tensor], masks: list[Tensor | None]) -> list[Tensor]:
@@ -75,7 +75,17 @@ def _importance(parameters: list[tuple[nn.Module, str]], importance_scores: dict
 
 def global_unstructured(parameters, pruning_method, importance_scores=None, **kwargs) -> None:
     """`torch.nn.utils.prune.global_unstructured` with pyprune_fast's selection (see the module doc).
-    Every argument is checked before any module is changed: an error leaves the model as it was."""
+    Every argument is checked before any module is changed: an error leaves the model as it was.
+
+    Args:
+        parameters: (module, name) pairs.
+        pruning_method: a torch.nn.utils.prune method class (L1Unstructured takes our selection).
+        importance_scores: {(module, name): scores}; default each parameter itself.
+        **kwargs: the method's arguments (amount).
+
+    Returns:
+        None; the modules are reparametrized in place, as torch does.
+    """
     if not isinstance(parameters, Iterable):
         raise TypeError("global_unstructured(): parameters is not an Iterable")
     importance_scores = importance_scores if importance_scores is not None else {}
@@ -101,8 +111,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     masks = [getattr(module, name + "_mask", None) for module, name in parameters]
     candidates = _unpruned_scores(importance, masks)
     competing = sum(c.numel() for c in candidates)
-    count = prune._compute_nparams_toprune(method.amount, competing)
-    prune._validate_pruning_amount(count, competing)
+    count = _compat.prune_amount(method.amount, competing)
     if count == 0:
         keeps = [torch.ones_like(c, dtype=torch.bool) for c in candidates]
     else:

@@ -43,7 +43,16 @@ _OUT_CHANNELS = (tp_function.prune_conv_out_channels, tp_function.prune_linear_o
 class Importance(tp.importance.GroupMagnitudeImportance):
     """A Torch-Pruning importance from a pyprune_fast channel criterion (a name of
     `criteria.of_kind("channel")`, e.g. "taylor", or a function with the same signature), run once with
-    `data`, `loss_fn`, `layers`, `normalize` and `p`, then looked up per group."""
+    `data`, `loss_fn`, `layers`, `normalize` and `p`, then looked up per group.
+
+    Args:
+        criterion: a channel criterion's name or function.
+        data: its calibration batches.
+        loss_fn: its loss.
+        layers: the layers it scores (default: every Conv/Linear).
+        normalize, p: as the channel criteria take them.
+        group_reduction, normalizer: Torch-Pruning's, for its groups.
+    """
 
     def __init__(
         self,
@@ -112,7 +121,17 @@ def remove_channels(
     channels, BatchNorms). Layers tied by a residual sum form one group and lose the union of their
     pruned channels. Returns the channels removed, {layer: original indices (int64)}.
     `example_inputs` / `forward_fn(model, inputs)`: one forward to trace the model, as Torch-Pruning
-    takes them."""
+    takes them.
+
+    Args:
+        model: the model, changed in place.
+        keep: {layer name: (C,) bool keep-mask}.
+        example_inputs: inputs for one forward.
+        forward_fn: `forward_fn(model, inputs)`, if the model is not called as `model(inputs)`.
+
+    Returns:
+        {layer name: the removed channels' original indices (int64)}.
+    """
     modules = dict(model.named_modules())
     unknown = [n for n in keep if n not in modules or not isinstance(modules[n], (nn.Linear, nn.Conv1d, nn.Conv2d))]
     if unknown:

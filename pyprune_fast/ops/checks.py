@@ -102,7 +102,12 @@ def check_compressed(values: Tensor, meta: Tensor) -> tuple[int, int]:
 
 
 def check_features_24(in_features: int, out_features: int, what: str) -> None:
-    """The shape limit of sparse24_linear (its kernel's 64-wide tiles): in and out multiples of 64."""
+    """The shape limit of sparse24_linear (its kernel's 64-wide tiles): in and out multiples of 64.
+
+    Args:
+        in_features, out_features: the layer's sizes.
+        what: how the error names the layer.
+    """
     if in_features % 64 or out_features % 64:
         raise ValueError(
             f"{what} needs in and out features that are multiples of 64, got in={in_features}, out={out_features}"

@@ -22,6 +22,14 @@ def nm_mask(scores: Sequence[Tensor], n: int, m: int) -> tuple[list[Tensor], Ten
     (ties: the lower index is kept; -0.0 = 0.0; ±inf ordinary). Returns bool masks shaped like the
     scores and the number of NaN scores of each tensor (int64 [len(scores)], on the scores' device;
     masks.n_m refuses NaN). float32/float16/bfloat16/float64 scores, any strides.
+
+    Args:
+        scores: the score tensors, each row's length divisible by m.
+        n: entries kept in each group.
+        m: the group size.
+
+    Returns:
+        (bool keep-masks shaped like the scores, NaN count per tensor).
     """
     scores = as_list("scores", scores)
     check_dtypes("scores", scores, SCORE_TYPES)

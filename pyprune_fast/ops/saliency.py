@@ -62,6 +62,13 @@ def saliency(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> tuple[list[T
     Returns float32 scores shaped like the weights and `Stats` (count, sum, sumsq, min, max,
     nonfinite, nan) over all of them. Inputs: float32/float16/bfloat16, any strides; one kernel call
     for the whole list.
+
+    Args:
+        grads: the gradients, one per weight.
+        weights: the weights.
+
+    Returns:
+        (float32 scores shaped like the weights, their Stats).
     """
     grads, weights = as_list("grads", grads), as_list("weights", weights)
     _check_pairs(grads, weights)
@@ -73,7 +80,18 @@ def saliency_accumulate_(
     acc: Sequence[Tensor], grads: Sequence[Tensor], weights: Sequence[Tensor], *, scale: float = 1.0, power: int = 1
 ) -> Stats:
     """In place `acc_i += scale · |g_i ⊙ w_i|^power` (power 1 or 2; acc float32, shaped like the
-    weights) and the statistics of the updated accumulators, in one pass."""
+    weights) and the statistics of the updated accumulators, in one pass.
+
+    Args:
+        acc: float32 accumulators shaped like the weights, updated in place.
+        grads: the gradients.
+        weights: the weights.
+        scale: the factor of each term.
+        power: 1 or 2.
+
+    Returns:
+        The Stats of the updated accumulators.
+    """
     acc, grads, weights = as_list("acc", acc), as_list("grads", grads), as_list("weights", weights)
     _check_pairs(grads, weights)
     check_dtypes("acc", acc, (torch.float32,))

@@ -64,7 +64,16 @@ def kth_smallest(tensors: Sequence[Tensor], k: int, *, group: object = None) -> 
     16-bit digit on CPU, per 11-bit digit on CUDA), memory O(threads × bins). float32/float16/bfloat16/
     float64, any shapes and strides, empty tensors allowed, more than 2³¹ elements per tensor or in
     total. -0.0 and 0.0 are one value, ±inf ordinary values; NaN is refused (ValueError naming the
-    tensor)."""
+    tensor).
+
+    Args:
+        tensors: the score tensors (this rank's, with group=).
+        k: the rank of the value, 1-based, over all elements (of all ranks).
+        group: a torch.distributed ProcessGroup, or None.
+
+    Returns:
+        The value, a 0-d tensor.
+    """
     if group is not None:
         from .. import distributed  # distributed builds on this module
 
@@ -83,7 +92,16 @@ def radix_histogram(tensors: Sequence[Tensor], digit: int, prefix: int = 0) -> t
 
     Digits are 16 bits on every backend and machine, most significant first: float16/bfloat16 have
     digit 0 only, float32 digits 0-1, float64 0-3. `prefix` is the key found so far as an unsigned
-    int (its bits below the digit are ignored). The tensors: one dtype, one device, at least one."""
+    int (its bits below the digit are ignored). The tensors: one dtype, one device, at least one.
+
+    Args:
+        tensors: one dtype, one device, at least one tensor.
+        digit: the 16-bit digit counted, 0 the most significant.
+        prefix: the key found so far.
+
+    Returns:
+        (hist int64 [65536], nan int64 [len(tensors)]).
+    """
     tensors = _checked(tensors)
     width = reference.radix_width(tensors[0].dtype)
     digit = check_int("digit", digit)
@@ -102,7 +120,16 @@ def radix_histogram(tensors: Sequence[Tensor], digit: int, prefix: int = 0) -> t
 def select_counts(tensors: Sequence[Tensor], k: int, names: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
     """Building block (arguments not checked). (value, counts): the k-th smallest value over all
     tensors and int64 [elements < value, elements == value], on the tensors' device. NaN is refused
-    with a ValueError naming the tensor (`names`, default tensors[i])."""
+    with a ValueError naming the tensor (`names`, default tensors[i]).
+
+    Args:
+        tensors: the score tensors.
+        k: the rank of the value, 1-based.
+        names: how errors name the tensors.
+
+    Returns:
+        (value, counts).
+    """
     names = names or [f"tensors[{i}]" for i in range(len(tensors))]
     value, counts, nan = call("kth_smallest_counts", tensors, list(tensors), int(k))
     raise_on_nan(nan, names)
@@ -135,7 +162,16 @@ def threshold_masks(tensors: Sequence[Tensor], value: Tensor, counts: Tensor, k:
     Keep-masks (bool, shaped like the tensors) with the k lowest entries of all tensors pruned; among
     entries equal to the threshold the lower flat index (tensors in order, each row-major) is pruned first.
     value/counts: `select_counts(tensors, k)`. One fused compare pass; a second (tie-counting) pass only
-    when the threshold value is partly pruned."""
+    when the threshold value is partly pruned.
+
+    Args:
+        tensors: the score tensors.
+        value, counts: select_counts(tensors, k).
+        k: the number of entries pruned.
+
+    Returns:
+        Bool keep-masks shaped like the tensors.
+    """
     check_threshold(tensors, value, counts)
     return list(call("threshold_masks", tensors, list(tensors), value, counts, int(k)))
 
@@ -146,7 +182,14 @@ def threshold_apply_(
 ) -> None:
     """Building block (tensors and k trusted; value, counts and the params' dtypes checked). The selection
     of `threshold_masks` applied in place: params[i] entries whose score tensors[i] entry is pruned are set
-    to zero, without materializing the masks. params: float32/float16/bfloat16/float64."""
+    to zero, without materializing the masks. params: float32/float16/bfloat16/float64.
+
+    Args:
+        params: the tensors zeroed in place, shaped like the scores.
+        tensors: the score tensors.
+        value, counts: select_counts(tensors, k).
+        k: the number of entries pruned.
+    """
     check_threshold(tensors, value, counts)
     check_dtypes("params", params, SCORE_TYPES)
     if not native("threshold_apply_", tensors):
@@ -162,7 +205,16 @@ def threshold_apply_(
 
 def layerwise_masks(tensors: Sequence[Tensor], ks: Sequence[int], names: Sequence[str]) -> list[Tensor]:
     """Building block (arguments not checked). Each tensor its own group: the ks[i] lowest entries of
-    tensors[i] pruned (ties by flat index); NaN refused naming the tensor."""
+    tensors[i] pruned (ties by flat index); NaN refused naming the tensor.
+
+    Args:
+        tensors: the score tensors.
+        ks: the entries pruned in each.
+        names: how errors name the tensors.
+
+    Returns:
+        Bool keep-masks shaped like the tensors.
+    """
     masks, nan = call("layerwise_masks", tensors, list(tensors), [int(k) for k in ks])
     raise_on_nan(nan, names)
     return list(masks)
@@ -171,7 +223,16 @@ def layerwise_masks(tensors: Sequence[Tensor], ks: Sequence[int], names: Sequenc
 def per_row_masks(tensors: Sequence[Tensor], counts: Sequence[int], names: Sequence[str]) -> list[Tensor]:
     """Building block (arguments not checked). Each row of each tensor (viewed as (size(0), -1)) its
     own group: counts[i] lowest entries of every row of tensors[i] pruned, ties by lower index; NaN
-    refused naming the tensor."""
+    refused naming the tensor.
+
+    Args:
+        tensors: the score tensors.
+        counts: the entries pruned in each row of each tensor.
+        names: how errors name the tensors.
+
+    Returns:
+        Bool keep-masks shaped like the tensors.
+    """
     masks, nan = call("per_row_masks", tensors, list(tensors), [int(c) for c in counts])
     raise_on_nan(nan, names)
     return list(masks)

@@ -23,6 +23,13 @@ def compress_24(w: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     mma.sp::ordered_metadata m16n8k32 (csrc/include/pyprune_fast/sparse24.h). w that is not 2:4 (or a
     mask that does not keep exactly 2 of 4) is a ValueError. out % 16 == 0 and in % 32 == 0;
     float16/bfloat16/float32.
+
+    Args:
+        w: the 2:4 weight [out, in].
+        mask: a bool keep-mask of w's shape choosing the two entries of each chunk.
+
+    Returns:
+        (values [out, in/2], meta int32 [out/16, in/32, 16]).
     """
     check_tensor("w", w)
     check_dtypes("w", [w])
@@ -51,7 +58,14 @@ def compress_24(w: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
 
 def decompress_24(values: Tensor, meta: Tensor) -> Tensor:
     """(values, meta) from compress_24 -> the dense weight [out, in] (zeros at the pruned positions).
-    meta with an index pair that is not one of the six ordered pairs is a ValueError."""
+    meta with an index pair that is not one of the six ordered pairs is a ValueError.
+
+    Args:
+        values, meta: from compress_24.
+
+    Returns:
+        The dense weight [out, in].
+    """
     check_compressed(values, meta)
     dense, invalid = call("decompress_24", values, values, meta)
     if int(invalid):
@@ -70,6 +84,15 @@ def sparse24_linear(
     x's dtype. act: None, 'relu' or 'gelu' (exact: x/2 · (1 + erf(x/√2)), as nn.GELU()). in and out
     must be multiples of 64; x, values and bias of one dtype. Differentiable in x and bias (not in
     values). meta is trusted to come from compress_24 (decompress_24 validates it).
+
+    Args:
+        x: the input [..., in].
+        values, meta: the weight, from compress_24.
+        bias: [out], or None.
+        activation: None, "relu" or "gelu".
+
+    Returns:
+        y [..., out] in x's dtype.
     """
     check_tensor("x", x)
     out, cols = check_compressed(values, meta)

@@ -41,6 +41,12 @@ def svd_mean(features: Tensor) -> Tensor:
     float32/float64; half inputs are computed in float32. Matrices with NaN or inf entries give NaN.
     Each matrix is scaled by a power of two before its Gram matrix is formed (see `_ScaledSvdMean`),
     so every finite input works, from subnormal to the largest finite values.
+
+    Args:
+        features: F [B, N, D] or [N, D].
+
+    Returns:
+        The mean singular values, [B] or 0-d.
     """
     if not isinstance(features, Tensor):
         raise TypeError(f"features must be a Tensor, got {type(features).__name__}")
@@ -54,7 +60,14 @@ def svd_mean(features: Tensor) -> Tensor:
 def svd_mean_list(features: Sequence[Tensor]) -> Tensor:
     """svd_mean of each [N, D_l] matrix of a list (the layers of one batch: one N, any widths D_l), as a
     1-d tensor, in one call: all matrices whose Gram matrices have the same size (N × N for every
-    D_l ≥ N) share one batched eigendecomposition. Mixed float32/float64 inputs are computed in float64."""
+    D_l ≥ N) share one batched eigendecomposition. Mixed float32/float64 inputs are computed in float64.
+
+    Args:
+        features: [N, D_l] matrices.
+
+    Returns:
+        Their mean singular values, 1-d.
+    """
     features = as_list("features", features)
     if not features:
         raise ValueError("features must hold at least one [N, D] matrix")

@@ -32,7 +32,21 @@ def finetune(
     inputs)` (default `model(inputs)`). `masks` (parameter name -> bool keep-mask) are kept: the
     pruned weights stay exactly zero (masks.keep). The optimizer is AdamW(lr, weight_decay) over every
     parameter that requires a gradient unless one is given. The model is in train mode during the
-    loop and back in its own mode after. Returns the loss of each step."""
+    loop and back in its own mode after. Returns the loss of each step.
+
+    Args:
+        model: the model, trained in place.
+        batches: the training batches.
+        steps: optimizer steps.
+        masks: keep-masks to keep.
+        loss_fn: `loss_fn(outputs, targets)`.
+        forward: `forward(model, inputs)`.
+        lr, weight_decay: AdamW's.
+        optimizer: an optimizer to use instead.
+
+    Returns:
+        The loss of each step.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if steps and not batches:

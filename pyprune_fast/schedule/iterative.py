@@ -30,7 +30,17 @@ _GRANULARITIES = {"global": masks_.global_unstructured, "layerwise": masks_.laye
 def round_sparsity(sparsity: float, rounds: int, r: int, schedule: str = "exponential") -> float:
     """The sparsity after round r of `rounds` (r = 1..rounds), reaching `sparsity` at the last:
     exponential: 1 − (1 − s)^(r/R) (the same fraction of the remaining weights each round, SynFlow);
-    linear: s·r/R; cubic: s·(1 − (1 − r/R)³) (Zhu and Gupta 2017: fast first, slow at the end)."""
+    linear: s·r/R; cubic: s·(1 − (1 − r/R)³) (Zhu and Gupta 2017: fast first, slow at the end).
+
+    Args:
+        sparsity: the final sparsity.
+        rounds: the number of rounds.
+        r: the round, 1..rounds.
+        schedule: "exponential", "linear" or "cubic".
+
+    Returns:
+        The sparsity after round r.
+    """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if not 1 <= r <= rounds:
@@ -141,7 +151,26 @@ def iterative(
     or a callable `train(model, round)` (your loop; the masks are kept around it, `masks.keep`).
     evaluate: `evaluate(model)` after each round's training, a number or {metric: value}, recorded in
     the report's rounds. A progress bar over the rounds is drawn on a terminal unless `quiet`.
-    Returns an IterativeReport (final masks, per-round target and achieved sparsity and metrics)."""
+    Returns an IterativeReport (final masks, per-round target and achieved sparsity and metrics).
+
+    Args:
+        model: the model, pruned in place.
+        criterion: a weight criterion's name or a scoring callable.
+        data: the criterion's calibration batches.
+        sparsity: the final sparsity.
+        rounds: the number of rounds.
+        schedule: "exponential", "linear" or "cubic".
+        train: None, a number of steps, or `train(model, round)`.
+        train_data: the batches the steps train on.
+        granularity: "global", "layerwise" or "per-row".
+        evaluate: `evaluate(model)` after each round.
+        lr: the learning rate of the steps.
+        quiet: no progress bar.
+        **criterion_kwargs: the criterion's arguments.
+
+    Returns:
+        The IterativeReport.
+    """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:

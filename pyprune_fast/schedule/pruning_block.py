@@ -96,7 +96,16 @@ __all__ = [
 
 
 def gate_value(m: Tensor, gate: str = "hard_sigmoid", sigma: float = 1.0) -> Tensor:
-    """h_σ(m): the hard sigmoid clamp(m/σ + 1/2, 0, 1) or the sigmoid sigmoid(m/σ) (see the module)."""
+    """h_σ(m): the hard sigmoid clamp(m/σ + 1/2, 0, 1) or the sigmoid sigmoid(m/σ) (see the module).
+
+    Args:
+        m: the auxiliary variables.
+        gate: "hard_sigmoid" or "sigmoid".
+        sigma: σ, the step's width.
+
+    Returns:
+        The gates, in [0, 1].
+    """
     if gate == "hard_sigmoid":
         u = m / sigma + 0.5
         return F.relu(u) - F.relu(u - 1.0)
@@ -127,7 +136,15 @@ class PruningBlock(nn.Module):
     with `width=None` the continuous-gate baseline (no encoder, no decoder, one gate per channel of
     `layer`). `norm`: the BatchNorm over the layer's C channels that followed it, or None. E and D start
     as identities when width = C, otherwise as E = Qᵀ, D = Q with Q (C, width) having orthonormal
-    columns (drawn from the default generator)."""
+    columns (drawn from the default generator).
+
+    Args:
+        layer: the Conv2d/Linear the block follows (and holds).
+        width: C', the compressed width; None: the continuous-gate baseline.
+        activation: the activation that followed the layer.
+        gate, sigma: as gate_value's.
+        norm: the BatchNorm that followed the layer.
+    """
 
     def __init__(
         self,
@@ -202,7 +219,14 @@ def _next_key(parent: nn.Module, key: str) -> str | None:
 
 
 def blocks(model: nn.Module) -> dict[str, PruningBlock]:
-    """{name: PruningBlock} of every block in `model`, in module order."""
+    """{name: PruningBlock} of every block in `model`, in module order.
+
+    Args:
+        model: a model with blocks inserted.
+
+    Returns:
+        {name: PruningBlock}.
+    """
     return {n: m for n, m in model.named_modules() if isinstance(m, PruningBlock)}
 
 
@@ -246,7 +270,19 @@ def insert(
     """Puts a PruningBlock after each named Conv2d/Linear of `model`, in place (the block holds the
     layer and takes its place). Compressed width C' = `width`, or round(`ratio` × C), or C when neither
     is given. `encoder=False`: the continuous-gate baseline (gates on the layer's own C channels; no
-    width or ratio then). Returns a handle whose `.remove()` undoes it; usable as a context manager."""
+    width or ratio then). Returns a handle whose `.remove()` undoes it; usable as a context manager.
+
+    Args:
+        model: the model, changed in place.
+        layers: the Conv2d/Linear names (or one name).
+        width: C' of every block.
+        ratio: C' = round(ratio × C) of each block.
+        encoder: False: the continuous-gate baseline.
+        gate, sigma: as gate_value's.
+
+    Returns:
+        The Inserted handle.
+    """
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"layers must be a module name or a non-empty list of them, got {layers!r}")
@@ -305,12 +341,27 @@ def _blocks_or_raise(model: nn.Module) -> dict[str, PruningBlock]:
 
 
 def regularizer(model: nn.Module) -> Tensor:
-    """R(M) = Σ_l Σ_c h_σ(m_c^l) / C^l over the blocks of `model` (C^l: the gates of block l)."""
+    """R(M) = Σ_l Σ_c h_σ(m_c^l) / C^l over the blocks of `model` (C^l: the gates of block l).
+
+    Args:
+        model: a model with blocks inserted.
+
+    Returns:
+        R(M), a 0-d tensor that gradients flow through.
+    """
     return sum(b.gates().sum() / b.m.numel() for b in _blocks_or_raise(model).values())
 
 
 def masks(model: nn.Module, threshold: float = 0.5) -> dict[str, Tensor]:
-    """{layer name: (C',) bool}: True where h_σ(m_c) ≥ threshold (the channel stays)."""
+    """{layer name: (C',) bool}: True where h_σ(m_c) ≥ threshold (the channel stays).
+
+    Args:
+        model: a model with blocks inserted.
+        threshold: the gate value from which a channel stays.
+
+    Returns:
+        {layer name: (C',) bool keep-mask}.
+    """
     _check_threshold(threshold)
     return {n: (b.gates() >= threshold).detach() for n, b in _blocks_or_raise(model).items()}
 
@@ -349,7 +400,20 @@ def train(
     batch)`, or `loss(model)` when data is None), takes a step of `weight_optimizer` on ∇_W L, then a
     step of `gate_optimizer` on ∇_M (L + lam·R(M)). Defaults: Adam(lr=1e-3) over the weights (every
     parameter with requires_grad that is not a gate), Adam(lr=1e-2) over the auxiliary variables.
-    Returns per step "loss", "regularizer" (both from the gate step) and "on" (gates ≥ threshold)."""
+    Returns per step "loss", "regularizer" (both from the gate step) and "on" (gates ≥ threshold).
+
+    Args:
+        model: a model with blocks inserted, trained in place.
+        loss: `loss(model, batch)`, or `loss(model)` without data.
+        data: the batches, cycled.
+        steps: alternate steps.
+        lam: λ, the weight of the regularizer.
+        weight_optimizer, gate_optimizer: the two optimizers (defaults above).
+        threshold: the gate value counted as on.
+
+    Returns:
+        {"loss": [...], "regularizer": [...], "on": [...]}, one value a step.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
@@ -448,7 +512,15 @@ def _next_layer(parent: nn.Module, key: str, layer: nn.Module, channels: int) ->
 def fold(model: nn.Module, threshold: float = 0.5) -> tuple[nn.Module, dict[str, dict]]:
     """A copy of `model` with every Pruning Block folded away (see the module docstring); `model` is
     left as it is. Returns (plain model, report): report[layer name] = {"kept": (C',) bool mask,
-    "channels": k, "next": name of the layer that took the decoder / the pruned inputs, or None}."""
+    "channels": k, "next": name of the layer that took the decoder / the pruned inputs, or None}.
+
+    Args:
+        model: a model with blocks inserted (left unchanged).
+        threshold: the gate value from which a channel stays.
+
+    Returns:
+        (the folded model, the report per layer).
+    """
     _check_threshold(threshold)
     plain = copy.deepcopy(model)
     found = _blocks_or_raise(plain)

@@ -22,7 +22,15 @@ GRANULARITIES = ("layer", "block")
 def units_of(names: Sequence[str], granularity: str) -> dict[str, list[str]]:
     """The units pruned together, {unit: parameter names}, in order: "layer" — each parameter (its
     module's name); "block" — the parameters under the same numbered child of a container (the name
-    up to its first all-digit part, e.g. `bert.encoder.layer.3`), each other parameter its own unit."""
+    up to its first all-digit part, e.g. `bert.encoder.layer.3`), each other parameter its own unit.
+
+    Args:
+        names: parameter names.
+        granularity: "layer" or "block".
+
+    Returns:
+        {unit: parameter names}.
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     out: dict[str, list[str]] = {}
@@ -109,7 +117,24 @@ def sensitivity(
     round(s × the unit's entries) of that unit alone (lowest scores first, one threshold over the
     unit), calls `evaluate(model)` (a number, or {metric: value}: `metric=` picks one, default the
     first) and restores the unit's weights bit for bit. `params`: the scored parameters (as the
-    criteria take them; default every Linear/Conv weight). Returns a SensitivityReport."""
+    criteria take them; default every Linear/Conv weight). Returns a SensitivityReport.
+
+    Args:
+        model: the model (restored after each unit).
+        data: the criterion's calibration batches.
+        evaluate: `evaluate(model)`.
+        sparsities: the sparsities each unit is pruned to.
+        criterion: a weight criterion's name or a scoring callable.
+        granularity: "layer" or "block".
+        params: the scored parameters.
+        metric: the metric of a dict evaluation.
+        higher_better: whether a higher metric is better.
+        quiet: no progress bar.
+        **criterion_kwargs: the criterion's arguments.
+
+    Returns:
+        The SensitivityReport.
+    """
     sparsities = [float(s) for s in sparsities]
     if not sparsities or any(not 0.0 < s <= 1.0 for s in sparsities):
         raise ValueError(f"sparsities must be a non-empty list of values in (0, 1], got {sparsities}")
@@ -167,7 +192,15 @@ def allocate(report: SensitivityReport, budget: float) -> dict[str, float]:
     all units dense, repeatedly move the unit whose next move (to any of its later measured points)
     costs the least predicted loss per pruned entry; the last move stops part-way (on the line
     between two measured points) where the budget is met exactly. Raises if the budget exceeds what
-    the highest measured sparsity can reach."""
+    the highest measured sparsity can reach.
+
+    Args:
+        report: the measured curves.
+        budget: the global sparsity to allocate.
+
+    Returns:
+        {unit: sparsity}.
+    """
     total = sum(report.sizes.values())
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget must be in [0, 1], got {budget!r}")
@@ -205,7 +238,15 @@ def allocate(report: SensitivityReport, budget: float) -> dict[str, float]:
 
 
 def predicted_loss(report: SensitivityReport, allocation: Mapping[str, float]) -> float:
-    """The sum over units of each unit's curve (linear between measured points) at its sparsity."""
+    """The sum over units of each unit's curve (linear between measured points) at its sparsity.
+
+    Args:
+        report: the measured curves.
+        allocation: {unit: sparsity}.
+
+    Returns:
+        The predicted loss.
+    """
     points = [0.0, *report.sparsities]
     total = 0.0
     for u, s in allocation.items():
@@ -226,7 +267,16 @@ def allocation_masks(
     report: SensitivityReport, scores: Mapping[str, Tensor], allocation: Mapping[str, float]
 ) -> dict[str, Tensor]:
     """Keep-masks realizing an allocation: each unit's entries pruned at its sparsity by one
-    threshold over the unit's scores (exactly round(s_u × entries of u))."""
+    threshold over the unit's scores (exactly round(s_u × entries of u)).
+
+    Args:
+        report: the measured curves (its units).
+        scores: {parameter name: scores}.
+        allocation: {unit: sparsity}.
+
+    Returns:
+        {parameter name: bool keep-mask}.
+    """
     out = {}
     for unit, names in report.units.items():
         out.update(masks_.global_unstructured({n: scores[n] for n in names}, min(1.0, allocation.get(unit, 0.0))))

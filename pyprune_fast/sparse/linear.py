@@ -22,7 +22,14 @@ class SparseLinear(nn.Module):
 
     `values` and `bias` are parameters with requires_grad=False (the layer is differentiable in its
     input, not in its weight). state_dict holds values, meta and bias; `.to()`, `.half()` and
-    `.bfloat16()` convert values and bias and leave meta (int32) as it is."""
+    `.bfloat16()` convert values and bias and leave meta (int32) as it is.
+
+    Args:
+        in_features, out_features: the layer's sizes, multiples of 64.
+        bias: whether the layer has a bias.
+        activation: None, "relu" or "gelu".
+        device, dtype: as nn.Linear's.
+    """
 
     def __init__(
         self,
@@ -140,6 +147,14 @@ def sparsify(
     `scores['<name>.weight']` when `scores` is given (any criterion's output; layers without a score
     stay dense), else of |W|. Every layer is compressed before any is replaced, so an error leaves the
     model as it was.
+
+    Args:
+        model: the model, changed in place.
+        scores: {"<layer>.weight": scores} choosing each layer's 2:4 masks; None: |W|.
+        filter: `filter(name, linear)`, whether a layer is replaced.
+
+    Returns:
+        The names of the replaced layers.
     """
     if scores is not None and not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a dict of parameter name -> Tensor, got {type(scores).__name__}")

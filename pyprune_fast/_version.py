@@ -1,0 +1,4 @@
+"""The package version, in a module of its own so that the package's modules can read it without
+importing the package."""
+
+__version__ = "0.1.0"
