@@ -75,6 +75,9 @@ def score(model: nn.Module, criterion: str, data: Iterable | None = None, **kwar
         ValueError: an unknown criterion, or what the criterion refuses.
     """
     if criterion not in criteria.CRITERIA:
-        valid = ", ".join(sorted(criteria.CRITERIA))
-        raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {valid}")
+        group = kwargs.get("group")
+        comm = None if group is None else distributed.Communicator(group)
+        with distributed.session(comm):  # refused on every rank alike, none left waiting
+            valid = ", ".join(sorted(criteria.CRITERIA))
+            raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {valid}")
     return criteria.CRITERIA[criterion](model, data, **kwargs)

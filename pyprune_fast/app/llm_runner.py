@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -189,8 +190,21 @@ def _note_peak(run: Run, pruned: llm.PruneResult) -> None:
         run.info["peak memory (formula)"] = f"{pruned.memory} ({pruned.method} {pruned.sparsity})"
 
 
-def _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, device, shapes, dense, seconds,
-             schedule="one-shot"):  # fmt: skip
+@dataclass(frozen=True)
+class _Setting:
+    """What every result of one run shares: targets, granularity, calibration and evaluation sizes."""
+
+    targets: list
+    granularity: str | None
+    samples: int
+    seq_len: int
+    evaluation: Tensor
+    eval_seq_len: int
+
+
+def _new_run(bundle, setting: _Setting, device: str, shapes, dense, seconds: float, schedule: str = "one-shot") -> Run:
+    targets, granularity, samples = setting.targets, setting.granularity, setting.samples
+    seq_len, evaluation, eval_seq_len = setting.seq_len, setting.evaluation, setting.eval_seq_len
     run = Run(
         model=bundle.name,
         info=dict(bundle.info),
@@ -267,8 +281,8 @@ def prune(
         dense = {"perplexity": llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)}
         shapes = {n: tuple(lin.weight.shape) for n, lin in linears.items()}
         where = str(device or next(model.parameters()).device)
-        run = _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, where, shapes, dense,
-                       time.perf_counter() - start, refinement.label)  # fmt: skip
+        setting = _Setting(targets, granularity, samples, seq_len, evaluation, eval_seq_len)
+        run = _new_run(bundle, setting, where, shapes, dense, time.perf_counter() - start, refinement.label)
         if finetune:
             note = _finetune_note(samples, seq_len, batch_size, bundle)
             run.finetune = {"steps": finetune, "lr": finetune_lr, "data": note}
@@ -360,8 +374,8 @@ def prune_offloaded(
             for i, block in enumerate(blocks)
             for n, lin in llm.block_linears(block).items()
         }
-        run = _new_run(bundle, targets, granularity, samples, seq_len, evaluation, eval_seq_len, str(device or "cpu"),
-                       shapes, dense, time.perf_counter() - start)  # fmt: skip
+        setting = _Setting(targets, granularity, samples, seq_len, evaluation, eval_seq_len)
+        run = _new_run(bundle, setting, str(device or "cpu"), shapes, dense, time.perf_counter() - start)
         run.info["offload"] = f"streamed from {bundle.checkpoint} one decoder block at a time"
     for method in methods:
         for target in targets:

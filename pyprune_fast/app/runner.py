@@ -9,11 +9,12 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .. import criteria, masks
+from .. import criteria, llm, masks
 from ..distributed import Communicator, session
 from ..errors import UsageError
 from ..modeling import channel_layers, first_tensor, restored, select_params, split_batch
@@ -53,26 +54,41 @@ def _available(bundle: Bundle) -> dict[str, bool]:
     }
 
 
-def check_criteria(bundle: Bundle, names: list[str], kind: str | None = None) -> None:
+def block_methods() -> dict[str, criteria.Method]:
+    """The methods of the block pipeline that are not registry criteria (SparseGPT, or a Method of one's
+    own that needs its block): `prune` runs them block by block (llm.prune with the bundle's forward)
+    instead of scoring the whole model.
+
+    Returns:
+        {name: method}, in registration order."""
+    return {n: m for n, m in llm.METHODS.items() if n not in criteria.CRITERIA}
+
+
+def _needs(name: str) -> frozenset[str]:
+    if name in criteria.CRITERIA:
+        return criteria.CRITERIA[name].needs
+    return frozenset({"data"}) if llm.METHODS[name].needs_data else frozenset()
+
+
+def check_criteria(bundle: Bundle, names: list[str], kind: str | None = None, blockwise: bool = False) -> None:
     """Checks that the bundle can feed every criterion asked (`check_kind` first).
 
     Args:
         bundle: the model and its data.
-        names: criterion names of the registry.
+        names: criterion names of the registry (and, with `blockwise`, of `block_methods`).
         kind: "weight" or "channel" (None: either).
+        blockwise: whether the block methods are accepted (prune runs them; score has no scores of theirs).
 
     Raises:
         CriterionDataError: naming every criterion the bundle cannot feed and what it lacks (read from
             each criterion's registered `needs`).
     """
-    check_kind(names, kind)
+    check_kind(names, kind, blockwise)
     candidates = criteria.CRITERIA if kind is None else criteria.of_kind(kind)
     has = _available(bundle)
 
     def lacking(name: str) -> list[str]:
-        return [
-            what for need, what in criteria.NEEDS.items() if need in criteria.CRITERIA[name].needs and not has[need]
-        ]
+        return [what for need, what in criteria.NEEDS.items() if need in _needs(name) and not has[need]]
 
     problems = [f"criterion {n!r} needs {' and '.join(lacking(n))}" for n in names if lacking(n)]
     if problems:
@@ -83,22 +99,25 @@ def check_criteria(bundle: Bundle, names: list[str], kind: str | None = None) ->
         )
 
 
-def check_kind(names: list[str], kind: str | None = None) -> None:
+def check_kind(names: list[str], kind: str | None = None, blockwise: bool = False) -> None:
     """Checks that the criteria exist and are of `kind`.
 
     Args:
         names: criterion names.
         kind: "weight" or "channel" (None: either).
+        blockwise: whether the block methods (`block_methods`, weight pruning) are accepted too.
 
     Raises:
         UsageError: for unknown criteria and, with `kind`, for criteria of the other kind (whose
             granularity the message names).
     """
-    unknown = [n for n in names if n not in criteria.CRITERIA]
+    blocks = block_methods() if blockwise else {}
+    unknown = [n for n in names if n not in criteria.CRITERIA and n not in blocks]
     if unknown:
-        raise UsageError(f"unknown criteria {unknown}; valid criteria: {', '.join(sorted(criteria.CRITERIA))}")
+        valid = sorted(criteria.CRITERIA) + list(blocks)
+        raise UsageError(f"unknown criteria {unknown}; valid criteria: {', '.join(valid)}")
     if kind is not None:
-        candidates = criteria.of_kind(kind)
+        candidates = criteria.of_kind(kind) | (blocks if kind == "weight" else {})
         wrong = [n for n in names if n not in candidates]
         if wrong:
             hint = "a channel granularity (`granularity` channel)" if kind == "weight" else "a weight granularity"
@@ -312,7 +331,12 @@ def prune(
         raise UsageError(f"`batches` must be a positive int, got {batches!r}")
     check_plan(granularity, refinement, 1 if group is None else 2, remove_channels)
     channel = granularity in CHANNEL_SCOPES
-    check_criteria(bundle, names, kind_of(granularity))
+    check_criteria(bundle, names, kind_of(granularity), blockwise=True)
+    blockwise = [n for n in names if n in block_methods()]
+    if blockwise and refinement.iterative:
+        raise UsageError(f"{blockwise[0]} prunes block by block: `schedule` iterative re-scores a criterion's scores")
+    if blockwise and group is not None:
+        raise UsageError(f"{blockwise[0]} prunes block by block in one process here: not over several processes")
     if finetune and not (bundle.training or bundle.calibration):
         raise CriterionDataError(f"`finetune` trains on data, which model {bundle.name!r} does not provide")
     if finetune and not _available(bundle)["loss"]:
@@ -359,9 +383,17 @@ def prune(
                 run.info["processes"] = f"{comm.size} (torch.distributed, calibration batches shared out)"
             if finetune:
                 run.finetune = {"steps": finetune, "lr": finetune_lr, "data": _training_note(bundle)}
-            tune = {"steps": finetune, "lr": finetune_lr}
+            how = _Evaluation(shapes, channel, remove_channels, on_masks, {"steps": finetune, "lr": finetune_lr})
             for name in names:
                 scoring_bar.set_postfix_str(name)
+                if name in blockwise:
+                    run.score_seconds[name] = 0.0
+                    scoring_bar.update()
+                    for sparsity in sparsities:
+                        eval_bar.set_postfix_str(f"{name} @ {sparsity:g}")
+                        run.results.append(_prune_blockwise(bundle, name, granularity, sparsity, used, how, run))
+                        eval_bar.update()
+                    continue
                 t0 = time.perf_counter()
                 scores = score_criterion(bundle, name, batches, comm) if schedule == "one-shot" else None
                 run.score_seconds[name] = time.perf_counter() - t0
@@ -375,7 +407,7 @@ def prune(
                         run.score_seconds[name] += time.perf_counter() - t0
                     else:
                         keep = build_masks(scores, granularity, sparsity)
-                    result = _evaluate(bundle, name, sparsity, keep, shapes, channel, remove_channels, on_masks, tune)
+                    result = _evaluate(bundle, name, sparsity, keep, how)
                     result.rounds = trace
                     run.results.append(result)
                     eval_bar.update()
@@ -425,12 +457,52 @@ def _finetune(bundle: Bundle, model: nn.Module, keep: dict[str, Tensor] | None, 
     )
 
 
-def _evaluate(
-    bundle: Bundle, name: str, sparsity: float, keep, shapes, channel: bool, remove: bool, on_masks, tune=None
-) -> Result:
+@dataclass(frozen=True)
+class _Evaluation:
+    """How each pruned model of a run is evaluated: the scored weights' shapes (channel runs: by
+    "<layer>.weight"), channel masks or not, channels removed physically or zeroed, the callback, and
+    the fine-tuning after the first evaluation ({"steps": n, "lr": lr})."""
+
+    shapes: dict[str, tuple[int, ...]]
+    channel: bool
+    remove: bool
+    on_masks: Callable | None
+    tune: dict
+
+
+_BLOCK_GRANULARITY = {"global": "layer", "layerwise": "layer", "per-row": "row"}
+
+
+def _prune_blockwise(bundle: Bundle, name: str, granularity: str, sparsity: float, used: int, how, run: Run) -> Result:
+    """A block method (SparseGPT, ...) at one sparsity: the model pruned block by block on the first
+    `used` calibration batches (llm.prune with the bundle's forward), its weights evaluated as pruned,
+    then restored. A method that prunes in its own solve has no global threshold: "global" runs it per
+    layer (said in the run's info). Weights outside the blocks stay dense (Result.achieved says so)."""
+    method = llm.METHODS[name]
+    target: float | str = "2:4" if granularity == TWO_FOUR else sparsity
+    chosen = None if granularity == TWO_FOUR else _BLOCK_GRANULARITY[granularity]
+    if chosen == "layer" and granularity == "global" and method.prunes_in_place:
+        run.info[f"{name} granularity"] = "per layer: it chooses its masks inside its own solve (no global threshold)"
+    forward = bundle.forward or _call
+    model = bundle.model
+    calibration = bundle.calibration[:used] if method.needs_data else None
+    with restored(model):
+        t0 = time.perf_counter()
+        llm.prune(model, calibration, method=name, sparsity=target, granularity=chosen, forward=forward, progress=False)
+        run.score_seconds[name] += time.perf_counter() - t0
+        keep = {n: p.detach() != 0 for n, p in select_params(model, bundle.params).items()}
+        return _evaluate(bundle, name, sparsity, keep, how)
+
+
+def _call(model: nn.Module, inputs):
+    return model(inputs)
+
+
+def _evaluate(bundle: Bundle, name: str, sparsity: float, keep, how: _Evaluation) -> Result:
     """One pruned model: masks applied (or channels removed), evaluated, handed to on_masks. Channel
-    masks are keyed by layer, `shapes` by the layers' weights ("<layer>.weight"). With `remove`, the
-    masks reported and handed on are those of the channels actually removed."""
+    masks are keyed by layer, `how.shapes` by the layers' weights ("<layer>.weight"). With `how.remove`,
+    the masks reported and handed on are those of the channels actually removed."""
+    shapes, channel, remove, on_masks, tune = how.shapes, how.channel, how.remove, how.on_masks, how.tune
     model = bundle.model
     if remove:
         model, removed = without_channels(bundle, keep)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import ops
+from .._compat import foreach_add
 from ..criteria.backward import RunningSum
 from ..criteria.engine import as_float32
 from ..criteria.feature import l1_objective, refer_objective, standardized
@@ -112,7 +112,7 @@ def block_scores(
         for what, grads in (("ReFer", out["refer"]), ("SNIP", out["snip"])):
             scores, stats = ops.saliency(grads, weights)
             z.append(standardized(scores, stats, what))
-        return dict(zip(names, torch._foreach_add(z[0], z[1])))
+        return dict(zip(names, foreach_add(z[0], z[1])))
     scores, _ = ops.saliency(out[criterion], weights)
     return dict(zip(names, scores))
 

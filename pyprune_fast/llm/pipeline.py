@@ -118,8 +118,8 @@ class Options:
         """The run's plan; ValueError/TypeError naming the first option that is wrong."""
         _positive_int("blocksize", self.blocksize)
         percdamp = self.percdamp
-        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
-            raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < float("inf"):
+            raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
         method = get_method(self.method, blocksize=self.blocksize, percdamp=float(percdamp))
         pattern = parse_sparsity(self.sparsity)
         granularity = None if pattern.is_nm else check_granularity(self.granularity or method.granularity)

@@ -162,8 +162,8 @@ class SparseGPT(Method):
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
             raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
-            raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < float("inf"):
+            raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
         self.blocksize, self.percdamp = blocksize, float(percdamp)
 
     def configured(self, *, blocksize: int = 128, percdamp: float = 0.01, **_options) -> SparseGPT:

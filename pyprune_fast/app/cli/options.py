@@ -252,7 +252,7 @@ class PruneOptions(Options):
         self.criteria = list(
             dict.fromkeys(self.criterion or (DEFAULT_CHANNEL_CRITERIA if channel else DEFAULT_CRITERIA))
         )
-        runner.check_kind(self.criteria, runner.kind_of(self.granularity))
+        runner.check_kind(self.criteria, runner.kind_of(self.granularity), blockwise=True)
 
     def _validate_llm(self) -> None:
         from ... import llm
