@@ -203,3 +203,37 @@ def test_flipped_bytes_in_a_shard_we_wrote_are_refused_when_read(tmp_path):
     names = [n for n, s in read.weight_map.items() if s == shard.name]
     with pytest.raises(ValueError, match=f"shard .*{shard.name}.*sha256"):
         read.get_many(names)
+
+
+# --- arguments that used to end in a traceback ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_perplexity_refuses_what_the_model_cannot_take(arch):
+    from tests.test_llm_models import VOCAB, tiny_causal_lm
+
+    model = tiny_causal_lm(arch)
+    ids = calibration()
+    with pytest.raises(ValueError, match="seq_len must be an int >= 2.*got 1"):
+        llm.perplexity(model, ids, seq_len=1, progress=False)
+    long = torch.arange(100) % VOCAB
+    with pytest.raises(ValueError, match="seq_len=65 .*max_position_embeddings \\(64\\)"):
+        llm.perplexity(model, long, seq_len=65, progress=False)
+    assert llm.perplexity(model, long, seq_len=64, progress=False) > 0
+    assert llm.perplexity(model, long[:50], seq_len=2048, progress=False) > 0  # windows of 50 tokens fit
+    bad = ids.clone()
+    bad[3] = VOCAB + 4
+    with pytest.raises(ValueError, match=f"token id {VOCAB + 4},.*vocabulary of {VOCAB}"):
+        llm.perplexity(model, bad, seq_len=8, progress=False)
+    bad[3] = -1
+    with pytest.raises(ValueError, match="token id -1"):
+        llm.perplexity(model, bad, seq_len=8, progress=False)
+
+
+@pytest.mark.parametrize("percdamp", [math.inf, math.nan, -0.1])
+def test_inverse_factor_refuses_a_non_finite_percdamp(percdamp):
+    from pyprune_fast.llm.sparsegpt import inverse_factor
+
+    x = torch.randn(40, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="percdamp must be a finite number >= 0"):
+        inverse_factor(x.T @ x, percdamp)
