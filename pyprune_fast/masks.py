@@ -316,7 +316,22 @@ class KeptMasks:
             for p in group["params"]:
                 hit = self._pruned.get(id(p))
                 if hit is not None and hit[0] is p:
-                    yield hit
+                    yield p, self._fitted(p, hit[1], hit[2]), hit[2]
+
+    def _fitted(self, p: Tensor, bits: Tensor, name: str) -> Tensor:
+        """`bits` as the AND mask of `p` as it is now. model.half() or model.to(device) after keep()
+        give the same Parameter other data: the mask follows, converted once (to the integer type of the
+        new element width, on the new device). A shape changed since is refused naming the parameter:
+        the mask no longer says which entries are pruned."""
+        if bits.shape != p.shape:
+            raise ValueError(
+                f"masks.keep: parameter {name!r} has shape {tuple(p.shape)} now but {tuple(bits.shape)} when its "
+                "mask was kept; remove() the handle and keep masks of the parameter's new shape"
+            )
+        if bits.element_size() != p.element_size() or bits.device != p.device:
+            bits = _and_mask(name, p, bits != 0)
+            self._pruned[id(p)] = (p, bits, name)
+        return bits
 
     @torch.no_grad()
     def mask_gradients(self, optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:
