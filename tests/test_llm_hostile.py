@@ -237,3 +237,13 @@ def test_inverse_factor_refuses_a_non_finite_percdamp(percdamp):
     x = torch.randn(40, 6, dtype=torch.float64)
     with pytest.raises(ValueError, match="percdamp must be a finite number >= 0"):
         inverse_factor(x.T @ x, percdamp)
+
+
+def test_sparsegpt_with_an_infinite_percdamp_is_refused_with_the_model_unchanged():
+    from tests.test_llm_models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="percdamp must be a finite number >= 0, got inf"):
+        llm.prune(model, calibration(), method="sparsegpt", percdamp=math.inf, **OPTIONS)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
