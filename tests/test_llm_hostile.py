@@ -174,6 +174,23 @@ def test_a_full_disk_while_writing_a_shard_names_the_file(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []  # neither the shard nor its temporary
 
 
+def test_a_full_disk_while_copying_side_files_or_the_index_names_the_file(tmp_path, monkeypatch):
+    _, path = checkpoint(tmp_path, "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.shutil, "copyfile", full)
+    with pytest.raises(OSError, match="side file .*config.json"):
+        ckpt.copy_side_files(path, out)
+    monkeypatch.setattr(ckpt, "write_text", full)
+    with pytest.raises(OSError, match=f"the index .*{INDEX}") as caught:
+        ckpt.write_index(out, {"a": "model.safetensors"}, 4)
+    assert caught.value.errno == errno.ENOSPC
+
+
 def _flip_a_data_byte(shard) -> None:
     raw = bytearray(shard.read_bytes())
     header = int.from_bytes(raw[:8], "little")

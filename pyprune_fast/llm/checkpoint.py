@@ -16,6 +16,7 @@ are found there; `from_pretrained` ignores the digest."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -195,15 +196,22 @@ def write_shard(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with _naming("shard", path), atomic_path(path) as temp, open(temp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for chunk in data:
+            f.write(chunk)
+
+
+@contextlib.contextmanager
+def _naming(what: str, path: str | os.PathLike):
+    """An OSError raised while writing `path` (a full disk: ENOSPC, a quota) raised again naming the
+    file, with its errno kept: a bare "No space left on device" does not say which write failed."""
     try:
-        with atomic_path(path) as temp, open(temp, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)))
-            f.write(encoded)
-            for chunk in data:
-                f.write(chunk)
+        yield
     except OSError as exc:
         code = exc.errno if exc.errno is not None else errno.EIO
-        raise OSError(code, f"could not write shard {path}: {exc.strerror or exc}", os.fspath(path)) from exc
+        raise OSError(code, f"could not write {what} {path}: {exc.strerror or exc}", os.fspath(path)) from exc
 
 
 def _read_header(path: str | os.PathLike) -> tuple[bytes, int]:
@@ -253,17 +261,20 @@ def is_complete_shard(path: str | os.PathLike, names: Iterable[str]) -> bool:
 
 
 def write_index(directory: str | os.PathLike, weight_map: Mapping[str, str], total_size: int) -> None:
-    """The index that makes `directory` a sharded checkpoint (written last, atomically)."""
+    """The index that makes `directory` a sharded checkpoint (written last, atomically; an OSError
+    names the file)."""
     index = {"metadata": {"total_size": int(total_size)}, "weight_map": dict(sorted(weight_map.items()))}
-    write_text(Path(directory) / INDEX, json.dumps(index, indent=2) + "\n")
+    with _naming("the index", Path(directory) / INDEX):
+        write_text(Path(directory) / INDEX, json.dumps(index, indent=2) + "\n")
 
 
 def copy_side_files(source: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
-    """Copies config, generation config, tokenizer and other non-weight files of a checkpoint."""
+    """Copies config, generation config, tokenizer and other non-weight files of a checkpoint (an
+    OSError names the file)."""
     copied = []
     for file in sorted(Path(source).iterdir()):
         if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and file.name != INDEX:
-            with atomic_path(Path(directory) / file.name) as temp:
+            with _naming("side file", Path(directory) / file.name), atomic_path(Path(directory) / file.name) as temp:
                 shutil.copyfile(file, temp)
             copied.append(file.name)
     return copied
