@@ -481,8 +481,38 @@ def _recorded_shapes(text: str, path: str) -> dict[str, tuple[int, ...]]:
                 f"{path}: corrupt mask file: the shape recorded for {name!r} must be a list of non-negative ints, "
                 f"got {shape!r}"
             )
+        extent = 1
+        for d in shape:
+            extent *= max(d, 1)
+        if extent >= 2**63:  # a tensor torch can index: every dim and their product below 2^63
+            raise ValueError(
+                f"{path}: corrupt mask file: the shape recorded for {name!r}, {shape!r}, is beyond any tensor "
+                "(its dims' product must be below 2^63)"
+            )
         out[name] = tuple(shape)
     return out
+
+
+def _check_stored(path: str, shapes: Mapping[str, tuple[int, ...]], packing: str) -> None:
+    """The file's tensors as its header declares them (nothing read yet) against the recorded shapes:
+    a packed mask must be uint8 of ceil(numel / 8) bytes, an unpacked one bool of its shape."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        stored = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 - a safetensors handle
+        if set(stored) != set(shapes):
+            raise ValueError(f"{path}: the tensors {sorted(stored)} do not match the recorded shapes {sorted(shapes)}")
+        for name, shape in shapes.items():
+            numel = 1
+            for d in shape:
+                numel *= d
+            want = ("U8", [(numel + 7) // 8]) if packing == "bits-lsb" else ("BOOL", list(shape))
+            got = (stored[name].get_dtype(), list(stored[name].get_shape()))
+            if got != want:
+                raise ValueError(
+                    f"{path}: mask {name!r}: the file's {got[0]} {got[1]} does not fit shape {tuple(shape)} "
+                    f"(packing {packing}: expected {want[0]} {want[1]})"
+                )
 
 
 def load_masks(path: PathLike, model: nn.Module | None = None) -> dict[str, Tensor]:
@@ -503,18 +533,14 @@ def load_masks(path: PathLike, model: nn.Module | None = None) -> dict[str, Tens
 
     meta = mask_metadata(path)
     shapes = _recorded_shapes(meta["shapes"], os.fspath(path))
+    if meta["packing"] not in ("bits-lsb", "bool"):
+        raise ValueError(f"{path}: unknown packing {meta['packing']!r} (expected 'bits-lsb' or 'bool')")
+    _check_stored(os.fspath(path), shapes, meta["packing"])
     stored = load_file(os.fspath(path))
-    if set(stored) != set(shapes):
-        raise ValueError(f"{path}: the tensors {sorted(stored)} do not match the recorded shapes {sorted(shapes)}")
     if meta["packing"] == "bits-lsb":
         masks = {n: unpack_bits(stored[n], shapes[n]) for n in shapes}
-    elif meta["packing"] == "bool":
-        masks = {n: stored[n] for n in shapes}
-        bad = [n for n, m in masks.items() if m.dtype != torch.bool or tuple(m.shape) != shapes[n]]
-        if bad:
-            raise ValueError(f"{path}: masks {bad} are not bool tensors of their recorded shapes")
     else:
-        raise ValueError(f"{path}: unknown packing {meta['packing']!r} (expected 'bits-lsb' or 'bool')")
+        masks = {n: stored[n] for n in shapes}
     if model is not None:
         check_against(masks, model, what=os.fspath(path))
     return masks

@@ -141,10 +141,7 @@ def global_unstructured(
     if group is not None:
         comm = distributed.Communicator(group)
         with comm.session():
-            names, tensors, labels, sparsity = _prepare(scores, sparsity)
-            targets = None if apply_to is None else _targets(apply_to, names, tensors)
-            masks = distributed.global_threshold(comm, tensors, sparsity, labels, targets)
-        return None if masks is None else dict(zip(names, masks))
+            return _global_over_ranks(comm, scores, sparsity, apply_to)
     names, tensors, labels, sparsity = _prepare(scores, sparsity)
     targets = None if apply_to is None else _targets(apply_to, names, tensors)
     k = round(sparsity * sum(t.numel() for t in tensors))
@@ -156,6 +153,21 @@ def global_unstructured(
         ops.threshold_apply_(targets, tensors, value, counts, k)
         return None
     return dict(zip(names, ops.threshold_masks(tensors, value, counts, k)))
+
+
+def _global_over_ranks(
+    comm: distributed.Communicator,
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    apply_to: nn.Module | Mapping[str, Tensor] | None,
+) -> dict[str, Tensor] | None:
+    """global_unstructured(group=) inside the caller's `comm.session()` (its arguments checked there,
+    so that a bad one on any rank raises on every rank): one session, never one nested in another,
+    whose two closing exchanges would not pair up across ranks when only some of them failed."""
+    names, tensors, labels, sparsity = _prepare(scores, sparsity)
+    targets = None if apply_to is None else _targets(apply_to, names, tensors)
+    masks = distributed.global_threshold(comm, tensors, sparsity, labels, targets)
+    return None if masks is None else dict(zip(names, masks))
 
 
 def _group_masks(scores, sparsity, apply_to, group_sizes, build):
@@ -218,7 +230,8 @@ def channels(
     equal scores the lower channel index (layers in dict order) first. A global scope may empty a
     layer whose scores are all low: normalize the scores per layer (normalize="lp") or use "layer".
     `group=` (scope="global" only): the layers are split over the ranks of a torch.distributed group
-    and the threshold is global over all ranks (see global_unstructured).
+    and the threshold is global over all ranks (see global_unstructured); every argument is checked
+    inside the distributed session, so a bad one on any rank raises on every rank.
 
     Args:
         scores: {layer name: (C,) floating-point scores}.
@@ -229,19 +242,29 @@ def channels(
     Returns:
         {layer name: (C,) bool keep-mask}.
     """
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    if group is not None and scope != "global":
-        raise ValueError(f"group= needs scope='global' (a per-layer scope needs no communication), got {scope!r}")
-    comm = None if group is None else distributed.Communicator(group)
-    with distributed.session(comm):  # a bad argument on one rank raises on every rank
+    try:
+        comm = None if group is None else distributed.Communicator(group)
+    except (TypeError, ValueError):
+        _check_scope(scope, group)  # no session can start: a bad scope is named before the bad group
+        raise
+    with distributed.session(comm):
+        _check_scope(scope, group)
         if isinstance(scores, Mapping):
             wrong = {n: tuple(s.shape) for n, s in scores.items() if isinstance(s, Tensor) and s.dim() != 1}
             if wrong:
                 raise ValueError(f"channel scores must be 1-D (one score per output channel), got shapes {wrong}")
         if scope == "layer":
             return layerwise(scores, sparsity)
-        return global_unstructured(scores, sparsity, group=group)
+        if comm is None:
+            return global_unstructured(scores, sparsity)
+        return _global_over_ranks(comm, scores, sparsity, None)
+
+
+def _check_scope(scope: object, group: object) -> None:
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if group is not None and scope != "global":
+        raise ValueError(f"group= needs scope='global' (a per-layer scope needs no communication), got {scope!r}")
 
 
 def n_m(scores: Mapping[str, Tensor], n: int = 2, m: int = 4) -> dict[str, Tensor]:
@@ -359,7 +382,22 @@ class KeptMasks:
             for p in group["params"]:
                 hit = self._pruned.get(id(p))
                 if hit is not None and hit[0] is p:
-                    yield hit
+                    yield p, self._fitted(p, hit[1], hit[2]), hit[2]
+
+    def _fitted(self, p: Tensor, bits: Tensor, name: str) -> Tensor:
+        """`bits` as the AND mask of `p` as it is now. model.half() or model.to(device) after keep()
+        give the same Parameter other data: the mask follows, converted once (to the integer type of the
+        new element width, on the new device). A shape changed since is refused naming the parameter:
+        the mask no longer says which entries are pruned."""
+        if bits.shape != p.shape:
+            raise ValueError(
+                f"masks.keep: parameter {name!r} has shape {tuple(p.shape)} now but {tuple(bits.shape)} when its "
+                "mask was kept; remove() the handle and keep masks of the parameter's new shape"
+            )
+        if bits.element_size() != p.element_size() or bits.device != p.device:
+            bits = _and_mask(name, p, bits != 0)
+            self._pruned[id(p)] = (p, bits, name)
+        return bits
 
     @torch.no_grad()
     def mask_gradients(self, optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:

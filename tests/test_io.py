@@ -339,3 +339,36 @@ def test_staging_directories_of_dead_writers_are_removed_by_the_next_one(tmp_pat
     staging = io.new_temp_dir(tmp_path / "out")
     assert os.path.basename(staging).startswith(f".out.{os.getpid()}.") and staging.endswith(".partial")
     assert not stale.exists() and all(d.exists() for d in kept)
+
+
+def test_load_masks_refuses_recorded_shapes_the_file_cannot_hold(tmp_path):
+    """A crafted 'shapes' metadata (dims beyond int64, a tensor of the wrong size or dtype in the file)
+    is a ValueError naming the file and the mask, checked against the file's header before anything
+    is read or unpacked."""
+    import struct
+
+    path = tmp_path / "m.safetensors"
+    io.save_masks(path, {"a": torch.ones(3, dtype=torch.bool)})
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+
+    def crafted(shapes, **tensor):
+        h = json.loads(json.dumps(header))
+        h["__metadata__"]["shapes"] = json.dumps(shapes)
+        h["a"].update(tensor)
+        data = b"\xff" * (h["a"]["data_offsets"][1] - h["a"]["data_offsets"][0])
+        encoded = json.dumps(h).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        bad = tmp_path / "crafted.safetensors"
+        bad.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+        return bad
+
+    for shapes, tensor in [
+        ({"a": [0, 2**63]}, {"shape": [0], "data_offsets": [0, 0]}),
+        ({"a": [0, 2**62, 2**62]}, {"shape": [0], "data_offsets": [0, 0]}),
+        ({"a": [2**40]}, {}),
+        ({"a": [3]}, {"dtype": "BOOL"}),
+    ]:
+        with pytest.raises(ValueError, match="crafted.safetensors: .*'a'"):
+            io.load_masks(crafted(shapes, **tensor))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from pyprune_fast import masks
 
@@ -141,3 +142,22 @@ def test_sparsity_refused_with_its_value(sparsity):
     for fn in (masks.global_unstructured, masks.layerwise, masks.per_row):
         with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\], got "):
             fn({"a": torch.ones(2, 4)}, sparsity)
+
+
+def test_keep_follows_the_model_to_another_dtype():
+    """masks.keep, then model.half(): the parameters are the same objects with other data; the masks
+    follow them (converted once), and a shape changed since is refused naming the parameter."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    keep_mask = torch.rand(4, 8) > 0.5
+    with masks.keep(model, {"weight": keep_mask}):
+        model.half()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(2, 8, dtype=torch.half)).sum().backward()
+        opt.step()
+        assert model.weight.dtype == torch.half
+        assert bool((model.weight[~keep_mask] == 0).all()) and bool((model.weight[keep_mask] != 0).any())
+        model.weight.data = torch.ones(4, 4, dtype=torch.half)
+        model.weight.grad = None
+        with pytest.raises(ValueError, match="masks.keep: parameter 'weight' has shape \\(4, 4\\) now"):
+            opt.step()

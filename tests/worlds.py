@@ -1,6 +1,6 @@
-"""Spawned gloo worlds for the distributed tests: 2-4 local processes (30 s process-group timeout)
-each run every case of a job and save what they got (a value, or the error they raised); a world
-that does not finish within WALL_CLOCK_S has hung and fails the test."""
+"""Spawned gloo worlds for the distributed tests: 2-4 local processes (a 30 s process-group timeout
+unless a test asks for another) each run every case of a job and save what they got (a value, or the
+error they raised); a world that does not finish within WALL_CLOCK_S has hung and fails the test."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, module: str, job: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, module: str, job: str, out_dir: str, timeout_s: float) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, module: str, job: str, out_dir: st
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=30),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
     results: dict = {}
     try:
@@ -47,14 +47,16 @@ def _worker(rank: int, world: int, port: int, module: str, job: str, out_dir: st
     dist.destroy_process_group()
 
 
-def run_world(module: str, job: str, world: int, tmp: pathlib.Path) -> list[dict]:
+def run_world(module: str, job: str, world: int, tmp: pathlib.Path, timeout_s: float = 30) -> list[dict]:
     """Runs `module`.JOBS[job](rank, world) — pairs (case name, callable) — on `world` spawned gloo
-    ranks; every rank's {case name: ("ok", value) | ("error", type, message)}, in rank order."""
+    ranks; every rank's {case name: ("ok", value) | ("error", type, message)}, in rank order.
+    `timeout_s`: the process-group timeout, after which a rank left waiting in a collective raises (a
+    small one makes a test of a would-be hang fail in seconds)."""
     out = tmp / f"{job}-{world}"
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, module, job, str(out))) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, module, job, str(out), timeout_s)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

@@ -4,21 +4,27 @@ models that do not fit in memory (`llm.prune(..., offload="disk")`, llm.offload)
 Reading: the directory's `model.safetensors.index.json` (or its one `model.safetensors`) maps every
 tensor to a shard; shards are memory-mapped by safetensors and a tensor is read only when asked for,
 so nothing but the tensors in use is ever in RAM. Every shard is checked when the checkpoint is
-opened: a missing, truncated or corrupt shard, or an index naming tensors a shard does not hold,
-is a ValueError naming the file.
+opened: a missing, truncated or corrupt shard, an index naming tensors a shard does not hold, or a
+shard name leaving the checkpoint directory, is a ValueError naming the file.
 
 Writing: each shard goes to a temporary file beside its destination, is fsynced and renamed into
 place, so a shard file that exists is complete; the index is written last, so a directory with an
-index is a finished checkpoint that `from_pretrained` loads."""
+index is a finished checkpoint that `from_pretrained` loads. A shard written here carries the sha256
+of its data section in its header's metadata (`"sha256"`), checked whenever this module reads the
+shard back (a resumed run's finished shards, a checkpoint we wrote read as input): flipped bytes
+are found there; `from_pretrained` ignores the digest."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 import struct
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from torch import Tensor
@@ -27,6 +33,8 @@ from ..io import atomic_path, write_text
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+DEFINITIONS = ("config.json", "generation_config.json", INDEX)  # with the shards: what defines the model
+DIGEST = "sha256"  # the key of a shard's data digest in its header's __metadata__
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
 
@@ -66,8 +74,9 @@ class Checkpoint:
             )
         self.shards = [SINGLE] if weight_map is None else list(dict.fromkeys(weight_map.values()))
         self._meta: dict[str, tuple[str, list[int]]] = {}  # tensor -> (safetensors dtype, shape)
+        self._verified: set[str] = set()  # shards whose data digest was checked by get_many
         for shard in self.shards:
-            file = self.path / shard
+            file = self._inside(shard)
             if not file.is_file():
                 raise ValueError(f"shard {file} named by {INDEX} is missing")
             try:
@@ -86,6 +95,23 @@ class Checkpoint:
             self._meta.update(held)
         self.weight_map: dict[str, str] = weight_map
 
+    def _inside(self, shard: str) -> Path:
+        """The file of `shard` (a weight_map value), refused when it leaves the checkpoint directory: an
+        absolute path, a `..` part, or a symbolic link resolving outside it, all of which would read a
+        file the checkpoint does not hold. A link into the `blobs/` folder of a Hugging Face hub cache
+        (the directory being `snapshots/<revision>/` of it) is how huggingface_hub stores downloads and
+        is followed."""
+        root = self.path.resolve()
+        allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+        file = self.path / shard
+        lexical = not PurePath(shard).is_absolute() and ".." not in PurePath(shard).parts and "\\" not in shard
+        if not lexical or not any(file.resolve().is_relative_to(a) for a in allowed):
+            raise ValueError(
+                f"{self.path / INDEX}: shard {shard!r} leaves the checkpoint directory {self.path}; expected "
+                "the name of a file inside it"
+            )
+        return file
+
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
@@ -101,6 +127,9 @@ class Checkpoint:
             by_shard.setdefault(self.weight_map[name], []).append(name)
         out = {}
         for shard, group in by_shard.items():
+            if shard not in self._verified:
+                verify_shard(self.path / shard)
+                self._verified.add(shard)
             out.update(read_shard(self.path / shard, group))
         return {name: out[name] for name in names}
 
@@ -119,13 +148,20 @@ class Checkpoint:
         """The stored dtype of tensor `name` (from its shard's header; None for a type torch lacks)."""
         return _DTYPES.get(self._meta[name][0], (None, 0))[0]
 
-    def fingerprint(self) -> dict[str, list[int]]:
-        """{file: [size, mtime_ns]} of its weight files: what a resumed run checks it still reads."""
-        files = [INDEX] if (self.path / INDEX).is_file() else []
-        out = {}
-        for name in files + self.shards:
+    def fingerprint(self) -> dict[str, dict[str, int | str]]:
+        """{file: fingerprint} of every file that defines the model, what a resumed run checks it still
+        reads: config.json, generation_config.json and the index (those present) by the sha256 of their
+        content (small files; a changed rms_norm_eps or rope_theta would make a hybrid of two models);
+        each shard by its size, mtime and the sha256 of its header (names, dtypes, shapes, offsets),
+        which costs a few kilobytes of reading where hashing the data would read the whole model."""
+        out: dict[str, dict[str, int | str]] = {}
+        for name in DEFINITIONS:
+            if (self.path / name).is_file():
+                out[name] = {"sha256": hashlib.sha256((self.path / name).read_bytes()).hexdigest()}
+        for name in self.shards:
             stat = (self.path / name).stat()
-            out[name] = [stat.st_size, stat.st_mtime_ns]
+            header = hashlib.sha256(_read_header(self.path / name)[0]).hexdigest()
+            out[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "header_sha256": header}
         return out
 
 
@@ -141,10 +177,15 @@ _CODES = {dtype: code for code, (dtype, _) in _DTYPES.items() if dtype is not No
 def write_shard(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
     """Writes `tensors` as one safetensors file, atomically (complete or absent), streaming each
     tensor's bytes to the file: no serialized copy of the shard is made in memory (safetensors'
-    save_file builds one, as large as the shard)."""
+    save_file builds one, as large as the shard). The header's metadata holds the sha256 of the data
+    (module docstring). An OSError while writing (a full disk) is raised naming the file."""
     names = sorted(tensors)  # safetensors' own order: by name
     cpu = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
-    header: dict = {"__metadata__": {"format": "pt"}}
+    data = [memoryview(cpu[n].reshape(-1).view(torch.uint8).numpy()) for n in names if cpu[n].numel()]
+    digest = hashlib.sha256()
+    for chunk in data:
+        digest.update(chunk)
+    header: dict = {"__metadata__": {"format": "pt", DIGEST: digest.hexdigest()}}
     offset = 0
     for name in names:
         t = cpu[name]
@@ -155,37 +196,85 @@ def write_shard(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with atomic_path(path) as temp, open(temp, "wb") as f:
+    with _naming("shard", path), atomic_path(path) as temp, open(temp, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for name in names:
-            if cpu[name].numel():
-                f.write(memoryview(cpu[name].reshape(-1).view(torch.uint8).numpy()))
+        for chunk in data:
+            f.write(chunk)
+
+
+@contextlib.contextmanager
+def _naming(what: str, path: str | os.PathLike):
+    """An OSError raised while writing `path` (a full disk: ENOSPC, a quota) raised again naming the
+    file, with its errno kept: a bare "No space left on device" does not say which write failed."""
+    try:
+        yield
+    except OSError as exc:
+        code = exc.errno if exc.errno is not None else errno.EIO
+        raise OSError(code, f"could not write {what} {path}: {exc.strerror or exc}", os.fspath(path)) from exc
+
+
+def _read_header(path: str | os.PathLike) -> tuple[bytes, int]:
+    """(the JSON header's bytes, the offset where the data starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        if size > 100_000_000:  # safetensors' own limit on a header
+            raise ValueError(f"{path}: header of {size} bytes")
+        return f.read(size), 8 + size
+
+
+def verify_shard(path: str | os.PathLike) -> None:
+    """Checks a shard's data against the sha256 its header records, when it records one (shards this
+    module wrote); ValueError naming the file when they differ. Reads the whole data section."""
+    raw, start = _read_header(path)
+    try:
+        recorded = json.loads(raw).get("__metadata__", {}).get(DIGEST)
+    except (ValueError, AttributeError):
+        raise ValueError(f"shard {path} has no readable safetensors header") from None
+    if recorded is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if digest.hexdigest() != recorded:
+        raise ValueError(
+            f"shard {path}: its data does not match the sha256 its header records (bytes changed after it was "
+            "written: a failing disk or an edit); expected the shard as written"
+        )
 
 
 def is_complete_shard(path: str | os.PathLike, names: Iterable[str]) -> bool:
-    """Whether `path` is a readable safetensors file holding exactly the tensors `names`."""
+    """Whether `path` is a readable safetensors file holding exactly the tensors `names`, whose data
+    matches the sha256 its header records (when it records one)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return set(handle.keys()) == set(names)
-    except Exception:  # noqa: BLE001 - absent, truncated or corrupt: not finished
+            if set(handle.keys()) != set(names):
+                return False
+        verify_shard(path)
+    except Exception:  # noqa: BLE001 - absent, truncated, corrupt or changed: not finished
         return False
+    return True
 
 
 def write_index(directory: str | os.PathLike, weight_map: Mapping[str, str], total_size: int) -> None:
-    """The index that makes `directory` a sharded checkpoint (written last, atomically)."""
+    """The index that makes `directory` a sharded checkpoint (written last, atomically; an OSError
+    names the file)."""
     index = {"metadata": {"total_size": int(total_size)}, "weight_map": dict(sorted(weight_map.items()))}
-    write_text(Path(directory) / INDEX, json.dumps(index, indent=2) + "\n")
+    with _naming("the index", Path(directory) / INDEX):
+        write_text(Path(directory) / INDEX, json.dumps(index, indent=2) + "\n")
 
 
 def copy_side_files(source: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
-    """Copies config, generation config, tokenizer and other non-weight files of a checkpoint."""
+    """Copies config, generation config, tokenizer and other non-weight files of a checkpoint (an
+    OSError names the file)."""
     copied = []
     for file in sorted(Path(source).iterdir()):
         if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and file.name != INDEX:
-            with atomic_path(Path(directory) / file.name) as temp:
+            with _naming("side file", Path(directory) / file.name), atomic_path(Path(directory) / file.name) as temp:
                 shutil.copyfile(file, temp)
             copied.append(file.name)
     return copied

@@ -11,20 +11,26 @@ calibration inputs are captured. The output directory:
     model-0000(i+2)-of-0000N.safetensors  decoder block i, pruned (N = blocks + 1)
     model.safetensors.index.json          written last: the directory is then a finished checkpoint
     config.json, tokenizer files, ...     copied from the input
-    pyprune_run.json                      the run's options and the input's fingerprint (--resume)
+    pyprune_run.json                      the run's options, the input's fingerprint (every file that
+                                          defines the model) and the sha256 of each kept result (--resume)
+    pyprune_owl.json                      OWL's outlier ratios and block sparsities (kept for --resume)
     pyprune_scores/                       per-block scores of a global (whole-model) run
 
 Every file is written to a temporary beside it and renamed when complete, so a shard that exists is
 finished. A run that dies after block k resumes (`resume=True`) at block k + 1: the calibration inputs
 of block k + 1 are recomputed by running the finished blocks (read back from the output when the
 pipeline propagates pruned outputs, from the input when it propagates dense ones) — bit for bit the
-inputs the uninterrupted run had, so the resumed result equals it."""
+inputs the uninterrupted run had, so the resumed result equals it. What resume reads back is checked,
+never trusted: the run record's shape, the input's fingerprint (a changed config.json is named), the
+kept results against their recorded sha256, each finished shard against the digest in its header."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -104,6 +110,7 @@ class DiskStore:
     def __init__(self, checkpoint: Checkpoint, model: nn.Module, prefix: str, blocks: nn.ModuleList) -> None:
         self.checkpoint, self.model, self.prefix, self.blocks = checkpoint, model, prefix, blocks
         self.out: Path | None = None
+        self.run: dict[str, Any] = {}  # the run record written to out/RUN_FILE
         self.writer = True  # False on the ranks other than 0 of a distributed run: they only read
         self.alone = True  # False in a distributed run: what is kept on disk is recomputed on resume
         self.count = len(blocks) + 1
@@ -133,7 +140,7 @@ class DiskStore:
         must have been started with the same options on the same (unchanged) input."""
         out = Path(out)
         source = str(self.checkpoint.path.resolve())
-        run = {"options": options, "source": source, "input": self.checkpoint.fingerprint()}
+        run = {"options": options, "source": source, "input": self.checkpoint.fingerprint(), "kept": {}}
         record = out / RUN_FILE
         if record.is_file():
             if not resume:
@@ -141,10 +148,7 @@ class DiskStore:
                     f"{out} holds an earlier run (see {RUN_FILE}); resume it (resume=True, --resume) or choose "
                     "another output directory"
                 )
-            try:
-                earlier = json.loads(record.read_text())
-            except ValueError as exc:
-                raise ValueError(f"{record} is not readable JSON ({exc}); choose another output directory") from None
+            earlier = _read_record(record)
             changed = sorted(k for k in set(earlier["options"]) | set(options)
                              if earlier["options"].get(k) != options.get(k))  # fmt: skip
             if changed:
@@ -152,15 +156,24 @@ class DiskStore:
                     f"cannot resume the run in {out}: it was started with other options: "
                     + ", ".join(f"{k}={earlier['options'].get(k)!r} (now {options.get(k)!r})" for k in changed)
                 )
-            if earlier.get("input") != run["input"] or earlier.get("source") != run["source"]:
-                raise ValueError(f"cannot resume the run in {out}: its input checkpoint {earlier.get('source')} "
-                                 "has changed or is another one")  # fmt: skip
+            if earlier["source"] != run["source"]:
+                raise ValueError(f"cannot resume the run in {out}: its input checkpoint {earlier['source']} is "
+                                 f"another one than {source}")  # fmt: skip
+            files = sorted(f for f in set(earlier["input"]) | set(run["input"])
+                           if earlier["input"].get(f) != run["input"].get(f))  # fmt: skip
+            if files:
+                raise ValueError(
+                    f"cannot resume the run in {out}: its input checkpoint {source} has changed since the run "
+                    f"started: {', '.join(files)} (the resumed blocks would come from another model); restore "
+                    "them or start a new run"
+                )
+            run["kept"] = earlier["kept"]
         elif out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} exists and holds no pyprune_fast run: choose an empty or new directory")
         else:
             out.mkdir(parents=True, exist_ok=True)
             write_text(record, json.dumps(run, indent=2) + "\n")
-        self.out = out
+        self.out, self.run = out, run
         front = out / shard_name(1, self.count)
         if not is_complete_shard(front, self.front_names):
             write_shard(front, self.checkpoint.get_many(self.front_names))
@@ -189,14 +202,47 @@ class DiskStore:
         return self.out
 
     def remember(self, name: str, compute: Callable[[], Any]) -> Any:
-        """compute() the first time (its JSON-able result kept in `out`), the kept result on resume."""
+        """compute() the first time, the kept result on resume. What is kept is a list of per-block
+        lists of fractions (OWL's outlier ratios and block sparsities), written to
+        `out/pyprune_<name>.json` with its sha256 in the run record (the record first: a run killed in
+        between recomputes it). On resume the file is refused (ValueError naming it) when it is not
+        the one the run wrote or not one number in [0, 1] per block in each list: a changed ratio would
+        prune other blocks than the run's options say."""
         path = self.out / f"pyprune_{name}.json"
         if path.is_file() and self.writer and self.alone:
-            with contextlib.suppress(ValueError):
-                return json.loads(path.read_text())
+            return self._kept(name, path)
         value = compute()  # every rank of a distributed run computes it: they take part in its collectives
         if self.writer:
-            write_text(path, json.dumps(value) + "\n")
+            text = json.dumps(value) + "\n"
+            self.run["kept"][name] = hashlib.sha256(text.encode()).hexdigest()
+            write_text(self.out / RUN_FILE, json.dumps(self.run, indent=2) + "\n")
+            write_text(path, text)
+        return value
+
+    def _kept(self, name: str, path: Path) -> Any:
+        """The value kept in `path` by remember(name), checked (remember's docstring)."""
+        raw = path.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != self.run["kept"].get(name):
+            raise ValueError(
+                f"{path} was changed after the run wrote it (its sha256 is not the one {RUN_FILE} records); "
+                "expected the file as the run wrote it: delete it to have it recomputed, or start a new run"
+            )
+        blocks = len(self.blocks)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        fractions = isinstance(value, list) and all(
+            isinstance(part, list) and len(part) == blocks
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+                    for v in part)
+            for part in value
+        )  # fmt: skip
+        if not value or not fractions:
+            raise ValueError(
+                f"{path}: expected lists of one finite number in [0, 1] per decoder block ({blocks}), got "
+                f"{raw[:200].decode(errors='replace')!r}; delete it to have it recomputed"
+            )
         return value
 
     def scores_dir(self) -> Path:
@@ -271,6 +317,26 @@ class DiskStore:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _read_record(record: Path) -> dict[str, Any]:
+    """The run record `record` as open_output wrote it, or ValueError naming it and what was expected
+    (a file edited by hand or by another program is refused, not half trusted)."""
+    expected = (
+        "expected a JSON object with 'options' (an object), 'source' (a string), 'input' (an object) and "
+        "'kept' (an object), as pyprune_fast writes it"
+    )
+    try:
+        earlier = json.loads(record.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{record}: {expected}; it is not readable JSON ({exc}): choose another output "
+                         "directory") from None  # fmt: skip
+    kinds = {"options": dict, "source": str, "input": dict, "kept": dict}
+    if not isinstance(earlier, dict) or not all(isinstance(earlier.get(k), t) for k, t in kinds.items()):
+        got = json.dumps(earlier)[:200]
+        raise ValueError(f"{record}: {expected}, got {got}; it was changed after the run wrote it: choose another "
+                         "output directory")  # fmt: skip
+    return earlier
 
 
 def _release_freed_memory() -> None:

@@ -35,6 +35,29 @@ def windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, int]
         previous_end, begin = end, begin + stride
 
 
+def _check_fits(model: nn.Module, ids: Tensor, longest: int) -> None:
+    """ValueError, before any forward, for what the model cannot take: windows longer than its
+    config's max_position_embeddings (learned positions such as OPT's raise IndexError, rotary ones
+    silently run outside the lengths they were trained on) or token ids outside its vocabulary."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and longest > limit:
+        raise ValueError(
+            f"seq_len={longest} (the longest window) exceeds the model's max_position_embeddings ({limit}); "
+            f"use seq_len <= {limit}"
+        )
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embedding, "num_embeddings", None)
+    if vocab is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"token_ids holds token id {bad}, outside the model's vocabulary of {vocab} (ids 0 to {vocab - 1}); "
+            "tokenize the text with this model's tokenizer"
+        )
+
+
 def _check_positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -56,14 +79,19 @@ def perplexity(
 
     Args:
         model: a causal LM returning `.logits`.
-        token_ids: the 1-D token stream (or [1, N]), at least 2 tokens.
-        seq_len: tokens per window; batch_size: windows per forward.
+        token_ids: the 1-D token stream (or [1, N]), at least 2 tokens, each an id of the model's
+            vocabulary.
+        seq_len: tokens per window, at least 2 (a window's first token is not scored) and at most the
+            config's max_position_embeddings (where the stream is that long); batch_size: windows
+            per forward.
         stride: the step between windows (default seq_len: disjoint windows); at most seq_len.
         progress: a tqdm bar; None shows it only on a terminal.
 
     Returns:
         The perplexity, a float."""
     seq_len, batch_size = _check_positive("seq_len", seq_len), _check_positive("batch_size", batch_size)
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2 (a window's first token is not scored), got {seq_len}")
     stride = seq_len if stride is None else _check_positive("stride", stride)
     if stride > seq_len:
         raise ValueError(f"stride must be at most seq_len ({seq_len}), got {stride}")
@@ -74,6 +102,7 @@ def perplexity(
     if token_ids.dim() != 1 or token_ids.numel() < 2:
         raise ValueError(f"token_ids must be a 1-D stream of at least 2 tokens, got shape {tuple(token_ids.shape)}")
     ids = token_ids.long()
+    _check_fits(model, ids, min(seq_len, ids.numel()))
     where = input_device(model)
     spans = windows(ids.numel(), seq_len, stride)
     extra = {"use_cache": False} if accepts(model, "use_cache") else {}

@@ -52,9 +52,10 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def inverse_factor(hessian: Tensor, percdamp: float = 0.01) -> HessianFactor:
     """U = chol(H⁻¹) (upper) of H = hessian with dead inputs set to H_jj = 1, dampened by
-    percdamp · mean(diag H) on the diagonal. ValueError when H is not positive definite even so."""
-    if not 0.0 <= percdamp:
-        raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")
+    percdamp · mean(diag H) on the diagonal. ValueError when H is not positive definite even so, and
+    for a percdamp that is not a finite number >= 0 (an infinite one dampens H into inf, no factor)."""
+    if not 0.0 <= percdamp < float("inf"):
+        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
     h = hessian.detach().to(_work_dtype(hessian.dtype)).clone()
     if not bool(torch.isfinite(h).all()):
         raise ValueError("the Hessian XᵀX holds non-finite values (non-finite calibration activations)")
