@@ -145,3 +145,13 @@ def test_torchrun_over_two_processes_writes_one_result(model_dir, tmp_path):
         doc = json.load(f)
     assert [r["criterion"] for r in doc["results"]] == ["sparsegpt"]
     assert doc["results"][0]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_resume_that_does_not_match_the_earlier_run_is_a_user_error(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    args = ["prune", "--model", f"hf:{model_dir}", "--criterion", "wanda", "--sparsity", "0.5", *OPTIONS]
+    assert cli.main([*args, "--out", out, "--offload", "disk"]) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "--samples", "3", "--out", out, "--offload", "disk", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot resume" in err

@@ -29,6 +29,7 @@ from pathlib import Path, PurePath
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
 from ..io import atomic_path, write_text
 
 INDEX = "model.safetensors.index.json"
@@ -54,9 +55,9 @@ class Checkpoint:
 
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ValueError(f"checkpoint {self.path} is not a directory")
+            raise UsageError(f"checkpoint {self.path} is not a directory")
         if not (self.path / "config.json").is_file():
-            raise ValueError(f"checkpoint {self.path} has no config.json")
+            raise UsageError(f"checkpoint {self.path} has no config.json")
         index = self.path / INDEX
         if index.is_file():
             try:
@@ -64,11 +65,11 @@ class Checkpoint:
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError("weight_map is not a dict of tensor name -> shard file")
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+                raise UsageError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
         elif (self.path / SINGLE).is_file():
             weight_map = None
         else:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint {self.path} has no safetensors weights ({INDEX} or {SINGLE}); convert .bin "
                 "checkpoints with from_pretrained + save_pretrained(safe_serialization=True) first"
             )
@@ -78,7 +79,7 @@ class Checkpoint:
         for shard in self.shards:
             file = self._inside(shard)
             if not file.is_file():
-                raise ValueError(f"shard {file} named by {INDEX} is missing")
+                raise UsageError(f"shard {file} named by {INDEX} is missing")
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     held = {}
@@ -86,12 +87,12 @@ class Checkpoint:
                         view = handle.get_slice(name)
                         held[name] = (view.get_dtype(), list(view.get_shape()))
             except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-                raise ValueError(f"shard {file} is not a readable safetensors file: {exc}") from None
+                raise UsageError(f"shard {file} is not a readable safetensors file: {exc}") from None
             if weight_map is None:
                 weight_map = dict.fromkeys(held, SINGLE)
             wanted = [n for n, s in weight_map.items() if s == shard and n not in held]
             if wanted:
-                raise ValueError(f"shard {file} does not hold {wanted[:5]} that {INDEX} puts there")
+                raise UsageError(f"shard {file} does not hold {wanted[:5]} that {INDEX} puts there")
             self._meta.update(held)
         self.weight_map: dict[str, str] = weight_map
 
@@ -106,7 +107,7 @@ class Checkpoint:
         file = self.path / shard
         lexical = not PurePath(shard).is_absolute() and ".." not in PurePath(shard).parts and "\\" not in shard
         if not lexical or not any(file.resolve().is_relative_to(a) for a in allowed):
-            raise ValueError(
+            raise UsageError(
                 f"{self.path / INDEX}: shard {shard!r} leaves the checkpoint directory {self.path}; expected "
                 "the name of a file inside it"
             )
@@ -219,7 +220,7 @@ def _read_header(path: str | os.PathLike) -> tuple[bytes, int]:
     with open(path, "rb") as f:
         size = struct.unpack("<Q", f.read(8))[0]
         if size > 100_000_000:  # safetensors' own limit on a header
-            raise ValueError(f"{path}: header of {size} bytes")
+            raise UsageError(f"{path}: header of {size} bytes")
         return f.read(size), 8 + size
 
 
@@ -230,7 +231,7 @@ def verify_shard(path: str | os.PathLike) -> None:
     try:
         recorded = json.loads(raw).get("__metadata__", {}).get(DIGEST)
     except (ValueError, AttributeError):
-        raise ValueError(f"shard {path} has no readable safetensors header") from None
+        raise UsageError(f"shard {path} has no readable safetensors header") from None
     if recorded is None:
         return
     digest = hashlib.sha256()
@@ -239,7 +240,7 @@ def verify_shard(path: str | os.PathLike) -> None:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     if digest.hexdigest() != recorded:
-        raise ValueError(
+        raise UsageError(
             f"shard {path}: its data does not match the sha256 its header records (bytes changed after it was "
             "written: a failing disk or an edit); expected the shard as written"
         )
@@ -288,4 +289,4 @@ def read_shard(path: str | os.PathLike, names: Iterable[str]) -> dict[str, Tenso
         with safe_open(str(path), framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in names}
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"shard {path} is not readable: {exc}") from None
+        raise UsageError(f"shard {path} is not readable: {exc}") from None

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from ..io import write_text
 from .checkpoint import (
     Checkpoint,
@@ -122,14 +123,14 @@ class DiskStore:
             local = list(block.state_dict(keep_vars=True))
             missing = [f"{prefix}.{i}.{n}" for n in local if f"{prefix}.{i}.{n}" not in keys]
             if missing:
-                raise ValueError(f"checkpoint {checkpoint.path} lacks {missing[:5]} of decoder block {i}")
+                raise UsageError(f"checkpoint {checkpoint.path} lacks {missing[:5]} of decoder block {i}")
             self.local_names.append(local)
             self.block_names.append([keys[f"{prefix}.{i}.{n}"] for n in local])
         known = {n for names in self.block_names for n in names}
         self.front_names = [k for k in checkpoint.keys() if k not in known]
         unexpected = [k for k in self.front_names if self.model_name[k].startswith(prefix + ".")]
         if unexpected:
-            raise ValueError(f"checkpoint {checkpoint.path} holds tensors no decoder block has: {unexpected[:5]}")
+            raise UsageError(f"checkpoint {checkpoint.path} holds tensors no decoder block has: {unexpected[:5]}")
 
     # --- the output directory ------------------------------------------------------------------------
 
@@ -152,17 +153,17 @@ class DiskStore:
             changed = sorted(k for k in set(earlier["options"]) | set(options)
                              if earlier["options"].get(k) != options.get(k))  # fmt: skip
             if changed:
-                raise ValueError(
+                raise UsageError(
                     f"cannot resume the run in {out}: it was started with other options: "
                     + ", ".join(f"{k}={earlier['options'].get(k)!r} (now {options.get(k)!r})" for k in changed)
                 )
             if earlier["source"] != run["source"]:
-                raise ValueError(f"cannot resume the run in {out}: its input checkpoint {earlier['source']} is "
+                raise UsageError(f"cannot resume the run in {out}: its input checkpoint {earlier['source']} is "
                                  f"another one than {source}")  # fmt: skip
             files = sorted(f for f in set(earlier["input"]) | set(run["input"])
                            if earlier["input"].get(f) != run["input"].get(f))  # fmt: skip
             if files:
-                raise ValueError(
+                raise UsageError(
                     f"cannot resume the run in {out}: its input checkpoint {source} has changed since the run "
                     f"started: {', '.join(files)} (the resumed blocks would come from another model); restore "
                     "them or start a new run"
@@ -223,7 +224,7 @@ class DiskStore:
         """The value kept in `path` by remember(name), checked (remember's docstring)."""
         raw = path.read_bytes()
         if hashlib.sha256(raw).hexdigest() != self.run["kept"].get(name):
-            raise ValueError(
+            raise UsageError(
                 f"{path} was changed after the run wrote it (its sha256 is not the one {RUN_FILE} records); "
                 "expected the file as the run wrote it: delete it to have it recomputed, or start a new run"
             )
@@ -239,7 +240,7 @@ class DiskStore:
             for part in value
         )  # fmt: skip
         if not value or not fractions:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: expected lists of one finite number in [0, 1] per decoder block ({blocks}), got "
                 f"{raw[:200].decode(errors='replace')!r}; delete it to have it recomputed"
             )
@@ -263,7 +264,7 @@ class DiskStore:
             self.model.tie_weights()
         outside = [n for n in _on_meta(self.model) if not n.startswith(self.prefix + ".")]
         if outside:
-            raise ValueError(f"checkpoint {self.checkpoint.path} lacks {outside[:5]}")
+            raise UsageError(f"checkpoint {self.checkpoint.path} lacks {outside[:5]}")
         try:
             yield
         finally:
@@ -329,12 +330,12 @@ def _read_record(record: Path) -> dict[str, Any]:
     try:
         earlier = json.loads(record.read_bytes())
     except ValueError as exc:
-        raise ValueError(f"{record}: {expected}; it is not readable JSON ({exc}): choose another output "
+        raise UsageError(f"{record}: {expected}; it is not readable JSON ({exc}): choose another output "
                          "directory") from None  # fmt: skip
     kinds = {"options": dict, "source": str, "input": dict, "kept": dict}
     if not isinstance(earlier, dict) or not all(isinstance(earlier.get(k), t) for k, t in kinds.items()):
         got = json.dumps(earlier)[:200]
-        raise ValueError(f"{record}: {expected}, got {got}; it was changed after the run wrote it: choose another "
+        raise UsageError(f"{record}: {expected}, got {got}; it was changed after the run wrote it: choose another "
                          "output directory")  # fmt: skip
     return earlier
 
@@ -376,7 +377,7 @@ def _model_names(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
         for transform in transforms:
             renamed, matched = transform.rename_source_key(name)
             if matched is not None and not isinstance(transform, WeightRenaming):
-                raise ValueError(
+                raise UsageError(
                     f"checkpoint {checkpoint.path}: tensor {key!r} is converted by transformers when loaded "
                     f"({type(transform).__name__}); offload='disk' needs a checkpoint whose tensors are the "
                     "model's parameters one to one (save the model with save_pretrained first)"
@@ -397,7 +398,7 @@ def open_disk_model(path: str | os.PathLike) -> tuple[nn.Module, DiskStore]:
     checkpoint = Checkpoint(path)
     config = AutoConfig.from_pretrained(checkpoint.path, local_files_only=True)
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or []):
-        raise ValueError(f"{checkpoint.path} does not hold a causal LM (its config names no *ForCausalLM architecture)")
+        raise UsageError(f"{checkpoint.path} does not hold a causal LM (its config names no *ForCausalLM architecture)")
     dtype = _stored_dtype(checkpoint)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

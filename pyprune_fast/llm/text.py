@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
+
 SPLITS = ("calibration", "evaluation")
 
 
@@ -26,12 +28,12 @@ def calibration_windows(token_ids: Tensor, num_samples: int, seq_len: int) -> Te
         [num_samples, seq_len] int64."""
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise UsageError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(token_ids, Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
         raise TypeError(f"calibration must be an integer tensor of token ids, got {type(token_ids).__name__}")
     if token_ids.dim() == 1:
         if token_ids.numel() < num_samples * seq_len:
-            raise ValueError(
+            raise UsageError(
                 f"calibration has {token_ids.numel()} tokens, fewer than num_samples × seq_len = "
                 f"{num_samples} × {seq_len} = {num_samples * seq_len}"
             )
@@ -39,12 +41,12 @@ def calibration_windows(token_ids: Tensor, num_samples: int, seq_len: int) -> Te
     if token_ids.dim() == 2:
         rows, cols = token_ids.shape
         if rows < num_samples or cols < seq_len:
-            raise ValueError(
+            raise UsageError(
                 f"calibration has {rows} sequences of {cols} tokens, fewer than the {num_samples} sequences "
                 f"of {seq_len} tokens asked (num_samples, seq_len)"
             )
         return token_ids[:num_samples, :seq_len].long()
-    raise ValueError(f"calibration must be 1-D (a token stream) or 2-D (sequences), got shape {tuple(token_ids.shape)}")
+    raise UsageError(f"calibration must be 1-D (a token stream) or 2-D (sequences), got shape {tuple(token_ids.shape)}")
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -60,9 +62,9 @@ def pydoc_text(split: str, held_out_every: int = 4) -> str:
     from pydoc_data.topics import topics
 
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
     if isinstance(held_out_every, bool) or not isinstance(held_out_every, int) or held_out_every < 2:
-        raise ValueError(f"held_out_every must be an int >= 2, got {held_out_every!r}")
+        raise UsageError(f"held_out_every must be an int >= 2, got {held_out_every!r}")
     names = sorted(topics)
     held = [p for i, t in enumerate(names) if i % held_out_every == 0 for p in _paragraphs(topics[t])]
     calibration = [p for i, t in enumerate(names) if i % held_out_every != 0 for p in _paragraphs(topics[t])]
