@@ -252,9 +252,20 @@ def test_global_sparsity_streamed_from_disk_equals_in_memory(tmp_path):
     llm.prune(model, calibration(), method="wanda", sparsity=0.7, granularity="global", **OPTIONS)
     out = tmp_path / "out"
     llm.prune(path, calibration(), method="wanda", sparsity=0.7, granularity="global", offload="disk", out=out,
-              **OPTIONS)  # fmt: skip
+              keep_scores=True, **OPTIONS)  # fmt: skip
     assert_same_model(load(out), model)
     assert len(list((out / "pyprune_scores").glob("block-*.f32"))) == llm.find_blocks(model)[1].__len__()
+
+
+def test_a_finished_global_run_removes_its_score_files_unless_asked(tmp_path):
+    _, path = checkpoint(tmp_path, "llama")
+    out = tmp_path / "out"
+    llm.prune(path, calibration(), method="wanda", sparsity=0.5, granularity="global", offload="disk", out=out,
+              **OPTIONS)  # fmt: skip
+    assert not (out / "pyprune_scores").exists() and (out / "model.safetensors.index.json").is_file()
+    with pytest.raises(ValueError, match="keep_scores=True keeps the score files of a granularity='global'"):
+        llm.prune(path, calibration(), method="wanda", offload="disk", out=tmp_path / "o2", keep_scores=True,
+                  **OPTIONS)  # fmt: skip
 
 
 def test_global_sparsity_refuses_nan_scores_naming_the_block():

@@ -55,6 +55,7 @@ import contextlib
 import hashlib
 import os
 import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -75,7 +76,7 @@ from ..io import atomic_path
 from ..modeling import eval_mode, unpacked_attention
 from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks, module_device
 from .methods import DEFAULT_METHOD, METHODS
-from .offload import OFFLOADS, DiskStore, MemoryStore, open_disk_model
+from .offload import OFFLOADS, SCORES_DIR, DiskStore, MemoryStore, open_disk_model
 from .owl import OWL, block_sparsities
 from .result import MemoryEstimate, PruneResult
 from .sparsity import Pattern, check_fits, check_granularity, keep_mask, parse_sparsity
@@ -113,6 +114,7 @@ class Options:
     resume: bool = False
     nested: bool = False
     forward: Callable[[nn.Module, Any], Any] | None = None
+    keep_scores: bool = False
 
     def checked(self) -> Plan:
         """The run's plan; ValueError/TypeError naming the first option that is wrong."""
@@ -133,6 +135,10 @@ class Options:
             raise ValueError("granularity='global' sets the block sparsities itself; it does not combine with OWL")
         if not isinstance(self.nested, bool):
             raise TypeError(f"nested must be a bool, got {type(self.nested).__name__}")
+        if not isinstance(self.keep_scores, bool):
+            raise TypeError(f"keep_scores must be a bool, got {type(self.keep_scores).__name__}")
+        if self.keep_scores and (granularity != "global" or self.offload is None):
+            raise ValueError("keep_scores=True keeps the score files of a granularity='global', offload='disk' run")
         if self.nested and pattern.is_nm:
             raise ValueError(
                 f"nested=True grows an unstructured sparsity; the {pattern} pattern is one fixed count per group"
@@ -410,6 +416,8 @@ class Run:
                 self.undo.close()
         if self.store.disk and self.store.writer:
             self.store.finish()
+            if self.plan.granularity == "global" and not self.plan.options.keep_scores:
+                shutil.rmtree(self.store.out / SCORES_DIR, ignore_errors=True)  # 4 bytes a weight, done with
         if self.compute.type == "cuda":
             self.result.peak_device_bytes = torch.cuda.max_memory_allocated(self.compute)
         self.result.peak_host_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -741,6 +749,7 @@ def prune(
     group: object = None,
     nested: bool = False,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    keep_scores: bool = False,
 ) -> PruneResult:
     """Prunes the Linear layers of every block of a transformer in place, one block at a time (module
     docstring), and returns what was done: a Hugging Face causal LM, or with `forward` any model whose
@@ -788,6 +797,9 @@ def prune(
             round(s × N) (iterative pruning over rounds; unstructured fractions only, not with OWL).
         forward: for a model that does not take token ids: a callable (model, inputs) run on each
             calibration batch (an `(inputs, targets)` pair or bare inputs), as the criteria API's.
+        keep_scores: with granularity="global" and offload="disk", keep the per-block score files
+            (`out/pyprune_scores/`, 4 bytes a weight) after the run finishes; they are removed by
+            default (a killed run keeps them for its resume either way).
 
     Returns:
         A PruneResult: the measured sparsity of every pruned Linear, block sparsities, times, the
@@ -815,6 +827,7 @@ def prune(
         resume=resume,
         nested=nested,
         forward=forward,
+        keep_scores=keep_scores,
     )
     comm = None if group is None else Communicator(group)
     with session(comm):  # distributed: an error on any rank makes every rank raise
