@@ -300,3 +300,11 @@ def test_a_failure_during_the_run_gives_the_model_back(monkeypatch):
     with pytest.raises(ValueError, match="positive definite"):
         llm.prune_structured(model, CALIB, ratio=0.4, **OPTS)
     assert same_state(model, before) and model.config.to_dict() == config
+
+
+def test_multiple_rounds_the_kept_mlp_width():
+    model = tiny("llama", layers=2)
+    result = llm.prune_structured(model, CALIB, ratio=0.3, multiple=16, **OPTS)
+    assert all(w % 16 == 0 and 0 < w < 64 for w in result.intermediate)
+    with pytest.raises(ValueError, match="multiple"):
+        llm.prune_structured(tiny("llama"), CALIB, ratio=0.3, multiple=0, **OPTS)

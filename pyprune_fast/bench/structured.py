@@ -201,3 +201,25 @@ def speed_case(structure: str, ratio: float, phase: str = "prefill", tokens: int
         {"dense": torch.no_grad()(run(dense))},
         extra={"weights_read_ratio": weights_read(dense) / weights_read(pruned)},
     )
+
+
+@torch.no_grad()
+def decode_profile(model: nn.Module, new_tokens: int = 32, prompt: int = 16) -> dict[str, float]:
+    """Where greedy decoding's time goes (torch.profiler, CPU): the seconds in matrix products
+    (aten::mm/addmm/bmm), in attention (scaled_dot_product_attention), and the rest (per-op dispatch,
+    Python, cache bookkeeping, norms, RoPE, sampling), for `new_tokens` new tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(ids, **{**options, "max_new_tokens": 2, "min_new_tokens": 2})
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.generate(ids, **options)
+    total = time.perf_counter() - t0
+    self_us: dict[str, float] = {}
+    for event in prof.key_averages():
+        self_us[event.key] = self_us.get(event.key, 0.0) + event.self_cpu_time_total
+    matmul = sum(v for k, v in self_us.items() if k in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e6
+    attention = sum(v for k, v in self_us.items() if "scaled_dot_product" in k or "flash_attention" in k) / 1e6
+    return {"seconds": total, "matmul_s": matmul, "attention_s": attention, "other_s": total - matmul - attention}

@@ -167,6 +167,7 @@ def prune_structured(
     reconstruct: bool = True,
     bias: bool = True,
     floor: float = 0.1,
+    multiple: int = 1,
     percdamp: float = 0.01,
     num_samples: int = 128,
     seq_len: int = 2048,
@@ -186,6 +187,8 @@ def prune_structured(
         score: "magnitude", "wanda" or "flap" (scores.py), width only.
         allocation: "uniform" (the same widths in every block: a standard config) or "global" (one
             threshold over per-block standardized scores, each block keeping at least `floor`).
+        multiple: the kept MLP width rounded to a multiple of this (1: the exact budget; 64 or 128 give
+            shapes the matrix-multiply kernels like).
         reconstruct: refit each consumer by least squares (refit.py); else FLAP's bias compensation.
         bias: let the refit/compensation give a consumer a bias through the config flag of the stock
             class (Llama's mlp_bias/attention_bias, Qwen3's attention_bias); existing biases always refit.
@@ -199,10 +202,10 @@ def prune_structured(
         option, an unknown architecture, weights shared inside the blocks, or a ratio that leaves a block
         no head or no channel; a failure during the run (non-finite statistics, a singular refit) puts
         the model back as it was."""
-    sizes = {"num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size}
+    sizes = {"num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size, "multiple": multiple}
     _check(structure, ratio, score, allocation, floor, reconstruct, bias, percdamp, sizes)
     s = structure_of(model)
-    counts = uniform_counts(s, float(ratio)) if structure == "width" else None
+    counts = uniform_counts(s, float(ratio), multiple) if structure == "width" else None
     removing = round(ratio * len(s.blocks)) if structure == "depth" else 0
     if removing >= len(s.blocks):
         raise ValueError(f"ratio={ratio} removes every one of the {len(s.blocks)} blocks")
@@ -238,7 +241,7 @@ def prune_structured(
             else:
                 options = WidthOptions(score, reconstruct, bias, float(percdamp))
                 run = WidthRun(s, options, edits, device)
-                result.standard = _width(model, run, inputs, counts, result, progress, floor)
+                result.standard = _width(model, run, inputs, counts, result, progress, floor, multiple)
     except BaseException:
         edits.undo()
         raise
@@ -249,7 +252,9 @@ def prune_structured(
     return result
 
 
-def _width(model, run: WidthRun, inputs, counts: list[Counts], result: StructuredResult, progress, floor) -> bool:
+def _width(
+    model, run: WidthRun, inputs, counts: list[Counts], result: StructuredResult, progress, floor, multiple
+) -> bool:
     """Width pruning (width.py): the global allocation's dense pass if asked, the sequential pass, the
     biases a config flag gave, the config. Returns whether the config is standard."""
     s = run.s
@@ -258,7 +263,7 @@ def _width(model, run: WidthRun, inputs, counts: list[Counts], result: Structure
         with tqdm(total=len(s.blocks), desc="dense scores", unit="block", disable=_disabled(progress)) as bar:
             scores = dense_scores(run, inputs, lambda _i: bar.update())
         inputs.hidden = start
-        counts = global_counts(s, counts, scores, floor)
+        counts = global_counts(s, counts, scores, floor, multiple)
     with tqdm(total=len(s.blocks), desc=f"width {result.score}", unit="block", disable=_disabled(progress)) as bar:
         sequential(run, inputs, counts, result.block_seconds, lambda _i: bar.update())
     return _finish_config(model, s, run.edits, run.give_biases())

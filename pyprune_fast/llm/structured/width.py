@@ -17,7 +17,8 @@ round(ratio × g) query heads from each key/value group (g query heads per group
 round(ratio × heads) heads), at least one kept; the MLP channels carry the rest of the block's budget,
 round((ratio·P_block − attention removed) / parameters per channel) channels. Each block then loses
 ratio × its parameters to within one channel, whatever the head granularity (SmolLM2, 3 query heads
-per group: 10 % removes no head, 25 % and 40 % one per group).
+per group: 10 % removes no head, 25 % and 40 % one per group); with `multiple` > 1 the kept MLP width
+is rounded to the nearest multiple (GEMM-friendly shapes), exact to `multiple` channels then.
 
 allocation="uniform": those counts in every block (a standard config). allocation="global": the same
 totals of channels and of head slices over the whole model, placed where the scores are lowest: a
@@ -86,9 +87,18 @@ def _head_units(structure: Structure, i: int) -> int:
     return heads if structure.group == 1 else heads // structure.kv
 
 
-def uniform_counts(structure: Structure, ratio: float) -> list[Counts]:
-    """Counts per block for `ratio` (module docstring); ValueError naming `ratio` when a block would keep
-    no head or no channel."""
+def rounded(width: int, channels: int, multiple: int) -> int:
+    """The channels to remove so that the kept width is the multiple of `multiple` nearest to
+    width − channels (at least one multiple; none removed when the width is not above one multiple)."""
+    if multiple <= 1 or channels == 0:
+        return channels
+    kept = max(multiple, round((width - channels) / multiple) * multiple)
+    return max(0, width - kept)
+
+
+def uniform_counts(structure: Structure, ratio: float, multiple: int = 1) -> list[Counts]:
+    """Counts per block for `ratio` (module docstring), the kept MLP width rounded to a multiple of
+    `multiple`; ValueError naming `ratio` when a block would keep no head or no channel."""
     counts = []
     for i, block in enumerate(structure.blocks):
         units = _head_units(structure, i)
@@ -97,7 +107,7 @@ def uniform_counts(structure: Structure, ratio: float) -> list[Counts]:
             where = "attention head" if structure.group == 1 else "query head in a key/value group"
             raise ValueError(f"ratio={ratio} leaves no {where} of block {i} ({units} per group)")
         budget = ratio * block_params(block) - heads * _head_cost(structure, i)
-        channels = max(0, round(budget / _channel_cost(structure, i)))
+        channels = rounded(structure.intermediate(i), max(0, round(budget / _channel_cost(structure, i))), multiple)
         if channels >= structure.intermediate(i):
             raise ValueError(f"ratio={ratio} leaves no MLP channel in block {i} ({structure.intermediate(i)} channels)")
         counts.append(Counts(heads, channels))
@@ -138,7 +148,7 @@ def _pick(per_block: list[Tensor], total: int, floors: list[int]) -> list[int]:
 
 
 def global_counts(
-    structure: Structure, uniform: list[Counts], scores: list[tuple[Tensor, Tensor]], floor: float
+    structure: Structure, uniform: list[Counts], scores: list[tuple[Tensor, Tensor]], floor: float, multiple: int = 1
 ) -> list[Counts]:
     """The global allocation (module docstring): the uniform totals placed by one threshold over the
     standardized scores, each block keeping at least `floor` of its units (and one)."""
@@ -148,7 +158,8 @@ def global_counts(
     head_floor = [max(1, math.ceil(floor * len(z))) for z in slice_z]
     channels = _pick(channel_z, sum(c.channels for c in uniform), ch_floor)
     heads = _pick(slice_z, sum(c.heads for c in uniform), head_floor)
-    return [Counts(h, c) for h, c in zip(heads, channels)]
+    widths = [len(z) for z in channel_z]
+    return [Counts(h, rounded(w, c, multiple)) for h, c, w in zip(heads, channels, widths)]
 
 
 def lowest(scores: Tensor, count: int) -> Tensor:
