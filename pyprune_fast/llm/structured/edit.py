@@ -16,12 +16,12 @@ class Edits:
     """The changes made to a model, in order; `undo()` reverts them all (last first)."""
 
     def __init__(self) -> None:
-        self._log: list[tuple[Any, str, Any, bool]] = []
+        self._log: list[tuple[Any, str, Any]] = []
 
     def set(self, owner: Any, name: str, value: Any) -> None:
         """setattr(owner, name, value), remembered (a submodule, a config field or an attribute)."""
         old = getattr(owner, name, _MISSING)
-        self._log.append((owner, name, old, isinstance(owner, dict)))
+        self._log.append((owner, name, old))
         setattr(owner, name, value)
 
     def replace(self, root: nn.Module, path: str, module: nn.Module) -> None:
@@ -30,7 +30,7 @@ class Edits:
         self.set(root.get_submodule(parent_name) if parent_name else root, child, module)
 
     def undo(self) -> None:
-        for owner, name, old, _ in reversed(self._log):
+        for owner, name, old in reversed(self._log):
             if old is _MISSING:
                 delattr(owner, name)
             else:
