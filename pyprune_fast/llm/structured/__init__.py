@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -103,7 +104,10 @@ def _positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check(structure, ratio, score, allocation, floor, reconstruct, bias, percdamp, sizes) -> None:
+def _check(options: dict[str, Any], sizes: dict[str, int]) -> None:
+    """ValueError/TypeError naming the first option of prune_structured that is wrong."""
+    structure, ratio, score, allocation = (options[k] for k in ("structure", "ratio", "score", "allocation"))
+    floor, reconstruct, bias, percdamp = (options[k] for k in ("floor", "reconstruct", "bias", "percdamp"))
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
@@ -203,7 +207,8 @@ def prune_structured(
         no head or no channel; a failure during the run (non-finite statistics, a singular refit) puts
         the model back as it was."""
     sizes = {"num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size, "multiple": multiple}
-    _check(structure, ratio, score, allocation, floor, reconstruct, bias, percdamp, sizes)
+    options = dict(structure=structure, ratio=ratio, score=score, allocation=allocation, floor=floor)
+    _check({**options, "reconstruct": reconstruct, "bias": bias, "percdamp": percdamp}, sizes)
     s = structure_of(model)
     counts = uniform_counts(s, float(ratio), multiple) if structure == "width" else None
     removing = round(ratio * len(s.blocks)) if structure == "depth" else 0
