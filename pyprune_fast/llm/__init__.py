@@ -23,6 +23,7 @@ from .perplexity import perplexity
 from .pipeline import MemoryEstimate, PruneResult, prune, scores
 from .save import save_pretrained
 from .sparsity import Pattern, parse_sparsity
+from .structured import StructuredResult, load_pretrained, prune_structured, structure_of
 from .text import calibration_windows, pydoc_text, pydoc_tokens
 
 __all__ = [
@@ -32,20 +33,24 @@ __all__ = [
     "MemoryEstimate",
     "Pattern",
     "PruneResult",
+    "StructuredResult",
     "block_linears",
     "calibration_windows",
     "capture_inputs",
     "find_blocks",
     "is_causal_lm",
     "load_causal_lm",
+    "load_pretrained",
     "load_smollm2",
     "parse_sparsity",
     "perplexity",
     "prune",
+    "prune_structured",
     "pydoc_text",
     "pydoc_tokens",
     "save_pretrained",
     "scores",
     "smollm2_checkpoint",
     "smollm2_gguf",
+    "structure_of",
 ]

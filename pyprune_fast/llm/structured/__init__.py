@@ -1,0 +1,278 @@
+"""Structured pruning of decoder LLMs: models that run faster anywhere, because they are smaller dense
+models — MLP channels and attention heads removed block by block (width), or whole blocks (depth), the
+shapes and the config changed for real.
+
+    from pyprune_fast import llm
+    model, tok = llm.load_smollm2()
+    calib = llm.pydoc_tokens(tok, "calibration")
+    result = llm.prune_structured(model, calib, structure="width", ratio=0.25, score="flap")
+    llm.save_pretrained(model, tok, "out/smollm2-w25")   # uniform widths: stock from_pretrained loads it
+
+Architectures: Llama, Mistral, Qwen2, Qwen3, OPT (layout.py: the coupled groups, the rule for
+grouped-query attention); any other is refused by name. Width: width.py (how `ratio` is split
+between heads and channels, uniform and global allocation), scores.py (magnitude, Wanda, FLAP),
+refit.py (least-squares reconstruction, FLAP's bias compensation). Depth: depth.py (ShortGPT's block
+influence). Saving and loading: load.py."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ...modeling import eval_mode
+from ..blocks import capture_inputs, module_device
+from ..text import calibration_windows
+from .depth import block_influence, blocks_to_remove, remove_blocks_
+from .edit import Edits
+from .layout import LAYOUTS, Layout, Structure, structure_of
+from .load import load_pretrained
+from .scores import SCORES
+from .width import Counts, WidthOptions, WidthRun, dense_scores, global_counts, sequential, uniform_counts
+
+STRUCTURES = ("width", "depth")
+ALLOCATIONS = ("uniform", "global")
+
+__all__ = [
+    "ALLOCATIONS",
+    "LAYOUTS",
+    "SCORES",
+    "STRUCTURES",
+    "Layout",
+    "Structure",
+    "StructuredResult",
+    "load_pretrained",
+    "prune_structured",
+    "structure_of",
+]
+
+
+@dataclass
+class StructuredResult:
+    """What a `prune_structured` run did: its options, the parameters before and after (whole model and
+    decoder blocks), the kept widths of every remaining block (MLP channels, query heads), the removed
+    blocks and every block's influence (depth), whether the result is a standard config that stock
+    `from_pretrained` loads, and times."""
+
+    structure: str
+    ratio: float
+    score: str | None
+    allocation: str | None
+    reconstruct: bool
+    params_before: int
+    params_after: int
+    decoder_params_before: int
+    decoder_params_after: int
+    intermediate: list[int] = field(default_factory=list)
+    heads: list[int] = field(default_factory=list)
+    removed_blocks: list[int] = field(default_factory=list)
+    influence: list[float] | None = None
+    standard: bool = True
+    block_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def removed_fraction(self) -> float:
+        """The fraction of the decoder blocks' parameters removed (measured)."""
+        return 1.0 - self.decoder_params_after / max(self.decoder_params_before, 1)
+
+    def summary(self) -> str:
+        what = self.structure if self.structure == "depth" else f"width {self.score} {self.allocation}"
+        lines = [
+            f"structured pruning ({what}, ratio {self.ratio}): decoder {self.decoder_params_before:,} -> "
+            f"{self.decoder_params_after:,} parameters ({100 * self.removed_fraction:.1f} % removed), model "
+            f"{self.params_before:,} -> {self.params_after:,}, {self.seconds:.1f} s",
+        ]
+        if self.removed_blocks:
+            lines.append(f"removed blocks {self.removed_blocks}")
+        lines.append(f"MLP widths {self.intermediate}")
+        lines.append(f"query heads {self.heads}")
+        lines.append(
+            "standard config (stock from_pretrained loads it)"
+            if self.standard
+            else "per-layer widths: llm.load_pretrained"
+        )
+        return "\n".join(lines)
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check(options: dict[str, Any], sizes: dict[str, int]) -> None:
+    """ValueError/TypeError naming the first option of prune_structured that is wrong."""
+    structure, ratio, score, allocation = (options[k] for k in ("structure", "ratio", "score", "allocation"))
+    floor, reconstruct, bias, percdamp = (options[k] for k in ("floor", "reconstruct", "bias", "percdamp"))
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
+        raise ValueError(f"floor must be a number in [0, 1), got {floor!r}")
+    for name, value in (("reconstruct", reconstruct), ("bias", bias)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
+        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+    for name, value in sizes.items():
+        _positive_int(name, value)
+
+
+def _decoder_params(structure: Structure) -> int:
+    return sum(p.numel() for p in structure.blocks.parameters())
+
+
+def _widths(structure: Structure) -> tuple[list[int], list[int]]:
+    n = len(structure.blocks)
+    return [structure.intermediate(i) for i in range(n)], [structure.block_heads(i) for i in range(n)]
+
+
+def _finish_config(model: nn.Module, structure: Structure, edits: Edits, flags: list[str]) -> bool:
+    """The config after width pruning: bias flags set, widths written (a standard config when uniform;
+    else the largest, with `pyprune_fast_widths` the per-layer lists llm.load_pretrained reads).
+    Returns whether the config is standard."""
+    config, layout = model.config, structure.layout
+    for flag in flags:
+        edits.set(config, flag, True)
+    intermediate, heads = _widths(structure)
+    uniform = len(set(intermediate)) == 1 and len(set(heads)) == 1
+    heads_changed = any(h != structure.heads for h in heads)
+    standard = uniform and (layout.standard_heads or not heads_changed)
+    edits.set(config, layout.intermediate_key, max(intermediate))
+    if layout.standard_heads:
+        edits.set(config, "head_dim", structure.head_dim)
+        edits.set(config, "num_attention_heads", max(heads))
+    if standard:
+        if getattr(config, "pyprune_fast_widths", None) is not None:
+            edits.set(config, "pyprune_fast_widths", None)
+    else:
+        edits.set(config, "pyprune_fast_widths", {"intermediate_size": intermediate, "num_attention_heads": heads})
+    return standard
+
+
+@torch.no_grad()
+def prune_structured(
+    model: nn.Module,
+    calibration: Tensor,
+    *,
+    structure: str = "width",
+    ratio: float = 0.25,
+    score: str = "flap",
+    allocation: str = "uniform",
+    reconstruct: bool = True,
+    bias: bool = True,
+    floor: float = 0.1,
+    multiple: int = 1,
+    percdamp: float = 0.01,
+    num_samples: int = 128,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> StructuredResult:
+    """Removes `ratio` of a decoder LLM's block parameters for real: MLP channels and attention heads
+    (structure="width"), or whole blocks (structure="depth"), calibrated block by block.
+
+    Args:
+        model: a Hugging Face causal LM of a known architecture (layout.LAYOUTS), changed in place.
+        calibration: token ids (1-D stream or [sequences, tokens]), cut by `calibration_windows`.
+        structure: "width" or "depth".
+        ratio: the fraction of the decoder blocks' parameters removed, in [0, 1) (width.py: how it is
+            split between heads and channels; depth: round(ratio × blocks) blocks).
+        score: "magnitude", "wanda" or "flap" (scores.py), width only.
+        allocation: "uniform" (the same widths in every block: a standard config) or "global" (one
+            threshold over per-block standardized scores, each block keeping at least `floor`).
+        multiple: the kept MLP width rounded to a multiple of this (1: the exact budget; 64 or 128 give
+            shapes the matrix-multiply kernels like).
+        reconstruct: refit each consumer by least squares (refit.py); else FLAP's bias compensation.
+        bias: let the refit/compensation give a consumer a bias through the config flag of the stock
+            class (Llama's mlp_bias/attention_bias, Qwen3's attention_bias); existing biases always refit.
+        percdamp: the refit's dampening, λ = percdamp · mean diag E[x xᵀ].
+        num_samples, seq_len, batch_size: calibration sequences, their length, sequences per forward.
+        device: where each block runs (default: CUDA when available, else where the blocks are).
+        progress: a progress bar (None: when the output is a terminal).
+
+    Returns:
+        StructuredResult. ValueError/TypeError naming the argument, with the model untouched, for a bad
+        option, an unknown architecture, weights shared inside the blocks, or a ratio that leaves a block
+        no head or no channel; a failure during the run (non-finite statistics, a singular refit) puts
+        the model back as it was."""
+    sizes = {"num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size, "multiple": multiple}
+    options = dict(structure=structure, ratio=ratio, score=score, allocation=allocation, floor=floor)
+    _check({**options, "reconstruct": reconstruct, "bias": bias, "percdamp": percdamp}, sizes)
+    s = structure_of(model)
+    counts = uniform_counts(s, float(ratio), multiple) if structure == "width" else None
+    removing = round(ratio * len(s.blocks)) if structure == "depth" else 0
+    if removing >= len(s.blocks):
+        raise ValueError(f"ratio={ratio} removes every one of the {len(s.blocks)} blocks")
+    windows = calibration_windows(calibration, num_samples, seq_len)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else module_device(s.blocks[0])
+    device = torch.device(device)
+    params_before, decoder_before = sum(p.numel() for p in model.parameters()), _decoder_params(s)
+    result = StructuredResult(
+        structure,
+        float(ratio),
+        score if structure == "width" else None,
+        allocation if structure == "width" else None,
+        reconstruct and structure == "width",
+        params_before,
+        params_before,
+        decoder_before,
+        decoder_before,
+    )
+    t0 = time.perf_counter()
+    edits = Edits()
+    try:
+        with eval_mode(model):
+            batches = [windows[k : k + batch_size] for k in range(0, len(windows), batch_size)]
+            inputs = capture_inputs(model, s.blocks[0], batches, device)
+            if structure == "depth":
+                influence = block_influence(s, inputs, device)
+                result.influence = influence.tolist()
+                result.removed_blocks = blocks_to_remove(influence, removing)
+                if removing:
+                    remove_blocks_(model, s, result.removed_blocks, edits)
+                s = structure_of(model)
+            else:
+                options = WidthOptions(score, reconstruct, bias, float(percdamp))
+                run = WidthRun(s, options, edits, device)
+                result.standard = _width(model, run, inputs, counts, result, progress, floor, multiple)
+    except BaseException:
+        edits.undo()
+        raise
+    result.intermediate, result.heads = _widths(s)
+    result.params_after = sum(p.numel() for p in model.parameters())
+    result.decoder_params_after = _decoder_params(s)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _width(
+    model, run: WidthRun, inputs, counts: list[Counts], result: StructuredResult, progress, floor, multiple
+) -> bool:
+    """Width pruning (width.py): the global allocation's dense pass if asked, the sequential pass, the
+    biases a config flag gave, the config. Returns whether the config is standard."""
+    s = run.s
+    if result.allocation == "global" and any(c.heads or c.channels for c in counts):
+        start = list(inputs.hidden)
+        with tqdm(total=len(s.blocks), desc="dense scores", unit="block", disable=_disabled(progress)) as bar:
+            scores = dense_scores(run, inputs, lambda _i: bar.update())
+        inputs.hidden = start
+        counts = global_counts(s, counts, scores, floor, multiple)
+    with tqdm(total=len(s.blocks), desc=f"width {result.score}", unit="block", disable=_disabled(progress)) as bar:
+        sequential(run, inputs, counts, result.block_seconds, lambda _i: bar.update())
+    return _finish_config(model, s, run.edits, run.give_biases())
+
+
+def _disabled(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress

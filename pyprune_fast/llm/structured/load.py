@@ -1,0 +1,97 @@
+"""Loading a structurally pruned model saved by `llm.save_pretrained`.
+
+Uniform widths and depth pruning give a standard config: stock `AutoModelForCausalLM.from_pretrained`
+loads the directory (`load_pretrained` then does just that). Non-uniform widths (allocation="global",
+or OPT with heads removed: its attention derives head_dim = hidden / heads, so fewer heads is not a
+standard OPT config) are recorded in the config as `pyprune_fast_widths` (per block: MLP channels,
+query heads); transformers 5.25 has no per-layer widths for these architectures, so stock
+from_pretrained refuses the directory (its tensors do not match the config's shapes) and
+`load_pretrained` rebuilds the shapes: the stock class from the config, each block's Linears resized to
+the recorded widths, then the safetensors weights loaded strictly. No pickles, no remote code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .edit import Edits
+from .layout import structure_of
+
+
+def _empty_linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=like.bias is not None, dtype=like.weight.dtype)
+
+
+def reshape_(model: nn.Module, widths: dict[str, list[int]]) -> None:
+    """Every block's Linears resized to `widths` (uninitialized weights: loaded next)."""
+    s = structure_of(model)
+    layout, d = s.layout, s.head_dim
+    intermediate, heads = widths["intermediate_size"], widths["num_attention_heads"]
+    if len(intermediate) != len(s.blocks) or len(heads) != len(s.blocks):
+        raise ValueError(f"pyprune_fast_widths lists {len(intermediate)} blocks; the config has {len(s.blocks)}")
+    edits = Edits()
+    for i, block in enumerate(s.blocks):
+        width, h = int(intermediate[i]), int(heads[i])
+        for p in layout.producers:
+            lin = s.linear(i, p)
+            edits.replace(block, p, _empty_linear(lin, lin.in_features, width))
+        lin = s.linear(i, layout.consumer)
+        edits.replace(block, layout.consumer, _empty_linear(lin, width, lin.out_features))
+        for p in (layout.q,) if s.group > 1 else (layout.q, layout.k, layout.v):
+            lin = s.linear(i, p)
+            edits.replace(block, p, _empty_linear(lin, lin.in_features, h * d))
+        lin = s.linear(i, layout.o)
+        edits.replace(block, layout.o, _empty_linear(lin, h * d, lin.out_features))
+        attention = block.get_submodule(layout.attention)
+        if hasattr(attention, "num_key_value_groups"):
+            attention.num_key_value_groups = h // s.kv
+        if hasattr(attention, "num_heads"):
+            attention.num_heads = h
+
+
+def load_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[Any, Any]:
+    """The (pruned) causal LM of a directory written by `llm.save_pretrained`, and its tokenizer (None
+    when the directory has none); the model in eval mode.
+
+    A standard config: stock `from_pretrained`. A config with `pyprune_fast_widths`: the stock class built
+    from the config, its blocks resized, the `*.safetensors` weights loaded (every tensor must match;
+    the tied output embedding re-tied)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    widths = getattr(config, "pyprune_fast_widths", None)
+    if widths is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{path} holds no *.safetensors weights")
+        model = AutoModelForCausalLM.from_config(config)
+        reshape_(model, widths)
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or ())
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: the weights do not match the recorded widths: missing {missing}, unexpected {unexpected}"
+            )
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        if dtype is not None:
+            model = model.to(dtype)
+    from ..models import TOKENIZER_FILES
+
+    has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
+    return model.to(device).eval(), tokenizer
