@@ -211,7 +211,7 @@ def test_the_checker_finds_a_method_name_in_code(tmp_path):
         (
             type("Odd", (criteria.LayerMethod,), {"name": "odd", "observes": frozenset({"grads"})})(),
             ValueError,
-            r"odd: observes must be a subset of \('norms', 'xtx'\), got \['grads'\]",
+            r"odd: observes must be a subset of \('norms', 'xtx', 'sums'\), got \['grads'\]",
         ),
         (
             type("Blind", (criteria.LayerMethod,), {"name": "blind", "needs_data": False, "observes": {"norms"}})(),

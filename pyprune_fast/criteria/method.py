@@ -10,8 +10,9 @@ pipeline then chooses the masks by granularity: row, layer, N:M or global) or, f
         name            its key in METHODS: llm.prune(method="name"), the CLI's --criterion
         needs_data      whether it reads calibration inputs (magnitude does not)
         granularity     the default mask granularity of its paper: "row" or "layer"
-        observes        the statistics of each Linear's input it reads: "norms" (Σ_t x_tj²) and/or
-                        "xtx" (XᵀX), shared by the Linears that read the same input (criteria.input_stats)
+        observes        the statistics of each Linear's input it reads: "norms" (Σ_t x_tj²), "xtx"
+                        (XᵀX) and/or "sums" (Σ_t x_tj: means and variances), shared by the
+                        Linears that read the same input (criteria.input_stats)
         keeps_targets   whether it reads the dense block's outputs (block-local objectives)
         prunes_in_place whether it prunes the block itself (prune_) instead of scoring it (score)
         per_layer       whether each Linear's score depends on that Linear alone: the pipeline then
@@ -45,7 +46,7 @@ from .engine import Job
 from .input_stats import InputStats, StatsCollector
 from .registry import CRITERIA, criterion
 
-OBSERVABLE = ("norms", "xtx")
+OBSERVABLE = ("norms", "xtx", "sums")
 
 
 @dataclass
