@@ -141,7 +141,7 @@ __global__ void finish_kernel(const int64_t* state_words, typename Fmt::Bits* va
                               const unsigned long long* nan_per_tensor, int64_t* nan_out, int64_t n_tensors) {
   const State* state = reinterpret_cast<const State*>(state_words);
   using Bits = typename Fmt::Bits;
-  *value = state->nan > 0 ? Bits(0) : key_to_bits<Bits>(static_cast<Bits>(state->prefix));
+  *value = selection_bits<Bits>(static_cast<Bits>(state->prefix), state->nan > 0);
   counts[0] = state->less;
   counts[1] = state->equal;
   for (int64_t t = 0; t < n_tensors; ++t) nan_out[t] = static_cast<int64_t>(nan_per_tensor[t]);

@@ -30,6 +30,14 @@ PPF_HD Bits key_to_bits(Bits key) {
   return (key & sign) ? Bits(key & ~sign) : Bits(~key);
 }
 
+// The bits of the value a selection returns: the float of the selected key, or +0.0 when the inputs
+// hold NaN (the selection is then refused, and every backend returns the reference's 0). Key 0, the
+// prefix of a selection stopped by NaN, would otherwise map to all ones: a NaN value.
+template <typename Bits>
+PPF_HD Bits selection_bits(Bits key, bool has_nan) {
+  return has_nan ? Bits(0) : key_to_bits<Bits>(key);
+}
+
 // Exponent all ones and a non-zero mantissa.
 template <typename Bits, int kMantissaBits>
 PPF_HD bool bits_are_nan(Bits bits) {
