@@ -230,7 +230,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 std::tuple<at::Tensor, at::Tensor> radix_histogram_cuda(at::TensorList xs, int64_t pass, int64_t prefix) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/false);
   const auto opts = job.dense[0].options().dtype(at::kLong);
   const int64_t n_tensors = static_cast<int64_t>(job.dense.size()), chunks = job.plan.size();
@@ -259,9 +258,9 @@ std::tuple<at::Tensor, at::Tensor> radix_histogram_cuda(at::TensorList xs, int64
 void check_k(int64_t k, int64_t total) {
   TORCH_CHECK(k >= 1 && k <= total, "k must be in [1, ", total, "] (the number of elements), got ", k);
 }
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kth_smallest_counts_cuda(at::TensorList xs, int64_t k) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/false);
   check_k(k, job.total);
   auto [value, counts, nan] = selection_outputs(job);
@@ -291,6 +290,7 @@ __global__ void __launch_bounds__(kThreads)
   const auto th = DeviceThreshold<Fmt>::load(value, counts, k);
   const int64_t c = blockIdx.x;
   if (!th.ranked()) {
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
     if (threadIdx.x == 0) ties[c] = 0;
     return;
   }
@@ -398,7 +398,6 @@ std::vector<at::Tensor> empty_masks(const SelectJob& job) {
 
 std::vector<at::Tensor> threshold_masks_cuda(at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
                                              int64_t k) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
   check_threshold(job, value, counts);
   std::vector<at::Tensor> masks = empty_masks(job);
@@ -411,7 +410,6 @@ std::vector<at::Tensor> threshold_masks_cuda(at::TensorList xs, const at::Tensor
 
 void threshold_apply_cuda(at::TensorList params, at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
                           int64_t k) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
   check_threshold(job, value, counts);
   check_params(params, job);
@@ -424,10 +422,10 @@ void threshold_apply_cuda(at::TensorList params, at::TensorList xs, const at::Te
 
 // Each tensor its own group: the pipeline above per tensor, with device-side results only.
 std::tuple<std::vector<at::Tensor>, at::Tensor> layerwise_masks_cuda(at::TensorList xs, at::IntArrayRef ks) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob all = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
   TORCH_CHECK(ks.size() == xs.size(), "ks must have one count per tensor, got ", ks.size(), " for ", xs.size());
   std::vector<at::Tensor> masks = empty_masks(all);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   at::Tensor nan = at::zeros({static_cast<int64_t>(xs.size())}, all.dense[0].options().dtype(at::kLong));
   dispatch_format(all.dtype, [&]<typename Fmt>() {
     for (size_t i = 0; i < xs.size(); ++i) {
@@ -441,6 +439,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layerwise_masks_cuda(at::TensorL
       nan.narrow(0, static_cast<int64_t>(i), 1).copy_(one_nan);
     }
     return 0;
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   });
   return {masks, nan};
 }
@@ -454,6 +453,7 @@ __global__ void __launch_bounds__(kThreads) per_row_kernel(const typename Fmt::B
   using Bits = typename Fmt::Bits;
   using Plan = RadixPlan<Fmt::kWidth, kRowDigit>;
   const Bits* p = x + blockIdx.x * len;
+  c10::cuda::CUDAGuard guard(all.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   bool* m = mask + blockIdx.x * len;
   __shared__ unsigned int bins[1 << kRowDigit];
   __shared__ unsigned long long s_prefix;
@@ -520,7 +520,6 @@ __global__ void __launch_bounds__(kThreads) per_row_kernel(const typename Fmt::B
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> per_row_masks_cuda(at::TensorList xs, at::IntArrayRef counts) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob all = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
   TORCH_CHECK(counts.size() == xs.size(), "counts must have one count per tensor, got ", counts.size(), " for ",
               xs.size());
@@ -550,6 +549,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> per_row_masks_cuda(at::TensorLis
 TORCH_LIBRARY_IMPL(pyprune_fast, CUDA, m) {
   m.impl("kth_smallest_counts", &kth_smallest_counts_cuda);
   m.impl("radix_histogram", &radix_histogram_cuda);
+  c10::cuda::CUDAGuard guard(all.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   m.impl("threshold_masks", &threshold_masks_cuda);
   m.impl("threshold_apply_", &threshold_apply_cuda);
   m.impl("layerwise_masks", &layerwise_masks_cuda);
