@@ -173,7 +173,7 @@ Selection select_kth(const SelectJob& job, int64_t k) {
     const std::vector<int64_t> hist = histogram_pass<Fmt>(job, pass, prefix, sel.nan);
     if (pass == 0 && std::any_of(sel.nan.begin(), sel.nan.end(), [](int64_t v) { return v > 0; })) return sel;
     int64_t below = 0;
-    const int bin = select_bin<int64_t>(hist.data(), static_cast<int>(hist.size()), rank, &below);
+    const int bin = select_bin_by_parts<int64_t>(hist.data(), static_cast<int>(hist.size()), rank, &below, kSelectParts);
     sel.less += below;
     rank -= below;
     prefix |= static_cast<Key>(static_cast<Key>(bin) << Plan::shift(pass));

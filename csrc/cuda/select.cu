@@ -1,14 +1,18 @@
 // CUDA kernels of the exact selection ops. The k-th smallest value comes from radix select with
 // 11-bit digits (2048-bin shared-memory histograms): per pass one histogram launch over every chunk of
-// every tensor and one single-thread launch that picks the bin (radix.h's select_bin) and extends the
-// prefix kept in device memory, so the host never waits. Masks and in-place pruning are one compare
-// pass; ties are ranked in flat order (ballot + popc tiles) only in the chunk where the partly pruned
-// threshold value crosses the count. Per-row masks: one block per row, 8-bit digits. radix_histogram
-// (one pass with 16-bit digits, combined across processes by the caller): tiled shared-memory bins.
+// every tensor and one one-block launch that picks the bin by a block scan (block_select_bin: radix.h's
+// select_bin, bit for bit) and extends the prefix kept in device memory, so the host never waits. Masks
+// and in-place pruning are one compare pass; ties are ranked in flat order (ballot + popc tiles) only in
+// the chunk where the partly pruned threshold value crosses the count. Per-row masks: one block per row,
+// 8-bit digits, the bin chosen by the same block scan. radix_histogram (one pass with 16-bit digits,
+// combined across processes by the caller): tiled shared-memory bins.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include "pyprune_fast/cuda_utils.cuh"
 #include "pyprune_fast/radix.h"
@@ -17,7 +21,7 @@
 namespace pyprune_fast {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kSelectParts;  // one bin range per thread in block_select_bin
 constexpr int kWarps = kThreads / 32;
 constexpr int kDigitGpu = 11;
 constexpr int kRowDigit = 8;
@@ -77,6 +81,21 @@ __device__ __forceinline__ int block_rank(bool flag, int* total) {
   return before + __popc(ballot & ((1u << lane) - 1));
 }
 
+// radix.h's bin choice (select_bin) by all threads of the block: thread t owns part t of the bins, a
+// block scan of the parts' counts gives each part the count before it, and the one thread whose part holds
+// the k-th key returns true with its bin and the count below it. Results are select_bin's, bit for bit
+// (radix.h's select_bin_by_parts is the same code run part after part, which the CPU kernel uses).
+// Call from all threads; the caller syncs before calling again.
+template <typename Count>
+__device__ __forceinline__ bool block_select_bin(const Count* hist, int bins, Count k, int* bin, Count* below) {
+  using Scan = cub::BlockScan<Count, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  const Count mine = part_count(hist, bins, threadIdx.x, kThreads);
+  Count before;
+  Scan(scan).ExclusiveSum(mine, before);
+  return part_select_bin(hist, bins, threadIdx.x, kThreads, before, mine, k, bin, below);
+}
+
 template <typename Fmt>
 __global__ void __launch_bounds__(kThreads)
     histogram_kernel(const int64_t* __restrict table, int64_t n_tensors, int64_t chunks, int pass,
@@ -116,24 +135,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One block of kThreads: the NaN total (pass 0), then the bin of the rank-th key by block_select_bin.
 template <typename Fmt>
-__global__ void select_bin_kernel(const unsigned long long* __restrict hist, int pass, int64_t* state_words,
-                                  const unsigned long long* __restrict nan_per_tensor, int64_t n_tensors) {
+__global__ void __launch_bounds__(kThreads)
+    select_bin_kernel(const unsigned long long* __restrict hist, int pass, int64_t* state_words,
+                      const unsigned long long* __restrict nan_per_tensor, int64_t n_tensors) {
   using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
   State* state = reinterpret_cast<State*>(state_words);
   if (pass == 0) {
-    long long nan = 0;
-    for (int64_t t = 0; t < n_tensors; ++t) nan += static_cast<long long>(nan_per_tensor[t]);
-    state->nan = nan;
+    using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
+    __shared__ typename Reduce::TempStorage reduce;
+    unsigned long long mine = 0;
+    for (int64_t t = threadIdx.x; t < n_tensors; t += kThreads) mine += nan_per_tensor[t];
+    const unsigned long long nan = Reduce(reduce).Sum(mine);
+    if (threadIdx.x == 0) state->nan = static_cast<long long>(nan);
+    __syncthreads();
   }
   if (state->nan > 0) return;
-  unsigned long long below = 0;
-  const int bin = select_bin<unsigned long long>(hist, 1 << Plan::bits(pass),
-                                                 static_cast<unsigned long long>(state->rank), &below);
-  state->less += static_cast<long long>(below);
-  state->rank -= static_cast<long long>(below);
-  state->prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
-  state->equal = static_cast<long long>(hist[bin]);
+  const auto rank = static_cast<unsigned long long>(state->rank);  // read by all before the scan's barriers
+  int bin;
+  unsigned long long below;
+  if (block_select_bin<unsigned long long>(hist, 1 << Plan::bits(pass), rank, &bin, &below)) {
+    state->less += static_cast<long long>(below);
+    state->rank -= static_cast<long long>(below);
+    state->prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
+    state->equal = static_cast<long long>(hist[bin]);
+  }
 }
 
 template <typename Fmt>
@@ -176,7 +203,8 @@ void select_on_device(const SelectJob& job, int64_t k, at::Tensor& value, at::Te
                                                                         nan_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    select_bin_kernel<Fmt><<<1, 1, 0, stream>>>(hist_ptr, pass, state.data_ptr<int64_t>(), nan_ptr, n_tensors);
+    select_bin_kernel<Fmt><<<1, kThreads, 0, stream>>>(hist_ptr, pass, state.data_ptr<int64_t>(), nan_ptr,
+                                                       n_tensors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   finish_kernel<Fmt><<<1, 1, 0, stream>>>(state.data_ptr<int64_t>(),
@@ -231,6 +259,7 @@ __global__ void __launch_bounds__(kThreads)
 
 std::tuple<at::Tensor, at::Tensor> radix_histogram_cuda(at::TensorList xs, int64_t pass, int64_t prefix) {
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/false);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   const auto opts = job.dense[0].options().dtype(at::kLong);
   const int64_t n_tensors = static_cast<int64_t>(job.dense.size()), chunks = job.plan.size();
   at::Tensor hist = at::zeros({1 << kHistDigit}, opts);
@@ -258,10 +287,10 @@ std::tuple<at::Tensor, at::Tensor> radix_histogram_cuda(at::TensorList xs, int64
 void check_k(int64_t k, int64_t total) {
   TORCH_CHECK(k >= 1 && k <= total, "k must be in [1, ", total, "] (the number of elements), got ", k);
 }
-  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kth_smallest_counts_cuda(at::TensorList xs, int64_t k) {
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/false);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   check_k(k, job.total);
   auto [value, counts, nan] = selection_outputs(job);
   dispatch_format(job.dtype, [&]<typename Fmt>() {
@@ -290,7 +319,6 @@ __global__ void __launch_bounds__(kThreads)
   const auto th = DeviceThreshold<Fmt>::load(value, counts, k);
   const int64_t c = blockIdx.x;
   if (!th.ranked()) {
-  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
     if (threadIdx.x == 0) ties[c] = 0;
     return;
   }
@@ -399,6 +427,7 @@ std::vector<at::Tensor> empty_masks(const SelectJob& job) {
 std::vector<at::Tensor> threshold_masks_cuda(at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
                                              int64_t k) {
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   check_threshold(job, value, counts);
   std::vector<at::Tensor> masks = empty_masks(job);
   dispatch_format(job.dtype, [&]<typename Fmt>() {
@@ -411,6 +440,7 @@ std::vector<at::Tensor> threshold_masks_cuda(at::TensorList xs, const at::Tensor
 void threshold_apply_cuda(at::TensorList params, at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
                           int64_t k) {
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   check_threshold(job, value, counts);
   check_params(params, job);
   const std::vector<at::Tensor> outputs(params.begin(), params.end());
@@ -423,9 +453,9 @@ void threshold_apply_cuda(at::TensorList params, at::TensorList xs, const at::Te
 // Each tensor its own group: the pipeline above per tensor, with device-side results only.
 std::tuple<std::vector<at::Tensor>, at::Tensor> layerwise_masks_cuda(at::TensorList xs, at::IntArrayRef ks) {
   const SelectJob all = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  c10::cuda::CUDAGuard guard(all.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   TORCH_CHECK(ks.size() == xs.size(), "ks must have one count per tensor, got ", ks.size(), " for ", xs.size());
   std::vector<at::Tensor> masks = empty_masks(all);
-  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   at::Tensor nan = at::zeros({static_cast<int64_t>(xs.size())}, all.dense[0].options().dtype(at::kLong));
   dispatch_format(all.dtype, [&]<typename Fmt>() {
     for (size_t i = 0; i < xs.size(); ++i) {
@@ -439,7 +469,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layerwise_masks_cuda(at::TensorL
       nan.narrow(0, static_cast<int64_t>(i), 1).copy_(one_nan);
     }
     return 0;
-  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   });
   return {masks, nan};
 }
@@ -453,7 +482,6 @@ __global__ void __launch_bounds__(kThreads) per_row_kernel(const typename Fmt::B
   using Bits = typename Fmt::Bits;
   using Plan = RadixPlan<Fmt::kWidth, kRowDigit>;
   const Bits* p = x + blockIdx.x * len;
-  c10::cuda::CUDAGuard guard(all.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   bool* m = mask + blockIdx.x * len;
   __shared__ unsigned int bins[1 << kRowDigit];
   __shared__ unsigned long long s_prefix;
@@ -487,9 +515,9 @@ __global__ void __launch_bounds__(kThreads) per_row_kernel(const typename Fmt::B
       for (int64_t i = threadIdx.x; i < len; i += kThreads) m[i] = true;
       return;
     }
-    if (threadIdx.x == 0) {
-      unsigned int below = 0;
-      const int bin = select_bin<unsigned int>(bins, 1 << Plan::bits(pass), static_cast<unsigned int>(s_rank), &below);
+    int bin;
+    unsigned int below;
+    if (block_select_bin<unsigned int>(bins, 1 << Plan::bits(pass), static_cast<unsigned int>(s_rank), &bin, &below)) {
       s_less += below;
       s_rank -= below;
       s_prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
@@ -521,6 +549,7 @@ __global__ void __launch_bounds__(kThreads) per_row_kernel(const typename Fmt::B
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> per_row_masks_cuda(at::TensorList xs, at::IntArrayRef counts) {
   const SelectJob all = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  c10::cuda::CUDAGuard guard(all.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   TORCH_CHECK(counts.size() == xs.size(), "counts must have one count per tensor, got ", counts.size(), " for ",
               xs.size());
   std::vector<at::Tensor> masks = empty_masks(all);
@@ -549,7 +578,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> per_row_masks_cuda(at::TensorLis
 TORCH_LIBRARY_IMPL(pyprune_fast, CUDA, m) {
   m.impl("kth_smallest_counts", &kth_smallest_counts_cuda);
   m.impl("radix_histogram", &radix_histogram_cuda);
-  c10::cuda::CUDAGuard guard(all.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   m.impl("threshold_masks", &threshold_masks_cuda);
   m.impl("threshold_apply_", &threshold_apply_cuda);
   m.impl("layerwise_masks", &layerwise_masks_cuda);

@@ -100,4 +100,58 @@ PPF_HD int select_bin(const Count* hist, int bins, Count k, Count* below) {
   return bins - 1;
 }
 
+// The same choice split over `parts` workers (the threads of a CUDA block), exactly equal to select_bin:
+// part p owns the bins [p * per, min((p + 1) * per, bins)), per = ceil(bins / parts), and sums them
+// (part_count); an exclusive scan of those sums gives each part the count of the bins before its range
+// (`before`); then exactly one part finds the bin (part_select_bin): the part holding the first bin whose
+// inclusive count reaches k, or, when k exceeds the total (select_bin's fallback), the last part.
+constexpr int kSelectParts = 256;  // the block size of the CUDA selection kernels
+
+PPF_HD int bins_per_part(int bins, int parts) { return (bins + parts - 1) / parts; }
+
+template <typename Count>
+PPF_HD Count part_count(const Count* hist, int bins, int part, int parts) {
+  const int per = bins_per_part(bins, parts), begin = part * per, end = begin + per < bins ? begin + per : bins;
+  Count sum = 0;
+  for (int b = begin; b < end; ++b) sum += hist[b];
+  return sum;
+}
+
+// True in the one part that holds the bin, which then gets the bin and the count below it.
+template <typename Count>
+PPF_HD bool part_select_bin(const Count* hist, int bins, int part, int parts, Count before, Count mine, Count k,
+                            int* bin, Count* below) {
+  const bool holds = before + mine >= k && (part == 0 || before < k);
+  const bool fallback = part == parts - 1 && before + mine < k;
+  if (!holds && !fallback) return false;
+  const int per = bins_per_part(bins, parts), begin = part * per, end = begin + per < bins ? begin + per : bins;
+  Count cum = before;
+  for (int b = begin; b < end; ++b) {
+    if (cum + hist[b] >= k) {
+      *bin = b;
+      *below = cum;
+      return true;
+    }
+    cum += hist[b];
+  }
+  *bin = bins - 1;  // k beyond the total
+  *below = cum;
+  return true;
+}
+
+// The parts run one after another: the host emulation of the CUDA kernels' block-wide choice (radix
+// select on the CPU takes its bins this way, so the CPU tests run the code the GPU runs).
+template <typename Count>
+PPF_HD int select_bin_by_parts(const Count* hist, int bins, Count k, Count* below, int parts) {
+  Count before = 0;
+  int bin = bins - 1;
+  for (int p = 0; p < parts; ++p) {
+    const Count mine = part_count(hist, bins, p, parts);
+    if (part_select_bin(hist, bins, p, parts, before, mine, k, &bin, below)) return bin;
+    before += mine;
+  }
+  *below = before;  // parts < 1
+  return bin;
+}
+
 }  // namespace pyprune_fast
