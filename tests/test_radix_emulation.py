@@ -144,3 +144,33 @@ def test_row_masks_equal_the_reference(emulator, dtype):
     )
     expected.append("nan 1")
     assert emulator(lines) == expected
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS), ids=str)
+def test_histogram_pass_reads_every_element_once_and_counts_it(emulator, dtype):
+    """histogram_kernel's 16-byte vectors (a scalar head up to the first 16-byte boundary and a scalar
+    tail) at every misalignment and size, and its warp-wide adds of equal digits, against a plain
+    histogram; pass 0 with NaN, pass 1 with the prefix of an element."""
+    width, mantissa, _ = FORMATS[dtype]
+    per_vector = 16 // (width // 8)
+    g = torch.Generator().manual_seed(5)
+    data = {
+        "zeros": torch.zeros(5000, dtype=dtype),
+        "ties": (torch.randint(0, 3, (4099,), generator=g).double() - 1).to(dtype),
+        "gaussian": torch.randn(2 * 256 * per_vector + 7, generator=g).to(dtype),
+        "special": torch.tensor([float("nan"), 0.0, -0.0, float("inf"), float("-inf"), 1.0] * 40, dtype=dtype),
+    }
+    lines, names = [], []
+    for name, x in data.items():
+        key = int(reference.order_keys(x[1:2])[0]) & ((1 << width) - 1)
+        for misalign in range(per_vector):
+            for n in sorted({0, 1, per_vector - 1, per_vector + 1, x.numel()}):
+                values = " ".join(bits_of(x[:n]))
+                lines.append(f"hist {width} {mantissa} 0 0 {misalign} {n} {values}")
+                lines.append(f"hist {width} {mantissa} 1 {key:x} {misalign} {n} {values}")
+                names += [(name, misalign, n, 0), (name, misalign, n, 1)]
+    answers = emulator(lines)
+    for name, answer in zip(names, answers):
+        assert answer.startswith("ok "), (name, answer)
+    zeros = [a for (name, _, n, _), a in zip(names, answers) if name == "zeros" and n == 5000]
+    assert all(int(a.split()[2]) > 0 for a in zeros)  # the equal scores went through the warp-wide add

@@ -96,6 +96,26 @@ __device__ __forceinline__ bool block_select_bin(const Count* hist, int bins, Co
   return part_select_bin(hist, bins, threadIdx.x, kThreads, before, mine, k, bin, below);
 }
 
+// Adds one element to the block's shared bins. kWarpWide: every lane of the warp calls it together; when
+// every lane that counts has the same digit (runs of equal scores, such as the zeros of an already pruned
+// model), the first of them adds them all, so that they do not serialize on one shared counter.
+template <bool kWarpWide>
+__device__ __forceinline__ void count_digit(unsigned int* bins, bool counted, uint32_t digit) {
+  if constexpr (kWarpWide) {
+    const unsigned voters = __ballot_sync(0xffffffffu, counted);
+    const int leader = voters ? __ffs(voters) - 1 : 0;
+    const uint32_t lead_digit = __shfl_sync(0xffffffffu, digit, leader);
+    if (__all_sync(0xffffffffu, !counted || digit == lead_digit)) {
+      if (voters && static_cast<int>(threadIdx.x % 32) == leader) atomicAdd(&bins[lead_digit], __popc(voters));
+      return;
+    }
+  }
+  if (counted) atomicAdd(&bins[digit], 1u);
+}
+
+// One radix pass over every chunk: each chunk is read as 16-byte vectors (vector_split: 4 fp32, 8 fp16 or
+// bf16, 2 fp64 per load) in rounds that every thread of the block takes part in (warp-wide count_digit),
+// plus at most 2 x 15 scalar elements before the first and after the last 16-byte boundary.
 template <typename Fmt>
 __global__ void __launch_bounds__(kThreads)
     histogram_kernel(const int64_t* __restrict table, int64_t n_tensors, int64_t chunks, int pass,
@@ -103,6 +123,7 @@ __global__ void __launch_bounds__(kThreads)
                      unsigned long long* __restrict nan_per_tensor) {
   using Bits = typename Fmt::Bits;
   using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
+  constexpr int kVec = 16 / sizeof(Bits);
   const State* state = reinterpret_cast<const State*>(state_words);
   if (pass > 0 && state->nan > 0) return;
   __shared__ unsigned int bins[1 << kDigitGpu];
@@ -113,18 +134,25 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
     const ChunkRef ref = chunk_ref(table, n_tensors, c);
     const Bits* p = reinterpret_cast<const Bits*>(ref.entry[0]) + ref.offset;
+    const VectorSplit split = vector_split<sizeof(Bits)>(reinterpret_cast<uint64_t>(p), ref.n);
     unsigned int nans = 0;
-    for (int64_t i = threadIdx.x; i < ref.n; i += kThreads) {
-      const Bits bits = __ldg(p + i);
-      if (pass == 0) {
-        if (Fmt::is_nan(bits)) {
-          ++nans;
-        } else {
-          atomicAdd(&bins[Plan::digit(Fmt::key(bits), 0)], 1u);
-        }
-      } else {
-        const Bits key = Fmt::key(bits);
-        if (Plan::in_prefix(key, prefix, pass)) atomicAdd(&bins[Plan::digit(key, pass)], 1u);
+    for (int64_t s = threadIdx.x; s < split.scalars; s += kThreads) {
+      uint32_t digit = 0;
+      const bool counted = histogram_digit<Fmt, Plan>(__ldg(p + scalar_element(split, s)), pass, prefix, &digit, &nans);
+      count_digit<false>(bins, counted, digit);
+    }
+    const uint4* vectors = reinterpret_cast<const uint4*>(p + split.head);
+    for (int64_t base = 0; base < split.vectors; base += kThreads) {
+      const int64_t v = base + threadIdx.x;
+      const bool valid = v < split.vectors;
+      const uint4 raw = valid ? __ldg(vectors + v) : make_uint4(0, 0, 0, 0);
+      Bits lanes[kVec];
+      memcpy(lanes, &raw, sizeof(raw));
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        uint32_t digit = 0;
+        const bool counted = valid && histogram_digit<Fmt, Plan>(lanes[j], pass, prefix, &digit, &nans);
+        count_digit<true>(bins, counted, digit);
       }
     }
     if (nans) atomicAdd(&nan_per_tensor[ref.tensor], static_cast<unsigned long long>(nans));

@@ -1,5 +1,6 @@
 // Host emulation of the CUDA selection kernels (csrc/cuda/select.cu) from the header they share with
-// the CPU kernels, csrc/include/pyprune_fast/radix.h, compiled for the CPU: the block-wide bin choice
+// the CPU kernels, csrc/include/pyprune_fast/radix.h, compiled for the CPU: the histogram pass (16-byte
+// vectors, scalar head and tail, warp-wide adds of equal digits), the block-wide bin choice
 // (one part of the bins per thread of a 256-thread block, select_bin_by_parts), the radix passes of
 // kth_smallest_counts (11-bit digits) and of per_row_masks (8-bit digits, then the masked write with
 // ties ranked by index). tests/test_radix_emulation.py builds it and compares it with the reference.
@@ -10,6 +11,9 @@
 //   select WIDTH MANTISSA DIGIT K N x..   (x: bit patterns in hex) -> "value_bits less equal nan", plus
 //                                          " several-holders" if a pass had more than one part claim its bin
 //   rowmask WIDTH MANTISSA COUNT N x..    -> N characters 0/1 (1 = kept), "nan <count>" or "several-holders"
+//   hist WIDTH MANTISSA PASS PREFIX MISALIGN N x..  (PREFIX in hex) -> "ok <nan> <warp-wide adds>" when the
+//                                          kernel's vector/scalar split and warp-wide counting give the
+//                                          plain histogram, else what differs
 #include <cstdint>
 #include <iostream>
 #include <string>
@@ -127,6 +131,83 @@ void rowmask(long long count, const std::vector<typename Fmt::Bits>& xs) {
   std::cout << out << "\n";
 }
 
+// histogram_kernel on one chunk that starts `misalign` elements past a 16-byte boundary: the scalar head
+// and tail, then the vector rounds of a 256-thread block, each warp's 32 lanes counting element j of their
+// vectors together (count_digit<true>: one add for the lanes that share one digit). Compared with a plain
+// histogram; prints "ok <nan> <warp-wide adds>" or what differs.
+template <typename Fmt>
+void histogram(int pass, uint64_t prefix_in, long long misalign, const std::vector<typename Fmt::Bits>& xs) {
+  using Bits = typename Fmt::Bits;
+  using Plan = ppf::RadixPlan<Fmt::kWidth, 11>;
+  constexpr int kVec = 16 / sizeof(Bits);
+  constexpr int kThreads = ppf::kSelectParts;
+  const Bits prefix = static_cast<Bits>(prefix_in);
+  const int64_t n = static_cast<int64_t>(xs.size());
+  const int bins = 1 << Plan::bits(pass);
+  std::vector<unsigned long long> got(bins, 0), want(bins, 0);
+  std::vector<int> seen(n, 0);
+  unsigned int nans = 0, want_nans = 0;
+  long long aggregated = 0;
+  for (Bits bits : xs) {
+    uint32_t digit = 0;
+    if (ppf::histogram_digit<Fmt, Plan>(bits, pass, prefix, &digit, &want_nans)) ++want[digit];
+  }
+  const uint64_t address = 4096 + misalign * sizeof(Bits);
+  const auto split = ppf::vector_split<sizeof(Bits)>(address, n);
+  if (split.vectors > 0 && (address + split.head * sizeof(Bits)) % 16 != 0) {
+    std::cout << "vectors not 16-byte aligned\n";
+    return;
+  }
+  for (int64_t s = 0; s < split.scalars; ++s) {
+    const int64_t e = ppf::scalar_element(split, s);
+    ++seen[e];
+    uint32_t digit = 0;
+    if (ppf::histogram_digit<Fmt, Plan>(xs[e], pass, prefix, &digit, &nans)) ++got[digit];
+  }
+  for (int64_t base = 0; base < split.vectors; base += kThreads) {
+    for (int warp = 0; warp < kThreads / 32; ++warp) {
+      for (int j = 0; j < kVec; ++j) {
+        bool counted[32];
+        uint32_t digit[32];
+        for (int lane = 0; lane < 32; ++lane) {
+          const int64_t v = base + warp * 32 + lane;
+          digit[lane] = 0;
+          counted[lane] = false;
+          if (v < split.vectors) {
+            const int64_t e = split.head + v * kVec + j;
+            ++seen[e];
+            counted[lane] = ppf::histogram_digit<Fmt, Plan>(xs[e], pass, prefix, &digit[lane], &nans);
+          }
+        }
+        int leader = -1, voters = 0;
+        bool same = true;
+        for (int lane = 0; lane < 32; ++lane) {
+          if (!counted[lane]) continue;
+          if (leader < 0) leader = lane;
+          ++voters;
+          same = same && digit[lane] == digit[leader];
+        }
+        if (same) {
+          if (voters) got[digit[leader]] += voters, ++aggregated;
+        } else {
+          for (int lane = 0; lane < 32; ++lane) got[digit[lane]] += counted[lane];
+        }
+      }
+    }
+  }
+  for (int64_t e = 0; e < n; ++e) {
+    if (seen[e] != 1) {
+      std::cout << "element " << e << " read " << seen[e] << " times\n";
+      return;
+    }
+  }
+  if (got != want || nans != want_nans) {
+    std::cout << "histogram differs\n";
+    return;
+  }
+  std::cout << "ok " << nans << " " << aggregated << "\n";
+}
+
 template <typename Fmt>
 std::vector<typename Fmt::Bits> read_values(std::istream& in, long long n) {
   std::vector<typename Fmt::Bits> xs(n);
@@ -140,11 +221,15 @@ std::vector<typename Fmt::Bits> read_values(std::istream& in, long long n) {
 
 template <typename Fmt>
 void run(const std::string& cmd, long long k, int digit, std::istream& in) {
-  long long n;
+  uint64_t prefix = 0;
+  long long misalign = 0, n;
+  if (cmd == "hist") in >> std::hex >> prefix >> std::dec >> misalign;
   in >> n;
   const auto xs = read_values<Fmt>(in, n);
   if (cmd == "select") {
     select<Fmt>(k, xs, digit);
+  } else if (cmd == "hist") {
+    histogram<Fmt>(static_cast<int>(k), prefix, misalign, xs);
   } else {
     rowmask<Fmt>(k, xs);
   }

@@ -84,6 +84,26 @@ struct RadixPlan {
   }
 };
 
+// The histogram pass of a radix select on one element: whether it is counted, and in which bin. Pass 0
+// counts every non-NaN element (NaN adds to *nans); later passes count the keys carrying the prefix
+// (a selection with NaN stops after pass 0, so no NaN reaches them).
+template <typename Fmt, typename Plan>
+PPF_HD bool histogram_digit(typename Fmt::Bits bits, int pass, typename Fmt::Bits prefix, uint32_t* digit,
+                            unsigned int* nans) {
+  if (pass == 0) {
+    if (Fmt::is_nan(bits)) {
+      ++*nans;
+      return false;
+    }
+    *digit = Plan::digit(Fmt::key(bits), 0);
+    return true;
+  }
+  const typename Fmt::Bits key = Fmt::key(bits);
+  if (!Plan::in_prefix(key, prefix, pass)) return false;
+  *digit = Plan::digit(key, pass);
+  return true;
+}
+
 // Finds the bin of the k-th smallest key (1-based k within the current prefix): the first bin whose
 // cumulative count reaches k. Returns the bin; `below` gets the count of the bins before it.
 template <typename Count>
