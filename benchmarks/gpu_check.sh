@@ -150,13 +150,16 @@ PY
 # SM count x SM clock x FLOP per SM per clock (2048 on sm_80, 4096 on sm_90; 2:4 doubles it).
 cat >"$work/timing.py" <<'PY'
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
 
+from pyprune_fast import masks, ops
 from pyprune_fast.bench import nm_mask, saliency, select, sparse24, svd_mean
+from pyprune_fast.bench.harness import Case
 
 out = sys.argv[1]
 props = torch.cuda.get_device_properties(0)
@@ -164,6 +167,14 @@ peak_bw = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
 flop_per_clock = {(8, 0): 2048, (9, 0): 4096}.get((props.major, props.minor), 1024)
 peak_flops = props.multi_processor_count * props.clock_rate * 1e3 * flop_per_clock
 rows = []
+device = {"name": props.name, "sms": props.multi_processor_count, "sm_clock_mhz": props.clock_rate / 1e3,
+          "peak_bandwidth_gbs": peak_bw / 1e9, "peak_dense_fp16_tflops": peak_flops / 1e12}
+
+
+def save():  # after every timing (atomically), so that a step cut by its timeout keeps what it measured
+    with open(out + ".tmp", "w") as f:
+        json.dump({"device": device, "timings": rows}, f, indent=1)
+    os.replace(out + ".tmp", out)
 
 
 def time_events(fn):
@@ -196,6 +207,7 @@ def measure(case, impls=None, flops=0):
             seconds, iters = time_events(fn)
         except Exception as exc:  # a baseline torch lacks on this GPU: recorded, the others go on
             rows.append({"group": case.group, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            save()
             continue
         row = {"group": case.group, "impl": impl, "seconds": seconds, "iterations": iters}
         if case.bytes_moved:
@@ -205,6 +217,7 @@ def measure(case, impls=None, flops=0):
             row["tflops"] = flops / seconds / 1e12
             row["percent_of_dense_peak_flops"] = 100 * flops / seconds / peak_flops
         rows.append(row)
+        save()
         print(json.dumps(row), f"({time.time() - t0:.1f}s)", flush=True)
         torch.cuda.empty_cache()
 
@@ -214,6 +227,20 @@ measure(select.kth_case(16_000_000, 20, "cuda"))
 measure(select.kth_case(128_000_000, 20, "cuda"), impls={"ours", "torch.topk(torch.cat)"})
 measure(select.global_masks_case(128_000_000, 20, "cuda"), impls={"ours"})
 measure(select.global_apply_case(64_000_000, 20, "cuda"), impls={"ours"})
+# The histogram pass on 2-byte scores (8 per 16-byte load) and on an already pruned model (half zeros: one
+# shared add per warp), and per-row masks (one block per row) at LLaMA-7B's MLP shape.
+gen = torch.Generator(device="cuda").manual_seed(0)
+half = [torch.rand(6_400_000, device="cuda", generator=gen).half() for _ in range(20)]
+measure(Case("kth_smallest 128M fp16 cuda", lambda: ops.kth_smallest(half, 64_000_000), {}, bytes_moved=256_000_000))
+pruned = [torch.rand(6_400_000, device="cuda", generator=gen) * (torch.rand(6_400_000, device="cuda") > 0.5)
+          for _ in range(20)]
+measure(Case("kth_smallest 128M fp32 half zeros cuda", lambda: ops.kth_smallest(pruned, 96_000_000), {},
+             bytes_moved=512_000_000))
+row_scores = {"w": torch.rand(11008, 4096, device="cuda", generator=gen)}
+measure(Case("per_row masks 11008x4096 fp32 cuda", lambda: masks.per_row(row_scores, 0.5),
+             {"torch.topk per row": lambda: torch.topk(row_scores["w"], 2048, dim=1, largest=False)},
+             bytes_moved=11008 * 4096 * 5))
+del half, pruned, row_scores
 for dtype in (torch.float32, torch.bfloat16):
     measure(saliency.saliency_case("cuda", dtype))
 measure(nm_mask.n_m_case("llama_7b", "cuda", torch.float32), impls={"ours", "torch topk"})
@@ -223,10 +250,6 @@ for tokens in (1, 16, 2048, 8192):
         case = sparse24.sparse24_linear_case(out_f, in_f, tokens, torch.float16, "cuda")
         measure(case, flops=2 * tokens * out_f * in_f)
 measure(svd_mean.svd_mean_case(12, 64, 197 * 768, as_list=False, device="cuda"))
-device = {"name": props.name, "sms": props.multi_processor_count, "sm_clock_mhz": props.clock_rate / 1e3,
-          "peak_bandwidth_gbs": peak_bw / 1e9, "peak_dense_fp16_tflops": peak_flops / 1e12}
-with open(out, "w") as f:
-    json.dump({"device": device, "timings": rows}, f, indent=1)
 PY
 
 if ((DRY)); then # the scripts above must at least compile
