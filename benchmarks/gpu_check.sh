@@ -243,7 +243,7 @@ measure(Case("per_row masks 11008x4096 fp32 cuda", lambda: masks.per_row(row_sco
 del half, pruned, row_scores
 for dtype in (torch.float32, torch.bfloat16):
     measure(saliency.saliency_case("cuda", dtype))
-measure(nm_mask.n_m_case("llama_7b", "cuda", torch.float32), impls={"ours", "torch topk"})
+measure(nm_mask.n_m_case("llama_7b_layer", "cuda", torch.float32), impls={"ours", "torch topk"})
 measure(sparse24.compress_case("llama_7b", "cuda", torch.float16))
 for tokens in (1, 16, 2048, 8192):
     for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008)):

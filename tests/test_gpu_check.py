@@ -107,6 +107,14 @@ def test_timing_and_sanitizer_scripts_call_what_exists():
         text = f.read()
     for module, name in set(re.findall(r"\b(select|saliency|nm_mask|sparse24|svd_mean)\.(\w+_case)\(", text)):
         assert callable(getattr(importlib.import_module(f"pyprune_fast.bench.{module}"), name)), (module, name)
+    from pyprune_fast.bench import nm_mask, sparse24
+
+    models = {
+        "n_m_case": {**nm_mask.VIT_B16_LINEARS, **nm_mask.LLAMA7B_LAYER},
+        "compress_case": sparse24.SPARSE24_SHAPES,
+    }
+    for builder, model in re.findall(r"\b(n_m_case|compress_case)\(\"(\w+)\"", text):
+        assert model in models[builder], (builder, model)  # a wrong workload name was a KeyError on the GPU
     from pyprune_fast import masks, ops
 
     for module, name in set(re.findall(r"\b(ops|masks)\.(\w+)\(", text)):
