@@ -2,9 +2,11 @@
 share with the CPU kernels (csrc/include/pyprune_fast/radix.h) for the host and runs their algorithm: the
 block-wide bin choice (each of 256 threads owns a range of bins, an exclusive scan of the range counts,
 one thread finds the bin), the 11-bit radix passes of kth_smallest_counts and the 8-bit passes and tie
-ranking of per_row_masks. Compared with select_bin (the one-thread scan it replaces) and with the
-reference on adversarial inputs: ties, ±0, ±inf, NaN, subnormals, one element, many equal scores, every
-histogram shape (32 to 65536 bins, fewer bins than threads, empty bins, k past the total)."""
+ranking of per_row_masks, and the histogram pass (16-byte vectors with a scalar head and tail, one add per
+warp for lanes that share a digit). Compared with select_bin (the one-thread scan it replaces), a plain
+histogram and the reference on adversarial inputs: ties, ±0, ±inf, NaN, subnormals, one element, many
+equal scores, every histogram shape (32 to 65536 bins, fewer bins than threads, empty bins, k past the
+total), every misalignment."""
 
 import os
 import random
