@@ -19,14 +19,18 @@ PACKAGED_CSRC = os.path.join(PACKAGE_DIR, "_csrc")  # sources copied into wheels
 DEFAULT_ARCHS = "8.0;9.0"
 LIBRARY_NAME = "_C"
 
+# -std=c++20 for both compilers: the selection kernels use template lambdas ([&]<typename Fmt>(), a
+# C++20 feature) and torch's headers need C++20; torch's extension builder adds its own -std only when none
+# is given, and its default has changed across versions.
+CXX_STD = "-std=c++20"
 # -fno-trapping-math: lets GCC vectorize float compares (we never read FP exception flags).
 # -fopenmp: at::parallel_for is OpenMP in torch's builds; without it the CPU kernels run on one thread.
 # The library then needs libgomp.so.1, which torch itself has already loaded.
-CXX_FLAGS = ["-O3", "-fno-trapping-math", "-fvisibility=hidden"] + (
+CXX_FLAGS = [CXX_STD, "-O3", "-fno-trapping-math", "-fvisibility=hidden"] + (
     ["-fopenmp"] if sys.platform.startswith("linux") else []
 )
 LINK_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+NVCC_FLAGS = [CXX_STD, "-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def csrc_dir() -> str:
@@ -66,6 +70,28 @@ def nvidia_wheel_dirs() -> tuple[list[str], list[str]]:
             if os.path.isdir(os.path.join(sub, "lib")):
                 libs.append(os.path.join(sub, "lib"))
     return includes, libs
+
+
+def _headers(root: str) -> set[str]:
+    """The header files under an include folder, as paths relative to it."""
+    found = set()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith((".h", ".hpp", ".cuh", ".hxx")) or "." not in name:
+                found.add(os.path.relpath(os.path.join(folder, name), root))
+    return found
+
+
+def cuda_include_dirs(home: str) -> list[str]:
+    """The CUDA include folders of the build, in search order: the toolkit's own, then each include folder
+    of torch's `nvidia` wheels that holds a header the toolkit lacks (cuSOLVER's, for a toolkit installed
+    without it). The wheels' copies of the toolkit's own headers (cuda_runtime.h, crt/, ...) then never
+    shadow nvcc's, whose CUDA version may differ from the wheels'. The toolkit's folder is named first
+    explicitly: torch's extension builds append it after the caller's folders."""
+    own = os.path.join(home, "include")
+    have = _headers(own)
+    wheel_includes, _ = nvidia_wheel_dirs()
+    return [own] + [d for d in wheel_includes if not _headers(d) <= have]
 
 
 def cuda_link_flags() -> list[str]:
@@ -139,8 +165,7 @@ def build_config() -> dict:
         cpp_extension.CUDA_HOME = home
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_archs()
         sources += sorted(glob.glob(os.path.join(src, "cuda", "*.cu")))
-        wheel_includes, _ = nvidia_wheel_dirs()
-        includes += wheel_includes
+        includes += cuda_include_dirs(home)
         # The arch list is baked into the library (reported by backend_info); ';' is not shell-safe.
         define = f"-DPYPRUNE_FAST_CUDA_ARCHS={cuda_archs().replace(';', '_').replace(' ', '_')}"
         cxx.append(define)

@@ -124,3 +124,31 @@ def test_grads_and_weights_on_different_devices_are_refused_in_cpp():
             torch.ops.pyprune_fast.saliency([g], [w1])
         with pytest.raises(RuntimeError, match=r"weights\[1\] is on cuda:1 but weights\[0\] is on cuda:0"):
             torch.ops.pyprune_fast.saliency([g, g], [g, w1])
+
+
+@pytest.mark.cuda
+def test_a_cpu_tensor_first_in_a_cuda_call_gets_the_message_naming_it():
+    """A list holding a CUDA tensor goes to the CUDA kernel even when its first tensor is on the CPU. The
+    kernels built their CUDAGuard from that first tensor before checking the devices, so such a call raised
+    c10's internal "CUDAGuardImpl initialized with non-CUDA DeviceType" instead of the message naming it."""
+    native_or_skip("cuda")
+    lib = torch.ops.pyprune_fast
+    cpu, gpu = torch.ones(8), torch.ones(8, device="cuda")
+    value, counts = selection([gpu], 4)
+    xs_first = r"xs\[0\] must be on CUDA, got cpu"
+    calls = [
+        (lambda: lib.kth_smallest_counts([cpu, gpu], 1), xs_first),
+        (lambda: lib.radix_histogram([cpu, gpu], 0, 0), xs_first),
+        (lambda: lib.threshold_masks([cpu, gpu], value, counts, 4), xs_first),
+        (lambda: lib.threshold_apply_([gpu.clone(), gpu.clone()], [cpu, gpu], value, counts, 4), xs_first),
+        (lambda: lib.layerwise_masks([cpu, gpu], [1, 1]), xs_first),
+        (lambda: lib.per_row_masks([cpu, gpu], [1, 1]), xs_first),
+        (lambda: lib.nm_mask([cpu, gpu], 2, 4), r"scores\[0\] must be on CUDA, got cpu"),
+        (lambda: lib.saliency([gpu, gpu], [cpu, gpu]), r"weights\[0\] must be on CUDA, got cpu"),
+        (lambda: lib.saliency_accumulate_([gpu.clone()], [gpu], [cpu], 1.0, 1), r"weights\[0\] must be on CUDA"),
+        (lambda: lib.svd_mean([cpu.view(2, 4), gpu.view(2, 4)]), r"features\[0\] must be on CUDA, got cpu"),
+    ]
+    for call, match in calls:
+        with pytest.raises(RuntimeError, match=match) as info:
+            call()
+        assert "CUDAGuardImpl" not in str(info.value)

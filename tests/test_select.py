@@ -69,6 +69,28 @@ def test_kth_counts_match_reference(device):
         assert counts.tolist() == ref_counts.tolist()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kth_smallest_counts_of_nan_input_is_the_reference_zero(device, dtype):
+    """The compiled op on NaN input (ops.kth_smallest refuses it; torch.ops returns the NaN counts): value
+    +0.0 and counts (0, 0), as the reference and the CUDA kernel return. The CPU kernel returned NaN: the
+    key 0 of its stopped selection mapped back to all-ones bits."""
+    native_or_skip(device)
+    xs = [
+        torch.tensor([1.0, float("nan"), -2.0], device=device).to(dtype),
+        torch.tensor([3.0], device=device).to(dtype),
+    ]
+    width = torch.finfo(dtype).bits
+    for k in (1, 2, 4):
+        value, counts, nan = torch.ops.pyprune_fast.kth_smallest_counts(xs, k)
+        ref_value, ref_counts, ref_nan = reference.kth_smallest_counts(xs, k)
+        assert value.dtype == dtype and value.shape == ()
+        bits = {16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
+        assert value.view(bits).item() == 0 and ref_value.view(bits).item() == 0  # +0.0, not NaN or -0.0
+        assert counts.tolist() == ref_counts.tolist() == [0, 0]
+        assert nan.tolist() == ref_nan.tolist() == [1, 0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kth_every_16_bit_pattern(dtype):
     """Every non-NaN bit pattern of the 16-bit formats once: the k-th is the k-th in float order."""

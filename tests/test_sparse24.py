@@ -290,6 +290,26 @@ def test_linear_cpu_any_token_count_and_layout():
         torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_linear_with_no_input_features(device, activation):
+    """in = 0 passes every check (0 is a multiple of 64), then x.reshape(-1, 0) failed in both kernels
+    (the size of -1 cannot be inferred from 0 elements). y = act(bias), or act(0) without a bias, as
+    F.linear and the reference give."""
+    native_or_skip(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    values, meta = ops.compress_24(torch.zeros(64, 0, dtype=dtype, device=device))
+    assert values.shape == (64, 0) and meta.shape == (4, 0, 16)
+    g = torch.Generator().manual_seed(7)
+    bias = torch.randn(64, generator=g).to(device=device, dtype=dtype)
+    for x in (torch.zeros(3, 5, 0, dtype=dtype, device=device), torch.zeros(0, dtype=dtype, device=device)):
+        for b in (bias, None):
+            y = ops.sparse24_linear(x, values, meta, b, activation)
+            expected = reference.sparse24_linear(x, values, meta, b, activation or "none")
+            assert y.shape == (*x.shape[:-1], 64) and y.dtype == dtype
+            assert torch.equal(y, expected)
+
+
 def test_linear_gradients_in_x_and_bias():
     w, _ = random_24(64, 64, seed=6, dtype=torch.float64)
     values, meta = ops.compress_24(w.float())

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pyprune_fast import ops, reference
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, native_or_skip
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-4)}
 
@@ -428,3 +428,20 @@ def test_cuda_gram_matrices_are_full_float32_with_tf32_allowed():
             cuda_error = (cuda.double().cpu() - exact).abs().max().item()
             floor = 4 * 2.0**-24 * exact.abs().max().item()  # a few float32 roundings of the largest entry
             assert cuda_error <= 8 * cpu_error + floor, (shape, cuda_error, cpu_error)
+
+
+@pytest.mark.cuda
+@pytest.mark.large
+def test_jacobi_batches_past_the_int_limits():
+    """Gram matrices of size <= 32 go to cuSOLVER's syevjBatched, whose workspace size (lwork) and batch are
+    ints: 2^21 + 3 matrices of 32 x 32 (more than 2^31 elements in one batch) went to one call. The calls
+    are now split; values of matrices at the start, around the splits and at the end match svdvals.
+    About 9 GB of input, ~45 GB of GPU memory in all."""
+    native_or_skip("cuda")
+    count = 2**21 + 3
+    f = torch.randn(count, 32, 32, device="cuda")
+    values = ops.svd_mean(f)
+    assert values.shape == (count,) and bool(torch.isfinite(values).all())
+    picks = torch.tensor([0, 1, 2**20 - 1, 2**20, 2**20 + 1, 2**21 - 1, 2**21, count - 1], device="cuda")
+    expected = torch.linalg.svdvals(f[picks].double()).mean(-1)
+    torch.testing.assert_close(values[picks].double(), expected, rtol=1e-3, atol=0)  # square Gaussian: kappa up to ~1e3

@@ -173,7 +173,7 @@ Selection select_kth(const SelectJob& job, int64_t k) {
     const std::vector<int64_t> hist = histogram_pass<Fmt>(job, pass, prefix, sel.nan);
     if (pass == 0 && std::any_of(sel.nan.begin(), sel.nan.end(), [](int64_t v) { return v > 0; })) return sel;
     int64_t below = 0;
-    const int bin = select_bin<int64_t>(hist.data(), static_cast<int>(hist.size()), rank, &below);
+    const int bin = select_bin_by_parts<int64_t>(hist.data(), static_cast<int>(hist.size()), rank, &below, kSelectParts);
     sel.less += below;
     rank -= below;
     prefix |= static_cast<Key>(static_cast<Key>(bin) << Plan::shift(pass));
@@ -258,21 +258,22 @@ void threshold_pass(const SelectJob& job, uint64_t tkey, int64_t need, int64_t e
   });
 }
 
-at::Tensor value_of_key(uint64_t key, const at::Tensor& like) {
+// The value of a selection (radix.h's selection_bits: +0.0 when there was NaN).
+at::Tensor value_of_key(uint64_t key, bool has_nan, const at::Tensor& like) {
   at::Tensor value = at::empty({}, like.options());
   switch (like.element_size()) {
     case 2: {
-      const uint16_t bits = key_to_bits<uint16_t>(static_cast<uint16_t>(key));
+      const uint16_t bits = selection_bits<uint16_t>(static_cast<uint16_t>(key), has_nan);
       std::memcpy(value.data_ptr(), &bits, 2);
       break;
     }
     case 8: {
-      const uint64_t bits = key_to_bits<uint64_t>(key);
+      const uint64_t bits = selection_bits<uint64_t>(key, has_nan);
       std::memcpy(value.data_ptr(), &bits, 8);
       break;
     }
     default: {
-      const uint32_t bits = key_to_bits<uint32_t>(static_cast<uint32_t>(key));
+      const uint32_t bits = selection_bits<uint32_t>(static_cast<uint32_t>(key), has_nan);
       std::memcpy(value.data_ptr(), &bits, 4);
     }
   }
@@ -293,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kth_smallest_counts_cpu(at::Tenso
   return dispatch_format(job.dtype, [&]<typename Fmt>() {
     const Selection sel = select_kth<Fmt>(job, k);
     const at::Tensor counts = at::tensor(std::vector<int64_t>{sel.less, sel.equal}, at::TensorOptions().dtype(at::kLong));
-    return std::make_tuple(value_of_key(sel.key, job.dense[0]), counts, nan_tensor(sel.nan));
+    const bool has_nan = std::any_of(sel.nan.begin(), sel.nan.end(), [](int64_t v) { return v > 0; });
+    return std::make_tuple(value_of_key(sel.key, has_nan, job.dense[0]), counts, nan_tensor(sel.nan));
   });
 }
 

@@ -125,14 +125,9 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   const int64_t invalid = decompress_into<float>(values.contiguous(), meta.contiguous(), w);
   TORCH_CHECK(invalid == 0, "meta holds ", invalid,
               " chunks whose index pair is not one of the six ordered 2:4 pairs; make meta with compress_24");
-  const at::Tensor x2 = x.reshape({-1, s.in}).to(at::kFloat);
-  at::Tensor y = bias ? at::addmm(bias->to(at::kFloat), x2, w.t()) : at::mm(x2, w.t());
-  if (act == kActRelu) {
-    y.relu_();
-  } else if (act == kActGelu) {
-    y = at::gelu(y);  // exact: x/2 * (1 + erf(x / sqrt(2)))
-  }
-  return y.to(x.scalar_type()).view(linear_output_shape(x, s.out));
+  const at::Tensor x2 = as_rows(x, s.in).to(at::kFloat);
+  const at::Tensor y = bias ? at::addmm(bias->to(at::kFloat), x2, w.t()) : at::mm(x2, w.t());
+  return activate(y, act).to(x.scalar_type()).view(linear_output_shape(x, s.out));
 }
 
 }  // namespace

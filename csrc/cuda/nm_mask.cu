@@ -58,9 +58,9 @@ __global__ void __launch_bounds__(kThreads)
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> nm_mask_cuda(at::TensorList scores, int64_t n, int64_t m) {
   TORCH_CHECK(!scores.empty(), "nm_mask on CUDA needs at least one tensor");
+  NmJob job = make_nm_job(scores, n, m, c10::DeviceType::CUDA);  // checks first: scores[0] may be a CPU tensor
   const at::Device device = scores[0].device();
   c10::cuda::CUDAGuard guard(device);
-  NmJob job = make_nm_job(scores, n, m, c10::DeviceType::CUDA);
   const int64_t n_tensors = static_cast<int64_t>(job.entries.size());
   const int64_t chunks = job.plan.size();
   at::Tensor nan = at::zeros({n_tensors}, at::TensorOptions().device(device).dtype(at::kLong));

@@ -175,18 +175,16 @@ at::Tensor run_job(const SaliencyJob& job, const at::Device& device, int power, 
   return stats;
 }
 
-at::Device common_device(at::TensorList weights) {
+// The device of the launch, once every tensor has been checked (check_pairs: all on one CUDA device):
+// a CUDAGuard built from an unchecked CPU tensor would raise c10's internal error instead of ours.
+at::Device checked_device(at::TensorList grads, at::TensorList weights) {
   TORCH_CHECK(!weights.empty(), "saliency on CUDA needs at least one tensor");
-  const at::Device device = weights[0].device();
-  for (size_t i = 0; i < weights.size(); ++i) {
-    TORCH_CHECK(weights[i].device() == device, "weights[", i, "] is on ", weights[i].device(),
-                " but weights[0] is on ", device);
-  }
-  return device;
+  check_pairs(grads, weights, c10::DeviceType::CUDA);
+  return weights[0].device();
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> saliency_cuda(at::TensorList grads, at::TensorList weights) {
-  const at::Device device = common_device(weights);
+  const at::Device device = checked_device(grads, weights);
   c10::cuda::CUDAGuard guard(device);
   SaliencyJob job = make_saliency_job(grads, weights, std::nullopt, c10::DeviceType::CUDA);
   at::Tensor stats = run_job(job, device, 0, 1.f);
@@ -196,7 +194,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> saliency_cuda(at::TensorList gra
 at::Tensor saliency_accumulate_cuda(at::TensorList acc, at::TensorList grads, at::TensorList weights, double scale,
                                     int64_t power) {
   TORCH_CHECK(power == 1 || power == 2, "power must be 1 or 2, got ", power);
-  const at::Device device = common_device(weights);
+  const at::Device device = checked_device(grads, weights);
   c10::cuda::CUDAGuard guard(device);
   SaliencyJob job = make_saliency_job(grads, weights, acc, c10::DeviceType::CUDA);
   at::Tensor stats = run_job(job, device, static_cast<int>(power), static_cast<float>(scale));

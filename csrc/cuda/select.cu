@@ -1,14 +1,18 @@
 // CUDA kernels of the exact selection ops. The k-th smallest value comes from radix select with
 // 11-bit digits (2048-bin shared-memory histograms): per pass one histogram launch over every chunk of
-// every tensor and one single-thread launch that picks the bin (radix.h's select_bin) and extends the
-// prefix kept in device memory, so the host never waits. Masks and in-place pruning are one compare
-// pass; ties are ranked in flat order (ballot + popc tiles) only in the chunk where the partly pruned
-// threshold value crosses the count. Per-row masks: one block per row, 8-bit digits. radix_histogram
-// (one pass with 16-bit digits, combined across processes by the caller): tiled shared-memory bins.
+// every tensor and one one-block launch that picks the bin by a block scan (block_select_bin: radix.h's
+// select_bin, bit for bit) and extends the prefix kept in device memory, so the host never waits. Masks
+// and in-place pruning are one compare pass; ties are ranked in flat order (ballot + popc tiles) only in
+// the chunk where the partly pruned threshold value crosses the count. Per-row masks: one block per row,
+// 8-bit digits, the bin chosen by the same block scan. radix_histogram (one pass with 16-bit digits,
+// combined across processes by the caller): tiled shared-memory bins.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include "pyprune_fast/cuda_utils.cuh"
 #include "pyprune_fast/radix.h"
@@ -17,7 +21,7 @@
 namespace pyprune_fast {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kSelectParts;  // one bin range per thread in block_select_bin
 constexpr int kWarps = kThreads / 32;
 constexpr int kDigitGpu = 11;
 constexpr int kRowDigit = 8;
@@ -77,6 +81,41 @@ __device__ __forceinline__ int block_rank(bool flag, int* total) {
   return before + __popc(ballot & ((1u << lane) - 1));
 }
 
+// radix.h's bin choice (select_bin) by all threads of the block: thread t owns part t of the bins, a
+// block scan of the parts' counts gives each part the count before it, and the one thread whose part holds
+// the k-th key returns true with its bin and the count below it. Results are select_bin's, bit for bit
+// (radix.h's select_bin_by_parts is the same code run part after part, which the CPU kernel uses).
+// Call from all threads; the caller syncs before calling again.
+template <typename Count>
+__device__ __forceinline__ bool block_select_bin(const Count* hist, int bins, Count k, int* bin, Count* below) {
+  using Scan = cub::BlockScan<Count, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  const Count mine = part_count(hist, bins, threadIdx.x, kThreads);
+  Count before;
+  Scan(scan).ExclusiveSum(mine, before);
+  return part_select_bin(hist, bins, threadIdx.x, kThreads, before, mine, k, bin, below);
+}
+
+// Adds one element to the block's shared bins. kWarpWide: every lane of the warp calls it together; when
+// every lane that counts has the same digit (runs of equal scores, such as the zeros of an already pruned
+// model), the first of them adds them all, so that they do not serialize on one shared counter.
+template <bool kWarpWide>
+__device__ __forceinline__ void count_digit(unsigned int* bins, bool counted, uint32_t digit) {
+  if constexpr (kWarpWide) {
+    const unsigned voters = __ballot_sync(0xffffffffu, counted);
+    const int leader = voters ? __ffs(voters) - 1 : 0;
+    const uint32_t lead_digit = __shfl_sync(0xffffffffu, digit, leader);
+    if (__all_sync(0xffffffffu, !counted || digit == lead_digit)) {
+      if (voters && static_cast<int>(threadIdx.x % 32) == leader) atomicAdd(&bins[lead_digit], __popc(voters));
+      return;
+    }
+  }
+  if (counted) atomicAdd(&bins[digit], 1u);
+}
+
+// One radix pass over every chunk: each chunk is read as 16-byte vectors (vector_split: 4 fp32, 8 fp16 or
+// bf16, 2 fp64 per load) in rounds that every thread of the block takes part in (warp-wide count_digit),
+// plus at most 2 x 15 scalar elements before the first and after the last 16-byte boundary.
 template <typename Fmt>
 __global__ void __launch_bounds__(kThreads)
     histogram_kernel(const int64_t* __restrict table, int64_t n_tensors, int64_t chunks, int pass,
@@ -84,6 +123,7 @@ __global__ void __launch_bounds__(kThreads)
                      unsigned long long* __restrict nan_per_tensor) {
   using Bits = typename Fmt::Bits;
   using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
+  constexpr int kVec = 16 / sizeof(Bits);
   const State* state = reinterpret_cast<const State*>(state_words);
   if (pass > 0 && state->nan > 0) return;
   __shared__ unsigned int bins[1 << kDigitGpu];
@@ -94,18 +134,25 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
     const ChunkRef ref = chunk_ref(table, n_tensors, c);
     const Bits* p = reinterpret_cast<const Bits*>(ref.entry[0]) + ref.offset;
+    const VectorSplit split = vector_split<sizeof(Bits)>(reinterpret_cast<uint64_t>(p), ref.n);
     unsigned int nans = 0;
-    for (int64_t i = threadIdx.x; i < ref.n; i += kThreads) {
-      const Bits bits = __ldg(p + i);
-      if (pass == 0) {
-        if (Fmt::is_nan(bits)) {
-          ++nans;
-        } else {
-          atomicAdd(&bins[Plan::digit(Fmt::key(bits), 0)], 1u);
-        }
-      } else {
-        const Bits key = Fmt::key(bits);
-        if (Plan::in_prefix(key, prefix, pass)) atomicAdd(&bins[Plan::digit(key, pass)], 1u);
+    for (int64_t s = threadIdx.x; s < split.scalars; s += kThreads) {
+      uint32_t digit = 0;
+      const bool counted = histogram_digit<Fmt, Plan>(__ldg(p + scalar_element(split, s)), pass, prefix, &digit, &nans);
+      count_digit<false>(bins, counted, digit);
+    }
+    const uint4* vectors = reinterpret_cast<const uint4*>(p + split.head);
+    for (int64_t base = 0; base < split.vectors; base += kThreads) {
+      const int64_t v = base + threadIdx.x;
+      const bool valid = v < split.vectors;
+      const uint4 raw = valid ? __ldg(vectors + v) : make_uint4(0, 0, 0, 0);
+      Bits lanes[kVec];
+      memcpy(lanes, &raw, sizeof(raw));
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        uint32_t digit = 0;
+        const bool counted = valid && histogram_digit<Fmt, Plan>(lanes[j], pass, prefix, &digit, &nans);
+        count_digit<true>(bins, counted, digit);
       }
     }
     if (nans) atomicAdd(&nan_per_tensor[ref.tensor], static_cast<unsigned long long>(nans));
@@ -116,24 +163,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One block of kThreads: the NaN total (pass 0), then the bin of the rank-th key by block_select_bin.
 template <typename Fmt>
-__global__ void select_bin_kernel(const unsigned long long* __restrict hist, int pass, int64_t* state_words,
-                                  const unsigned long long* __restrict nan_per_tensor, int64_t n_tensors) {
+__global__ void __launch_bounds__(kThreads)
+    select_bin_kernel(const unsigned long long* __restrict hist, int pass, int64_t* state_words,
+                      const unsigned long long* __restrict nan_per_tensor, int64_t n_tensors) {
   using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
   State* state = reinterpret_cast<State*>(state_words);
   if (pass == 0) {
-    long long nan = 0;
-    for (int64_t t = 0; t < n_tensors; ++t) nan += static_cast<long long>(nan_per_tensor[t]);
-    state->nan = nan;
+    using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
+    __shared__ typename Reduce::TempStorage reduce;
+    unsigned long long mine = 0;
+    for (int64_t t = threadIdx.x; t < n_tensors; t += kThreads) mine += nan_per_tensor[t];
+    const unsigned long long nan = Reduce(reduce).Sum(mine);
+    if (threadIdx.x == 0) state->nan = static_cast<long long>(nan);
+    __syncthreads();
   }
   if (state->nan > 0) return;
-  unsigned long long below = 0;
-  const int bin = select_bin<unsigned long long>(hist, 1 << Plan::bits(pass),
-                                                 static_cast<unsigned long long>(state->rank), &below);
-  state->less += static_cast<long long>(below);
-  state->rank -= static_cast<long long>(below);
-  state->prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
-  state->equal = static_cast<long long>(hist[bin]);
+  const auto rank = static_cast<unsigned long long>(state->rank);  // read by all before the scan's barriers
+  int bin;
+  unsigned long long below;
+  if (block_select_bin<unsigned long long>(hist, 1 << Plan::bits(pass), rank, &bin, &below)) {
+    state->less += static_cast<long long>(below);
+    state->rank -= static_cast<long long>(below);
+    state->prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
+    state->equal = static_cast<long long>(hist[bin]);
+  }
 }
 
 template <typename Fmt>
@@ -141,7 +196,7 @@ __global__ void finish_kernel(const int64_t* state_words, typename Fmt::Bits* va
                               const unsigned long long* nan_per_tensor, int64_t* nan_out, int64_t n_tensors) {
   const State* state = reinterpret_cast<const State*>(state_words);
   using Bits = typename Fmt::Bits;
-  *value = state->nan > 0 ? Bits(0) : key_to_bits<Bits>(static_cast<Bits>(state->prefix));
+  *value = selection_bits<Bits>(static_cast<Bits>(state->prefix), state->nan > 0);
   counts[0] = state->less;
   counts[1] = state->equal;
   for (int64_t t = 0; t < n_tensors; ++t) nan_out[t] = static_cast<int64_t>(nan_per_tensor[t]);
@@ -176,7 +231,8 @@ void select_on_device(const SelectJob& job, int64_t k, at::Tensor& value, at::Te
                                                                         nan_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    select_bin_kernel<Fmt><<<1, 1, 0, stream>>>(hist_ptr, pass, state.data_ptr<int64_t>(), nan_ptr, n_tensors);
+    select_bin_kernel<Fmt><<<1, kThreads, 0, stream>>>(hist_ptr, pass, state.data_ptr<int64_t>(), nan_ptr,
+                                                       n_tensors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   finish_kernel<Fmt><<<1, 1, 0, stream>>>(state.data_ptr<int64_t>(),
@@ -230,8 +286,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 std::tuple<at::Tensor, at::Tensor> radix_histogram_cuda(at::TensorList xs, int64_t pass, int64_t prefix) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/false);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   const auto opts = job.dense[0].options().dtype(at::kLong);
   const int64_t n_tensors = static_cast<int64_t>(job.dense.size()), chunks = job.plan.size();
   at::Tensor hist = at::zeros({1 << kHistDigit}, opts);
@@ -261,8 +317,8 @@ void check_k(int64_t k, int64_t total) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kth_smallest_counts_cuda(at::TensorList xs, int64_t k) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/false);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   check_k(k, job.total);
   auto [value, counts, nan] = selection_outputs(job);
   dispatch_format(job.dtype, [&]<typename Fmt>() {
@@ -398,8 +454,8 @@ std::vector<at::Tensor> empty_masks(const SelectJob& job) {
 
 std::vector<at::Tensor> threshold_masks_cuda(at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
                                              int64_t k) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   check_threshold(job, value, counts);
   std::vector<at::Tensor> masks = empty_masks(job);
   dispatch_format(job.dtype, [&]<typename Fmt>() {
@@ -411,8 +467,8 @@ std::vector<at::Tensor> threshold_masks_cuda(at::TensorList xs, const at::Tensor
 
 void threshold_apply_cuda(at::TensorList params, at::TensorList xs, const at::Tensor& value, const at::Tensor& counts,
                           int64_t k) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob job = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  c10::cuda::CUDAGuard guard(job.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   check_threshold(job, value, counts);
   check_params(params, job);
   const std::vector<at::Tensor> outputs(params.begin(), params.end());
@@ -424,8 +480,8 @@ void threshold_apply_cuda(at::TensorList params, at::TensorList xs, const at::Te
 
 // Each tensor its own group: the pipeline above per tensor, with device-side results only.
 std::tuple<std::vector<at::Tensor>, at::Tensor> layerwise_masks_cuda(at::TensorList xs, at::IntArrayRef ks) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob all = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  c10::cuda::CUDAGuard guard(all.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   TORCH_CHECK(ks.size() == xs.size(), "ks must have one count per tensor, got ", ks.size(), " for ", xs.size());
   std::vector<at::Tensor> masks = empty_masks(all);
   at::Tensor nan = at::zeros({static_cast<int64_t>(xs.size())}, all.dense[0].options().dtype(at::kLong));
@@ -487,9 +543,9 @@ __global__ void __launch_bounds__(kThreads) per_row_kernel(const typename Fmt::B
       for (int64_t i = threadIdx.x; i < len; i += kThreads) m[i] = true;
       return;
     }
-    if (threadIdx.x == 0) {
-      unsigned int below = 0;
-      const int bin = select_bin<unsigned int>(bins, 1 << Plan::bits(pass), static_cast<unsigned int>(s_rank), &below);
+    int bin;
+    unsigned int below;
+    if (block_select_bin<unsigned int>(bins, 1 << Plan::bits(pass), static_cast<unsigned int>(s_rank), &bin, &below)) {
       s_less += below;
       s_rank -= below;
       s_prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
@@ -520,8 +576,8 @@ __global__ void __launch_bounds__(kThreads) per_row_kernel(const typename Fmt::B
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> per_row_masks_cuda(at::TensorList xs, at::IntArrayRef counts) {
-  c10::cuda::CUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
   const SelectJob all = make_select_job(xs, c10::DeviceType::CUDA, /*row_major=*/true);
+  c10::cuda::CUDAGuard guard(all.dense[0].device());  // after the checks: xs[0] may be a CPU tensor
   TORCH_CHECK(counts.size() == xs.size(), "counts must have one count per tensor, got ", counts.size(), " for ",
               xs.size());
   std::vector<at::Tensor> masks = empty_masks(all);

@@ -234,7 +234,8 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, c
               "sparse24_linear on CUDA needs the sparse tensor cores of compute capability 8.0 or newer; ", prop->name,
               " (", x.device(), ") has ", prop->major, ".", prop->minor,
               " (pyprune_fast.sparse24_linear uses the reference path there)");
-  const at::Tensor x2 = aligned_contiguous(x.reshape({-1, s.in}));
+  if (s.in == 0) return linear_without_inputs(x, s.out, bias, act).view(linear_output_shape(x, s.out));
+  const at::Tensor x2 = aligned_contiguous(as_rows(x, s.in));
   const at::Tensor v = aligned_contiguous(values), e = aligned_contiguous(meta);
   const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   at::Tensor y = at::empty({x2.size(0), s.out}, x.options());

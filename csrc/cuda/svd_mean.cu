@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <memory>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -69,22 +71,38 @@ cusolverStatus_t syevj_batched(cusolverDnHandle_t h, int n, double* a, double* w
 }
 
 // Eigenvalues (ascending) into w [G, n] and eigenvectors over a [G, n, n], by batched Jacobi sweeps
-// (default tolerance: machine precision; at most 100 sweeps).
+// (default tolerance: machine precision; at most 100 sweeps). syevjBatched takes its workspace size
+// (lwork, in elements) and the batch as ints, and its workspace grows with the batch: a call takes at
+// most jacobi_batch_limit matrices, so that lwork and the n * n * batch elements of the call stay below
+// 2^31 (the workspace of one matrix bounds the share of each: lwork(b) <= b * lwork(1) for a workspace
+// that is affine in b), as syev_batched splits for XsyevBatched.
+int64_t jacobi_batch_limit(int64_t n, int64_t lwork_one) {
+  return std::max<int64_t>(1, std::min(INT32_MAX / (n * n), INT32_MAX / std::max<int64_t>(lwork_one, 1)));
+}
+
 template <typename T>
 void jacobi_batched(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
   const int n = static_cast<int>(a.size(1));
+  const int64_t count = a.size(0);
   cusolverDnHandle_t handle = solver_handle();
   syevjInfo_t params;
   PPF_CUSOLVER_CHECK(cusolverDnCreateSyevjInfo(&params));
+  const std::unique_ptr<std::remove_pointer_t<syevjInfo_t>, decltype(&cusolverDnDestroySyevjInfo)> owned(
+      params, &cusolverDnDestroySyevjInfo);
   PPF_CUSOLVER_CHECK(cusolverDnXsyevjSetSortEig(params, 1));
-  TORCH_CHECK(a.size(0) <= INT_MAX, "svd_mean: at most ", INT_MAX, " Gram matrices of one size, got ", a.size(0));
-  const int batch = static_cast<int>(a.size(0));
+  int lwork_one = 0;
+  PPF_CUSOLVER_CHECK(syevj_batched_buffer(handle, n, a.data_ptr<T>(), w.data_ptr<T>(), &lwork_one, params, 1));
+  const int64_t per_call = std::min(count, jacobi_batch_limit(n, lwork_one));
   int lwork = 0;
-  PPF_CUSOLVER_CHECK(syevj_batched_buffer(handle, n, a.data_ptr<T>(), w.data_ptr<T>(), &lwork, params, batch));
+  PPF_CUSOLVER_CHECK(syevj_batched_buffer(handle, n, a.data_ptr<T>(), w.data_ptr<T>(), &lwork, params,
+                                          static_cast<int>(per_call)));
+  TORCH_CHECK(lwork >= 0, "svd_mean: syevjBatched workspace size overflowed for ", per_call, " matrices of size ", n);
   at::Tensor work = at::empty({std::max(lwork, 1)}, a.options());
-  PPF_CUSOLVER_CHECK(syevj_batched(handle, n, a.data_ptr<T>(), w.data_ptr<T>(), work.data_ptr<T>(), lwork,
-                                   info.data_ptr<int>(), params, batch));
-  PPF_CUSOLVER_CHECK(cusolverDnDestroySyevjInfo(params));
+  for (int64_t start = 0; start < count; start += per_call) {
+    const int batch = static_cast<int>(std::min(per_call, count - start));
+    PPF_CUSOLVER_CHECK(syevj_batched(handle, n, a.data_ptr<T>() + start * n * n, w.data_ptr<T>() + start * n,
+                                     work.data_ptr<T>(), lwork, info.data_ptr<int>() + start, params, batch));
+  }
 }
 
 // The same one matrix at a time with the 64-bit API (any n, no size limit). The host workspace of

@@ -1,4 +1,8 @@
-"""N:M semi-structured keep-masks of many tensors in one fused pass."""
+"""N:M semi-structured keep-masks of many tensors in one fused pass.
+
+CUDA graphs: on CUDA the kernels read a table of pointers copied from pinned host memory on every call,
+which a graph replay cannot repeat, so these ops raise during a capture (torch.cuda.graph, torch.compile's
+mode="reduce-overhead"); call them outside the captured region."""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The fused saliency op: `|g ⊙ w|` over many tensors in one launch, with the statistics of all the
-values written (for standardizing, e.g. AFR) in the same pass."""
+values written (for standardizing, e.g. AFR) in the same pass.
+
+CUDA graphs: on CUDA the kernels read a table of pointers copied from pinned host memory on every call,
+which a graph replay cannot repeat, so these ops raise during a capture (torch.cuda.graph, torch.compile's
+mode="reduce-overhead"); call them outside the captured region."""
 
 from __future__ import annotations
 

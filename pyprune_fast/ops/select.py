@@ -4,6 +4,10 @@ sort), and the keep-masks built on it (global threshold, per tensor, per row).
 `kth_smallest` is the checked user op. The mask functions below it are building blocks: they trust
 their arguments (one floating dtype, one device, valid counts), which `pyprune_fast.masks` checks
 before calling them; use `masks.global_unstructured`, `masks.layerwise` and `masks.per_row` instead.
+
+CUDA graphs: on CUDA the kernels read a table of pointers copied from pinned host memory on every call,
+which a graph replay cannot repeat, so these ops raise during a capture (torch.cuda.graph, torch.compile's
+mode="reduce-overhead"); call them outside the captured region.
 """
 
 from __future__ import annotations

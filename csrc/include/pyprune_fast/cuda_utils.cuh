@@ -65,8 +65,15 @@ __device__ void add_block_count(int64_t local, unsigned long long* total) {
 }
 
 // Copies a host table of int64 values to the device without synchronizing the host: the values go
-// through pinned memory and an asynchronous copy on the current stream.
+// through pinned memory and an asynchronous copy on the current stream. Such a copy cannot be captured
+// in a CUDA graph (a replay would read the pinned buffer of the captured call, since freed or reused),
+// so the ops that use it (saliency, nm_mask, the selection ops) refuse to run during a capture.
 inline at::Tensor table_to_device(const std::vector<int64_t>& values, const at::Device& device) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device.index()), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "pyprune_fast's saliency, nm_mask and selection ops cannot run during CUDA graph capture: each call "
+              "copies a table of pointers from host memory, which a graph replay would not repeat");
   at::Tensor host = at::empty({static_cast<int64_t>(values.size())},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(values.begin(), values.end(), host.data_ptr<int64_t>());

@@ -32,7 +32,8 @@ inline NmJob make_nm_job(at::TensorList scores, int64_t n, int64_t m, c10::Devic
   std::vector<int64_t> groups;
   for (size_t i = 0; i < scores.size(); ++i) {
     const at::Tensor s = scores[i].contiguous();
-    TORCH_CHECK(s.device().type() == device, "scores[", i, "] must be on ", c10::DeviceTypeName(device));
+    TORCH_CHECK(s.device().type() == device, "scores[", i, "] must be on ", c10::DeviceTypeName(device), ", got ",
+                s.device());
     TORCH_CHECK(s.device() == scores[0].device(), "scores[", i, "] is on ", s.device(), " but scores[0] is on ",
                 scores[0].device());
     TORCH_CHECK(s.numel() % m == 0, "scores[", i, "] has ", s.numel(), " entries, not a multiple of m=", m);

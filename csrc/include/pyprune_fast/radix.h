@@ -30,6 +30,14 @@ PPF_HD Bits key_to_bits(Bits key) {
   return (key & sign) ? Bits(key & ~sign) : Bits(~key);
 }
 
+// The bits of the value a selection returns: the float of the selected key, or +0.0 when the inputs
+// hold NaN (the selection is then refused, and every backend returns the reference's 0). Key 0, the
+// prefix of a selection stopped by NaN, would otherwise map to all ones: a NaN value.
+template <typename Bits>
+PPF_HD Bits selection_bits(Bits key, bool has_nan) {
+  return has_nan ? Bits(0) : key_to_bits<Bits>(key);
+}
+
 // Exponent all ones and a non-zero mantissa.
 template <typename Bits, int kMantissaBits>
 PPF_HD bool bits_are_nan(Bits bits) {
@@ -76,6 +84,26 @@ struct RadixPlan {
   }
 };
 
+// The histogram pass of a radix select on one element: whether it is counted, and in which bin. Pass 0
+// counts every non-NaN element (NaN adds to *nans); later passes count the keys carrying the prefix
+// (a selection with NaN stops after pass 0, so no NaN reaches them).
+template <typename Fmt, typename Plan>
+PPF_HD bool histogram_digit(typename Fmt::Bits bits, int pass, typename Fmt::Bits prefix, uint32_t* digit,
+                            unsigned int* nans) {
+  if (pass == 0) {
+    if (Fmt::is_nan(bits)) {
+      ++*nans;
+      return false;
+    }
+    *digit = Plan::digit(Fmt::key(bits), 0);
+    return true;
+  }
+  const typename Fmt::Bits key = Fmt::key(bits);
+  if (!Plan::in_prefix(key, prefix, pass)) return false;
+  *digit = Plan::digit(key, pass);
+  return true;
+}
+
 // Finds the bin of the k-th smallest key (1-based k within the current prefix): the first bin whose
 // cumulative count reaches k. Returns the bin; `below` gets the count of the bins before it.
 template <typename Count>
@@ -90,6 +118,60 @@ PPF_HD int select_bin(const Count* hist, int bins, Count k, Count* below) {
   }
   *below = cum;
   return bins - 1;
+}
+
+// The same choice split over `parts` workers (the threads of a CUDA block), exactly equal to select_bin:
+// part p owns the bins [p * per, min((p + 1) * per, bins)), per = ceil(bins / parts), and sums them
+// (part_count); an exclusive scan of those sums gives each part the count of the bins before its range
+// (`before`); then exactly one part finds the bin (part_select_bin): the part holding the first bin whose
+// inclusive count reaches k, or, when k exceeds the total (select_bin's fallback), the last part.
+constexpr int kSelectParts = 256;  // the block size of the CUDA selection kernels
+
+PPF_HD int bins_per_part(int bins, int parts) { return (bins + parts - 1) / parts; }
+
+template <typename Count>
+PPF_HD Count part_count(const Count* hist, int bins, int part, int parts) {
+  const int per = bins_per_part(bins, parts), begin = part * per, end = begin + per < bins ? begin + per : bins;
+  Count sum = 0;
+  for (int b = begin; b < end; ++b) sum += hist[b];
+  return sum;
+}
+
+// True in the one part that holds the bin, which then gets the bin and the count below it.
+template <typename Count>
+PPF_HD bool part_select_bin(const Count* hist, int bins, int part, int parts, Count before, Count mine, Count k,
+                            int* bin, Count* below) {
+  const bool holds = before + mine >= k && (part == 0 || before < k);
+  const bool fallback = part == parts - 1 && before + mine < k;
+  if (!holds && !fallback) return false;
+  const int per = bins_per_part(bins, parts), begin = part * per, end = begin + per < bins ? begin + per : bins;
+  Count cum = before;
+  for (int b = begin; b < end; ++b) {
+    if (cum + hist[b] >= k) {
+      *bin = b;
+      *below = cum;
+      return true;
+    }
+    cum += hist[b];
+  }
+  *bin = bins - 1;  // k beyond the total
+  *below = cum;
+  return true;
+}
+
+// The parts run one after another: the host emulation of the CUDA kernels' block-wide choice (radix
+// select on the CPU takes its bins this way, so the CPU tests run the code the GPU runs).
+template <typename Count>
+PPF_HD int select_bin_by_parts(const Count* hist, int bins, Count k, Count* below, int parts) {
+  Count before = 0;
+  int bin = bins - 1;
+  for (int p = 0; p < parts; ++p) {
+    const Count mine = part_count(hist, bins, p, parts);
+    if (part_select_bin(hist, bins, p, parts, before, mine, k, &bin, below)) return bin;
+    before += mine;
+  }
+  *below = before;  // parts < 1
+  return bin;
 }
 
 }  // namespace pyprune_fast

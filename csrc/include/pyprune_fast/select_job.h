@@ -44,8 +44,10 @@ inline SelectJob make_select_job(at::TensorList xs, c10::DeviceType device, bool
     const at::Tensor& x = xs[i];
     TORCH_CHECK(x.scalar_type() == job.dtype, name, "[", i, "] is ", x.scalar_type(), " but ", name, "[0] is ",
                 job.dtype, "; all tensors must have one dtype");
-    TORCH_CHECK(x.device() == xs[0].device() && x.device().type() == device, name, "[", i, "] is on ", x.device(),
-                " but ", name, "[0] is on ", xs[0].device());
+    TORCH_CHECK(x.device().type() == device, name, "[", i, "] must be on ", c10::DeviceTypeName(device), ", got ",
+                x.device());
+    TORCH_CHECK(x.device() == xs[0].device(), name, "[", i, "] is on ", x.device(), " but ", name, "[0] is on ",
+                xs[0].device());
     dtype_code(x, name);
     const bool keep = row_major ? x.is_contiguous() : x.is_non_overlapping_and_dense();
     job.dense.push_back(keep ? x : x.contiguous());

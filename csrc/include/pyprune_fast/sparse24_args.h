@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <c10/util/accumulate.h>
+
 #include <optional>
 #include <string>
 
@@ -81,6 +83,30 @@ inline Shape check_linear(const at::Tensor& x, const at::Tensor& values, const a
     TORCH_CHECK(bias->device() == x.device(), "bias is on ", bias->device(), " but x is on ", x.device());
   }
   return s;
+}
+
+// x [..., in] as the matrix [rows, in] (rows = the product of x's leading sizes). reshape({-1, in})
+// cannot infer rows when in == 0, a shape the checks above accept.
+inline at::Tensor as_rows(const at::Tensor& x, int64_t in) {
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  return x.reshape({rows, in});
+}
+
+// The float32 epilogue of both backends: act(y) in place or as a new tensor (exact GELU, as nn.GELU()).
+inline at::Tensor activate(at::Tensor y, int act) {
+  if (act == kActRelu) return y.relu_();
+  if (act == kActGelu) return at::gelu(y);
+  return y;
+}
+
+// sparse24_linear with no input features (in == 0): every row of y is act(bias), or act(0) without a
+// bias, computed in float32 and rounded once to x's dtype, as the product path would.
+inline at::Tensor linear_without_inputs(const at::Tensor& x, int64_t out, const std::optional<at::Tensor>& bias,
+                                        int act) {
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  at::Tensor y = at::zeros({rows, out}, x.options().dtype(at::kFloat));
+  if (bias) y.add_(bias->to(at::kFloat));
+  return activate(y, act).to(x.scalar_type());
 }
 
 // Output shape of sparse24_linear: x's leading dimensions and out.

@@ -53,8 +53,10 @@ inline SvdMeanPlan plan_svd_mean(at::TensorList features, c10::DeviceType device
                 "] must be float32 or float64, got ", t.scalar_type());
     TORCH_CHECK(t.scalar_type() == plan.dtype, "svd_mean: features[", i, "] is ", t.scalar_type(),
                 " but features[0] is ", plan.dtype);
-    TORCH_CHECK(t.device() == device && t.device().type() == device_type, "svd_mean: features[", i, "] is on ",
-                t.device(), " but features[0] is on ", device);
+    TORCH_CHECK(t.device().type() == device_type, "svd_mean: features[", i, "] must be on ",
+                c10::DeviceTypeName(device_type), ", got ", t.device());
+    TORCH_CHECK(t.device() == device, "svd_mean: features[", i, "] is on ", t.device(), " but features[0] is on ",
+                device);
     TORCH_CHECK(t.size(-1) > 0 && t.size(-2) > 0, "svd_mean: features[", i, "] has an empty matrix dimension, ",
                 t.sizes());
     SvdMeanInput in;
