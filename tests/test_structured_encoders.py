@@ -256,13 +256,14 @@ def test_hugging_face_vit_with_heads_removed_is_a_standard_directory(tmp_path):
 
 
 @pytest.mark.parametrize("factory", [timm_vit, torchvision_vit])
-@pytest.mark.parametrize("structure", ["width", "depth"])
+@pytest.mark.parametrize("structure", ["width", "global", "depth"])
 def test_vision_models_round_trip_through_safetensors(tmp_path, factory, structure):
     model = factory(depth=3) if factory is timm_vit else factory(layers=3)
-    result = llm.prune_structured(model, image_batches(), forward=call, structure=structure, ratio=0.3, progress=False)
+    options = {"structure": "width", "allocation": "global"} if structure == "global" else {"structure": structure}
+    result = llm.prune_structured(model, image_batches(), forward=call, ratio=0.3, progress=False, **options)
     assert not result.standard
     blocks = blocks_of(model)
-    assert isinstance(blocks, nn.Sequential) and len(blocks) == (3 if structure == "width" else 2)
+    assert isinstance(blocks, nn.Sequential) and len(blocks) == (2 if structure == "depth" else 3)
     save_vision(model, tmp_path / "vit")
     assert sorted(p.name for p in (tmp_path / "vit").iterdir()) == ["model.safetensors"]
     fresh = factory(depth=3) if factory is timm_vit else factory(layers=3)
