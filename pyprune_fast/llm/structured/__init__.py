@@ -8,15 +8,19 @@ shapes and the config changed for real.
     result = llm.prune_structured(model, calib, structure="width", ratio=0.25, score="flap")
     llm.save_pretrained(model, tok, "out/smollm2-w25")   # uniform widths: stock from_pretrained loads it
 
-Architectures: Llama, Mistral, Qwen2, Qwen3, OPT (layout.py: the coupled groups, the rule for
-grouped-query attention); any other is refused by name. Width: width.py (how `ratio` is split
-between heads and channels, uniform and global allocation), scores.py (magnitude, Wanda, FLAP),
+Architectures: Llama, Mistral, Qwen2, Qwen3, OPT; encoders and vision transformers with `forward=`
+(BERT and the default MiniLM, Hugging Face ViT, timm ViT; torchvision ViT MLP channels only).
+layout.py: the coupled groups, the rule for grouped-query attention; any other is refused by name.
+Width: width.py (how `ratio` is split between heads and channels, uniform and global allocation),
+scores.py (magnitude, Wanda, FLAP),
 refit.py (least-squares reconstruction, FLAP's bias compensation). Depth: depth.py (ShortGPT's block
-influence). Saving and loading: load.py."""
+influence). Saving and loading: load.py (Hugging Face), vision.py (timm / torchvision: safetensors with
+the shapes, `load_vision` rebuilds them on a model from the library's factory)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +36,18 @@ from .edit import Edits
 from .layout import LAYOUTS, Layout, Structure, structure_of
 from .load import load_pretrained
 from .scores import SCORES
-from .width import Counts, WidthOptions, WidthRun, dense_scores, global_counts, sequential, uniform_counts
+from .vision import load_vision, save_vision
+from .width import (
+    UNITS,
+    Counts,
+    WidthOptions,
+    WidthRun,
+    check_units,
+    dense_scores,
+    global_counts,
+    sequential,
+    uniform_counts,
+)
 
 STRUCTURES = ("width", "depth")
 ALLOCATIONS = ("uniform", "global")
@@ -42,11 +57,14 @@ __all__ = [
     "LAYOUTS",
     "SCORES",
     "STRUCTURES",
+    "UNITS",
     "Layout",
     "Structure",
     "StructuredResult",
     "load_pretrained",
+    "load_vision",
     "prune_structured",
+    "save_vision",
     "structure_of",
 ]
 
@@ -94,7 +112,7 @@ class StructuredResult:
         lines.append(
             "standard config (stock from_pretrained loads it)"
             if self.standard
-            else "per-layer widths: llm.load_pretrained"
+            else "not a standard config: llm.load_pretrained (Hugging Face), load_vision (timm, torchvision)"
         )
         return "\n".join(lines)
 
@@ -140,7 +158,9 @@ def _finish_config(model: nn.Module, structure: Structure, edits: Edits, flags: 
     """The config after width pruning: bias flags set, widths written (a standard config when uniform;
     else the largest, with `pyprune_fast_widths` the per-layer lists llm.load_pretrained reads).
     Returns whether the config is standard."""
-    config, layout = model.config, structure.layout
+    config, layout = structure.config, structure.layout
+    if config is None:  # timm / torchvision: no config; the shapes are saved with the weights (vision.py)
+        return False
     for flag in flags:
         edits.set(config, flag, True)
     intermediate, heads = _widths(structure)
@@ -162,9 +182,10 @@ def _finish_config(model: nn.Module, structure: Structure, edits: Edits, flags: 
 @torch.no_grad()
 def prune_structured(
     model: nn.Module,
-    calibration: Tensor,
+    calibration: Tensor | list[Any],
     *,
     structure: str = "width",
+    units: str | None = None,
     ratio: float = 0.25,
     score: str = "flap",
     allocation: str = "uniform",
@@ -178,14 +199,20 @@ def prune_structured(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> StructuredResult:
     """Removes `ratio` of a decoder LLM's block parameters for real: MLP channels and attention heads
     (structure="width"), or whole blocks (structure="depth"), calibrated block by block.
 
     Args:
-        model: a Hugging Face causal LM of a known architecture (layout.LAYOUTS), changed in place.
-        calibration: token ids (1-D stream or [sequences, tokens]), cut by `calibration_windows`.
+        model: a Hugging Face causal LM of a known architecture (layout.LAYOUTS), or with `forward` an
+            encoder / vision transformer (BERT, HF ViT, timm ViT, torchvision ViT), changed in place.
+        calibration: token ids (1-D stream or [sequences, tokens]), cut by `calibration_windows`; with
+            `forward`, a list of batches (num_samples, seq_len and batch_size are then not used).
         structure: "width" or "depth".
+        units: width only: "both" (heads and MLP channels), "mlp" or "heads" (the whole budget in one
+            kind); None: "both", or "mlp" for torchvision's nn.MultiheadAttention, which cannot lose heads
+            (units="both"/"heads" there: ValueError naming units, the model untouched).
         ratio: the fraction of the decoder blocks' parameters removed, in [0, 1) (width.py: how it is
             split between heads and channels; depth: round(ratio × blocks) blocks).
         score: "magnitude", "wanda" or "flap" (scores.py), width only.
@@ -200,6 +227,7 @@ def prune_structured(
         num_samples, seq_len, batch_size: calibration sequences, their length, sequences per forward.
         device: where each block runs (default: CUDA when available, else where the blocks are).
         progress: a progress bar (None: when the output is a terminal).
+        forward: for a model that does not take token ids: a callable (model, inputs), as llm.prune's.
 
     Returns:
         StructuredResult. ValueError/TypeError naming the argument, with the model untouched, for a bad
@@ -210,11 +238,20 @@ def prune_structured(
     options = dict(structure=structure, ratio=ratio, score=score, allocation=allocation, floor=floor)
     _check({**options, "reconstruct": reconstruct, "bias": bias, "percdamp": percdamp}, sizes)
     s = structure_of(model)
-    counts = uniform_counts(s, float(ratio), multiple) if structure == "width" else None
+    units = check_units(s, units) if structure == "width" else None
+    counts = uniform_counts(s, float(ratio), multiple, units) if structure == "width" else None
     removing = round(ratio * len(s.blocks)) if structure == "depth" else 0
     if removing >= len(s.blocks):
         raise ValueError(f"ratio={ratio} removes every one of the {len(s.blocks)} blocks")
-    windows = calibration_windows(calibration, num_samples, seq_len)
+    if forward is None:
+        windows = calibration_windows(calibration, num_samples, seq_len)
+        batches = [windows[k : k + batch_size] for k in range(0, len(windows), batch_size)]
+    elif not callable(forward):
+        raise TypeError(f"forward must be callable (model, inputs) -> outputs, got {type(forward).__name__}")
+    elif not isinstance(calibration, (list, tuple)) or not calibration:
+        raise TypeError("with forward=, calibration must be a non-empty list of batches")
+    else:
+        batches = list(calibration)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else module_device(s.blocks[0])
     device = torch.device(device)
@@ -234,9 +271,9 @@ def prune_structured(
     edits = Edits()
     try:
         with eval_mode(model):
-            batches = [windows[k : k + batch_size] for k in range(0, len(windows), batch_size)]
-            inputs = capture_inputs(model, s.blocks[0], batches, device)
+            inputs = capture_inputs(model, s.blocks[0], batches, device, forward=forward)
             if structure == "depth":
+                result.standard = s.config is not None
                 influence = block_influence(s, inputs, device)
                 result.influence = influence.tolist()
                 result.removed_blocks = blocks_to_remove(influence, removing)

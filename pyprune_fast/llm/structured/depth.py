@@ -8,7 +8,8 @@ The blocks with the lowest influence go first (ties: the lower index), round(rat
 (every block of a decoder has the same size, so that is the fraction of the decoder's parameters).
 The remaining blocks are renumbered: each module's `layer_idx` (the KV cache slot of its attention),
 config.num_hidden_layers and every per-layer list of the config (`layer_types`, ...), so that
-generate() with a KV cache works and save_pretrained writes a standard config."""
+generate() with a KV cache works and save_pretrained writes a standard config. Encoders alike (BERT's
+config, a timm / torchvision nn.Sequential of blocks stays an nn.Sequential)."""
 
 from __future__ import annotations
 
@@ -58,9 +59,9 @@ def remove_blocks_(model: nn.Module, structure: Structure, removed: list[int], e
     """Blocks `removed` taken out; the rest renumbered (module docstring)."""
     gone = set(removed)
     kept = [b for i, b in enumerate(structure.blocks) if i not in gone]
-    config = model.config
+    config = structure.config
     layers = len(structure.blocks)
-    for name in per_layer_lists(config, layers):
+    for name in per_layer_lists(config, layers) if config is not None else ():
         value = getattr(config, name)
         edits.set(config, name, type(value)(v for i, v in enumerate(value) if i not in gone))
     widths = getattr(config, "pyprune_fast_widths", None)
@@ -68,11 +69,13 @@ def remove_blocks_(model: nn.Module, structure: Structure, removed: list[int], e
         edits.set(
             config, "pyprune_fast_widths", {k: [v for i, v in enumerate(x) if i not in gone] for k, x in widths.items()}
         )
-    edits.set(config, "num_hidden_layers", len(kept))
+    if config is not None:
+        edits.set(config, "num_hidden_layers", len(kept))
     for new_index, block in enumerate(kept):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 edits.set(module, "layer_idx", new_index)
     parent_name, _, child = structure.prefix.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    edits.set(parent, child, nn.ModuleList(kept))
+    container = structure.blocks  # torchvision / timm call an nn.Sequential: it stays one
+    edits.set(parent, child, nn.Sequential(*kept) if isinstance(container, nn.Sequential) else nn.ModuleList(kept))

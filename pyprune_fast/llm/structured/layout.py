@@ -15,14 +15,34 @@ stays a standard one (num_attention_heads = num_key_value_heads × g', head_dim 
 the KV cache does not shrink. With g = 1 (multi-head attention: OPT, a Llama without GQA) every head is
 its own group, and heads are removed whole: rows of q_proj, k_proj and v_proj, columns of o_proj.
 
-Only the architectures below are known; any other is refused by name before anything is touched (a
-Linear's rows are never removed without knowing which head they belong to)."""
+Encoders and vision transformers (multi-head attention: every head removed whole):
+
+    bert             BertModel (also inside a wrapper such as the default MiniLM's SentenceEncoder):
+                     intermediate.dense rows + output.dense columns; attention.self.query/key/value rows +
+                     attention.output.dense columns. BERT derives its head size as hidden / heads, so a
+                     BERT with heads removed is not a standard config (llm.load_pretrained rebuilds it)
+    vit              Hugging Face ViTModel: mlp.fc1 / mlp.fc2; attention.q_proj/k_proj/v_proj + o_proj;
+                     ViTConfig reads head_dim, so uniform widths stay a standard config
+    timm_vit         timm VisionTransformer blocks: mlp.fc1 / mlp.fc2; attn.qkv is ONE Linear [3·H·d, D]
+                     whose rows are (q | k | v) × heads × head_dim: a head's rows are sliced in all
+                     three parts; attn.proj columns; Attention.num_heads / attn_dim updated
+    torchvision_vit  torchvision VisionTransformer EncoderBlocks: MLP channels only (mlp.0 rows, mlp.3
+                     columns). Its nn.MultiheadAttention requires embed_dim == num_heads · head_dim and
+                     its out_proj width is embed_dim, so heads cannot be removed from it: head removal is
+                     refused by name
+
+HF models are recognized by config.model_type (the first submodule holding a config of a known type),
+timm and torchvision by the class of their blocks. Only the architectures below are known; any other is
+refused by name before anything is touched (a Linear's rows are never removed without knowing which
+head they belong to)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..blocks import find_blocks
 
@@ -34,7 +54,10 @@ class Layout:
     `mlp_bias` / `attention_bias`: the config flag with which the stock class gives the MLP / the
     attention Linears a bias (None: the class has no such flag, and a consumer without a bias gets none:
     no bias compensation there). `standard_heads`: whether a model with fewer heads is still a standard
-    config of the stock class (OPT derives head_dim = hidden / heads, so it is not)."""
+    config of the stock class (OPT derives head_dim = hidden / heads, so it is not). `packed_qkv`: q, k
+    and v are one Linear (timm's attn.qkv), rows (q | k | v) × heads × head_dim. `heads_removable`: False
+    where the attention cannot take fewer heads (nn.MultiheadAttention). `intermediate_key`: the config
+    field of the MLP width (None: the model has no Hugging Face config)."""
 
     producers: tuple[str, ...]
     consumer: str
@@ -43,10 +66,12 @@ class Layout:
     k: str
     v: str
     o: str
-    intermediate_key: str
+    intermediate_key: str | None
     mlp_bias: str | None
     attention_bias: str | None
     standard_heads: bool
+    packed_qkv: bool = False
+    heads_removable: bool = True
 
 
 _LLAMA_LIKE = dict(
@@ -82,6 +107,66 @@ LAYOUTS: dict[str, Layout] = {
         attention_bias=None,
         standard_heads=False,
     ),
+    "bert": Layout(
+        producers=("intermediate.dense",),
+        consumer="output.dense",
+        attention="attention.self",
+        q="attention.self.query",
+        k="attention.self.key",
+        v="attention.self.value",
+        o="attention.output.dense",
+        intermediate_key="intermediate_size",
+        mlp_bias=None,
+        attention_bias=None,
+        standard_heads=False,
+    ),
+    "vit": Layout(
+        producers=("mlp.fc1",),
+        consumer="mlp.fc2",
+        attention="attention",
+        q="attention.q_proj",
+        k="attention.k_proj",
+        v="attention.v_proj",
+        o="attention.o_proj",
+        intermediate_key="intermediate_size",
+        mlp_bias=None,
+        attention_bias=None,
+        standard_heads=True,
+    ),
+    "timm_vit": Layout(
+        producers=("mlp.fc1",),
+        consumer="mlp.fc2",
+        attention="attn",
+        q="attn.qkv",
+        k="attn.qkv",
+        v="attn.qkv",
+        o="attn.proj",
+        intermediate_key=None,
+        mlp_bias=None,
+        attention_bias=None,
+        standard_heads=False,
+        packed_qkv=True,
+    ),
+    "torchvision_vit": Layout(
+        producers=("mlp.0",),
+        consumer="mlp.3",
+        attention="self_attention",
+        q="self_attention.out_proj",
+        k="self_attention.out_proj",
+        v="self_attention.out_proj",
+        o="self_attention.out_proj",
+        intermediate_key=None,
+        mlp_bias=None,
+        attention_bias=None,
+        standard_heads=False,
+        heads_removable=False,
+    ),
+}
+
+# Blocks recognized by their class (models without a Hugging Face config): (module, class name) -> arch
+_BLOCK_CLASSES = {
+    ("timm.models.vision_transformer", "Block"): "timm_vit",
+    ("torchvision.models.vision_transformer", "EncoderBlock"): "torchvision_vit",
 }
 
 
@@ -98,6 +183,7 @@ class Structure:
     heads: int
     kv: int
     head_dim: int
+    config: Any = None
 
     @property
     def group(self) -> int:
@@ -111,7 +197,33 @@ class Structure:
         return self.linear(i, self.layout.consumer).in_features
 
     def block_heads(self, i: int) -> int:
-        return self.linear(i, self.layout.q).out_features // self.head_dim
+        if not self.layout.heads_removable:
+            return self.heads
+        parts = 3 if self.layout.packed_qkv else 1
+        return self.linear(i, self.layout.q).out_features // (parts * self.head_dim)
+
+    def qkv_rows(self, i: int, cols: Tensor) -> Tensor:
+        """The rows of the (packed) q/k/v Linear that hold the head columns `cols` (of o's input): the
+        same indices, or with a packed qkv those of q, k and v (each part block_heads(i)·d rows)."""
+        if not self.layout.packed_qkv:
+            return cols
+        width = self.block_heads(i) * self.head_dim
+        return torch.cat([cols + part * width for part in range(3)])
+
+
+def set_head_attrs(set_: Any, attention: nn.Module, heads: int, structure: Structure) -> None:
+    """The attention module's head bookkeeping for `heads` kept heads, through `set_(owner, name, value)`:
+    num_key_value_groups (GQA), num_heads / num_attention_heads, all_head_size / attn_dim (BERT, timm)."""
+    values = {
+        "num_key_value_groups": heads // structure.kv,
+        "num_heads": heads,
+        "num_attention_heads": heads,
+        "all_head_size": heads * structure.head_dim,
+        "attn_dim": heads * structure.head_dim,
+    }
+    for name, value in values.items():
+        if isinstance(getattr(attention, name, None), int):
+            set_(attention, name, value)
 
 
 def _shared_parameters(model: nn.Module, prefix: str) -> list[str]:
@@ -122,12 +234,48 @@ def _shared_parameters(model: nn.Module, prefix: str) -> list[str]:
     return sorted(n for names in owners.values() if len(names) > 1 for n in names if n.startswith(prefix + "."))
 
 
-def structure_of(model: nn.Module) -> Structure:
-    """The Structure of a Hugging Face decoder LLM; ValueError (the model untouched) for an architecture
-    whose attention is not known, a block that does not hold the expected Linears, inconsistent head
-    geometry, or weights shared inside the blocks (tied or shared Linears)."""
+def _architecture(model: nn.Module) -> tuple[str | None, Any]:
+    """(arch, Hugging Face config or None): the model's own config, else the first submodule's config of
+    a known type (a BertModel inside a wrapper), else the class of the blocks (timm, torchvision)."""
     config = getattr(model, "config", None)
     arch = getattr(config, "model_type", None)
+    if arch is not None:
+        return arch, config
+    for module in model.modules():
+        inner = getattr(module, "config", None)
+        if getattr(inner, "model_type", None) in LAYOUTS:
+            return inner.model_type, inner
+    try:
+        _, blocks = find_blocks(model)
+    except ValueError:
+        return None, None
+    kind = type(blocks[0])
+    return _BLOCK_CLASSES.get((kind.__module__, kind.__name__)), None
+
+
+def _geometry(arch: str, config: Any, blocks: nn.ModuleList) -> tuple[int, int, int, int]:
+    """(hidden, heads, key/value heads, head_dim) from the config, or from the attention module."""
+    if config is not None:
+        heads = int(config.num_attention_heads)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        hidden = int(config.hidden_size)
+        return hidden, heads, kv, int(getattr(config, "head_dim", None) or hidden // heads)
+    attention = blocks[0].get_submodule(LAYOUTS[arch].attention)
+    if arch == "timm_vit":
+        if not isinstance(attention.norm, nn.Identity) or getattr(attention, "gate", None) is not None:
+            raise ValueError("architecture timm_vit: an Attention with scale_norm or a gate is not known")
+        heads, head_dim = int(attention.num_heads), int(attention.head_dim)
+        return attention.qkv.in_features, heads, heads, head_dim
+    heads = int(attention.num_heads)
+    return int(attention.embed_dim), heads, heads, int(attention.head_dim)
+
+
+def structure_of(model: nn.Module) -> Structure:
+    """The Structure of a Hugging Face decoder LLM, a BERT / Hugging Face ViT encoder, or a timm /
+    torchvision ViT; ValueError (the model untouched) for an architecture whose attention is not known,
+    a block that does not hold the expected Linears, inconsistent head geometry, or weights shared inside
+    the blocks (tied or shared Linears)."""
+    arch, config = _architecture(model)
     if arch not in LAYOUTS:
         name = arch or type(model).__name__
         raise ValueError(
@@ -138,10 +286,7 @@ def structure_of(model: nn.Module) -> Structure:
     shared = _shared_parameters(model, prefix)
     if shared:
         raise ValueError(f"model: the structured pruner refuses weights shared inside the decoder blocks: {shared}")
-    heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    hidden = int(config.hidden_size)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    hidden, heads, kv, head_dim = _geometry(arch, config, blocks)
     if heads % kv:
         raise ValueError(f"architecture {arch}: {heads} query heads do not split into {kv} key/value groups")
     for i, block in enumerate(blocks):
@@ -153,4 +298,4 @@ def structure_of(model: nn.Module) -> Structure:
                 m = None
             if not isinstance(m, nn.Linear):
                 raise ValueError(f"architecture {arch}: block {i} has no nn.Linear {n!r} (a layout it does not know)")
-    return Structure(arch, prefix, blocks, layout, hidden, heads, kv, head_dim)
+    return Structure(arch, prefix, blocks, layout, hidden, heads, kv, head_dim, config)

@@ -2,15 +2,17 @@
 
 Uniform widths and depth pruning give a standard config: stock `AutoModelForCausalLM.from_pretrained`
 loads the directory (`load_pretrained` then does just that). Non-uniform widths (allocation="global",
-or OPT with heads removed: its attention derives head_dim = hidden / heads, so fewer heads is not a
-standard OPT config) are recorded in the config as `pyprune_fast_widths` (per block: MLP channels,
+or OPT and BERT with heads removed: their attention derives head_dim = hidden / heads, so fewer heads
+is not a standard config of theirs) are recorded in the config as `pyprune_fast_widths` (per block: MLP channels,
 query heads); transformers 5.25 has no per-layer widths for these architectures, so stock
 from_pretrained refuses the directory (its tensors do not match the config's shapes) and
 `load_pretrained` rebuilds the shapes: the stock class from the config, each block's Linears resized to
-the recorded widths, then the safetensors weights loaded strictly. No pickles, no remote code."""
+the recorded widths, then the safetensors weights loaded strictly. No pickles, no remote code. An
+encoder (config.architectures a class such as BertModel or ViTModel) is built by that class."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .edit import Edits
-from .layout import structure_of
+from .layout import set_head_attrs, structure_of
 
 
 def _empty_linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -28,7 +30,8 @@ def _empty_linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Li
 
 
 def reshape_(model: nn.Module, widths: dict[str, list[int]]) -> None:
-    """Every block's Linears resized to `widths` (uninitialized weights: loaded next)."""
+    """Every block's Linears resized to `widths` (uninitialized weights: loaded next); the attention's
+    head bookkeeping set (layout.set_head_attrs)."""
     s = structure_of(model)
     layout, d = s.layout, s.head_dim
     intermediate, heads = widths["intermediate_size"], widths["num_attention_heads"]
@@ -42,16 +45,35 @@ def reshape_(model: nn.Module, widths: dict[str, list[int]]) -> None:
             edits.replace(block, p, _empty_linear(lin, lin.in_features, width))
         lin = s.linear(i, layout.consumer)
         edits.replace(block, layout.consumer, _empty_linear(lin, width, lin.out_features))
-        for p in (layout.q,) if s.group > 1 else (layout.q, layout.k, layout.v):
+        if not layout.heads_removable:
+            continue
+        parts = 3 if layout.packed_qkv else 1
+        for p in (layout.q,) if s.group > 1 else dict.fromkeys((layout.q, layout.k, layout.v)):
             lin = s.linear(i, p)
-            edits.replace(block, p, _empty_linear(lin, lin.in_features, h * d))
+            edits.replace(block, p, _empty_linear(lin, lin.in_features, parts * h * d))
         lin = s.linear(i, layout.o)
         edits.replace(block, layout.o, _empty_linear(lin, h * d, lin.out_features))
-        attention = block.get_submodule(layout.attention)
-        if hasattr(attention, "num_key_value_groups"):
-            attention.num_key_value_groups = h // s.kv
-        if hasattr(attention, "num_heads"):
-            attention.num_heads = h
+        set_head_attrs(edits.set, block.get_submodule(layout.attention), h, s)
+
+
+def _model_class(config: Any) -> Any:
+    """The class that builds `config`: its recorded architecture when transformers has it and it is not
+    a causal LM (an encoder: BertModel, ViTModel), else AutoModelForCausalLM."""
+    import transformers
+
+    name = (getattr(config, "architectures", None) or [""])[0]
+    if name and not name.endswith("ForCausalLM") and hasattr(transformers, name):
+        return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM
+
+
+def _encoder_options(cls: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """The constructor options a config does not record: add_pooling_layer=False when the saved weights
+    hold no pooler (the default MiniLM's BertModel is built without one)."""
+    takes = inspect.signature(cls.__init__).parameters
+    if "add_pooling_layer" in takes and not any(k.startswith("pooler.") for k in state):
+        return {"add_pooling_layer": False}
+    return {}
 
 
 def load_pretrained(
@@ -69,16 +91,17 @@ def load_pretrained(
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     widths = getattr(config, "pyprune_fast_widths", None)
     if widths is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
+        model = _model_class(config).from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ValueError(f"{path} holds no *.safetensors weights")
-        model = AutoModelForCausalLM.from_config(config)
-        reshape_(model, widths)
         state = {}
         for f in files:
             state.update(load_file(str(f)))
+        cls = _model_class(config)
+        model = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config, **_encoder_options(cls, state))
+        reshape_(model, widths)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or ())
         missing = [k for k in missing if k not in tied]

@@ -13,7 +13,8 @@ calibration token.
                 metric (An et al. 2024, "Fluctuation-based Adaptive Structured Pruning for Large
                 Language Models", AAAI)
 
-A head's score is the sum over its head_dim columns (magnitude: the norm over all its weights)."""
+A head's score is the sum over its head_dim columns (magnitude: the norm over all its weights; with a
+packed qkv Linear, its rows in the q, k and v parts)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ def head_scores(score: str, structure: Structure, i: int, stats: InputStats | No
     layout, d = structure.layout, structure.head_dim
     s = _column_scores(score, structure.linear(i, layout.o).weight, stats).reshape(-1, d).sum(1)
     if score == "magnitude":
-        s = s + _rows_sq(structure.linear(i, layout.q).weight).to(s.device).reshape(-1, d).sum(1)
+        q = _rows_sq(structure.linear(i, layout.q).weight).to(s.device)
+        if layout.packed_qkv:  # rows (q | k | v) × heads × head_dim: a head's rows in all three parts
+            return (s + q.reshape(3, -1, d).sum((0, 2))).sqrt()
+        s = s + q.reshape(-1, d).sum(1)
         if structure.group == 1:
             for name in (layout.k, layout.v):
                 s = s + _rows_sq(structure.linear(i, name).weight).to(s.device).reshape(-1, d).sum(1)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ...criteria.input_stats import InputStats, StatsCollector
 from ..blocks import BlockInputs, module_device
 from .edit import Edits, new_linear, rows, with_bias
-from .layout import Structure
+from .layout import Structure, set_head_attrs
 from .refit import compensate, least_squares
 from .scores import channel_scores, check_finite, head_scores
 
@@ -96,16 +96,44 @@ def rounded(width: int, channels: int, multiple: int) -> int:
     return max(0, width - kept)
 
 
-def uniform_counts(structure: Structure, ratio: float, multiple: int = 1) -> list[Counts]:
-    """Counts per block for `ratio` (module docstring), the kept MLP width rounded to a multiple of
-    `multiple`; ValueError naming `ratio` when a block would keep no head or no channel."""
+UNITS = ("both", "mlp", "heads")
+
+
+def check_units(structure: Structure, units: str | None) -> str:
+    """The units width pruning removes: `units`, or None for the architecture's default ("both"; "mlp"
+    where heads cannot be removed). ValueError naming `units` for an unknown value, or for head removal
+    on an attention that cannot lose heads (torchvision's nn.MultiheadAttention)."""
+    if units is None:
+        return "both" if structure.layout.heads_removable else "mlp"
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {UNITS} or None, got {units!r}")
+    if units != "mlp" and not structure.layout.heads_removable:
+        raise ValueError(
+            f"units={units!r}: architecture {structure.arch}: heads cannot be removed from nn.MultiheadAttention "
+            "(it requires embed_dim == num_heads * head_dim); use units='mlp' (MLP channels only)"
+        )
+    return units
+
+
+def uniform_counts(structure: Structure, ratio: float, multiple: int = 1, units: str = "both") -> list[Counts]:
+    """Counts per block for `ratio` (module docstring; units="mlp": the whole budget in MLP channels,
+    "heads": the whole budget in heads), the kept MLP width rounded to a multiple of `multiple`;
+    ValueError naming `ratio` when a block would keep no head or no channel."""
     counts = []
     for i, block in enumerate(structure.blocks):
-        units = _head_units(structure, i)
-        heads = round(ratio * units)
-        if heads >= units:
+        units_i = _head_units(structure, i)
+        if units == "mlp":
+            heads = 0
+        elif units == "heads":
+            heads = round(ratio * block_params(block) / _head_cost(structure, i))
+        else:
+            heads = round(ratio * units_i)
+        if heads >= units_i:
             where = "attention head" if structure.group == 1 else "query head in a key/value group"
-            raise ValueError(f"ratio={ratio} leaves no {where} of block {i} ({units} per group)")
+            raise ValueError(f"ratio={ratio} leaves no {where} of block {i} ({units_i} per group)")
+        if units == "heads":
+            counts.append(Counts(heads, 0))
+            continue
         budget = ratio * block_params(block) - heads * _head_cost(structure, i)
         channels = rounded(structure.intermediate(i), max(0, round(budget / _channel_cost(structure, i))), multiple)
         if channels >= structure.intermediate(i):
@@ -194,7 +222,10 @@ class WidthRun:
 
     def consumers(self, i: int) -> dict[str, nn.Linear]:
         layout = self.s.layout
-        return {"mlp": self.s.linear(i, layout.consumer), "attention": self.s.linear(i, layout.o)}
+        out = {"mlp": self.s.linear(i, layout.consumer)}
+        if layout.heads_removable:
+            out["attention"] = self.s.linear(i, layout.o)
+        return out
 
     def statistics(self, i: int, inputs: BlockInputs) -> dict[str, InputStats]:
         """n, Σx, Σx² (and XᵀX for reconstruction) of both consumers' inputs over every batch."""
@@ -211,7 +242,7 @@ class WidthRun:
 
     def scores(self, i: int, stats: dict[str, InputStats]) -> tuple[Tensor, Tensor]:
         ch = channel_scores(self.o.score, self.s, i, stats["mlp"])
-        hd = head_scores(self.o.score, self.s, i, stats["attention"])
+        hd = head_scores(self.o.score, self.s, i, stats["attention"]) if "attention" in stats else torch.zeros(0)
         check_finite(ch, f"block {i} MLP channels")
         check_finite(hd, f"block {i} attention heads")
         return ch, hd
@@ -249,14 +280,11 @@ class WidthRun:
             d = s.head_dim
             cols = (heads.unsqueeze(1) * d + torch.arange(d)).flatten()
             self._consumer(i, "attention", layout.o, cols, stats["attention"])
-            sliced = (layout.q,) if s.group > 1 else (layout.q, layout.k, layout.v)
+            sliced = (layout.q,) if s.group > 1 else dict.fromkeys((layout.q, layout.k, layout.v))
+            qkv_rows = s.qkv_rows(i, cols)
             for p in sliced:
-                self.edits.replace(s.blocks[i], p, rows(s.linear(i, p), cols))
-            attention = s.blocks[i].get_submodule(layout.attention)
-            if hasattr(attention, "num_key_value_groups"):
-                self.edits.set(attention, "num_key_value_groups", len(heads) // s.kv)
-            if hasattr(attention, "num_heads"):
-                self.edits.set(attention, "num_heads", len(heads))
+                self.edits.replace(s.blocks[i], p, rows(s.linear(i, p), qkv_rows))
+            set_head_attrs(self.edits.set, s.blocks[i].get_submodule(layout.attention), len(heads), s)
 
     def give_biases(self) -> list[str]:
         """Where a consumer was given a bias through a config flag (Llama's mlp_bias, attention_bias):
