@@ -62,6 +62,29 @@ def test_prune_every_method_at_50_and_2_4_with_saved_models(model_dir, tmp_path,
     assert [means[n] for n in ranking] == sorted(means.values())  # lower perplexity ranks first
 
 
+def test_the_llm_report_shows_perplexity_time_memory_and_block_errors(model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    rc = cli.main(["prune", "--model", f"hf:{model_dir}", "--out", out, "--criterion", "magnitude", "wanda", *OPTIONS])
+    assert rc == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["block-error.png", "perplexity.png"]
+    with open(os.path.join(out, "report.json")) as f:
+        doc = json.load(f)
+    assert doc["peak_measure"] == "the process's peak resident memory (RSS) so far"
+    blocks = len(llm.find_blocks(transformers.AutoModelForCausalLM.from_pretrained(model_dir))[1])
+    for result in doc["results"]:
+        assert result["peak_bytes"] > 0
+        measured = result["criterion"].startswith("wanda")
+        assert len(result["block_error"]) == (blocks if measured else 0)
+        assert all(e > 0 for e in result["block_error"])
+    assert "_peak_bytes" not in doc["model"] and not any(k.startswith("_") for k in doc["model"])
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    assert "targets 50 %, 2:4 (granularity each method's own groups)" in md and "granularity 0.5" not in md
+    assert "| method | target | perplexity | × dense | achieved | time to prune | peak memory |" in md
+    assert "| wanda | 2:4 |" in md and "| magnitude | 50 % |" in md and "not measured" in md
+    assert "![perplexity](perplexity.png)" in md and "![block-error](block-error.png)" in md
+
+
 def test_save_model_into_a_given_directory_and_one_target(model_dir, tmp_path):
     out, models = str(tmp_path / "out"), str(tmp_path / "models")
     rc = cli.main(
