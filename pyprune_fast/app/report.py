@@ -264,7 +264,7 @@ def _llm_results(run: Run) -> list[str]:
     tuned = run.finetuned
     out = [
         "| method | target | perplexity | × dense | "
-        + ("after fine-tuning | " if tuned else "")
+        + ("perplexity after fine-tuning | " if tuned else "")
         + "achieved | time to prune | peak memory | block error: mean, worst (block) | masks |",
         "|---" * (9 + tuned) + "|",
     ]
@@ -383,7 +383,8 @@ def perplexity_plot(run: Run, path: str) -> None:
                     xs.append(i + (k - (len(series) - 1) / 2) * width)
                     ys.append((r.finetuned if tuned else r.metrics)["perplexity"])
         label = f"{pattern} fine-tuned" if tuned else pattern
-        bars = ax.bar(xs, ys, width, label=label, hatch="//" if tuned else None)
+        color = f"C{patterns.index(pattern)}"
+        bars = ax.bar(xs, ys, width, label=label, color=color, hatch="//" if tuned else None, edgecolor="white")
         ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=8, padding=2)
     ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.4g}")
     ax.set_yscale("log")
