@@ -356,12 +356,12 @@ def layers_plot(run: Run, path: str) -> None:
 
 
 def _plain_log_labels(ax) -> None:
-    """Tick labels of a log-scale y axis as plain numbers (20, 50, 100), not powers of ten."""
+    """Tick labels of a log-scale y axis as plain numbers (20, 50, 100; minor ticks at 2 and 5 of each
+    decade only), not powers of ten."""
     from matplotlib.ticker import FuncFormatter
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
@@ -385,7 +385,7 @@ def perplexity_plot(run: Run, path: str) -> None:
         label = f"{pattern} fine-tuned" if tuned else pattern
         color = f"C{patterns.index(pattern)}"
         bars = ax.bar(xs, ys, width, label=label, color=color, hatch="//" if tuned else None, edgecolor="white")
-        ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=8, padding=2)
+        ax.bar_label(bars, labels=[f"{y:.4g}" for y in ys], fontsize=8, padding=2)
     ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.4g}")
     ax.set_yscale("log")
     _plain_log_labels(ax)
