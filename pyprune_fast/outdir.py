@@ -3,7 +3,8 @@
 `OutDir(path)` checks the directory before any work. With `whole=True` the run's whole output is
 staged in a temporary sibling directory and switched in by `commit()` with one rename, replacing an
 earlier run's output as a whole (a directory holding anything else is refused); otherwise the
-directory is created and files are renamed into it one by one (`io.Staged`). `remove_created()`
+directory is created and files are renamed into it one by one (`io.Staged`), and with `also` a
+directory holding anything but an earlier output and those names is refused as well. `remove_created()`
 takes away the staging and the directories the run created. Refusals, and writes that fail inside
 `writes()`, are `UsageError`s: the directory is the user's."""
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from .errors import UsageError
 from .io import commit_dir, discard, new_temp, new_temp_dir
@@ -49,30 +50,40 @@ class OutDir:
         whole: stage the whole output and switch it in with one rename (`commit`); the directory must
             be new, empty, or hold an earlier output of `command`.
         command: the command whose earlier output `whole` may replace (`earlier_output`).
+        also: without `whole`, check the directory as `whole` does, allowing these names besides an
+            earlier output (what the run writes there whose writer checks it: offloaded checkpoints);
+            None: no check.
 
     Raises:
         UsageError: `path` is a file, is (or holds) the working directory, holds other files (with
-            `whole`), or cannot be written.
+            `whole` or `also`), or cannot be written.
     """
 
-    def __init__(self, path: str, whole: bool = False, command: tuple[str, ...] = ("pyprune-fast", "prune")) -> None:
+    def __init__(
+        self,
+        path: str,
+        whole: bool = False,
+        command: tuple[str, ...] = ("pyprune-fast", "prune"),
+        also: Collection[str] | None = None,
+    ) -> None:
         self.path, self.staging, self.created = path, None, []
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"output directory {path!r} exists and is not a directory")
-        if whole and os.path.isdir(path):
+        if (whole or also is not None) and os.path.isdir(path):
             absolute = os.path.abspath(path)
             name = " ".join(command)
-            if os.path.commonpath([absolute, os.getcwd()]) == absolute:
+            if whole and os.path.commonpath([absolute, os.getcwd()]) == absolute:
                 raise UsageError(
                     f"output directory {path!r} is the working directory or holds it; {name} replaces its output "
                     "directory as a whole: choose a new or empty directory"
                 )
-            foreign = sorted(set(os.listdir(path)) - earlier_output(path, list(command)))
+            foreign = sorted(set(os.listdir(path)) - earlier_output(path, list(command)) - set(also or ()))
             if foreign:
                 shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+                how = "replaces its output directory as a whole" if whole else "writes its reports there"
                 raise UsageError(
                     f"output directory {path!r} holds files that are not the output of an earlier {name} ({shown}); "
-                    f"{name} replaces its output directory as a whole: choose a new or empty directory"
+                    f"{name} {how}: choose a new or empty directory"
                 )
         head = os.path.abspath(path)
         if whole:

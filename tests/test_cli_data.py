@@ -175,6 +175,23 @@ def causal_lm_dir(tmp_path_factory):
     return str(path)
 
 
+def test_symbolic_link_loops_and_repeats_read_each_file_once(tmp_path, capsys):
+    texts = tmp_path / "texts"
+    (texts / "sub").mkdir(parents=True)
+    (texts / "a.txt").write_text("alpha")
+    (texts / "sub" / "b.txt").write_text("beta")
+    os.symlink("..", texts / "sub" / "loop")  # back to texts/: a loop
+    os.symlink("a.txt", texts / "same.txt")  # the same file again
+    assert data.read_texts(str(texts), "--data") == ["alpha", "beta"]
+    assert "--data" in capsys.readouterr().err
+    images = tmp_path / "images"
+    write_images(images, per_class=2)
+    os.symlink("..", images / "cat" / "up")  # the whole folder again, below a class folder
+    folder = data.image_folder(str(images), "--data")
+    assert len(folder.samples) == 2 * len(CLASSES)
+    assert "symbolic link" in capsys.readouterr().err
+
+
 def test_text_folder_tokens_are_the_files_tokens(tmp_path):
     root = write_text(tmp_path / "text")
     tokenizer = tiny_tokenizer()

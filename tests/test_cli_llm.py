@@ -62,6 +62,29 @@ def test_prune_every_method_at_50_and_2_4_with_saved_models(model_dir, tmp_path,
     assert [means[n] for n in ranking] == sorted(means.values())  # lower perplexity ranks first
 
 
+def test_the_llm_report_shows_perplexity_time_memory_and_block_errors(model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    rc = cli.main(["prune", "--model", f"hf:{model_dir}", "--out", out, "--criterion", "magnitude", "wanda", *OPTIONS])
+    assert rc == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["block-error.png", "perplexity.png"]
+    with open(os.path.join(out, "report.json")) as f:
+        doc = json.load(f)
+    assert doc["peak_measure"] == "the process's peak resident memory (RSS) so far"
+    blocks = len(llm.find_blocks(transformers.AutoModelForCausalLM.from_pretrained(model_dir))[1])
+    for result in doc["results"]:
+        assert result["peak_bytes"] > 0
+        measured = result["criterion"].startswith("wanda")
+        assert len(result["block_error"]) == (blocks if measured else 0)
+        assert all(e > 0 for e in result["block_error"])
+    assert "_peak_bytes" not in doc["model"] and not any(k.startswith("_") for k in doc["model"])
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    assert "targets 50 %, 2:4 (granularity each method's own groups)" in md and "granularity 0.5" not in md
+    assert "| method | target | perplexity | × dense | achieved | time to prune | peak memory |" in md
+    assert "| wanda | 2:4 |" in md and "| magnitude | 50 % |" in md and "not measured" in md
+    assert "![perplexity](perplexity.png)" in md and "![block-error](block-error.png)" in md
+
+
 def test_save_model_into_a_given_directory_and_one_target(model_dir, tmp_path):
     out, models = str(tmp_path / "out"), str(tmp_path / "models")
     rc = cli.main(
@@ -155,3 +178,77 @@ def test_a_resume_that_does_not_match_the_earlier_run_is_a_user_error(model_dir,
     assert cli.main([*args, "--samples", "3", "--out", out, "--offload", "disk", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "cannot resume" in err
+
+
+# --- what a run may replace: never its input, never the user's files ----------------------------------
+
+
+def prune_args(model: str, out, *extra: str) -> list[str]:
+    return ["prune", "--model", f"hf:{model}", "--out", str(out), "--criterion", "magnitude", "--sparsity", "0.5",
+            *OPTIONS, *extra]  # fmt: skip
+
+
+def test_a_model_inside_out_is_refused_before_it_is_replaced(model_dir, tmp_path, capsys):
+    chain = tmp_path / "chain"
+    assert cli.main(prune_args(model_dir, chain, "--save-model")) == 0
+    saved = chain / "magnitude-0.5"
+    before = sorted(os.listdir(saved))
+    assert cli.main(prune_args(saved, chain)) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "lies inside --out" in err and "Traceback" not in err
+    assert sorted(os.listdir(saved)) == before
+    text = tmp_path / "chain" / "calibration.txt"
+    text.write_text("some text " * 200)
+    assert cli.main(prune_args(model_dir, chain, "--data", str(text))) == 2
+    assert "--data" in capsys.readouterr().err and text.read_text().startswith("some text")
+
+
+@pytest.mark.parametrize("where", ["model", "model/sub", "."])
+def test_a_save_model_that_is_holds_or_lies_in_the_input_is_refused(model_dir, tmp_path, capsys, where):
+    model = tmp_path / "m" / "model"
+    model.mkdir(parents=True)
+    for name in os.listdir(model_dir):
+        (model / name).write_bytes(open(os.path.join(model_dir, name), "rb").read())
+    before = {name: (model / name).read_bytes() for name in os.listdir(model)}
+    target = os.path.normpath(os.path.join(tmp_path / "m", where))
+    out = tmp_path / "deep" / "out"
+    assert cli.main(prune_args(model, out, "--save-model", target)) == 2
+    err = capsys.readouterr().err
+    assert "--save-model" in err and "input model" in err and "Traceback" not in err
+    assert {name: (model / name).read_bytes() for name in os.listdir(model)} == before
+    assert not (tmp_path / "deep").exists()
+
+
+def test_save_model_never_replaces_a_directory_we_did_not_write(model_dir, tmp_path, capsys):
+    models = tmp_path / "mydir"
+    (models / "magnitude-0.5").mkdir(parents=True)
+    (models / "magnitude-0.5" / "notes.txt").write_text("mine")
+    out = tmp_path / "out"
+    assert cli.main(prune_args(model_dir, out, "--save-model", str(models))) == 2
+    err = capsys.readouterr().err
+    assert "--save-model" in err and "notes.txt" in err and "Traceback" not in err
+    assert os.listdir(models / "magnitude-0.5") == ["notes.txt"] and not out.exists()
+    (models / "magnitude-0.5" / "notes.txt").unlink()  # an empty directory holds nothing of the user's
+    assert cli.main(prune_args(model_dir, out, "--save-model", str(models))) == 0
+    assert "pyprune_model.json" in os.listdir(models / "magnitude-0.5")
+    assert cli.main(prune_args(model_dir, out, "--save-model", str(models))) == 0  # ours: replaced
+
+
+def test_offload_disk_refuses_an_out_holding_the_users_files(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("my own report")
+    assert cli.main(prune_args(model_dir, out, "--offload", "disk")) == 2
+    err = capsys.readouterr().err
+    assert "holds files that are not the output of an earlier pyprune-fast prune (report.md)" in err
+    assert os.listdir(out) == ["report.md"] and (out / "report.md").read_text() == "my own report"
+
+
+def test_an_option_error_creates_nothing(model_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = tmp_path / "deep" / "x" / "y"
+    assert cli.main(prune_args(model_dir, out, "--save-model", str(blocker))) == 2
+    err = capsys.readouterr().err
+    assert "--save-model" in err and "not a directory" in err
+    assert sorted(os.listdir(tmp_path)) == ["file"] and blocker.read_text() == "x"

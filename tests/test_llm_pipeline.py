@@ -297,6 +297,43 @@ def test_result_reports_memory_times_and_layers():
     assert magnitude.num_samples == 0 and magnitude.memory.activations == 0
 
 
+def block_errors_by_hand(pruned, dense):
+    """‖f_pruned(X_i) − f_dense(X_i)‖ / ‖f_dense(X_i)‖ of each block i over the calibration batches, X_i
+    the inputs the pruned model gives block i (hooks on the pruned model, the dense block rerun)."""
+    _, blocks = llm.find_blocks(pruned)
+    _, dense_blocks = llm.find_blocks(dense)
+    sums = [[0.0, 0.0] for _ in blocks]
+
+    def hook(i):
+        def compare(_module, args, kwargs, output):
+            y = output[0] if isinstance(output, tuple) else output
+            want = dense_blocks[i](*args, **kwargs)
+            want = want[0] if isinstance(want, tuple) else want
+            sums[i][0] += float((y.double() - want.double()).pow(2).sum())
+            sums[i][1] += float(want.double().pow(2).sum())
+
+        return compare
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        for batch in calibration().view(N_SAMPLES, SEQ_LEN).split(BATCH):
+            pruned(batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    return [(d / n) ** 0.5 for d, n in sums]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "snip"])
+def test_block_error_is_the_relative_output_error_of_each_pruned_block(method):
+    model, dense = tiny_causal_lm("llama"), tiny_causal_lm("llama")
+    result = run(model, method, 0.5)
+    want = block_errors_by_hand(model, dense)
+    assert len(result.block_error) == 2 and all(e > 0 for e in result.block_error)
+    assert result.block_error == pytest.approx(want, rel=1e-4)
+    assert run(tiny_causal_lm("llama"), method, 0.5, propagate="dense").block_error == []
+    assert run(tiny_causal_lm("llama"), "magnitude", 0.5).block_error == []
+
+
 # --- bad input: clear errors, the model unchanged ---
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -121,12 +122,10 @@ def image_folder(path: str, option: str) -> ImageFolder:
         raise DataError(
             f"{option} {path!r} has no class subfolders: expected {path}/<class>/<image> (as torchvision's ImageFolder)"
         )
-    samples, empty = [], []
+    samples, empty, walk = [], [], _Walk(option)
+    walk.visit(path)  # a link back to the top folder is a loop, not a class's images
     for label, name in enumerate(classes):
-        found = []
-        for directory, subdirs, files in os.walk(os.path.join(path, name), followlinks=True):
-            subdirs.sort()
-            found += [os.path.join(directory, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = walk.files(os.path.join(path, name), IMAGE_EXTENSIONS, hidden=True)
         if not found:
             empty.append(name)
         samples += [(f, label) for f in found]
@@ -134,7 +133,53 @@ def image_folder(path: str, option: str) -> ImageFolder:
         raise DataError(
             f"{option} {path!r}: class folders {empty} hold no image (extensions {', '.join(IMAGE_EXTENSIONS)})"
         )
+    walk.note()
     return ImageFolder(path, classes, samples)
+
+
+class _Walk:
+    """The files below folders, symbolic links followed, each folder and each file read once (by device
+    and inode): a link back into a folder already walked (a loop) or to a file already found is skipped,
+    and `note` says on stderr how many were."""
+
+    def __init__(self, option: str) -> None:
+        self.option, self.seen, self.skipped = option, set(), 0
+
+    def visit(self, path: str) -> bool:
+        """Marks `path` read; whether it was not already (True for a broken link: its reader says so)."""
+        try:
+            info = os.stat(path)
+        except OSError:
+            return True
+        key = (info.st_dev, info.st_ino)
+        if key in self.seen:
+            self.skipped += 1
+            return False
+        self.seen.add(key)
+        return True
+
+    def files(self, root: str, extensions: tuple[str, ...], hidden: bool) -> list[str]:
+        """The files below `root` whose names end in `extensions` (any depth, sorted; folders starting
+        with "." skipped unless `hidden`)."""
+        found = []
+        if not self.visit(root):
+            return found
+        for directory, subdirs, names in os.walk(root, followlinks=True):
+            shown = [d for d in sorted(subdirs) if hidden or not d.startswith(".")]
+            subdirs[:] = [d for d in shown if self.visit(os.path.join(directory, d))]
+            for name in sorted(names):
+                file = os.path.join(directory, name)
+                if name.lower().endswith(extensions) and self.visit(file):
+                    found.append(file)
+        return found
+
+    def note(self) -> None:
+        if self.skipped:
+            print(
+                f"{self.option}: skipped {self.skipped} folders or files reached again through symbolic links (each "
+                "is read once)",
+                file=sys.stderr,
+            )
 
 
 def read_image(path: str, preprocess: Preprocess, option: str) -> Tensor:
@@ -270,10 +315,9 @@ def read_texts(path: str, option: str) -> list[str]:
     JSON line without a string "text" field, or no text at all."""
     check_path(path, option)
     if os.path.isdir(path):
-        files = []
-        for directory, subdirs, names in os.walk(path, followlinks=True):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            files += [os.path.join(directory, n) for n in sorted(names) if n.lower().endswith(TEXT_EXTENSIONS)]
+        walk = _Walk(option)
+        files = walk.files(path, TEXT_EXTENSIONS, hidden=False)
+        walk.note()
         if not files:
             raise DataError(f"{option} {path!r} holds no {' or '.join(TEXT_EXTENSIONS)} file")
     else:

@@ -7,6 +7,7 @@ report.md, plots).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -185,9 +186,15 @@ def _prune_options(target, granularity, samples, seq_len, device, progress, grou
 
 def _note_peak(run: Run, pruned: llm.PruneResult) -> None:
     """Keeps the largest per-block peak-memory estimate of the runs so far in the report."""
-    if pruned.memory is not None and pruned.memory.total > run.info.get("_peak_bytes", -1):
-        run.info["_peak_bytes"] = pruned.memory.total
+    if pruned.memory is not None and pruned.memory.total > run.estimate_bytes:
+        run.estimate_bytes = pruned.memory.total
         run.info["peak memory (formula)"] = f"{pruned.memory} ({pruned.method} {pruned.sparsity})"
+
+
+def _measured_peak(pruned: llm.PruneResult) -> int:
+    """The peak memory measured during a pruning: CUDA's peak allocation on a GPU, else the process's peak
+    RSS (Run.peak_measure says which)."""
+    return pruned.peak_device_bytes if pruned.peak_device_bytes is not None else pruned.peak_host_bytes
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,7 @@ def _new_run(bundle, setting: _Setting, device: str, shapes, dense, seconds: flo
     run = Run(
         model=bundle.name,
         info=dict(bundle.info),
-        granularity=", ".join(str(t) for t in targets) + f" ({granularity or 'each method its paper'}'s groups)",
+        granularity=granularity or "each method's own groups",
         batches=samples,
         device=device,
         parameters=sum(p.numel() for p in bundle.model.parameters()),
@@ -218,6 +225,13 @@ def _new_run(bundle, setting: _Setting, device: str, shapes, dense, seconds: flo
         seconds={"dense_evaluation": seconds},
         lower_better=("perplexity",),
         schedule=schedule,
+        llm=True,
+        targets=list(targets),
+        peak_measure=(
+            "CUDA's peak allocation during the pruning"
+            if device.startswith("cuda")
+            else "the process's peak resident memory (RSS) so far"
+        ),
     )
     run.info["calibration"] = f"{samples} sequences × {seq_len} tokens of {bundle.sources['calibration']}"
     run.info["evaluation"] = (
@@ -309,6 +323,8 @@ def prune(
                         metrics={"perplexity": ppl},
                         layers={n: 1.0 - keep[n].float().mean().item() for n in linears},
                         rounds=trace,
+                        peak_bytes=_measured_peak(pruned),
+                        block_error=list(pruned.block_error),
                     )
                     if finetune:
                         result.finetune_losses = _finetune(model, batches, keep, finetune, finetune_lr)
@@ -395,6 +411,8 @@ def prune_offloaded(
                 achieved=pruned.overall_sparsity,
                 metrics={"perplexity": streamed_perplexity(directory)},
                 layers=dict(pruned.layer_sparsity),
+                peak_bytes=_measured_peak(pruned),
+                block_error=[math.nan] * pruned.resumed_blocks + pruned.block_error,  # resumed: not measured
             )
             result.files["model"] = directory
             run.results.append(result)

@@ -1,5 +1,6 @@
 """What `pyprune-fast prune` writes about a Run: report.json, report.md, the summary table on stdout
-and the plots (retention vs sparsity per criterion, per-layer sparsity)."""
+and the plots (retention vs sparsity per criterion, per-layer sparsity; for causal LMs perplexity per
+method and target, and the relative output error of each pruned decoder block)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from .results import TWO_FOUR, Run
 
 RETENTION_PLOT = "retention.png"
 LAYERS_PLOT = "layer-sparsity.png"
+PERPLEXITY_PLOT = "perplexity.png"
+BLOCK_ERROR_PLOT = "block-error.png"
 
 
 def _count(n: int) -> str:
@@ -87,6 +90,8 @@ def to_json(run: Run, command: list[str], files: list[str]) -> dict:
                     "layer_sparsity": r.layers,
                     **({"parameters": r.parameters} if r.parameters is not None else {}),
                     **({"rounds": r.rounds} if r.rounds is not None else {}),
+                    **({"peak_bytes": r.peak_bytes} if r.peak_bytes is not None else {}),
+                    **({"block_error": r.block_error} if r.block_error is not None else {}),
                     **({"finetuned": _finetuned(run, r)} if r.finetuned is not None else {}),
                 }
                 for r in run.results
@@ -97,17 +102,24 @@ def to_json(run: Run, command: list[str], files: list[str]) -> dict:
                 if run.finetuned
                 else {}
             ),
+            **({"peak_measure": run.peak_measure} if run.llm else {}),
             "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
             "files": files,
         }
     )
 
 
+def _target(target) -> str:
+    return target if isinstance(target, str) else f"{100 * target:g} %"
+
+
 def _setup_lines(run: Run) -> list[str]:
     lines = [
         f"model {run.model}: {_count(run.parameters)} parameters, {_count(_scored(run))} scored "
         f"in {len(run.scored)} weight tensors",
-        f"granularity {run.granularity}; {run.batches} calibration batches; device {run.device}",
+        f"targets {', '.join(_target(t) for t in run.targets)} (granularity {run.granularity}); device {run.device}"
+        if run.llm
+        else f"granularity {run.granularity}; {run.batches} calibration batches; device {run.device}",
     ]
     if run.schedule != "one-shot":
         lines.append(f"schedule {run.schedule}")
@@ -201,6 +213,21 @@ def markdown(run: Run, files: list[str], plots: list[str]) -> str:
         out += ["", f"After fine-tuning, by the mean {run.primary}:", ""]
         out += _ranking_table(run, tuned_ranking, finetuned=True)
     out += ["", "## Results", ""]
+    if run.llm:
+        out += _llm_results(run)
+    else:
+        out += _results(run)
+    out += _rounds_table(run)
+    out += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    if run.skipped:
+        out += ["", "## Weights left dense by 2:4", ""] + [f"- `{n}`: {why}" for n, why in run.skipped.items()]
+    out += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
+    return "\n".join(out)
+
+
+def _results(run: Run) -> list[str]:
+    """The markdown results table of a model other than a causal LM."""
+    metrics, out = list(run.dense), []
     tuned = [f"{m} after fine-tuning" for m in metrics] if run.finetuned else []
     columns = " | ".join(metrics + tuned) + (" | " if metrics else "")
     out.append("| sparsity | criterion | " + columns + "achieved | masks |")
@@ -214,12 +241,54 @@ def markdown(run: Run, files: list[str], plots: list[str]) -> str:
         )
     if metrics:
         out += ["", "Percentages: the metric's retention, its value over the dense model's."]
-    out += _rounds_table(run)
-    out += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
-    if run.skipped:
-        out += ["", "## Weights left dense by 2:4", ""] + [f"- `{n}`: {why}" for n, why in run.skipped.items()]
-    out += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
-    return "\n".join(out)
+    return out
+
+
+def _split(name: str) -> tuple[str, str]:
+    """A causal LM result's (method, target label) from its name: "wanda 2:4" → ("wanda", "2:4")."""
+    method, _, pattern = name.partition(" ")
+    return method, pattern
+
+
+def _pattern(run: Run, r) -> str:
+    return _split(r.criterion)[1] or _target(r.sparsity)
+
+
+def _size(nbytes: int | None) -> str:
+    return "" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
+
+
+def _llm_results(run: Run) -> list[str]:
+    """The markdown results of a causal LM: perplexity (and its ratio to the dense model's), achieved
+    sparsity, time to prune, measured peak memory, and the relative output error of the pruned blocks."""
+    tuned = run.finetuned
+    out = [
+        "| method | target | perplexity | × dense | "
+        + ("perplexity after fine-tuning | " if tuned else "")
+        + "achieved | time to prune | peak memory | block error: mean, worst (block) | masks |",
+        "|---" * (9 + tuned) + "|",
+    ]
+    dense = run.dense["perplexity"]
+    for r in run.results:
+        ppl = r.metrics["perplexity"]
+        errors = [(e, i) for i, e in enumerate(r.block_error or []) if math.isfinite(e)]
+        error = "not measured"
+        if errors:
+            worst, block = max(errors)
+            error = f"{sum(e for e, _ in errors) / len(errors):.4f}, {worst:.4f} ({block})"
+        after = f"{r.finetuned['perplexity']:.4f} | " if tuned else ""
+        out.append(
+            f"| {_split(r.criterion)[0]} | {_pattern(run, r)} | {ppl:.4f} | {ppl / dense:.2f} | {after}"
+            f"{r.achieved:.4f} | {run.score_seconds[r.criterion]:.1f} s | {_size(r.peak_bytes)} | {error} | "
+            f"`{r.files.get('masks', '')}` |"
+        )
+    out += [
+        "",
+        f"Peak memory: {run.peak_measure}. Block error: ‖f_pruned(X) − f_dense(X)‖ / ‖f_dense(X)‖ of each pruned "
+        "decoder block on its calibration inputs X (the outputs of the blocks pruned before it), blocks counted "
+        "from 0; not measured for methods that read no calibration data (magnitude).",
+    ]
+    return out
 
 
 def _figure(width: float, height: float):
@@ -283,4 +352,78 @@ def layers_plot(run: Run, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"{run.model}: per-layer sparsity at {_label(run, top)} ({run.granularity})")
+    fig.savefig(path, format="png", dpi=110)
+
+
+def _plain_log_labels(ax) -> None:
+    """Tick labels of a log-scale y axis as plain numbers (20, 50, 100; minor ticks at 2 and 5 of each
+    decade only), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def perplexity_plot(run: Run, path: str) -> None:
+    """Causal LMs: the perplexity of each method (groups of bars) at each target (one bar each), on a
+    log scale, the dense model's as a line; after --finetune, hatched bars beside."""
+    methods = list(dict.fromkeys(_split(r.criterion)[0] for r in run.results))
+    patterns = list(dict.fromkeys(_pattern(run, r) for r in run.results))
+    series = [(p, False) for p in patterns] + ([(p, True) for p in patterns] if run.finetuned else [])
+    width = 0.8 / len(series)
+    fig = _figure(max(5.0, 1.2 * len(methods) * len(series) ** 0.5 + 2.0), 4.2)
+    ax = fig.subplots()
+    dense = run.dense["perplexity"]
+    for k, (pattern, tuned) in enumerate(series):
+        xs, ys = [], []
+        for i, method in enumerate(methods):
+            for r in run.results:
+                if _split(r.criterion)[0] == method and _pattern(run, r) == pattern:
+                    xs.append(i + (k - (len(series) - 1) / 2) * width)
+                    ys.append((r.finetuned if tuned else r.metrics)["perplexity"])
+        label = f"{pattern} fine-tuned" if tuned else pattern
+        color = f"C{patterns.index(pattern)}"
+        bars = ax.bar(xs, ys, width, label=label, color=color, hatch="//" if tuned else None, edgecolor="white")
+        ax.bar_label(bars, labels=[f"{y:.4g}" for y in ys], fontsize=8, padding=2)
+    ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.4g}")
+    ax.set_yscale("log")
+    _plain_log_labels(ax)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.margins(y=0.15)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(title="target")
+    fig.suptitle(f"{run.model}: perplexity after pruning")
+    fig.savefig(path, format="png", dpi=110)
+
+
+def block_error_plot(run: Run, path: str) -> None:
+    """Causal LMs: the relative output error of each pruned decoder block (PruneResult.block_error), one
+    line per method and target (color by method, dashed for N:M patterns), on a log scale."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(7.0, 4.2)
+    ax = fig.subplots()
+    methods = list(dict.fromkeys(_split(r.criterion)[0] for r in run.results))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    for r in run.results:
+        if r.block_error:
+            method = _split(r.criterion)[0]
+            pattern = _pattern(run, r)
+            ax.plot(
+                range(len(r.block_error)),
+                r.block_error,
+                marker=".",
+                color=colors[method],
+                linestyle="--" if ":" in pattern else "-",
+                label=f"{method} {pattern}",
+            )
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("‖f_pruned(X) − f_dense(X)‖ / ‖f_dense(X)‖")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.suptitle(f"{run.model}: relative output error of each pruned block\n(on its calibration inputs)")
     fig.savefig(path, format="png", dpi=110)

@@ -22,6 +22,8 @@ class Result:
     finetuned: dict[str, float] | None = None  # the metrics after --finetune (masks kept)
     finetune_losses: list[float] | None = None  # the training loss of each fine-tuning step
     rounds: list[dict] | None = None  # --schedule iterative: each round's target and achieved sparsity
+    peak_bytes: int | None = None  # causal LMs: the peak memory measured while pruning (Run.peak_measure)
+    block_error: list[float] | None = None  # causal LMs: llm.PruneResult.block_error, one per decoder block
 
 
 @dataclass
@@ -43,6 +45,10 @@ class Run:
     lower_better: tuple[str, ...] = ()  # metrics where lower is better (perplexity); the others: higher
     schedule: str = "one-shot"
     finetune: dict = field(default_factory=dict)  # {"steps", "lr", "data"} when --finetune ran
+    llm: bool = False  # a causal LM pruned block by block: the LLM report (perplexity, block errors)
+    targets: list = field(default_factory=list)  # causal LMs: the targets asked (fractions and "2:4")
+    peak_measure: str = ""  # causal LMs: what Result.peak_bytes measures
+    estimate_bytes: int = 0  # causal LMs: the largest per-block peak-memory estimate (info's formula)
 
     @property
     def criteria(self) -> list[str]:

@@ -451,10 +451,13 @@ class Run:
             prefix=self.prefix,
         )
 
-    def statistics_pass(self, block: Block, dense_into_inputs: bool) -> StatsCollector | None:
+    def statistics_pass(
+        self, block: Block, dense_into_inputs: bool, dense_outputs: list[Tensor] | None = None
+    ) -> StatsCollector | None:
         """Runs the block on every calibration batch with the hooks its method needs: the input
         statistics it observes (summed over the ranks) and its dense outputs as targets if it keeps them
-        (the inputs then stay); otherwise the dense outputs replace the inputs when `dense_into_inputs`."""
+        (the inputs then stay); otherwise the dense outputs replace the inputs when `dense_into_inputs`.
+        `dense_outputs`: a list the dense outputs are also appended to, on the CPU."""
         method, inputs = self.plan.method, block.inputs
         if inputs is None:
             return None
@@ -466,6 +469,8 @@ class Run:
             block.targets = [] if method.keeps_targets else None
             for j in range(len(inputs)):
                 y = inputs.run(block.module, j)
+                if dense_outputs is not None:
+                    dense_outputs.append(y.cpu())
                 if block.targets is not None:
                     block.targets.append(y)
                 elif dense_into_inputs:
@@ -592,18 +597,46 @@ class Run:
     def run_block(self, i: int, fraction: float, inputs: BlockInputs | None) -> MemoryEstimate:
         """Block i on the compute device: the statistics pass over the calibration batches, the pruning,
         then the next block's inputs in place of this block's. The dense outputs of the statistics pass
-        are kept as targets for methods that keep them; with propagate="dense" they are the next inputs."""
+        are kept as targets for methods that keep them; with propagate="dense" they are the next inputs.
+
+        With propagate="pruned" the pruned block is rerun on the same inputs X_j (batch j), and its
+        relative output error goes to `PruneResult.block_error`:
+
+            e_i = sqrt(Σ_j ‖f_pruned(X_j) − f_dense(X_j)‖²_F / Σ_j ‖f_dense(X_j)‖²_F)
+
+        (the sums in float64, over every rank's batches). f_dense(X_j) are the statistics pass's outputs:
+        the method's targets when it keeps them, else kept for this comparison off the compute device
+        (host memory n·T·H·s_a; one batch at a time comes back to the device). The pruned weights and
+        the next inputs are exactly those of a run without it."""
         propagate = self.plan.options.propagate
         block = self.view(i, fraction, inputs)
-        collector = self.statistics_pass(block, dense_into_inputs=propagate == "dense")
+        measure = propagate == "pruned" and inputs is not None and not self.plan.method.keeps_targets
+        dense = [] if measure else None
+        collector = self.statistics_pass(block, dense_into_inputs=propagate == "dense", dense_outputs=dense)
         estimate = self.memory(block, collector)
         self.prune_block(block)
-        if inputs is not None and i + 1 < len(self.blocks):
-            if propagate == "pruned":
-                self._rerun(i, inputs)
-            elif block.targets is not None:
-                inputs.hidden = block.targets
+        if propagate == "pruned" and inputs is not None:
+            self.result.block_error.append(self._pruned_error(i, inputs, block.targets or dense))
+        elif inputs is not None and i + 1 < len(self.blocks) and block.targets is not None:
+            inputs.hidden = block.targets
         return estimate
+
+    def _pruned_error(self, i: int, inputs: BlockInputs, dense: list[Tensor]) -> float:
+        """Runs the pruned block i on its inputs (which its outputs replace unless it is the last block)
+        and returns its relative output error against the dense outputs `dense` (run_block's formula)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.compute)
+        last = i + 1 == len(self.blocks)
+        for j in range(len(inputs)):
+            y = inputs.run(self.blocks[i], j)
+            want = dense[j].to(y.device).double()
+            sums[0] += (y.double() - want).pow(2).sum()
+            sums[1] += want.pow(2).sum()
+            if not last:
+                inputs.hidden[j] = y
+        if self.comm is not None:
+            sums = self.comm.all_reduce_sum(sums)
+        error, norm = sums.tolist()
+        return (error / norm) ** 0.5 if norm > 0 else 0.0
 
     def owl_sparsities(self) -> tuple[list[float], list[float]]:
         """OWL's dense pre-pass: the outlier ratio of every block (llm.owl), then block sparsities."""

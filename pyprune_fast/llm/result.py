@@ -38,7 +38,8 @@ class PruneResult:
     """What a `prune` run did: targets, the measured sparsity of every pruned Linear weight (fraction of
     zeros, by parameter name), every weight matrix of the blocks it left dense (`left_dense`: numel by
     parameter name; the sparsity figures do not count them), the target sparsity of each block
-    (non-uniform with OWL; measured for global sparsity), times, the peak-memory estimate (and the
+    (non-uniform with OWL; measured for global sparsity), the relative output error of each pruned block
+    (`block_error`), times, the peak-memory estimate (and the
     measured peak on a CUDA device, and the process's peak RSS), and for offload="disk" the output
     checkpoint and the blocks a resumed run found finished."""
 
@@ -52,6 +53,11 @@ class PruneResult:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     block_sparsity: list[float] = field(default_factory=list)
     outlier_ratio: list[float] | None = None
+    # ‖f_pruned(X) − f_dense(X)‖_F / ‖f_dense(X)‖_F of each block pruned by the sequential pass, on its
+    # calibration inputs X (llm.pipeline.Run.run_block); the blocks a resumed run found finished are
+    # not listed (entries start at block `resumed_blocks`); empty without calibration data (magnitude),
+    # with propagate="dense" and for granularity="global"
+    block_error: list[float] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     memory: MemoryEstimate | None = None

@@ -9,7 +9,7 @@ import os
 import sys
 
 from ...errors import UsageError
-from .options import Options, processes
+from .options import MODEL_MARKER, Options, processes
 
 
 def bar(iterable, desc: str, quiet: bool):
@@ -101,8 +101,15 @@ def check_share(bundle, batches: int, group) -> None:
 
 
 def save_pretrained(staged, directory: str, model, tokenizer) -> None:
-    """Stages a Hugging Face model (and its tokenizer) as a `from_pretrained` directory."""
+    """Stages a Hugging Face model (and its tokenizer) as a `from_pretrained` directory, marked as ours
+    by options.MODEL_MARKER (a later run may replace a directory only with it)."""
+    import json
+
+    from ..._version import __version__
+
     temp = staged.directory(directory)
     model.save_pretrained(temp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(temp)
+    with open(os.path.join(temp, MODEL_MARKER), "w") as f:
+        json.dump({"written_by": "pyprune-fast prune --save-model", "pyprune_fast_version": __version__}, f)

@@ -22,6 +22,8 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_SEQ_LEN = 256
 # How each granularity of the command line reaches llm.prune (None: each method's own groups).
 LLM_GRANULARITIES = {None: None, "per-row": "row", "layerwise": "layer", "global": "global", "2:4": None}
+# The file that marks a pruned model directory as written by `prune --save-model` (a rerun may replace it).
+MODEL_MARKER = "pyprune_model.json"
 
 
 def spell(name: str) -> str:
@@ -57,6 +59,27 @@ def resolve_device(name: str) -> str:
 def processes() -> int:
     """The processes of this run: torchrun's WORLD_SIZE, else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _within(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies inside it (both resolved, symbolic links followed)."""
+    path, directory = _real(path), _real(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def _foreign(directory: str, marker: str) -> list[str]:
+    """What of `directory` a run may not replace: nothing when it is absent, empty or holds `marker`
+    (written by an earlier run), else its entries (the path itself when it is not a directory)."""
+    if not os.path.lexists(directory):
+        return []
+    if not os.path.isdir(directory):
+        return [directory]
+    entries = sorted(os.listdir(directory))
+    return [] if not entries or marker in entries else entries
 
 
 def _at_least(values: dict[str, int], least: int = 1) -> None:
@@ -237,6 +260,56 @@ class PruneOptions(Options):
             self._validate_llm()
         else:
             self._validate_model()
+        self._check_paths()
+
+    def model_dirs(self) -> list[str]:
+        """The names of the directories `save_model` writes under `save_root` for a Hugging Face model:
+        <method>-<sparsity> or <method>-2of4 for each result."""
+        from .. import llm_runner, runner
+
+        if self.llm:
+            return [llm_runner.tag(m, t) for m in self.methods for t in self.targets]
+        two_four = self.granularity == runner.TWO_FOUR
+        return [f"{c}-{'2of4' if two_four else f'{s:g}'}" for c in self.criteria for s in self.sparsities]
+
+    def _check_paths(self) -> None:
+        """Refuses, before anything is created, a run that would replace its own input or the user's
+        files: a model directory (hf:PATH) or data inside `out`; a `save_model` that is a file, is, holds
+        or lies inside the input model, or whose <method>-<sparsity> directories hold files no earlier
+        run wrote (ours hold MODEL_MARKER; with `offload` disk, llm.offload's run record)."""
+        from ...llm.offload import RUN_FILE
+
+        kind, _, rest = (self.model or "").partition(":")
+        model = rest if kind == "hf" and rest else None
+        for name, path in (("model", model), *self.files.items()):
+            if path is not None and _within(path, self.out):
+                shown = f"hf:{path}" if name == "model" else path
+                raise UsageError(
+                    f"`{name}` {shown!r} lies inside `out` {self.out!r}, which this run writes and replaces: the run "
+                    "would delete its own input; choose an `out` apart from it"
+                )
+        if not isinstance(self.save_model, str):
+            return
+        root = self.save_model
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise UsageError(
+                f"`save_model` {root!r} exists and is not a directory: expected a directory to write the pruned models "
+                "into"
+            )
+        if model is not None and (_within(root, model) or _within(model, root)):
+            raise UsageError(
+                f"`save_model` {root!r} is, holds or lies inside the input model {model!r}, whose files the pruned "
+                "models would replace: choose a directory apart from it"
+            )
+        marker = RUN_FILE if self.offload else MODEL_MARKER
+        for name in self.model_dirs():
+            foreign = _foreign(os.path.join(root, name), marker)
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+                raise UsageError(
+                    f"`save_model` {root!r}: {name}/ holds files that no earlier pyprune-fast prune wrote ({shown}); "
+                    f"the run would replace it: choose another directory or empty it"
+                )
 
     def _validate_model(self) -> None:
         from .. import runner

@@ -21,7 +21,12 @@ def run(options: PruneOptions) -> int:
     need_matplotlib()
     group, options.device = process_group(options.device)
     lead = group is None or group.rank() == 0
-    out = OutDir(options.out, whole=not options.offload) if lead else None
+    out = None
+    if lead:  # offloaded: the checkpoints under --out are checked by llm.prune, the rest as a whole run's
+        written = None
+        if options.offload:
+            written = options.model_dirs() if options.save_root == options.out else []
+        out = OutDir(options.out, whole=not options.offload, also=written)
     common = {
         "granularity": LLM_GRANULARITIES[options.granularity],
         "samples": options.samples,

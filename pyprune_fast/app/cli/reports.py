@@ -17,11 +17,18 @@ def write_reports(run, out: OutDir, staged, argv: list[str]) -> tuple[list[str],
     """Stages the plots, report.json and report.md; returns (every file of the run, the plots)."""
     from .. import report
 
-    plots = [report.LAYERS_PLOT]
-    if run.dense:
-        plots.insert(0, report.RETENTION_PLOT)
-        report.retention_plot(run, staged.path(out.file(report.RETENTION_PLOT)))
-    report.layers_plot(run, staged.path(out.file(report.LAYERS_PLOT)))
+    if run.llm:  # per-layer sparsity (in report.json) is the target in every Linear but with global: no plot
+        plots = [report.PERPLEXITY_PLOT]
+        report.perplexity_plot(run, staged.path(out.file(report.PERPLEXITY_PLOT)))
+        if any(r.block_error for r in run.results):
+            plots.append(report.BLOCK_ERROR_PLOT)
+            report.block_error_plot(run, staged.path(out.file(report.BLOCK_ERROR_PLOT)))
+    else:
+        plots = [report.LAYERS_PLOT]
+        if run.dense:
+            plots.insert(0, report.RETENTION_PLOT)
+            report.retention_plot(run, staged.path(out.file(report.RETENTION_PLOT)))
+        report.layers_plot(run, staged.path(out.file(report.LAYERS_PLOT)))
     files = [f for r in run.results for f in r.files.values()] + plots + ["report.json", "report.md"]
     with open(staged.path(out.file("report.json")), "w") as f:
         json.dump(report.to_json(run, ["pyprune-fast", *argv], files), f, indent=2, allow_nan=False)
