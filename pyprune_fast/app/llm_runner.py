@@ -306,6 +306,7 @@ def prune(
             for target in targets:
                 name = label(method, target)
                 options = _prune_options(target, granularity, samples, seq_len, device, quiet_bar, group)
+                options["block_errors"] = True  # the report's per-block damage (in memory: n·T·H more)
                 trace = None
                 if schedule == "iterative":
                     pruned, trace = _prune_rounds(model, bundle, method, target, rounds, options)

@@ -115,6 +115,7 @@ class Options:
     nested: bool = False
     forward: Callable[[nn.Module, Any], Any] | None = None
     keep_scores: bool = False
+    block_errors: bool = False
 
     def checked(self) -> Plan:
         """The run's plan; ValueError/TypeError naming the first option that is wrong."""
@@ -135,6 +136,8 @@ class Options:
             raise ValueError("granularity='global' sets the block sparsities itself; it does not combine with OWL")
         if not isinstance(self.nested, bool):
             raise TypeError(f"nested must be a bool, got {type(self.nested).__name__}")
+        if not isinstance(self.block_errors, bool):
+            raise TypeError(f"block_errors must be a bool, got {type(self.block_errors).__name__}")
         if not isinstance(self.keep_scores, bool):
             raise TypeError(f"keep_scores must be a bool, got {type(self.keep_scores).__name__}")
         if self.keep_scores and (granularity != "global" or self.offload is None):
@@ -599,8 +602,8 @@ class Run:
         then the next block's inputs in place of this block's. The dense outputs of the statistics pass
         are kept as targets for methods that keep them; with propagate="dense" they are the next inputs.
 
-        With propagate="pruned" the pruned block is rerun on the same inputs X_j (batch j), and its
-        relative output error goes to `PruneResult.block_error`:
+        With propagate="pruned" the pruned block is rerun on the same inputs X_j (batch j); with the
+        `block_errors` option its relative output error goes to `PruneResult.block_error`:
 
             e_i = sqrt(Σ_j ‖f_pruned(X_j) − f_dense(X_j)‖²_F / Σ_j ‖f_dense(X_j)‖²_F)
 
@@ -610,15 +613,18 @@ class Run:
         the next inputs are exactly those of a run without it."""
         propagate = self.plan.options.propagate
         block = self.view(i, fraction, inputs)
-        measure = propagate == "pruned" and inputs is not None and not self.plan.method.keeps_targets
-        dense = [] if measure else None
+        measure = self.plan.options.block_errors and propagate == "pruned" and inputs is not None
+        dense = [] if measure and not self.plan.method.keeps_targets else None
         collector = self.statistics_pass(block, dense_into_inputs=propagate == "dense", dense_outputs=dense)
         estimate = self.memory(block, collector)
         self.prune_block(block)
-        if propagate == "pruned" and inputs is not None:
+        if measure:
             self.result.block_error.append(self._pruned_error(i, inputs, block.targets or dense))
-        elif inputs is not None and i + 1 < len(self.blocks) and block.targets is not None:
-            inputs.hidden = block.targets
+        elif inputs is not None and i + 1 < len(self.blocks):
+            if propagate == "pruned":
+                self._rerun(i, inputs)
+            elif block.targets is not None:
+                inputs.hidden = block.targets
         return estimate
 
     def _pruned_error(self, i: int, inputs: BlockInputs, dense: list[Tensor]) -> float:
@@ -783,6 +789,7 @@ def prune(
     nested: bool = False,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     keep_scores: bool = False,
+    block_errors: bool = False,
 ) -> PruneResult:
     """Prunes the Linear layers of every block of a transformer in place, one block at a time (module
     docstring), and returns what was done: a Hugging Face causal LM, or with `forward` any model whose
@@ -833,6 +840,9 @@ def prune(
         keep_scores: with granularity="global" and offload="disk", keep the per-block score files
             (`out/pyprune_scores/`, 4 bytes a weight) after the run finishes; they are removed by
             default (a killed run keeps them for its resume either way).
+        block_errors: measure each pruned block's relative output error on the calibration inputs
+            (`PruneResult.block_error`, propagate="pruned"); methods that keep no dense targets then
+            hold the block's dense outputs in host memory (n·T·H·s_a more) for the comparison.
 
     Returns:
         A PruneResult: the measured sparsity of every pruned Linear, block sparsities, times, the
@@ -861,6 +871,7 @@ def prune(
         nested=nested,
         forward=forward,
         keep_scores=keep_scores,
+        block_errors=block_errors,
     )
     comm = None if group is None else Communicator(group)
     with session(comm):  # distributed: an error on any rank makes every rank raise
