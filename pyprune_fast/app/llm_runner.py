@@ -184,6 +184,17 @@ def _prune_options(target, granularity, samples, seq_len, device, progress, grou
     }
 
 
+def _note_left_dense(run: Run, pruned: llm.PruneResult) -> None:
+    """Names the block weights the run left dense (not nn.Linear: 3-D experts, routers) in the report."""
+    if pruned.left_dense:
+        names = list(pruned.left_dense)
+        shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+        run.info["left dense"] = (
+            f"{len(names)} block weights that are not nn.Linear, {100 * pruned.left_dense_fraction:.1f} % of the "
+            f"blocks' weights, not pruned and not counted in 'achieved': {shown}"
+        )
+
+
 def _note_peak(run: Run, pruned: llm.PruneResult) -> None:
     """Keeps the largest per-block peak-memory estimate of the runs so far in the report."""
     if pruned.memory is not None and pruned.memory.total > run.estimate_bytes:
@@ -315,6 +326,7 @@ def prune(
                 if run is not None:
                     run.score_seconds[name] = pruned.seconds
                     _note_peak(run, pruned)
+                    _note_left_dense(run, pruned)
                     ppl = llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)
                     keep = {n: lin.weight.detach() != 0 for n, lin in linears.items()}
                     result = Result(
@@ -405,6 +417,7 @@ def prune_offloaded(
             name = label(method, target)
             run.score_seconds[name] = pruned.seconds
             _note_peak(run, pruned)
+            _note_left_dense(run, pruned)
             run.info["peak host memory (RSS)"] = f"{pruned.peak_host_bytes / 2**20:.0f} MiB"
             result = Result(
                 criterion=name,

@@ -74,6 +74,8 @@ def run_and_report(options: PruneOptions, out: OutDir, execute) -> int:
     print(report.summary_table(run))
     if "peak memory (formula)" in run.info:
         print(f"peak memory per block (formula in pyprune_fast.llm.pipeline): {run.info['peak memory (formula)']}")
+    if "left dense" in run.info:
+        print(f"left dense: {run.info['left dense']}")
     if "peak host memory (RSS)" in run.info:
         print(f"peak host memory (RSS of the process, streamed from disk): {run.info['peak host memory (RSS)']}")
     print(
