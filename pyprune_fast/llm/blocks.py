@@ -11,8 +11,9 @@ there, so nothing is rebuilt per architecture and nothing past the first block r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,17 @@ def module_device(module: nn.Module) -> torch.device:
     for t in module.buffers():
         return t.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """The module on `device` for the duration, then back where it was."""
+    home = module_device(module)
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
 
 
 class _Stop(Exception):
@@ -128,6 +140,11 @@ class BlockInputs:
         """The block's output hidden states for batch j."""
         args, kwargs = self.call(j)
         return first_tensor(block(*args, **kwargs))
+
+    def advance(self, block: nn.Module) -> None:
+        """Replaces each batch's hidden states by the block's outputs: the next block's inputs."""
+        for j in range(len(self)):
+            self.hidden[j] = self.run(block, j)
 
     def nbytes(self) -> int:
         return sum(h.numel() * h.element_size() for h in self.hidden)

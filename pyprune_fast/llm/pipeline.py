@@ -74,7 +74,7 @@ from ..criteria.method import Block, Method, get_method
 from ..distributed import Communicator, session
 from ..io import atomic_path
 from ..modeling import eval_mode, unpacked_attention
-from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks, module_device
+from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks, module_device, on_device
 from .methods import DEFAULT_METHOD, METHODS
 from .offload import OFFLOADS, SCORES_DIR, DiskStore, MemoryStore, open_disk_model
 from .owl import OWL, block_sparsities
@@ -275,17 +275,6 @@ def _share(windows: Tensor | list, comm: Communicator) -> Tensor | list:
     if n < comm.size:
         raise ValueError(f"{n} calibration sequences cannot be shared by {comm.size} ranks: give at least one per rank")
     return windows[n * comm.rank // comm.size : n * (comm.rank + 1) // comm.size]
-
-
-@contextlib.contextmanager
-def _on(block: nn.Module, device: torch.device) -> Iterator[None]:
-    """The block on the compute device for the duration, then back where it was."""
-    home = module_device(block)
-    block.to(device)
-    try:
-        yield
-    finally:
-        block.to(home)
 
 
 def _apply(linear: nn.Linear, keep: Tensor) -> None:
@@ -541,10 +530,6 @@ class Run:
             if p.dim() >= 2 and id(p) not in pruned:
                 self.result.left_dense[f"{self.prefix}.{i}.{n}"] = p.numel()
 
-    def _rerun(self, i: int, inputs: BlockInputs) -> None:
-        for j in range(len(inputs)):
-            inputs.hidden[j] = inputs.run(self.blocks[i], j)
-
     def _changing(self, i: int) -> None:
         """Block i is about to be pruned: its weights go to the undo log first (in-memory runs)."""
         if self.undo is not None:
@@ -576,7 +561,7 @@ class Run:
                 continue
             with store.block(i, module, write=True):
                 self._changing(i)
-                with _on(module, self.compute):
+                with on_device(module, self.compute):
                     self._keep_peak(self.run_block(i, fractions[i], inputs))
                     if self.compute.type == "cuda":
                         torch.cuda.synchronize(self.compute)
@@ -588,9 +573,9 @@ class Run:
         module, store = self.blocks[i], self.store
         replay = inputs is not None
         source = "output" if self.plan.options.propagate == "pruned" or not replay else "input"
-        with store.block(i, module, source=source), _on(module, self.compute):
+        with store.block(i, module, source=source), on_device(module, self.compute):
             if replay:
-                self._rerun(i, inputs)
+                inputs.advance(self.blocks[i])
             if source == "output":
                 self.record(i)
         if source != "output":
@@ -622,7 +607,7 @@ class Run:
             self.result.block_error.append(self._pruned_error(i, inputs, block.targets or dense))
         elif inputs is not None and i + 1 < len(self.blocks):
             if propagate == "pruned":
-                self._rerun(i, inputs)
+                inputs.advance(self.blocks[i])
             elif block.targets is not None:
                 inputs.hidden = block.targets
         return estimate
@@ -651,10 +636,10 @@ class Run:
         ratios, sizes = [], []
         for i, module in enumerate(tqdm(self.blocks, desc="OWL outlier ratios", unit="block", disable=self.disable)):
             linears = block_linears(module)
-            with self.store.block(i, module), _on(module, self.compute):
+            with self.store.block(i, module), on_device(module, self.compute):
                 collector = StatsCollector(module, linears, {"norms"})
                 with collector as stats:
-                    self._rerun(i, inputs)
+                    inputs.advance(self.blocks[i])
                 if self.comm is not None:
                     collector.reduce(self.comm)
                 block = Block(i, module, linears, self.plan.pattern, 0.0, None, stats=stats, prefix=self.prefix)
@@ -678,10 +663,10 @@ class Run:
         bar = tqdm(total=todo[-1] + 1, desc=desc, unit="block", disable=self.disable)
         wanted = set(todo)
         for i, module in enumerate(self.blocks[: todo[-1] + 1]):
-            with self.store.block(i, module), _on(module, self.compute):
+            with self.store.block(i, module), on_device(module, self.compute):
                 if i not in wanted:
                     if inputs is not None:
-                        self._rerun(i, inputs)
+                        inputs.advance(self.blocks[i])
                 else:
                     block = self.view(i, self.plan.pattern.fraction, inputs)
                     collector = self.statistics_pass(block, dense_into_inputs=True)

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blocks import BlockInputs
+from ..blocks import BlockInputs, on_device
 from .edit import Edits
 from .layout import Structure
-from .width import on_device
 
 
 @torch.no_grad()

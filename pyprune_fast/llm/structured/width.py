@@ -31,17 +31,16 @@ inputs."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ...criteria.input_stats import InputStats, StatsCollector
-from ..blocks import BlockInputs, module_device
+from ..blocks import BlockInputs, on_device
 from .edit import Edits, new_linear, rows, with_bias
 from .layout import Structure, set_head_attrs
 from .refit import compensate, least_squares
@@ -301,21 +300,6 @@ class WidthRun:
         return flags
 
 
-@contextlib.contextmanager
-def on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
-    home = module_device(block)
-    block.to(device)
-    try:
-        yield
-    finally:
-        block.to(home)
-
-
-def rerun(block: nn.Module, inputs: BlockInputs) -> None:
-    for j in range(len(inputs)):
-        inputs.hidden[j] = inputs.run(block, j)
-
-
 def dense_scores(run: WidthRun, inputs: BlockInputs, progress: Callable[[int], None]) -> list[tuple[Tensor, Tensor]]:
     """Every block's channel and head scores on the dense model (global allocation's first pass); the
     inputs end as the dense model's last block outputs."""
@@ -327,7 +311,7 @@ def dense_scores(run: WidthRun, inputs: BlockInputs, progress: Callable[[int], N
             out.append((ch.cpu(), hd.cpu()))
             del stats
             if i + 1 < len(run.s.blocks):
-                rerun(block, inputs)
+                inputs.advance(block)
         progress(i)
     return out
 
@@ -346,6 +330,6 @@ def sequential(
                 del stats
             block = run.s.blocks[i]
             if i + 1 < len(run.s.blocks):
-                rerun(block, inputs)
+                inputs.advance(block)
         seconds.append(time.perf_counter() - t0)
         progress(i)
