@@ -278,3 +278,11 @@ def test_weights_left_dense_are_named_in_the_output_and_the_report(tmp_path, cap
     assert "left dense: 6 block weights that are not nn.Linear" in printed and "experts" in printed
     with open(os.path.join(out, "report.md")) as f:
         assert "left dense" in f.read()
+
+
+def test_windows_longer_than_the_model_takes_are_a_user_error(model_dir, tmp_path, capsys):
+    args = ["prune", "--model", f"hf:{model_dir}", "--criterion", "magnitude", "--sparsity", "0.5"]
+    options = ["--samples", "2", "--seq-len", "128", "--eval-tokens", "512", "--quiet"]  # the model takes 64
+    assert cli.main([*args, *options, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "max_position_embeddings" in err

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from .blocks import accepts, input_device
 
 
@@ -41,7 +42,7 @@ def _check_fits(model: nn.Module, ids: Tensor, longest: int) -> None:
     silently run outside the lengths they were trained on) or token ids outside its vocabulary."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and longest > limit:
-        raise ValueError(
+        raise UsageError(
             f"seq_len={longest} (the longest window) exceeds the model's max_position_embeddings ({limit}); "
             f"use seq_len <= {limit}"
         )
@@ -52,7 +53,7 @@ def _check_fits(model: nn.Module, ids: Tensor, longest: int) -> None:
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or (isinstance(vocab, int) and high >= vocab):
         bad = low if low < 0 else high
-        raise ValueError(
+        raise UsageError(
             f"token_ids holds token id {bad}, outside the model's vocabulary of {vocab} (ids 0 to {vocab - 1}); "
             "tokenize the text with this model's tokenizer"
         )
@@ -60,7 +61,7 @@ def _check_fits(model: nn.Module, ids: Tensor, longest: int) -> None:
 
 def _check_positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise UsageError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
@@ -91,16 +92,16 @@ def perplexity(
         The perplexity, a float."""
     seq_len, batch_size = _check_positive("seq_len", seq_len), _check_positive("batch_size", batch_size)
     if seq_len < 2:
-        raise ValueError(f"seq_len must be an int >= 2 (a window's first token is not scored), got {seq_len}")
+        raise UsageError(f"seq_len must be an int >= 2 (a window's first token is not scored), got {seq_len}")
     stride = seq_len if stride is None else _check_positive("stride", stride)
     if stride > seq_len:
-        raise ValueError(f"stride must be at most seq_len ({seq_len}), got {stride}")
+        raise UsageError(f"stride must be at most seq_len ({seq_len}), got {stride}")
     if not isinstance(token_ids, Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
         raise TypeError(f"token_ids must be an integer tensor, got {type(token_ids).__name__}")
     if token_ids.dim() == 2 and token_ids.shape[0] == 1:
         token_ids = token_ids[0]
     if token_ids.dim() != 1 or token_ids.numel() < 2:
-        raise ValueError(f"token_ids must be a 1-D stream of at least 2 tokens, got shape {tuple(token_ids.shape)}")
+        raise UsageError(f"token_ids must be a 1-D stream of at least 2 tokens, got shape {tuple(token_ids.shape)}")
     ids = token_ids.long()
     _check_fits(model, ids, min(seq_len, ids.numel()))
     where = input_device(model)
