@@ -255,21 +255,10 @@ def test_an_option_error_creates_nothing(model_dir, tmp_path, capsys):
 
 
 def test_weights_left_dense_are_named_in_the_output_and_the_report(tmp_path, capsys):
-    transformers_ = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers_.MixtralConfig(
-        vocab_size=tiny_tokenizer().vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
+    from tests.test_llm_failures import tiny_mixtral
+
     directory = tmp_path / "mixtral"
-    transformers_.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tiny_mixtral().save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     out = str(tmp_path / "out")
     args = ["prune", "--model", f"hf:{directory}", "--criterion", "wanda", "--sparsity", "0.5", "--out", out]

@@ -3,7 +3,7 @@ every score, allocation and reconstruction setting (width) and for depth, and th
 the pruned models (prefill tokens/s: batch 1, 512 tokens; decode tokens/s: batch 1, 128 new tokens by
 greedy `generate` with the KV cache), each pruned model's speed in the same process as the dense one.
 
-The goal of issue 26: perplexity ≤ 3× dense at 25 % of the decoder removed (no distillation), speed-ups
+The goal: perplexity ≤ 3× dense at 25 % of the decoder removed (no distillation), speed-ups
 ≥ 0.9× the ratio of the weights a forward pass reads (dense ÷ pruned: decoder blocks + the LM head,
 the embedding a lookup). The speed of a shape does not depend on the weights' values: the speed runs
 prune by magnitude on 2 calibration sequences (same shapes as any score)."""

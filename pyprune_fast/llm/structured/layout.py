@@ -67,9 +67,9 @@ class Layout:
     v: str
     o: str
     intermediate_key: str | None
-    mlp_bias: str | None
-    attention_bias: str | None
-    standard_heads: bool
+    mlp_bias: str | None = None
+    attention_bias: str | None = None
+    standard_heads: bool = False
     packed_qkv: bool = False
     heads_removable: bool = True
 
@@ -91,9 +91,9 @@ _LLAMA_LIKE = dict(
 # no bias); Mistral's and Qwen2's o_proj and MLP are bias-free with no flag (Qwen2's q/k/v have biases).
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout(**_LLAMA_LIKE, mlp_bias="mlp_bias", attention_bias="attention_bias"),
-    "mistral": Layout(**_LLAMA_LIKE, mlp_bias=None, attention_bias=None),
-    "qwen2": Layout(**_LLAMA_LIKE, mlp_bias=None, attention_bias=None),
-    "qwen3": Layout(**_LLAMA_LIKE, mlp_bias=None, attention_bias="attention_bias"),
+    "mistral": Layout(**_LLAMA_LIKE),
+    "qwen2": Layout(**_LLAMA_LIKE),
+    "qwen3": Layout(**_LLAMA_LIKE, attention_bias="attention_bias"),
     "opt": Layout(
         producers=("fc1",),
         consumer="fc2",
@@ -103,9 +103,6 @@ LAYOUTS: dict[str, Layout] = {
         v="self_attn.v_proj",
         o="self_attn.out_proj",
         intermediate_key="ffn_dim",
-        mlp_bias=None,
-        attention_bias=None,
-        standard_heads=False,
     ),
     "bert": Layout(
         producers=("intermediate.dense",),
@@ -116,9 +113,6 @@ LAYOUTS: dict[str, Layout] = {
         v="attention.self.value",
         o="attention.output.dense",
         intermediate_key="intermediate_size",
-        mlp_bias=None,
-        attention_bias=None,
-        standard_heads=False,
     ),
     "vit": Layout(
         producers=("mlp.fc1",),
@@ -129,8 +123,6 @@ LAYOUTS: dict[str, Layout] = {
         v="attention.v_proj",
         o="attention.o_proj",
         intermediate_key="intermediate_size",
-        mlp_bias=None,
-        attention_bias=None,
         standard_heads=True,
     ),
     "timm_vit": Layout(
@@ -142,9 +134,6 @@ LAYOUTS: dict[str, Layout] = {
         v="attn.qkv",
         o="attn.proj",
         intermediate_key=None,
-        mlp_bias=None,
-        attention_bias=None,
-        standard_heads=False,
         packed_qkv=True,
     ),
     "torchvision_vit": Layout(
@@ -156,9 +145,6 @@ LAYOUTS: dict[str, Layout] = {
         v="self_attention.out_proj",
         o="self_attention.out_proj",
         intermediate_key=None,
-        mlp_bias=None,
-        attention_bias=None,
-        standard_heads=False,
         heads_removable=False,
     ),
 }
