@@ -163,6 +163,39 @@ def test_a_timm_vit_without_data_is_pruned_on_random_images_and_saved_with_its_s
     assert len(loaded.blocks) == (2 if structure == "depth" else 3)
 
 
+def tiny_torchvision_vit() -> Bundle:
+    """A random torchvision ViT (nn.MultiheadAttention: MLP channels only), no data, no evaluation."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=32, num_classes=3
+    ).eval()
+    return Bundle(name="tiny-torchvision-vit", model=model, input_shape=(3, 16, 16))
+
+
+def test_a_torchvision_vit_loses_mlp_channels_only(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    model = "tests.test_cli_structured:tiny_torchvision_vit"
+    run_ok(["prune", "--model", model, "--structure", "width", "--out", out, "--quiet"], capsys)
+    (r,) = read_report(out)["results"]
+    assert r["structured"]["heads"] == [4, 4] and r["structured"]["intermediate"][0] < 32 and r["metrics"] == {}
+
+
+def test_a_hugging_face_vit_directory_is_saved_as_a_standard_directory(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32
+    )
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    out = str(tmp_path / "out")
+    argv = ["prune", "--model", f"hf:{tmp_path / 'vit'}", "--structure", "width", "--ratio", "0.3"]
+    run_ok([*argv, "--out", out, "--save-model", "--quiet"], capsys)
+    (r,) = read_report(out)["results"]
+    saved = transformers.ViTModel.from_pretrained(os.path.join(out, "width-flap-0.3"))
+    assert saved.config.num_attention_heads == r["structured"]["heads"][0] < 4
+    assert sum(p.numel() for p in saved.parameters()) == r["structured"]["params_after"]
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [

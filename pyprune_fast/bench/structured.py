@@ -128,6 +128,18 @@ def paired_speed(
     return row
 
 
+def _setup(threads: int, num_samples: int, seq_len: int, eval_tokens: int, eval_seq_len: int) -> dict[str, Any]:
+    """What a SmolLM2 benchmark's JSON records of its setup: model, machine, threads, data."""
+    return {
+        "model": "SmolLM2-135M (embedded, float32)",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "threads": threads,
+        "torch": torch.__version__,
+        "calibration": f"{num_samples}x{seq_len} pydoc calibration tokens",
+        "evaluation": f"{eval_tokens} pydoc evaluation tokens, windows of {eval_seq_len}",
+    }
+
+
 def quality_settings(scores: tuple[str, ...] = SCORES, allocations: tuple[str, ...] = ("uniform", "global")) -> list:
     """Every width setting (score × allocation × reconstruction) and depth, the most telling first: FLAP
     uniform with reconstruction, depth, Torch-Pruning's magnitude baseline, then the rest."""
@@ -172,12 +184,7 @@ def structured_smollm2(
     evaluation = llm.pydoc_tokens(tok, "evaluation")[:eval_tokens]
     dense_read = weights_read(model)
     out: dict[str, Any] = {
-        "model": "SmolLM2-135M (embedded, float32)",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "threads": threads,
-        "torch": torch.__version__,
-        "calibration": f"{num_samples}x{seq_len} pydoc calibration tokens",
-        "evaluation": f"{len(evaluation)} pydoc evaluation tokens, windows of {eval_seq_len}",
+        **_setup(threads, num_samples, seq_len, len(evaluation), eval_seq_len),
         "dense": {"params": sum(p.numel() for p in model.parameters()), "weights_read": dense_read},
         "speed": [],
         "quality": [],
@@ -324,12 +331,7 @@ def same_params_smollm2(
         return float(llm.perplexity(m, evaluation, seq_len=seq_len, progress=False))
 
     out: dict[str, Any] = {
-        "model": "SmolLM2-135M (embedded, float32)",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "threads": threads,
-        "torch": torch.__version__,
-        "calibration": f"{num_samples}x{seq_len} pydoc calibration tokens",
-        "evaluation": f"{len(evaluation)} pydoc evaluation tokens, windows of {seq_len}",
+        **_setup(threads, num_samples, seq_len, len(evaluation), seq_len),
         "distill": f"{distill_steps} AdamW steps, lr {distill_lr:g}, {distill_batch} calibration sequences a step",
         "dense": {"perplexity": ppl(dense), "decoder_nonzeros": _nonzeros(dense)},
         "rows": [],
