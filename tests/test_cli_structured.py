@@ -236,6 +236,12 @@ def test_llm_misuse_exits_2_before_the_model_loads(argv, flag, model_dir, tmp_pa
     assert len(err.splitlines()) == 1 and flag in err and not os.path.exists(out)
 
 
+def test_structured_pruning_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["prune", "--structure", "width", "--out", str(tmp_path / "out")]) == 2
+    assert "--structure" in capsys.readouterr().err
+
+
 def test_a_saved_model_directory_the_user_wrote_is_never_replaced(model_dir, tmp_path, capsys):
     mine = tmp_path / "models" / "width-flap-0.25"
     mine.mkdir(parents=True)

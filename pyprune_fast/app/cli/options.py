@@ -432,6 +432,8 @@ class PruneOptions(Options):
                     f"`{name}` does not apply to `structure` {self.structure} (whole channels, heads or blocks "
                     "removed; `ratio` sets how much, `distill` recovers): leave it out"
                 )
+        if processes() > 1:
+            raise UsageError(f"`structure` {self.structure} runs in one process, not under torchrun ({processes()})")
         ratios = list(dict.fromkeys(self.ratio or [0.25]))
         for r in ratios:
             if not 0 < r < 1:
