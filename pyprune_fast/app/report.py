@@ -153,9 +153,13 @@ def summary_table(run: Run) -> str:
     if metrics:
         lines.append("dense       " + "  ".join(f"{m} {run.dense[m]:.4f}" for m in metrics))
     lines.append("")
-    head = f"{'sparsity':>8s}  {'criterion':12s}" + "".join(f" {m:>15s}" for m in metrics)
-    tuned = [f"fine-tuned {m}"[:15] for m in metrics] if run.finetuned else []
-    lines.append(head + "".join(f" {m:>15s}" for m in tuned) + f" {'achieved':>9s} {'score s':>8s}")
+    target, achieved, seconds = (
+        ("ratio", "removed", "prune s") if run.structured else ("sparsity", "achieved", "score s")
+    )
+    head = f"{target:>8s}  {'criterion':12s}" + "".join(f" {m:>15s}" for m in metrics)
+    after = "distilled" if run.structured else "fine-tuned"
+    tuned = [f"{after} {m}"[:15] for m in metrics] if run.finetuned else []
+    lines.append(head + "".join(f" {m:>15s}" for m in tuned) + f" {achieved:>9s} {seconds:>8s}")
     for r in sorted(run.results, key=lambda r: (r.sparsity, run.criteria.index(r.criterion))):
         row = f"{_label(run, r.sparsity):>8s}  {r.criterion:12s}" + "".join(f" {r.metrics[m]:15.4f}" for m in metrics)
         if tuned:
