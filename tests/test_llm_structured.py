@@ -248,6 +248,40 @@ def test_depth_removes_the_lowest_influence_blocks(tmp_path):
     assert torch.equal(loaded.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0), with_cache)
 
 
+def _without_block(arch: str, i: int, layers: int) -> nn.Module:
+    """A fresh tiny model with block i deleted by hand (and the config's depth and layer_types)."""
+    model = tiny(arch, layers=layers)
+    model.config.layer_types = ["full_attention"] * layers
+    kept = [b for j, b in enumerate(model.model.layers) if j != i]
+    model.model.layers = nn.ModuleList(kept)
+    model.config.num_hidden_layers = layers - 1
+    model.config.layer_types = ["full_attention"] * (layers - 1)
+    return model
+
+
+def test_depth_by_loss_removes_the_blocks_whose_removal_costs_least():
+    layers, windows = 4, CALIB[:8, :32]
+
+    def loss(m):  # transformers' own mean next-token loss, each window the same length
+        with torch.no_grad():
+            return sum(float(m(row[None], labels=row[None], use_cache=False).loss) for row in windows) / len(windows)
+
+    dense = tiny("qwen3", layers=layers)
+    dense.config.layer_types = ["full_attention"] * layers
+    increase = [loss(_without_block("qwen3", i, layers)) - loss(dense) for i in range(layers)]
+    model = tiny("qwen3", layers=layers)
+    model.config.layer_types = ["full_attention"] * layers
+    result = llm.prune_structured(model, CALIB, structure="depth", depth_score="loss", ratio=0.25, **OPTS)
+    assert result.loss_increase == pytest.approx(increase, rel=1e-4, abs=1e-6)
+    assert result.removed_blocks == [min(range(layers), key=lambda i: increase[i])]
+    assert result.influence is None and result.depth_score == "loss"
+    assert model.config.num_hidden_layers == 3 and len(model.config.layer_types) == 3
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1, 2]
+    with_cache = model.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    no_cache = model.generate(IDS[:1], max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(with_cache, no_cache)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -256,7 +290,8 @@ def test_depth_removes_the_lowest_influence_blocks(tmp_path):
         (dict(ratio="0.5"), "ratio"),
         (dict(ratio=0.8), "ratio=0.8 leaves no query head"),
         (dict(ratio=0.8, structure="depth"), "ratio=0.8 removes every"),
-        (dict(score="taylor"), "score"),
+        (dict(score="hrank"), "score"),
+        (dict(structure="depth", depth_score="perplexity"), "depth_score"),
         (dict(allocation="local"), "allocation"),
         (dict(structure="length"), "structure"),
         (dict(floor=1.0), "floor"),

@@ -12,9 +12,10 @@ Architectures: Llama, Mistral, Qwen2, Qwen3, OPT; encoders and vision transforme
 (BERT and the default MiniLM, Hugging Face ViT, timm ViT; torchvision ViT MLP channels only).
 layout.py: the coupled groups, the rule for grouped-query attention; any other is refused by name.
 Width: width.py (how `ratio` is split between heads and channels, uniform and global allocation),
-scores.py (magnitude, Wanda, FLAP),
-refit.py (least-squares reconstruction, FLAP's bias compensation). Depth: depth.py (ShortGPT's block
-influence). Saving and loading: load.py (Hugging Face), vision.py (timm / torchvision: safetensors with
+scores.py (the SCORES registry: magnitude, L1/L2, Wanda, FLAP, Taylor, Fisher, Ide; gradients.py the
+block-local gradients of the last three), refit.py (least-squares reconstruction, FLAP's bias
+compensation). Depth: depth.py (ShortGPT's block influence, or the loss increase of dropping each
+block). Saving and loading: load.py (Hugging Face), vision.py (timm / torchvision: safetensors with
 the shapes, `load_vision` rebuilds them on a model from the library's factory)."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from ...modeling import eval_mode
 from ..blocks import capture_inputs, module_device
 from ..text import calibration_windows
-from .depth import block_influence, blocks_to_remove, remove_blocks_
+from .depth import DEPTH_SCORES, block_influence, blocks_to_remove, loss_increase, remove_blocks_
 from .edit import Edits
 from .layout import LAYOUTS, Layout, Structure, structure_of
 from .load import load_pretrained
@@ -54,6 +55,7 @@ ALLOCATIONS = ("uniform", "global")
 
 __all__ = [
     "ALLOCATIONS",
+    "DEPTH_SCORES",
     "LAYOUTS",
     "SCORES",
     "STRUCTURES",
@@ -73,8 +75,8 @@ __all__ = [
 class StructuredResult:
     """What a `prune_structured` run did: its options, the parameters before and after (whole model and
     decoder blocks), the kept widths of every remaining block (MLP channels, query heads), the removed
-    blocks and every block's influence (depth), whether the result is a standard config that stock
-    `from_pretrained` loads, and times."""
+    blocks and every block's score (depth: `influence`, or `loss_increase` with depth_score="loss"),
+    whether the result is a standard config that stock `from_pretrained` loads, and times."""
 
     structure: str
     ratio: float
@@ -92,6 +94,8 @@ class StructuredResult:
     standard: bool = True
     block_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    depth_score: str | None = None
+    loss_increase: list[float] | None = None
 
     @property
     def removed_fraction(self) -> float:
@@ -99,7 +103,7 @@ class StructuredResult:
         return 1.0 - self.decoder_params_after / max(self.decoder_params_before, 1)
 
     def summary(self) -> str:
-        what = self.structure if self.structure == "depth" else f"width {self.score} {self.allocation}"
+        what = f"depth {self.depth_score}" if self.structure == "depth" else f"width {self.score} {self.allocation}"
         lines = [
             f"structured pruning ({what}, ratio {self.ratio}): decoder {self.decoder_params_before:,} -> "
             f"{self.decoder_params_after:,} parameters ({100 * self.removed_fraction:.1f} % removed), model "
@@ -131,7 +135,9 @@ def _check(options: dict[str, Any], sizes: dict[str, int]) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise ValueError(f"score must be one of {tuple(SCORES)}, got {score!r}")
+    if options["depth_score"] not in DEPTH_SCORES:
+        raise ValueError(f"depth_score must be one of {DEPTH_SCORES}, got {options['depth_score']!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
@@ -200,6 +206,7 @@ def prune_structured(
     device: str | torch.device | None = None,
     progress: bool | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    depth_score: str = "influence",
 ) -> StructuredResult:
     """Removes `ratio` of a decoder LLM's block parameters for real: MLP channels and attention heads
     (structure="width"), or whole blocks (structure="depth"), calibrated block by block.
@@ -210,12 +217,15 @@ def prune_structured(
         calibration: token ids (1-D stream or [sequences, tokens]), cut by `calibration_windows`; with
             `forward`, a list of batches (num_samples, seq_len and batch_size are then not used).
         structure: "width" or "depth".
+        depth_score: depth only: "influence" (ShortGPT's block influence) or "loss" (the calibration
+            loss increase of dropping each block alone; causal LMs, not with `forward`), depth.py.
         units: width only: "both" (heads and MLP channels), "mlp" or "heads" (the whole budget in one
             kind); None: "both", or "mlp" for torchvision's nn.MultiheadAttention, which cannot lose heads
             (units="both"/"heads" there: ValueError naming units, the model untouched).
         ratio: the fraction of the decoder blocks' parameters removed, in [0, 1) (width.py: how it is
             split between heads and channels; depth: round(ratio × blocks) blocks).
-        score: "magnitude", "wanda" or "flap" (scores.py), width only.
+        score: a name of SCORES (scores.py: "magnitude", "l1", "l2", "wanda", "flap", "taylor", "fisher",
+            "ide"), width only.
         allocation: "uniform" (the same widths in every block: a standard config) or "global" (one
             threshold over per-block standardized scores, each block keeping at least `floor`).
         multiple: the kept MLP width rounded to a multiple of this (1: the exact budget; 64 or 128 give
@@ -236,7 +246,10 @@ def prune_structured(
         the model back as it was."""
     sizes = {"num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size, "multiple": multiple}
     options = dict(structure=structure, ratio=ratio, score=score, allocation=allocation, floor=floor)
-    _check({**options, "reconstruct": reconstruct, "bias": bias, "percdamp": percdamp}, sizes)
+    flags = {"reconstruct": reconstruct, "bias": bias, "percdamp": percdamp, "depth_score": depth_score}
+    _check({**options, **flags}, sizes)
+    if structure == "depth" and depth_score == "loss" and forward is not None:
+        raise ValueError("depth_score='loss' needs a causal LM's next-token loss: not with forward=")
     s = structure_of(model)
     units = check_units(s, units) if structure == "width" else None
     counts = uniform_counts(s, float(ratio), multiple, units) if structure == "width" else None
@@ -273,10 +286,14 @@ def prune_structured(
         with eval_mode(model):
             inputs = capture_inputs(model, s.blocks[0], batches, device, forward=forward)
             if structure == "depth":
-                result.standard = s.config is not None
-                influence = block_influence(s, inputs, device)
-                result.influence = influence.tolist()
-                result.removed_blocks = blocks_to_remove(influence, removing)
+                result.standard, result.depth_score = s.config is not None, depth_score
+                if depth_score == "loss":
+                    scores = loss_increase(model, s, batches)
+                    result.loss_increase = scores.tolist()
+                else:
+                    scores = block_influence(s, inputs, device)
+                    result.influence = scores.tolist()
+                result.removed_blocks = blocks_to_remove(scores, removing)
                 if removing:
                     remove_blocks_(model, s, result.removed_blocks, edits)
                 s = structure_of(model)
@@ -303,7 +320,7 @@ def _width(
     if result.allocation == "global" and any(c.heads or c.channels for c in counts):
         start = list(inputs.hidden)
         with tqdm(total=len(s.blocks), desc="dense scores", unit="block", disable=_disabled(progress)) as bar:
-            scores = dense_scores(run, inputs, lambda _i: bar.update())
+            scores = dense_scores(run, inputs, counts, lambda _i: bar.update())
         inputs.hidden = start
         counts = global_counts(s, counts, scores, floor, multiple)
     with tqdm(total=len(s.blocks), desc=f"width {result.score}", unit="block", disable=_disabled(progress)) as bar:

@@ -42,9 +42,10 @@ from torch import Tensor, nn
 from ...criteria.input_stats import InputStats, StatsCollector
 from ..blocks import BlockInputs, on_device
 from .edit import Edits, new_linear, rows, with_bias
+from .gradients import unit_gradients
 from .layout import Structure, set_head_attrs
 from .refit import compensate, least_squares
-from .scores import channel_scores, check_finite, head_scores
+from .scores import SCORES, Observed, check_finite, magnitude
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,23 @@ def lowest(scores: Tensor, count: int) -> Tensor:
     return order[count:].sort().values
 
 
+def _dropped(scores: Tensor, count: int) -> Tensor:
+    """The indices of the `count` lowest scores (ties: the lower index), as `lowest` drops them."""
+    return torch.argsort(scores.cpu(), stable=True)[:count]
+
+
+def _head_columns(heads: Tensor, head_dim: int) -> Tensor:
+    """The consumer input columns of `heads`: head_dim columns each."""
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _dropped_heads(structure: Structure, i: int, kept: Tensor) -> Tensor:
+    """The consumer input columns of block i's heads not in `kept`."""
+    gone = torch.ones(structure.block_heads(i), dtype=torch.bool)
+    gone[kept] = False
+    return _head_columns(gone.nonzero().flatten(), structure.head_dim)
+
+
 def kept_heads(structure: Structure, scores: Tensor, count: int) -> Tensor:
     """Kept query heads (ascending): `count` dropped from every key/value group (GQA), or in all (MHA)."""
     if structure.group == 1:
@@ -226,6 +244,20 @@ class WidthRun:
             out["attention"] = self.s.linear(i, layout.o)
         return out
 
+    def observe(self, i: int, inputs: BlockInputs, counts: Counts) -> Observed:
+        """The consumers' input statistics, and the block-local gradients (gradients.py) at the
+        magnitude candidate of `counts` when the score needs them."""
+        observed = Observed(self.statistics(i, inputs))
+        needs = SCORES[self.o.score].gradients
+        if needs:
+            dropped = {"mlp": _dropped(magnitude(self.s, i, "mlp", observed), counts.channels)}
+            if "attention" in observed.stats:
+                heads = kept_heads(self.s, magnitude(self.s, i, "attention", observed), counts.heads)
+                dropped["attention"] = _dropped_heads(self.s, i, heads)
+            consumers = self.consumers(i)
+            observed.grads = unit_gradients(self.s.blocks[i], inputs, consumers, dropped, needs, self.s.head_dim)
+        return observed
+
     def statistics(self, i: int, inputs: BlockInputs) -> dict[str, InputStats]:
         """n, Σx, Σx² (and XᵀX for reconstruction) of both consumers' inputs over every batch."""
         observes = {"sums", "xtx"} if self.o.reconstruct else {"sums"}
@@ -239,9 +271,10 @@ class WidthRun:
             raise ValueError(f"block {i}: its {missing} consumer Linear was not called in the forward")
         return stats
 
-    def scores(self, i: int, stats: dict[str, InputStats]) -> tuple[Tensor, Tensor]:
-        ch = channel_scores(self.o.score, self.s, i, stats["mlp"])
-        hd = head_scores(self.o.score, self.s, i, stats["attention"]) if "attention" in stats else torch.zeros(0)
+    def scores(self, i: int, observed: Observed) -> tuple[Tensor, Tensor]:
+        units = SCORES[self.o.score].units
+        ch = units(self.s, i, "mlp", observed)
+        hd = units(self.s, i, "attention", observed) if "attention" in observed.stats else torch.zeros(0)
         check_finite(ch, f"block {i} MLP channels")
         check_finite(hd, f"block {i} attention heads")
         return ch, hd
@@ -266,9 +299,9 @@ class WidthRun:
             self.added[part] = True
         self.edits.replace(self.s.blocks[i], path, new_linear(linear, weight, bias))
 
-    def prune_block(self, i: int, counts: Counts, stats: dict[str, InputStats]) -> None:
-        s, layout = self.s, self.s.layout
-        ch, hd = self.scores(i, stats)
+    def prune_block(self, i: int, counts: Counts, observed: Observed) -> None:
+        s, layout, stats = self.s, self.s.layout, observed.stats
+        ch, hd = self.scores(i, observed)
         if counts.channels:
             keep = lowest(ch, counts.channels)
             self._consumer(i, "mlp", layout.consumer, keep, stats["mlp"])
@@ -276,8 +309,7 @@ class WidthRun:
                 self.edits.replace(s.blocks[i], p, rows(s.linear(i, p), keep))
         if counts.heads:
             heads = kept_heads(s, hd, counts.heads)
-            d = s.head_dim
-            cols = (heads.unsqueeze(1) * d + torch.arange(d)).flatten()
+            cols = _head_columns(heads, s.head_dim)
             self._consumer(i, "attention", layout.o, cols, stats["attention"])
             sliced = (layout.q,) if s.group > 1 else dict.fromkeys((layout.q, layout.k, layout.v))
             qkv_rows = s.qkv_rows(i, cols)
@@ -300,16 +332,19 @@ class WidthRun:
         return flags
 
 
-def dense_scores(run: WidthRun, inputs: BlockInputs, progress: Callable[[int], None]) -> list[tuple[Tensor, Tensor]]:
-    """Every block's channel and head scores on the dense model (global allocation's first pass); the
-    inputs end as the dense model's last block outputs."""
+def dense_scores(
+    run: WidthRun, inputs: BlockInputs, counts: list[Counts], progress: Callable[[int], None]
+) -> list[tuple[Tensor, Tensor]]:
+    """Every block's channel and head scores on the dense model (global allocation's first pass; the
+    gradient scores at the candidate of the uniform `counts`); the inputs end as the dense model's last
+    block outputs."""
     out = []
     for i, block in enumerate(run.s.blocks):
         with on_device(block, run.device):
-            stats = run.statistics(i, inputs)
-            ch, hd = run.scores(i, stats)
+            observed = run.observe(i, inputs, counts[i])
+            ch, hd = run.scores(i, observed)
             out.append((ch.cpu(), hd.cpu()))
-            del stats
+            del observed
             if i + 1 < len(run.s.blocks):
                 inputs.advance(block)
         progress(i)
@@ -325,9 +360,9 @@ def sequential(
         block = run.s.blocks[i]
         with on_device(block, run.device):
             if c.heads or c.channels:
-                stats = run.statistics(i, inputs)
-                run.prune_block(i, c, stats)
-                del stats
+                observed = run.observe(i, inputs, c)
+                run.prune_block(i, c, observed)
+                del observed
             block = run.s.blocks[i]
             if i + 1 < len(run.s.blocks):
                 inputs.advance(block)
