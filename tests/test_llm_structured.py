@@ -295,6 +295,8 @@ def test_depth_by_loss_removes_the_blocks_whose_removal_costs_least():
         (dict(allocation="local"), "allocation"),
         (dict(structure="length"), "structure"),
         (dict(floor=1.0), "floor"),
+        (dict(normalize="l2"), "normalize"),
+        (dict(allocation="global", normalize="lp", p=0), "p must be"),
     ],
 )
 def test_bad_input_leaves_the_model_unchanged(kwargs, match):

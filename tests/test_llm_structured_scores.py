@@ -190,3 +190,27 @@ def test_the_registry_says_what_each_score_reads():
     assert {n for n, s in SCORES.items() if s.statistics} == {"wanda", "flap"}
     assert all(s.cite for s in SCORES.values())
     assert list(SCORES)[:3] == ["magnitude", "wanda", "flap"]
+
+
+def test_global_allocation_with_lp_normalization():
+    """normalize="lp": one threshold over √S / ‖√S‖_p of each block (written out here), not over z-scores."""
+    from pyprune_fast.llm.structured import structure_of
+    from pyprune_fast.llm.structured.width import Counts, global_counts
+
+    s = structure_of(tiny("llama", layers=2))
+    g = torch.Generator().manual_seed(3)
+    scores = [
+        (torch.rand(64, generator=g) * 100, torch.rand(4, generator=g)),
+        (torch.rand(64, generator=g) ** 4, torch.rand(4, generator=g) * 9),
+    ]
+    uniform = [Counts(1, 20), Counts(1, 20)]
+    p = 0.5
+    lp = [(c.double().sqrt() / c.double().sqrt().pow(p).sum().pow(1 / p)) for c, _ in scores]
+    order = sorted((float(v), b, j) for b, z in enumerate(lp) for j, v in enumerate(z))
+    taken = [0, 0]
+    for _, b, _ in order:  # the 40 lowest, each block keeping at least ceil(0.1 × 64) = 7
+        if sum(taken) < 40 and taken[b] < 64 - 7:
+            taken[b] += 1
+    got = global_counts(s, uniform, scores, 0.1, 1, "lp", p)
+    assert [c.channels for c in got] == taken
+    assert sum(c.heads for c in got) == 2 and [c.channels for c in global_counts(s, uniform, scores, 0.1)] != taken

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...criteria.engine import check_normalize
 from ...modeling import eval_mode
 from ..blocks import capture_inputs, module_device
 from ..text import calibration_windows
@@ -198,6 +199,8 @@ def prune_structured(
     reconstruct: bool = True,
     bias: bool = True,
     floor: float = 0.1,
+    normalize: str | None = None,
+    p: float = 1.0,
     multiple: int = 1,
     percdamp: float = 0.01,
     num_samples: int = 128,
@@ -228,6 +231,9 @@ def prune_structured(
             "ide"), width only.
         allocation: "uniform" (the same widths in every block: a standard config) or "global" (one
             threshold over per-block standardized scores, each block keeping at least `floor`).
+        normalize, p: global allocation only: how each block's scores are made comparable across blocks,
+            None (standardized, as FLAP) or "lp" (√S / ‖√S‖_p, the channel criteria's L_p normalization,
+            p > 0); uniform allocation ranks within a block, where neither changes anything.
         multiple: the kept MLP width rounded to a multiple of this (1: the exact budget; 64 or 128 give
             shapes the matrix-multiply kernels like).
         reconstruct: refit each consumer by least squares (refit.py); else FLAP's bias compensation.
@@ -248,6 +254,7 @@ def prune_structured(
     options = dict(structure=structure, ratio=ratio, score=score, allocation=allocation, floor=floor)
     flags = {"reconstruct": reconstruct, "bias": bias, "percdamp": percdamp, "depth_score": depth_score}
     _check({**options, **flags}, sizes)
+    check_normalize(normalize, p)
     if structure == "depth" and depth_score == "loss" and forward is not None:
         raise ValueError("depth_score='loss' needs a causal LM's next-token loss: not with forward=")
     s = structure_of(model)
@@ -300,7 +307,7 @@ def prune_structured(
             else:
                 options = WidthOptions(score, reconstruct, bias, float(percdamp))
                 run = WidthRun(s, options, edits, device)
-                result.standard = _width(model, run, inputs, counts, result, progress, floor, multiple)
+                result.standard = _width(model, run, inputs, counts, result, progress, (floor, multiple, normalize, p))
     except BaseException:
         edits.undo()
         raise
@@ -311,18 +318,17 @@ def prune_structured(
     return result
 
 
-def _width(
-    model, run: WidthRun, inputs, counts: list[Counts], result: StructuredResult, progress, floor, multiple
-) -> bool:
-    """Width pruning (width.py): the global allocation's dense pass if asked, the sequential pass, the
-    biases a config flag gave, the config. Returns whether the config is standard."""
+def _width(model, run: WidthRun, inputs, counts: list[Counts], result: StructuredResult, progress, allocation) -> bool:
+    """Width pruning (width.py): the global allocation's dense pass if asked (`allocation`: its floor,
+    multiple, normalize and p), the sequential pass, the biases a config flag gave, the config. Returns
+    whether the config is standard."""
     s = run.s
     if result.allocation == "global" and any(c.heads or c.channels for c in counts):
         start = list(inputs.hidden)
         with tqdm(total=len(s.blocks), desc="dense scores", unit="block", disable=_disabled(progress)) as bar:
             scores = dense_scores(run, inputs, counts, lambda _i: bar.update())
         inputs.hidden = start
-        counts = global_counts(s, counts, scores, floor, multiple)
+        counts = global_counts(s, counts, scores, *allocation)
     with tqdm(total=len(s.blocks), desc=f"width {result.score}", unit="block", disable=_disabled(progress)) as bar:
         sequential(run, inputs, counts, result.block_seconds, lambda _i: bar.update())
     return _finish_config(model, s, run.edits, run.give_biases())

@@ -22,8 +22,10 @@ is rounded to the nearest multiple (GEMM-friendly shapes), exact to `multiple` c
 
 allocation="uniform": those counts in every block (a standard config). allocation="global": the same
 totals of channels and of head slices over the whole model, placed where the scores are lowest: a
-first, dense pass scores every block; each block's scores are standardized ((s − mean) / std, as FLAP's
-adaptive structure search does) and one threshold over all blocks picks the units (a head slice: one
+first, dense pass scores every block; each block's scores are made comparable across blocks —
+standardized ((s − mean) / std, as FLAP's adaptive structure search does; normalize=None), or L_p
+normalized (√S / ‖√S‖_p over the block's channels, and over its heads: the channel criteria's
+normalize="lp", Ide's thesis eq. 4.13) — and one threshold over all blocks picks the units (a head slice: one
 query head from every group of a block, its score the mean over the groups of each group's k-th
 lowest), each block keeping at least `floor` of its channels and of its heads per group (and at least
 one); the sequential pass then removes that many units from each block by its scores on the pruned
@@ -35,10 +37,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from ...criteria.engine import lp_normalize
 from ...criteria.input_stats import InputStats, StatsCollector
 from ..blocks import BlockInputs, on_device
 from .edit import Edits, new_linear, rows, with_bias
@@ -148,10 +152,10 @@ def _standardized(s: Tensor) -> Tensor:
     return (s - s.mean()) / std if float(std) > 0 else torch.zeros_like(s)
 
 
-def _head_slices(structure: Structure, scores: Tensor) -> Tensor:
-    """Standardized score of each head slice k (ascending): the mean over the groups of each group's k-th
-    lowest standardized head score (multi-head attention: the sorted head scores)."""
-    z = _standardized(scores)
+def _head_slices(structure: Structure, scores: Tensor, normalized: Callable[[Tensor], Tensor]) -> Tensor:
+    """Normalized score of each head slice k (ascending): the mean over the groups of each group's k-th
+    lowest normalized head score (multi-head attention: the sorted head scores)."""
+    z = normalized(scores)
     if structure.group == 1:
         return z.sort().values
     return z.reshape(structure.kv, -1).sort(dim=1).values.mean(0)
@@ -176,12 +180,20 @@ def _pick(per_block: list[Tensor], total: int, floors: list[int]) -> list[int]:
 
 
 def global_counts(
-    structure: Structure, uniform: list[Counts], scores: list[tuple[Tensor, Tensor]], floor: float, multiple: int = 1
+    structure: Structure,
+    uniform: list[Counts],
+    scores: list[tuple[Tensor, Tensor]],
+    floor: float,
+    multiple: int = 1,
+    normalize: str | None = None,
+    p: float = 1.0,
 ) -> list[Counts]:
     """The global allocation (module docstring): the uniform totals placed by one threshold over the
-    standardized scores, each block keeping at least `floor` of its units (and one)."""
-    channel_z = [_standardized(c).sort().values for c, _ in scores]
-    slice_z = [_head_slices(structure, h) for _, h in scores]
+    normalized scores (normalize=None: standardized; "lp": L_p normalized with `p`), each block keeping
+    at least `floor` of its units (and one)."""
+    normalized = _standardized if normalize is None else partial(lp_normalize, p=p)
+    channel_z = [normalized(c).sort().values for c, _ in scores]
+    slice_z = [_head_slices(structure, h, normalized) for _, h in scores]
     ch_floor = [max(1, math.ceil(floor * len(z))) for z in channel_z]
     head_floor = [max(1, math.ceil(floor * len(z))) for z in slice_z]
     channels = _pick(channel_z, sum(c.channels for c in uniform), ch_floor)
