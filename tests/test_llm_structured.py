@@ -10,7 +10,7 @@ from torch import nn
 from pyprune_fast import llm
 from pyprune_fast.criteria.input_stats import InputStats
 from pyprune_fast.llm.structured import refit
-from tests.test_llm_models import VOCAB, tiny_causal_lm, tiny_config
+from tests.test_llm_models import VOCAB, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,7 +52,7 @@ IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1
 
 
 @pytest.mark.parametrize("structure", ["width", "depth"])
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt_neox"])
 def test_ratio_zero_changes_nothing(arch, structure):
     model = tiny(arch)
     before, logits = state(model), model(IDS).logits
@@ -168,11 +168,55 @@ def test_heads_removed_whole_and_the_gqa_rule(arch):
     assert torch.isfinite(model(IDS).logits).all()
 
 
+def test_gpt_neox_heads_are_interleaved_rows_of_query_key_value():
+    """GPT-NeoX, one block, no refit: the pruned model equals the dense one whose removed heads' and
+    channels' consumer inputs are replaced by their calibration means (FLAP's bias compensation), and
+    each kept head keeps its 3·d contiguous rows (q | k | v) of query_key_value."""
+    model, dense = tiny("gpt_neox", layers=1), tiny("gpt_neox", layers=1)
+    result = llm.prune_structured(model, CALIB, ratio=0.5, score="flap", reconstruct=False, **OPTS)
+    layer, ref = model.gpt_neox.layers[0], dense.gpt_neox.layers[0]
+    assert result.heads == [2] and result.intermediate[0] < 64
+    consumers = {"attention.dense": 32, "mlp.dense_4h_to_h": 64}
+    xs = {n: [] for n in consumers}
+    hooks = [
+        ref.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: xs[n].append(a[0].detach()))
+        for n in consumers
+    ]
+    with torch.no_grad():
+        for row in CALIB:
+            dense(row[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    removed = {}
+    for n, width in consumers.items():
+        kept_w, full_w = layer.get_submodule(n).weight, ref.get_submodule(n).weight
+        kept = [
+            next(c for c in range(width) if torch.equal(kept_w[:, j], full_w[:, c])) for j in range(kept_w.shape[1])
+        ]
+        removed[n] = torch.tensor([c for c in range(width) if c not in kept])
+    heads = sorted({int(c) // 8 for c in range(32) if c not in removed["attention.dense"].tolist()})
+    rows = torch.cat([torch.arange(h * 24, h * 24 + 24) for h in heads])
+    assert torch.equal(layer.attention.query_key_value.weight, ref.attention.query_key_value.weight[rows])
+    means = {n: torch.cat(x).reshape(-1, consumers[n]).double().mean(0).float() for n, x in xs.items()}
+
+    def substitute(_m, a, n):
+        x = a[0].clone()
+        x[..., removed[n]] = means[n][removed[n]]
+        return (x,)
+
+    hooks = [ref.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: substitute(m, a, n)) for n in consumers]
+    with torch.no_grad():
+        expected = dense(IDS, use_cache=False).logits
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(model(IDS, use_cache=False).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def _attn(arch: str, i: int) -> str:
     return f"model.decoder.layers.{i}.self_attn" if arch == "opt" else f"model.layers.{i}.self_attn"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt_neox"])
 def test_uniform_width_saves_a_standard_model(arch, tmp_path):
     model = tiny(arch)
     result = llm.prune_structured(model, CALIB, ratio=0.3, **OPTS)
@@ -180,8 +224,8 @@ def test_uniform_width_saves_a_standard_model(arch, tmp_path):
     llm.save_pretrained(model, None, tmp_path / "m")
     if result.standard:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    else:  # OPT with fewer heads: its attention derives head_dim = hidden / heads
-        assert arch == "opt"
+    else:  # OPT and GPT-NeoX with fewer heads: their attention derives head_dim = hidden / heads
+        assert arch in ("opt", "gpt_neox")
         loaded, _ = llm.load_pretrained(tmp_path / "m")
     torch.testing.assert_close(loaded(IDS).logits, logits, rtol=1e-5, atol=1e-5)
     a = loaded.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -308,11 +352,12 @@ def test_bad_input_leaves_the_model_unchanged(kwargs, match):
 
 
 def test_unknown_architecture_and_tied_weights_are_refused():
-    neox = tiny_causal_lm("gpt_neox")
-    before = state(neox)
-    with pytest.raises(ValueError, match="architecture gpt_neox: its attention is not known"):
-        llm.prune_structured(neox, CALIB, **OPTS)
-    assert same_state(neox, before)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    gpt2 = transformers.AutoModelForCausalLM.from_config(config).eval()
+    before = state(gpt2)
+    with pytest.raises(ValueError, match="architecture gpt2: its attention is not known"):
+        llm.prune_structured(gpt2, CALIB, **OPTS)
+    assert same_state(gpt2, before)
     model = tiny("llama")
     model.model.layers[1].mlp.down_proj.weight = model.model.layers[0].mlp.down_proj.weight
     before = state(model)

@@ -1,5 +1,6 @@
 """The scores of structured pruning (llm.structured.SCORES) against their formulas written out here on a
-tiny random Llama (grouped-query attention) and OPT (multi-head attention): the block-0 score of every
+tiny random Llama (grouped-query attention), OPT (multi-head attention) and GPT-NeoX (packed
+query_key_value, parallel residual): the block-0 score of every
 MLP channel and query head, and that the run keeps the highest-scored ones."""
 
 import pytest
@@ -21,9 +22,12 @@ NAMES = {
         o="self_attn.o_proj",
     ),
     "opt": dict(blocks="model.decoder.layers", producers=("fc1",), consumer="fc2", o="self_attn.out_proj"),
+    "gpt_neox": dict(
+        blocks="gpt_neox.layers", producers=("mlp.dense_h_to_4h",), consumer="mlp.dense_4h_to_h", o="attention.dense"
+    ),
 }
 D, HEADS = 8, 4
-GROUPS = {"llama": 2, "opt": 1}  # the groups heads are removed from: key/value groups; all heads (MHA)
+GROUPS = {"llama": 2, "opt": 1, "gpt_neox": 1}  # the groups heads are removed from: key/value groups; all heads (MHA)
 
 
 def _block0_call(model: nn.Module, names: dict) -> list[tuple[tuple, dict]]:
@@ -73,12 +77,27 @@ def _per_head(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(*v.shape[:-1], -1, D).sum(-1)
 
 
+def _head_rows(block, arch: str, per_row) -> torch.Tensor:
+    """Σ per_row(weight) over each head's filter rows: q (Llama); q, k and v (OPT); its 3·d contiguous
+    rows of the packed query_key_value (GPT-NeoX)."""
+    if arch == "gpt_neox":
+        return per_row(_weight(block, "attention.query_key_value")).reshape(HEADS, 3 * D).sum(1)
+    attn = ["self_attn.q_proj"] + (["self_attn.k_proj", "self_attn.v_proj"] if arch == "opt" else [])
+    return sum(_per_head(per_row(_weight(block, n))) for n in attn)
+
+
+def _query_rows(block, arch: str) -> torch.Tensor:
+    """Each head's query rows [heads, rows, hidden] (GPT-NeoX: its q | k | v rows)."""
+    if arch == "gpt_neox":
+        return block.attention.query_key_value.weight.reshape(-1, 3 * D, 32)
+    return block.self_attn.q_proj.weight.reshape(-1, D, 32)
+
+
 def _candidate(block, names, arch, channels, heads_per_group):
     """The magnitude candidate's masks: the lowest ‖coupled weights‖₂ channels and heads set to 0."""
     down, o = _weight(block, names["consumer"]), _weight(block, names["o"])
     ch = down.pow(2).sum(0) + sum(_weight(block, p).pow(2).sum(1) for p in names["producers"])
-    attn = ["self_attn.q_proj"] + (["self_attn.k_proj", "self_attn.v_proj"] if arch == "opt" else [])
-    hd = _per_head(o.pow(2).sum(0)) + sum(_per_head(_weight(block, p).pow(2).sum(1)) for p in attn)
+    hd = _per_head(o.pow(2).sum(0)) + _head_rows(block, arch, lambda w: w.pow(2).sum(1))
     mlp = torch.ones(down.shape[1], dtype=torch.float64)
     mlp[torch.argsort(ch)[:channels]] = 0
     head_mask = torch.ones(HEADS, dtype=torch.float64)
@@ -127,15 +146,14 @@ def _expected(score, model, names, arch, channels, heads_per_group):
     if score in ("taylor", "fisher", "ide"):
         return _gradient_scores(score, model, names, arch, channels, heads_per_group)
     down, o = _weight(block, names["consumer"]), _weight(block, names["o"])
-    attn = ["self_attn.q_proj"] + (["self_attn.k_proj", "self_attn.v_proj"] if arch == "opt" else [])
     if score in ("l1", "l2"):
         p = 1 if score == "l1" else 2
         ch = sum(_weight(block, n).abs().pow(p).sum(1) for n in names["producers"]) ** (1 / p)
-        hd = sum(_per_head(_weight(block, n).abs().pow(p).sum(1)) for n in attn) ** (1 / p)
+        hd = _head_rows(block, arch, lambda w: w.abs().pow(p).sum(1)) ** (1 / p)
         return ch, hd
     if score == "magnitude":
         ch = down.pow(2).sum(0) + sum(_weight(block, n).pow(2).sum(1) for n in names["producers"])
-        hd = _per_head(o.pow(2).sum(0)) + sum(_per_head(_weight(block, n).pow(2).sum(1)) for n in attn)
+        hd = _per_head(o.pow(2).sum(0)) + _head_rows(block, arch, lambda w: w.pow(2).sum(1))
         return ch.sqrt(), hd.sqrt()
     xs = {"mlp": [], "attention": []}
     for call in _block0_call(model, names):
@@ -151,7 +169,7 @@ def _expected(score, model, names, arch, channels, heads_per_group):
     return var["mlp"] * down.pow(2).sum(0), _per_head(var["attention"] * o.pow(2).sum(0))
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", list(NAMES))
 @pytest.mark.parametrize("score", list(SCORES))
 def test_block_scores_match_their_formula_and_the_lowest_go(score, arch, monkeypatch):
     names = NAMES[arch]
@@ -177,7 +195,7 @@ def test_block_scores_match_their_formula_and_the_lowest_go(score, arch, monkeyp
     producer = names["producers"][0]
     block, ref = model.get_submodule(names["blocks"])[0], dense.get_submodule(names["blocks"])[0]
     assert torch.equal(block.get_submodule(producer).weight, ref.get_submodule(producer).weight[keep])
-    q, q_ref = block.self_attn.q_proj.weight.reshape(-1, D, 32), ref.self_attn.q_proj.weight.reshape(HEADS, D, 32)
+    q, q_ref = _query_rows(block, arch), _query_rows(ref, arch)
     kept = [next(h for h in range(HEADS) if torch.equal(q[j], q_ref[h])) for j in range(len(q))]
     g = HEADS // GROUPS[arch]
     per_group = hd.reshape(GROUPS[arch], g)

@@ -8,7 +8,7 @@ shapes and the config changed for real.
     result = llm.prune_structured(model, calib, structure="width", ratio=0.25, score="flap")
     llm.save_pretrained(model, tok, "out/smollm2-w25")   # uniform widths: stock from_pretrained loads it
 
-Architectures: Llama, Mistral, Qwen2, Qwen3, OPT; encoders and vision transformers with `forward=`
+Architectures: Llama, Mistral, Qwen2, Qwen3, OPT, GPT-NeoX; encoders and vision transformers with `forward=`
 (BERT and the default MiniLM, Hugging Face ViT, timm ViT; torchvision ViT MLP channels only).
 layout.py: the coupled groups, the rule for grouped-query attention; any other is refused by name.
 Width: width.py (how `ratio` is split between heads and channels, uniform and global allocation),

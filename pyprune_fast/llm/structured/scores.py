@@ -29,9 +29,9 @@ calibration token. Gradients: the block-local pass of gradients.py (x_n, ∇_n p
 
 A head's score is the sum over its head_dim columns (wanda, flap; taylor, fisher and ide sum x_nᵀ∇_n over
 them first); magnitude and l1/l2 take the norm over all its weights (a packed qkv: its rows in the q, k
-and v parts). The formulas of l1, l2, taylor, fisher and ide are those of pyprune_fast.criteria,
-applied here to units. The L_p normalization of those criteria (`normalize="lp"`) is the global
-allocation's `normalize` (width.py)."""
+and v parts, or its 3·head_dim rows when packed per head). The formulas of l1, l2, taylor, fisher and
+ide are those of pyprune_fast.criteria, applied here to units. The L_p normalization of those criteria
+(`normalize="lp"`) is the global allocation's `normalize` (width.py)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,8 @@ def _rows_per_unit(structure: Structure, part: str, rows: Tensor) -> Tensor:
     """Per-row values of a producer summed per unit (a head's head_dim rows; packed qkv: in q, k and v)."""
     if part == "mlp":
         return rows
+    if structure.layout.qkv_per_head:
+        return rows.reshape(-1, 3 * structure.head_dim).sum(1)
     if structure.layout.packed_qkv:
         return rows.reshape(3, -1, structure.head_dim).sum((0, 2))
     return rows.reshape(-1, structure.head_dim).sum(1)
