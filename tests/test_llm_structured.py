@@ -9,6 +9,7 @@ from torch import nn
 
 from pyprune_fast import llm
 from pyprune_fast.criteria.input_stats import InputStats
+from pyprune_fast.errors import UsageError
 from pyprune_fast.llm.structured import refit
 from tests.test_llm_models import VOCAB, tiny_config
 
@@ -341,29 +342,40 @@ def test_depth_by_loss_removes_the_blocks_whose_removal_costs_least():
         (dict(floor=1.0), "floor"),
         (dict(normalize="l2"), "normalize"),
         (dict(allocation="global", normalize="lp", p=0), "p must be"),
+        (dict(units="mlp", ratio=0.99), "ratio=0.99 leaves no MLP channel in block 0"),
+        (dict(units="heads", ratio=0.9), "ratio=0.9 leaves no query head in a key/value group of block 0"),
+        (dict(units="all"), "units must be one of"),
+        (dict(num_samples=0), "num_samples must be a positive int"),
     ],
 )
 def test_bad_input_leaves_the_model_unchanged(kwargs, match):
     model = tiny("llama")
     before = state(model)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as error:
         llm.prune_structured(model, CALIB, **{**OPTS, **kwargs})
     assert same_state(model, before)
+    if not match.startswith(("normalize", "p ")):  # the channel criteria's own check (a ValueError)
+        assert isinstance(error.value, UsageError) and error.value.parameters[0] in kwargs
 
 
-def test_unknown_architecture_and_tied_weights_are_refused():
+def test_unknown_architecture_tied_weights_and_uneven_groups_are_refused():
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     gpt2 = transformers.AutoModelForCausalLM.from_config(config).eval()
-    before = state(gpt2)
-    with pytest.raises(ValueError, match="architecture gpt2: its attention is not known"):
-        llm.prune_structured(gpt2, CALIB, **OPTS)
-    assert same_state(gpt2, before)
-    model = tiny("llama")
-    model.model.layers[1].mlp.down_proj.weight = model.model.layers[0].mlp.down_proj.weight
-    before = state(model)
-    with pytest.raises(ValueError, match="model: .*shared inside the decoder blocks"):
-        llm.prune_structured(model, CALIB, **OPTS)
-    assert same_state(model, before)
+    tied = tiny("llama")
+    tied.model.layers[1].mlp.down_proj.weight = tied.model.layers[0].mlp.down_proj.weight
+    uneven = tiny("llama")  # 3 query heads of 8 cannot split into 2 key/value groups
+    uneven.model.layers[1].self_attn.q_proj = nn.Linear(32, 24, bias=False)
+    uneven.model.layers[1].self_attn.o_proj = nn.Linear(24, 32, bias=False)
+    cases = [
+        (gpt2, "model: architecture gpt2: its attention is not known"),
+        (tied, "model: .*shared inside the decoder blocks"),
+        (uneven, "model: architecture llama: the query heads of blocks \\[1\\] do not split into its 2 key/value"),
+    ]
+    for model, match in cases:
+        before = state(model)
+        with pytest.raises(UsageError, match=match) as error:
+            llm.prune_structured(model, CALIB, **OPTS)
+        assert error.value.parameters == ("model",) and same_state(model, before)
 
 
 def test_a_failure_during_the_run_gives_the_model_back(monkeypatch):

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ...criteria.engine import check_normalize
+from ...errors import UsageError
 from ...modeling import eval_mode
 from ..blocks import capture_inputs, module_device
 from ..text import calibration_windows
@@ -124,30 +125,31 @@ class StructuredResult:
 
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise UsageError(f"`{name}` must be a positive int, got {value!r}")
 
 
 def _check(options: dict[str, Any], sizes: dict[str, int]) -> None:
-    """ValueError/TypeError naming the first option of prune_structured that is wrong."""
+    """UsageError (TypeError for a flag that is not a bool) naming the first option of prune_structured
+    that is wrong."""
     structure, ratio, score, allocation = (options[k] for k in ("structure", "ratio", "score", "allocation"))
     floor, reconstruct, bias, percdamp = (options[k] for k in ("floor", "reconstruct", "bias", "percdamp"))
     if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        raise UsageError(f"`structure` must be one of {STRUCTURES}, got {structure!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        raise UsageError(f"`ratio` must be a number in [0, 1), got {ratio!r}")
     if score not in SCORES:
-        raise ValueError(f"score must be one of {tuple(SCORES)}, got {score!r}")
+        raise UsageError(f"`score` must be one of {tuple(SCORES)}, got {score!r}")
     if options["depth_score"] not in DEPTH_SCORES:
-        raise ValueError(f"depth_score must be one of {DEPTH_SCORES}, got {options['depth_score']!r}")
+        raise UsageError(f"`depth_score` must be one of {DEPTH_SCORES}, got {options['depth_score']!r}")
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        raise UsageError(f"`allocation` must be one of {ALLOCATIONS}, got {allocation!r}")
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
-        raise ValueError(f"floor must be a number in [0, 1), got {floor!r}")
+        raise UsageError(f"`floor` must be a number in [0, 1), got {floor!r}")
     for name, value in (("reconstruct", reconstruct), ("bias", bias)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
-        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+        raise UsageError(f"`percdamp` must be a number >= 0, got {percdamp!r}")
     for name, value in sizes.items():
         _positive_int(name, value)
 
@@ -246,23 +248,23 @@ def prune_structured(
         forward: for a model that does not take token ids: a callable (model, inputs), as llm.prune's.
 
     Returns:
-        StructuredResult. ValueError/TypeError naming the argument, with the model untouched, for a bad
-        option, an unknown architecture, weights shared inside the blocks, or a ratio that leaves a block
-        no head or no channel; a failure during the run (non-finite statistics, a singular refit) puts
-        the model back as it was."""
+        StructuredResult. UsageError naming the argument, with the model untouched, for a bad option, an
+        unknown architecture, weights shared inside the blocks, head counts that do not split into the
+        key/value groups, or a ratio that leaves a block no head or no channel; a failure during the run
+        (non-finite statistics, a singular refit) puts the model back as it was."""
     sizes = {"num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size, "multiple": multiple}
     options = dict(structure=structure, ratio=ratio, score=score, allocation=allocation, floor=floor)
     flags = {"reconstruct": reconstruct, "bias": bias, "percdamp": percdamp, "depth_score": depth_score}
     _check({**options, **flags}, sizes)
     check_normalize(normalize, p)
     if structure == "depth" and depth_score == "loss" and forward is not None:
-        raise ValueError("depth_score='loss' needs a causal LM's next-token loss: not with forward=")
+        raise UsageError("`depth_score`='loss' needs a causal LM's next-token loss: not with `forward`")
     s = structure_of(model)
     units = check_units(s, units) if structure == "width" else None
     counts = uniform_counts(s, float(ratio), multiple, units) if structure == "width" else None
     removing = round(ratio * len(s.blocks)) if structure == "depth" else 0
     if removing >= len(s.blocks):
-        raise ValueError(f"ratio={ratio} removes every one of the {len(s.blocks)} blocks")
+        raise UsageError(f"`ratio`={ratio} removes every one of the {len(s.blocks)} blocks")
     if forward is None:
         windows = calibration_windows(calibration, num_samples, seq_len)
         batches = [windows[k : k + batch_size] for k in range(0, len(windows), batch_size)]

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...errors import UsageError
 from ..blocks import find_blocks
 
 
@@ -278,7 +279,7 @@ def _geometry(arch: str, config: Any, blocks: nn.ModuleList) -> tuple[int, int, 
     attention = blocks[0].get_submodule(LAYOUTS[arch].attention)
     if arch == "timm_vit":
         if not isinstance(attention.norm, nn.Identity) or getattr(attention, "gate", None) is not None:
-            raise ValueError("architecture timm_vit: an Attention with scale_norm or a gate is not known")
+            raise UsageError("`model`: architecture timm_vit: an Attention with scale_norm or a gate is not known")
         heads, head_dim = int(attention.num_heads), int(attention.head_dim)
         return attention.qkv.in_features, heads, heads, head_dim
     heads = int(attention.num_heads)
@@ -287,23 +288,25 @@ def _geometry(arch: str, config: Any, blocks: nn.ModuleList) -> tuple[int, int, 
 
 def structure_of(model: nn.Module) -> Structure:
     """The Structure of a Hugging Face decoder LLM, a BERT / Hugging Face ViT encoder, or a timm /
-    torchvision ViT; ValueError (the model untouched) for an architecture whose attention is not known,
-    a block that does not hold the expected Linears, inconsistent head geometry, or weights shared inside
-    the blocks (tied or shared Linears)."""
+    torchvision ViT; UsageError naming `model` (the model untouched) for an architecture whose attention
+    is not known, a block that does not hold the expected Linears, query heads that do not split into the
+    key/value groups (in the config or in any block), or weights shared inside the blocks (tied or shared
+    Linears)."""
     arch, config = _architecture(model)
     if arch not in LAYOUTS:
         name = arch or type(model).__name__
-        raise ValueError(
-            f"architecture {name}: its attention is not known to the structured pruner (known: {', '.join(LAYOUTS)})"
+        raise UsageError(
+            f"`model`: architecture {name}: its attention is not known to the structured pruner "
+            f"(known: {', '.join(LAYOUTS)})"
         )
     layout = LAYOUTS[arch]
     prefix, blocks = find_blocks(model)
     shared = _shared_parameters(model, prefix)
     if shared:
-        raise ValueError(f"model: the structured pruner refuses weights shared inside the decoder blocks: {shared}")
+        raise UsageError(f"`model`: the structured pruner refuses weights shared inside the decoder blocks: {shared}")
     hidden, heads, kv, head_dim = _geometry(arch, config, blocks)
     if heads % kv:
-        raise ValueError(f"architecture {arch}: {heads} query heads do not split into {kv} key/value groups")
+        raise UsageError(f"`model`: architecture {arch}: {heads} query heads do not split into {kv} key/value groups")
     for i, block in enumerate(blocks):
         names = (*layout.producers, layout.consumer, layout.q, layout.k, layout.v, layout.o)
         for n in names:
@@ -312,5 +315,16 @@ def structure_of(model: nn.Module) -> Structure:
             except AttributeError:
                 m = None
             if not isinstance(m, nn.Linear):
-                raise ValueError(f"architecture {arch}: block {i} has no nn.Linear {n!r} (a layout it does not know)")
-    return Structure(arch, prefix, blocks, layout, hidden, heads, kv, head_dim, config)
+                raise UsageError(
+                    f"`model`: architecture {arch}: block {i} has no nn.Linear {n!r} (a layout it does not know)"
+                )
+    structure = Structure(arch, prefix, blocks, layout, hidden, heads, kv, head_dim, config)
+    gqa = layout.heads_removable and structure.group > 1  # (multi-head attention: any head count)
+    rows = [structure.linear(i, layout.q).out_features for i in range(len(blocks))] if gqa else []
+    uneven = [i for i, r in enumerate(rows) if r % (head_dim * kv)]
+    if uneven:
+        raise UsageError(
+            f"`model`: architecture {arch}: the query heads of blocks {uneven} do not split into its {kv} key/value "
+            f"groups of {head_dim}-wide heads (grouped-query attention keeps the same number in every group)"
+        )
+    return structure

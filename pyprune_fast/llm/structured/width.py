@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ...criteria.engine import lp_normalize
 from ...criteria.input_stats import InputStats, StatsCollector
+from ...errors import UsageError
 from ..blocks import BlockInputs, on_device
 from .edit import Edits, new_linear, rows, with_bias
 from .gradients import unit_gradients
@@ -105,15 +106,15 @@ UNITS = ("both", "mlp", "heads")
 
 def check_units(structure: Structure, units: str | None) -> str:
     """The units width pruning removes: `units`, or None for the architecture's default ("both"; "mlp"
-    where heads cannot be removed). ValueError naming `units` for an unknown value, or for head removal
+    where heads cannot be removed). UsageError naming `units` for an unknown value, or for head removal
     on an attention that cannot lose heads (torchvision's nn.MultiheadAttention)."""
     if units is None:
         return "both" if structure.layout.heads_removable else "mlp"
     if units not in UNITS:
-        raise ValueError(f"units must be one of {UNITS} or None, got {units!r}")
+        raise UsageError(f"`units` must be one of {UNITS} or None, got {units!r}")
     if units != "mlp" and not structure.layout.heads_removable:
-        raise ValueError(
-            f"units={units!r}: architecture {structure.arch}: heads cannot be removed from nn.MultiheadAttention "
+        raise UsageError(
+            f"`units`={units!r}: architecture {structure.arch}: heads cannot be removed from nn.MultiheadAttention "
             "(it requires embed_dim == num_heads * head_dim); use units='mlp' (MLP channels only)"
         )
     return units
@@ -122,7 +123,7 @@ def check_units(structure: Structure, units: str | None) -> str:
 def uniform_counts(structure: Structure, ratio: float, multiple: int = 1, units: str = "both") -> list[Counts]:
     """Counts per block for `ratio` (module docstring; units="mlp": the whole budget in MLP channels,
     "heads": the whole budget in heads), the kept MLP width rounded to a multiple of `multiple`;
-    ValueError naming `ratio` when a block would keep no head or no channel."""
+    UsageError naming `ratio` when a block would keep no head or no channel."""
     counts = []
     for i, block in enumerate(structure.blocks):
         units_i = _head_units(structure, i)
@@ -134,14 +135,16 @@ def uniform_counts(structure: Structure, ratio: float, multiple: int = 1, units:
             heads = round(ratio * units_i)
         if heads >= units_i:
             where = "attention head" if structure.group == 1 else "query head in a key/value group"
-            raise ValueError(f"ratio={ratio} leaves no {where} of block {i} ({units_i} per group)")
+            raise UsageError(f"`ratio`={ratio} leaves no {where} of block {i} ({units_i} per group)")
         if units == "heads":
             counts.append(Counts(heads, 0))
             continue
         budget = ratio * block_params(block) - heads * _head_cost(structure, i)
         channels = rounded(structure.intermediate(i), max(0, round(budget / _channel_cost(structure, i))), multiple)
         if channels >= structure.intermediate(i):
-            raise ValueError(f"ratio={ratio} leaves no MLP channel in block {i} ({structure.intermediate(i)} channels)")
+            raise UsageError(
+                f"`ratio`={ratio} leaves no MLP channel in block {i} ({structure.intermediate(i)} channels)"
+            )
         counts.append(Counts(heads, channels))
     return counts
 
