@@ -50,6 +50,9 @@ from .base import (
     get_refinements,
     register_refinement,
 )
+from .swap import Swap
+
+register_refinement(Swap())
 
 __all__ = [
     "REFINEMENTS",
@@ -58,6 +61,7 @@ __all__ = [
     "Gain",
     "ModelStep",
     "Refinement",
+    "Swap",
     "check_refinement",
     "get_refinements",
     "register_refinement",
