@@ -39,6 +39,7 @@ pipeline's undo log, plus ModelStep.undo for changes outside the blocks). Each a
 with its time, goes to `PruneResult.refinements` (name → one Gain per block, or one for stage "model"),
 and the report shows each refinement's gain separately."""
 
+from . import permute  # registers "permute": channel permutations for N:M
 from .base import (
     REFINEMENTS,
     STAGES,
@@ -67,5 +68,6 @@ __all__ = [
     "Swap",
     "check_refinement",
     "get_refinements",
+    "permute",
     "register_refinement",
 ]
