@@ -53,6 +53,16 @@ def test_search_keeps_every_infinite_score():
     assert bool((scores[0, perm].view(3, 4) == inf).sum(1).le(2).all())
 
 
+def test_search_on_sampled_rows():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(40, 32, generator=g) * torch.rand(32, generator=g)
+    full = permute.nm_permutation(scores)
+    assert torch.equal(permute.nm_permutation(scores, max_rows=40), full)
+    sampled = permute.nm_permutation(scores, max_rows=10)  # the search sees rows 0, 4, 9, ..., 39
+    assert torch.equal(sampled, permute.nm_permutation(scores[torch.linspace(0, 39, 10).round().long()]))
+    assert permute.kept_score(scores, sampled) > permute.kept_score(scores, torch.arange(32))
+
+
 @pytest.mark.parametrize(
     "scores,error,match",
     [
