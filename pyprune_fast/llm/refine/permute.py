@@ -28,7 +28,7 @@ from ...criteria.wanda import wanda_score
 from ...ops.checks import check_n_m
 from ..blocks import block_linears, on_device
 from ..structured.layout import Layout, Structure, structure_of
-from .base import Gain, ModelStep, Refinement, register_refinement
+from .base import Gain, ModelStep, Refinement
 
 # A swap is taken when it gains more than this fraction of the mean column's total |score|: float sums
 # of the gains cannot then make the search cycle.
@@ -423,6 +423,3 @@ class Permute(Refinement):
         step.undo.append(partial(apply_permutations_, step.model, inverse(found)))
         before, after = (sum(k[i] for k in found.kept.values()) for i in (0, 1))
         return Gain("N:M-kept score", before, after, higher_is_better=True)
-
-
-register_refinement(Permute())
