@@ -10,6 +10,7 @@ import torch
 
 from pyprune_fast import llm, reference
 from pyprune_fast.llm.refine import Gain, Refinement, permute
+from tests.test_llm_failures import tiny_mixtral
 from tests.test_llm_models import VOCAB, tiny_causal_lm, tiny_config
 from tests.test_llm_pipeline import block_weights, run
 
@@ -51,6 +52,16 @@ def test_search_keeps_every_infinite_score():
     scores[0, :4] = torch.tensor([inf, inf, inf, -inf])  # three kept infs cannot share a 2:4 group
     perm = permute.nm_permutation(scores, 2, 4)
     assert bool((scores[0, perm].view(3, 4) == inf).sum(1).le(2).all())
+
+
+def test_search_on_sampled_rows():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(40, 32, generator=g) * torch.rand(32, generator=g)
+    full = permute.nm_permutation(scores)
+    assert torch.equal(permute.nm_permutation(scores, max_rows=40), full)
+    sampled = permute.nm_permutation(scores, max_rows=10)  # the search sees rows 0, 4, 9, ..., 39
+    assert torch.equal(sampled, permute.nm_permutation(scores[torch.linspace(0, 39, 10).round().long()]))
+    assert permute.kept_score(scores, sampled) > permute.kept_score(scores, torch.arange(32))
 
 
 @pytest.mark.parametrize(
@@ -123,14 +134,16 @@ def test_opt_permutes_mlp_and_values_and_refuses_the_hidden_dimension():
 @pytest.mark.parametrize(
     "arch,kwargs,match",
     [
-        ("gpt_neox", {}, "architecture gpt_neox: its attention is not known"),
+        ("gpt_neox", {}, "architecture gpt_neox: the hidden-dimension permutation does not follow its residual"),
+        ("gpt_neox", {"parts": ("values",)}, "architecture gpt_neox: value channels of a packed qkv Linear"),
+        ("mixtral", {"parts": ("mlp",)}, "architecture mixtral: its attention is not known"),
         ("llama", {"m": 3, "n": 1}, "permutation hidden: the hidden size 32 is not a multiple of m=3"),
         ("llama", {"m": 16, "parts": ("values",)}, "permutation values: the head_dim 8 is not a multiple of m=16"),
         ("llama", {"parts": ("heads",)}, "parts must be among hidden, mlp, values"),
     ],
 )
 def test_refusals_leave_the_model_untouched(arch, kwargs, match):
-    model = tiny_causal_lm(arch)
+    model = tiny_mixtral() if arch == "mixtral" else tiny_causal_lm(arch)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=match):
         permute.permute_for_nm_(model, **kwargs)
@@ -191,9 +204,11 @@ class FailAtBlock(Refinement):
         return Gain("nothing", 0.0, 0.0)
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
-def test_refinement_keeps_the_function_of_the_model(method):
-    model = tiny_decoder("qwen2", tied=True)
+@pytest.mark.parametrize("arch,method", [("qwen2", "wanda"), ("qwen2", "sparsegpt"), ("qwen2", "magnitude"),
+                                         ("gpt_neox", "wanda")])  # fmt: skip
+def test_refinement_keeps_the_function_of_the_model(arch, method):
+    """GPT-NeoX (packed qkv, hidden stream not followed): its MLP channels only."""
+    model = tiny_decoder(arch, tied=arch == "qwen2")
     dense = logits(model, IDS)
     result = run(model, method, "2:4", refine=("permute", RestoreDense()))
     (gain,) = result.refinements["permute"]
@@ -228,11 +243,11 @@ def test_failed_run_gives_the_model_back_unpermuted():
     "arch,sparsity,options,match",
     [
         ("llama", 0.5, {}, "refinement permute: needs an N:M sparsity such as 2:4, got 50%"),
-        ("gpt_neox", "2:4", {}, "architecture gpt_neox: its attention is not known"),
+        ("mixtral", "2:4", {}, "architecture mixtral: its attention is not known"),
     ],
 )
 def test_refinement_refusals_leave_the_model_untouched(arch, sparsity, options, match):
-    model = tiny_causal_lm(arch)
+    model = tiny_mixtral() if arch == "mixtral" else tiny_causal_lm(arch)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=match):
         run(model, "wanda", sparsity, refine="permute", **options)

@@ -39,7 +39,6 @@ pipeline's undo log, plus ModelStep.undo for changes outside the blocks). Each a
 with its time, goes to `PruneResult.refinements` (name → one Gain per block, or one for stage "model"),
 and the report shows each refinement's gain separately."""
 
-from . import permute  # registers "permute": channel permutations for N:M
 from .base import (
     REFINEMENTS,
     STAGES,
@@ -51,9 +50,11 @@ from .base import (
     get_refinements,
     register_refinement,
 )
+from .permute import Permute
 from .reconstruct import Reconstruct
 from .swap import Swap
 
+register_refinement(Permute())
 register_refinement(Swap())
 register_refinement(Reconstruct())
 
@@ -63,11 +64,11 @@ __all__ = [
     "BlockStep",
     "Gain",
     "ModelStep",
+    "Permute",
     "Reconstruct",
     "Refinement",
     "Swap",
     "check_refinement",
     "get_refinements",
-    "permute",
     "register_refinement",
 ]

@@ -28,7 +28,7 @@ from ...criteria.wanda import wanda_score
 from ...ops.checks import check_n_m
 from ..blocks import block_linears, on_device
 from ..structured.layout import Layout, Structure, structure_of
-from .base import Gain, ModelStep, Refinement, register_refinement
+from .base import Gain, ModelStep, Refinement
 
 # A swap is taken when it gains more than this fraction of the mean column's total |score|: float sums
 # of the gains cannot then make the search cycle.
@@ -61,6 +61,7 @@ def nm_permutation(
     m: int = 4,
     *,
     max_rounds: int | None = None,
+    max_rows: int | None = None,
     gains: Callable[..., Tensor] = ops.nm_swap_gains,
 ) -> Tensor:
     """A permutation of the input channels that raises the score an N:M mask keeps.
@@ -71,6 +72,9 @@ def nm_permutation(
             that read the same input. No NaN; ±inf are ordinary values.
         n, m: the N:M pattern (groups of m consecutive input channels).
         max_rounds: stop after this many rounds of swaps (None: when no swap gains).
+        max_rows: search on at most this many rows, evenly spaced among all (None: all). The cost of
+            the search is linear in the rows: the hidden dimension of an LLM is read by five Linears of
+            every block.
         gains: the kept-score gains of candidate swaps (ops.nm_swap_gains; the reference
             reference.nm_swap_gains gives the same permutation when the sums are exact).
 
@@ -80,6 +84,9 @@ def nm_permutation(
     """
     n, m = check_n_m(n, m)
     channel = _channel_scores(scores, m)
+    if max_rows is not None and channel.shape[1] > max_rows:
+        rows = torch.linspace(0, channel.shape[1] - 1, max_rows, device=channel.device).round().long()
+        channel = channel[:, rows].contiguous()
     count, device = channel.shape[0], channel.device
     groups = count // m
     perm = torch.arange(count, device=device)
@@ -221,6 +228,9 @@ def permute_hidden_(model: nn.Module, structure: Structure, perm: Tensor) -> Non
 
 
 PARTS = ("hidden", "mlp", "values")
+# Rows a search of permute_for_nm_ reads by default (evenly spaced): every row of a block's down_proj or
+# o_proj, a sample of the hidden dimension's (five Linears of every block: 121 k rows in SmolLM2-135M).
+MAX_ROWS = 8192
 
 
 @dataclass
@@ -263,9 +273,10 @@ def _check(model: nn.Module, parts: Sequence[str], m: int) -> Structure:
     return structure
 
 
-def _search(found: Permutations, part: str, mats: list[Tensor], n: int, m: int, max_rounds: int | None) -> Tensor:
-    """nm_permutation of the matrices, its kept score before and after added to found.kept[part]."""
-    perm = nm_permutation(mats, n, m, max_rounds=max_rounds)
+def _search(found: Permutations, part: str, mats: list[Tensor], n: int, m: int, limits: dict[str, Any]) -> Tensor:
+    """nm_permutation of the matrices (limits: its max_rounds, max_rows), its kept score before and
+    after (on all rows) added to found.kept[part]."""
+    perm = nm_permutation(mats, n, m, **limits)
     before, after = found.kept.get(part, (0.0, 0.0))
     identity = torch.arange(perm.numel(), device=perm.device)
     found.kept[part] = (before + kept_score(mats, identity, n, m), after + kept_score(mats, perm, n, m))
@@ -291,6 +302,7 @@ def permute_for_nm_(
     *,
     parts: Sequence[str] = PARTS,
     max_rounds: int | None = None,
+    max_rows: int | None = MAX_ROWS,
 ) -> Permutations:
     """Reorders a decoder LLM's channels, in place and without changing its function, so that N:M masks
     chosen afterwards on its Linears (in their stored order) keep more of the scores:
@@ -310,6 +322,8 @@ def permute_for_nm_(
         n, m: the N:M pattern.
         parts: which permutations to search and apply.
         max_rounds: a bound on the swap rounds of each search (None: until no swap gains).
+        max_rows: each search reads at most this many rows of its scores, evenly spaced (None: all;
+            by default the hidden dimension's search is sampled, the others read every row).
 
     Returns:
         The Permutations applied, with the kept scores before and after.
@@ -317,6 +331,7 @@ def permute_for_nm_(
     n, m = check_n_m(n, m)
     structure = _check(model, parts, m)
     layout, found = structure.layout, Permutations()
+    limits = {"max_rounds": max_rounds, "max_rows": max_rows}
 
     def scores(i: int, name: str) -> Tensor:
         return scores_fn(f"{structure.prefix}.{i}.{name}", structure.linear(i, name))
@@ -324,15 +339,15 @@ def permute_for_nm_(
     blocks = range(len(structure.blocks))
     if "hidden" in parts:
         readers = (*layout.producers, layout.q, layout.k, layout.v)
-        found.hidden = _search(found, "hidden", [scores(i, r) for i in blocks for r in readers], n, m, max_rounds)
+        found.hidden = _search(found, "hidden", [scores(i, r) for i in blocks for r in readers], n, m, limits)
     d, g = structure.head_dim, structure.group
     for i in blocks:
         if "mlp" in parts:
-            found.mlp[i] = _search(found, "mlp", [scores(i, layout.consumer)], n, m, max_rounds)
+            found.mlp[i] = _search(found, "mlp", [scores(i, layout.consumer)], n, m, limits)
         if "values" in parts:
             o = scores(i, layout.o)
             heads = [[o[:, h * d : (h + 1) * d] for h in range(k * g, (k + 1) * g)] for k in range(structure.kv)]
-            found.values[i] = torch.stack([_search(found, "values", h, n, m, max_rounds) for h in heads])
+            found.values[i] = torch.stack([_search(found, "values", h, n, m, limits) for h in heads])
     apply_permutations_(model, found)
     return found
 
@@ -408,6 +423,3 @@ class Permute(Refinement):
         step.undo.append(partial(apply_permutations_, step.model, inverse(found)))
         before, after = (sum(k[i] for k in found.kept.values()) for i in (0, 1))
         return Gain("N:M-kept score", before, after, higher_is_better=True)
-
-
-register_refinement(Permute())
