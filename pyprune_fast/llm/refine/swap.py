@@ -132,7 +132,10 @@ def swap_(
         if bool(alone.any()):
             use[alone] = False
             use[alone, first[alone]] = True
-            moved, change = _joint(ga, h, (p, q, a, b), use)
+            pick = first[alone].unsqueeze(1)
+            pa, qa = p[alone].gather(1, pick), q[alone].gather(1, pick)
+            moved[alone] = a[alone].gather(1, pick) * h[pa.squeeze(1)] + b[alone].gather(1, pick) * h[qa.squeeze(1)]
+            change[alone] = single[alone]
         g[active] = ga + moved
         rows = active.unsqueeze(1).expand_as(p)[use]
         w[rows, p[use]] = 0
@@ -160,7 +163,7 @@ class Swap(Refinement):
     observes = frozenset({"xtx"})
     keeps_dense = True
 
-    def __init__(self, budget: int = 100, candidates: int = 8) -> None:
+    def __init__(self, budget: int = 20, candidates: int = 8) -> None:
         for what, value in (("budget", budget), ("candidates", candidates)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"swap {what} must be a positive int, got {value!r}")
