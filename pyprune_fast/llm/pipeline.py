@@ -7,6 +7,8 @@
             their inputs (‖X_j‖², XᵀX: criteria.input_stats), and the dense outputs if it keeps them
         the method scores the block (the pipeline chooses the masks) or prunes it in place
             (the method protocol, criteria.method: the pipeline knows no method by name)
+        refinements around the masking, if asked: before it on the dense block, after it on the masked
+            block (llm.refine: channel permutations, swaps, reconstruction)
         run the pruned block to produce the next block's inputs   (propagate="pruned", sequential)
             — or pass on the dense outputs of the first run       (propagate="dense")
         move it back
@@ -60,6 +62,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,7 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..criteria.input_stats import StatsCollector
 from ..criteria.method import Block, Method, get_method
+from ..criteria.wanda import wanda_score
 from ..distributed import Communicator, session
 from ..io import atomic_path
 from ..modeling import eval_mode, unpacked_attention
@@ -79,6 +83,7 @@ from .methods import DEFAULT_METHOD, METHODS
 from .moe import Routing, aside_scores, check_experts, check_rare, covered, expert_of, set_aside
 from .offload import OFFLOADS, SCORES_DIR, DiskStore, MemoryStore, open_disk_model
 from .owl import OWL, block_sparsities
+from .refine import BlockStep, Gain, ModelStep, Refinement, get_refinements
 from .result import MemoryEstimate, PruneResult
 from .sparsity import Pattern, check_fits, check_granularity, keep_mask, parse_sparsity
 from .text import calibration_windows
@@ -117,6 +122,7 @@ class Options:
     forward: Callable[[nn.Module, Any], Any] | None = None
     keep_scores: bool = False
     block_errors: bool = False
+    refine: str | Refinement | tuple | list | None = None
     rare_experts: str = "dense"
     min_expert_tokens: int = 16
 
@@ -158,7 +164,16 @@ class Options:
         if self.forward is not None and not callable(self.forward):
             raise TypeError(f"forward must be callable (model, inputs) -> outputs, got {type(self.forward).__name__}")
         check_rare(self.rare_experts, self.min_expert_tokens)
-        return Plan(method, pattern, granularity, self)
+        refinements = get_refinements(self.refine, blocksize=self.blocksize, percdamp=float(percdamp))
+        if refinements and granularity == "global":
+            raise ValueError(
+                "refine applies to the block-sequential run; granularity='global' chooses its masks from one "
+                "threshold over the whole model"
+            )
+        plan = Plan(method, pattern, granularity, self, refinements)
+        for refinement in refinements:
+            refinement.check(plan)
+        return plan
 
 
 @dataclass(frozen=True)
@@ -170,10 +185,20 @@ class Plan:
     pattern: Pattern
     granularity: str | None
     options: Options
+    refinements: tuple[Refinement, ...] = ()
 
     @property
     def needs_data(self) -> bool:
-        return self.method.needs_data or self.options.owl is not None
+        return self.method.needs_data or self.options.owl is not None or any(r.needs_data for r in self.refinements)
+
+    def stage(self, name: str) -> list[Refinement]:
+        """The run's refinements of one stage (llm.refine), in the order they apply."""
+        return [r for r in self.refinements if r.stage == name]
+
+    @property
+    def keeps_targets(self) -> bool:
+        """Whether the statistics pass keeps the dense block outputs (the method's or a refinement's need)."""
+        return self.method.keeps_targets or any(r.keeps_targets for r in self.refinements)
 
     def record(self, windows: Tensor | list | None) -> dict:
         """What a resumed run must share with the run it continues (and every rank with the others)."""
@@ -201,6 +226,7 @@ class Plan:
             "calibration": calibration,
             "rare_experts": [o.rare_experts, o.min_expert_tokens],
             **self.method.record(),
+            **({"refine": [[r.name, r.record()] for r in self.refinements]} if self.refinements else {}),
         }
 
 
@@ -288,18 +314,18 @@ def _apply(linear: nn.Linear, keep: Tensor) -> None:
 
 
 class _Undo:
-    """The original Linear weights of every block an in-memory run has started to prune, on disk (one
-    safetensors file per block in a temporary directory, written before the block changes), so that a
-    run that fails — a NaN score, a Linear never called, a singular Hessian, Ctrl-C — gives the model
-    back as it was instead of half pruned. Costs one write of the blocks' Linear weights to the temporary
-    directory (TMPDIR); removed when the run ends."""
+    """The original parameters (Linear weights and biases, norms) of every block an in-memory run has
+    started to prune, on disk (one safetensors file per block in a temporary directory, written before
+    the block changes), so that a run that fails — a NaN score, a Linear never called, a singular
+    Hessian, a refinement's error, Ctrl-C — gives the model back as it was instead of half pruned. Costs
+    one write of the blocks' parameters to the temporary directory (TMPDIR); removed when the run ends."""
 
     def __init__(self) -> None:
         self.directory = tempfile.TemporaryDirectory(prefix="pyprune_undo_")
         self.saved: list[int] = []
 
     def save(self, i: int, block: nn.Module) -> None:
-        weights = {n: lin.weight.detach().cpu().contiguous() for n, lin in block_linears(block).items()}
+        weights = {n: p.detach().cpu().clone() for n, p in block.named_parameters()}
         save_file(weights, str(Path(self.directory.name) / f"block-{i:05d}.safetensors"))
         self.saved.append(i)
 
@@ -307,8 +333,8 @@ class _Undo:
         with torch.no_grad():
             for i in self.saved:
                 weights = load_file(str(Path(self.directory.name) / f"block-{i:05d}.safetensors"))
-                for n, lin in block_linears(blocks[i]).items():
-                    lin.weight.copy_(weights[n].to(lin.weight.device))
+                for n, p in blocks[i].named_parameters():
+                    p.copy_(weights[n].to(p.device))
 
     def close(self) -> None:
         self.directory.cleanup()
@@ -334,6 +360,7 @@ class Run:
         self.result: PruneResult | None = None
         self.disable = None if plan.options.progress is None else not plan.options.progress
         self.undo: _Undo | None = None
+        self.model_undo: list[Callable[[], None]] = []  # stage "model" refinements' reverts (llm.refine)
         self.rare: dict[str, int] = {}  # the experts of the current block below min_expert_tokens (llm.moe)
 
     @classmethod
@@ -409,6 +436,9 @@ class Run:
         except BaseException:
             if self.undo is not None:
                 self.undo.restore(self.blocks)
+            with torch.no_grad():
+                for revert in reversed(self.model_undo):
+                    revert()
             raise
         finally:
             if self.undo is not None:
@@ -461,13 +491,14 @@ class Run:
         if inputs is None:
             return None
         collector = None
-        if method.observes:
-            collector = StatsCollector(block.module, block.linears, method.observes)
+        observes = method.observes.union(*(r.observes for r in self.plan.refinements if r.stage != "model"))
+        if observes:
+            collector = StatsCollector(block.module, block.linears, observes)
             collector.__enter__()
         options = self.plan.options
         routing = Routing(block.module, block.linears, options.rare_experts, options.min_expert_tokens).__enter__()
         try:
-            block.targets = [] if method.keeps_targets else None
+            block.targets = [] if self.plan.keeps_targets else None
             for j in range(len(inputs)):
                 y = inputs.run(block.module, j)
                 if dense_outputs is not None:
@@ -499,12 +530,15 @@ class Run:
                 score.masked_fill_(block.linears[n].weight.detach() == 0, -torch.inf)
         return scores
 
-    def prune_block(self, block: Block) -> None:
+    def prune_block(self, block: Block, masks: dict[str, Tensor] | None = None) -> None:
         """Prunes every Linear of the block (on the compute device) in place: the method's own solve, or
-        its scores turned into masks by the block's pattern and granularity."""
+        its scores turned into masks by the block's pattern and granularity. `masks`: a dict the keep-mask
+        of every Linear is written to (for a method that prunes in place: weight != 0)."""
         method = self.plan.method
         if method.prunes_in_place:
             method.prune_(block)
+            if masks is not None:
+                masks.update({n: lin.weight != 0 for n, lin in block.linears.items()})
             return
         granularity = block.granularity or "layer"
         names = method.layers(block)
@@ -513,6 +547,8 @@ class Run:
             for n in group:
                 keep = keep_mask(block.qualified(n), scores.pop(n), block.pattern, block.fraction, granularity)
                 _apply(block.linears[n], keep)
+                if masks is not None:
+                    masks[n] = keep.to(block.linears[n].weight.device)
 
     def _set_aside(self, block: Block) -> dict[str, nn.Linear]:
         """The Linears of the block's rare experts that its method does not see (llm.moe.set_aside),
@@ -538,10 +574,13 @@ class Run:
         tokens, hidden, s_a = h.shape[-2], h.shape[-1], h.element_size()
         widest = max(lin.out_features for lin in block.linears.values())
         method = self.plan.method
-        activations = inputs.nbytes() * (2 if method.keeps_targets else 1)
+        activations = inputs.nbytes() * (2 if self.plan.keeps_targets else 1)
         statistics = sum(s.nbytes() for s in collector.shared()) if collector is not None else 0
         forward = self.plan.options.batch_size * tokens * (4 * hidden + 3 * widest) * s_a
-        workspace = method.workspace_bytes(block.linears, forward)
+        workspace = max(
+            [method.workspace_bytes(block.linears, forward)]
+            + [r.workspace_bytes(block.linears, forward) for r in self.plan.refinements]
+        )
         return MemoryEstimate(params, activations, statistics, forward, workspace)
 
     def record(self, i: int) -> None:
@@ -578,7 +617,9 @@ class Run:
             ratios, fractions = store.remember("owl", self.owl_sparsities)
             result.outlier_ratio = list(ratios)
         result.block_sparsity = list(fractions)
-        todo = plan.method.needs_data and done < len(self.blocks)
+        if done == 0:
+            self.refine_model()
+        todo = plan.needs_data and done < len(self.blocks)
         inputs = self.capture() if todo else None
         name = f"{plan.method.name} {plan.pattern}"
         for i, module in enumerate(tqdm(self.blocks, desc=name, unit="block", disable=self.disable)):
@@ -626,11 +667,11 @@ class Run:
         propagate = self.plan.options.propagate
         block = self.view(i, fraction, inputs)
         measure = self.plan.options.block_errors and propagate == "pruned" and inputs is not None
-        dense = [] if measure and not self.plan.method.keeps_targets else None
+        dense = [] if measure and not self.plan.keeps_targets else None
         collector = self.statistics_pass(block, dense_into_inputs=propagate == "dense", dense_outputs=dense)
         estimate = self.memory(block, collector)
         aside = self._set_aside(block)
-        self.prune_block(block)
+        self.refine_block(block)
         self._prune_aside(block, aside)
         if measure:
             self.result.block_error.append(self._pruned_error(i, inputs, block.targets or dense))
@@ -640,6 +681,51 @@ class Run:
             elif block.targets is not None:
                 inputs.hidden = block.targets
         return estimate
+
+    def refine_model(self) -> None:
+        """The run's refinements of stage "model" (llm.refine), before block 0's inputs are captured."""
+        for refinement in self.plan.stage("model"):
+            step = ModelStep(self.model, self.prefix, self.blocks, self.plan.method, self.plan.pattern, self.capture)
+            try:
+                self._gain(refinement, step)
+            finally:  # reverted if this refinement or a later step fails
+                self.model_undo.extend(step.undo)
+
+    def refine_block(self, block: Block) -> None:
+        """Masks the block with the run's refinements around it (llm.refine): stage "dense" before the
+        method, stage "masked" after it (given the masks, the dense weights if asked, the targets)."""
+        plan = self.plan
+        method, masked = plan.method, plan.stage("masked")
+        for refinement in plan.stage("dense"):
+            self._gain(refinement, BlockStep(block, method, block.targets, scores=partial(self.dense_scores_of, block)))
+        if not masked:
+            self.prune_block(block)
+            return
+        held = {id(s): (s, s.xtx) for s in block.stats.values()}  # a method may free XᵀX (SparseGPT)
+        dense = None
+        if any(r.keeps_dense for r in masked):
+            dense = {n: lin.weight.detach().clone() for n, lin in block.linears.items()}
+        masks: dict[str, Tensor] = {}
+        self.prune_block(block, masks)
+        for stats, xtx in held.values():
+            stats.xtx = xtx
+        for refinement in masked:
+            self._gain(refinement, BlockStep(block, method, block.targets, dense, masks))
+
+    def dense_scores_of(self, block: Block, names: list[str]) -> dict[str, Tensor]:
+        """The method's scores of the Linears `names` for a refinement of stage "dense"; for a method that
+        prunes in place, Wanda's |W_ij|·‖X_j‖₂ (the diagonal form of SparseGPT's saliency)."""
+        if not self.plan.method.prunes_in_place:
+            return self.scores(block, names)
+        return {n: wanda_score(block.linears[n].weight, block.stats[n].norms().unsqueeze(0)) for n in names}
+
+    def _gain(self, refinement: Refinement, step: ModelStep | BlockStep) -> None:
+        t0 = time.perf_counter()
+        gain = refinement.refine_(step)
+        if not isinstance(gain, Gain):
+            raise TypeError(f"refinement {refinement.name!r} returned {type(gain).__name__}, expected a refine.Gain")
+        gain.seconds = time.perf_counter() - t0
+        self.result.refinements.setdefault(refinement.name, []).append(gain)
 
     def _pruned_error(self, i: int, inputs: BlockInputs, dense: list[Tensor]) -> float:
         """Runs the pruned block i on its inputs (which its outputs replace unless it is the last block)
@@ -808,6 +894,7 @@ def prune(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     keep_scores: bool = False,
     block_errors: bool = False,
+    refine: str | Refinement | tuple | list | None = None,
     rare_experts: str = "dense",
     min_expert_tokens: int = 16,
 ) -> PruneResult:
@@ -869,6 +956,9 @@ def prune(
             "magnitude" (pruned by |W|) or "route" (the tokens its router scores highest forced through
             it for its statistics).
         min_expert_tokens: that threshold (0: no expert is rare).
+        refine: refinements by name ("reconstruct", "swap", ...: llm.refine.REFINEMENTS) or Refinement
+            objects, in any order (the pipeline applies them by stage: llm.refine); each one's gain goes
+            to `PruneResult.refinements`. Not with granularity="global".
 
     Returns:
         A PruneResult: the measured sparsity of every pruned Linear, block sparsities, times, the
@@ -898,6 +988,7 @@ def prune(
         forward=forward,
         keep_scores=keep_scores,
         block_errors=block_errors,
+        refine=refine,
         rare_experts=rare_experts,
         min_expert_tokens=min_expert_tokens,
     )

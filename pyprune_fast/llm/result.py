@@ -68,6 +68,9 @@ class PruneResult:
 
     layer_numel: dict[str, int] = field(default_factory=dict)
     left_dense: dict[str, int] = field(default_factory=dict)
+    # each refinement's gains (llm.refine.Gain: its metric before and after, seconds), by name: one per
+    # block refined, in block order (one in all for a refinement of stage "model")
+    refinements: dict[str, list] = field(default_factory=dict)
     # mixture-of-experts: every routed expert that got fewer than min_expert_tokens calibration tokens
     # (`model.layers.3.mlp.experts.5`: its routed tokens), handled as the rare_experts option says
     rare_experts: dict[str, int] = field(default_factory=dict)
@@ -122,6 +125,20 @@ class PruneResult:
         if self.output is not None:
             resumed = f", {self.resumed_blocks} blocks found finished (resumed)" if self.resumed_blocks else ""
             lines.append(f"written to {self.output}{resumed}")
+        lines.extend(self.refinement_lines())
         if self.outlier_ratio is not None or self.granularity == "global":
             lines.append("block sparsity " + " ".join(f"{s:.3f}" for s in self.block_sparsity))
         return "\n".join(lines)
+
+    def refinement_lines(self) -> list[str]:
+        """One line per refinement: its metric before → after (means over the blocks) and its time."""
+        lines = []
+        for name, gains in self.refinements.items():
+            before = sum(g.before for g in gains) / len(gains)
+            after = sum(g.after for g in gains) / len(gains)
+            where = f"mean of {len(gains)} blocks" if len(gains) > 1 else "once"
+            lines.append(
+                f"refine {name}: {gains[0].metric} {before:.4g} → {after:.4g} ({where}), "
+                f"{sum(g.seconds for g in gains):.1f} s"
+            )
+        return lines
