@@ -250,3 +250,26 @@ def test_a_router_the_pruner_does_not_know_is_named():
     block.mlp.gate = torch.nn.Identity()  # a routing module without a weight [experts, hidden]
     with pytest.raises(ValueError, match="MixtralSparseMoeBlock at mlp: fused experts .4. without a router"):
         moe.find_moe(block)
+
+
+def test_a_disk_streamed_run_equals_the_in_memory_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from pyprune_fast.bench.offload import synthetic_checkpoint
+
+    sizes = dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_local_experts=4, vocab_size=VOCAB)  # fmt: skip
+    synthetic_checkpoint(tmp_path / "in", moe=True, dtype=torch.float32, **sizes)
+    options = dict(method="wanda", sparsity=0.5, min_expert_tokens=4, rare_experts="route", **OPTIONS)
+    result = llm.prune(tmp_path / "in", calibration(), offload="disk", out=tmp_path / "out", **options)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "in").eval()
+    want = llm.prune(model, calibration(), **options)
+    assert result.layer_sparsity == want.layer_sparsity and result.rare_experts == want.rare_experts
+    assert result.left_dense == want.left_dense
+    written = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        written.update(load_file(shard))
+    for name, p in model.named_parameters():
+        assert torch.equal(written[name], p), name
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
