@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from pyprune_fast import llm, masks
-from tests.test_llm_models import VOCAB, tiny_causal_lm
+from tests.test_llm_models import tiny_causal_lm
+from tests.test_llm_moe import tiny_moe
 from tests.test_llm_pipeline import BATCH, N_SAMPLES, SEQ_LEN, block_weights, calibration
 from tests.worlds import run_world
 
@@ -79,19 +80,7 @@ def test_a_successful_run_leaves_no_undo_files(tmp_path, monkeypatch):
 
 
 def tiny_mixtral():
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_moe("mixtral")
 
 
 def test_weights_that_are_not_linear_are_listed_as_left_dense():
