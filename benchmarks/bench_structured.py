@@ -56,3 +56,22 @@ def test_quality_and_speed_table(tmp_path):
     path = os.environ.get("PYPRUNE_FAST_STRUCTURED_OUT") or tmp_path / "structured.json"
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
+
+
+@pytest.mark.large
+def test_same_parameter_count_table(tmp_path):
+    """Structured (FLAP uniform, with and without the refit, before and after 20 steps of llm.distill),
+    Torch-Pruning's baseline, depth, and unstructured Wanda / SparseGPT at 25 %, 3:4 and 2:4 on SmolLM2
+    (tens of minutes on 2 cores); PYPRUNE_FAST_SAME_PARAMS_OUT names a JSON file to write it to."""
+    out = structured.same_params_smollm2(ratio=0.25, threads=1)
+    assert out["rows"]
+    path = os.environ.get("PYPRUNE_FAST_SAME_PARAMS_OUT") or tmp_path / "same-params.json"
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def test_vit_images_per_second():
+    """timm's ViT-B/16 (random init) images/s, dense vs width- and depth-pruned at 25 %, batch 8, 1 thread."""
+    pytest.importorskip("timm")
+    out = structured.vit_speed(threads=1)
+    assert all(r["items_per_s"] > 0 for r in out["rows"])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import llm
 from ..errors import UsageError
-from ..llm.blocks import accepts, input_device
+from ..llm.distill import logits
 from ..schedule import finetune as finetune_
 from ..schedule import round_sparsity
 from .bundle import LLMBundle
@@ -132,11 +132,6 @@ def next_token_loss(logits: Tensor, token_ids: Tensor) -> Tensor:
     return nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), token_ids[:, 1:].reshape(-1).to(logits.device)
     )
-
-
-def _logits(model: nn.Module, token_ids: Tensor) -> Tensor:
-    extra = {"use_cache": False} if accepts(model, "use_cache") else {}
-    return model(input_ids=token_ids.to(input_device(model)), **extra).logits
 
 
 def finetune_batches(bundle: LLMBundle, samples: int, seq_len: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
@@ -357,7 +352,7 @@ def prune(
 def _finetune(model: nn.Module, batches, keep: dict[str, Tensor], steps: int, lr: float) -> list[float]:
     """schedule.finetune of every parameter of the model on the batches with the masks `keep` of the
     pruned Linear weights (keyed by parameter name) kept; returns each step's loss."""
-    losses = finetune_(model, batches, steps, masks=keep, loss_fn=next_token_loss, forward=_logits, lr=lr)
+    losses = finetune_(model, batches, steps, masks=keep, loss_fn=next_token_loss, forward=logits, lr=lr)
     model.zero_grad(set_to_none=True)
     return losses
 

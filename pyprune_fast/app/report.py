@@ -14,6 +14,7 @@ RETENTION_PLOT = "retention.png"
 LAYERS_PLOT = "layer-sparsity.png"
 PERPLEXITY_PLOT = "perplexity.png"
 BLOCK_ERROR_PLOT = "block-error.png"
+WIDTHS_PLOT = "widths.png"
 
 
 def _count(n: int) -> str:
@@ -93,6 +94,7 @@ def to_json(run: Run, command: list[str], files: list[str]) -> dict:
                     **({"peak_bytes": r.peak_bytes} if r.peak_bytes is not None else {}),
                     **({"block_error": r.block_error} if r.block_error is not None else {}),
                     **({"finetuned": _finetuned(run, r)} if r.finetuned is not None else {}),
+                    **({"structured": r.structure} if r.structure is not None else {}),
                 }
                 for r in run.results
             ],
@@ -102,7 +104,8 @@ def to_json(run: Run, command: list[str], files: list[str]) -> dict:
                 if run.finetuned
                 else {}
             ),
-            **({"peak_measure": run.peak_measure} if run.llm else {}),
+            **({"peak_measure": run.peak_measure} if run.llm and not run.structured else {}),
+            **({"structured": run.structured} if run.structured else {}),
             "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
             "files": files,
         }
@@ -114,6 +117,16 @@ def _target(target) -> str:
 
 
 def _setup_lines(run: Run) -> list[str]:
+    if run.structured:
+        return [
+            f"model {run.model}: {_count(run.parameters)} parameters; structured pruning ({run.granularity}) at "
+            f"ratios {', '.join(_target(t) for t in run.targets)} of the blocks' parameters; device {run.device}",
+            *(
+                [f"distilled {run.finetune['steps']} steps (AdamW, lr {run.finetune['lr']:g}): {run.finetune['data']}"]
+                if run.finetune
+                else []
+            ),
+        ]
     lines = [
         f"model {run.model}: {_count(run.parameters)} parameters, {_count(_scored(run))} scored "
         f"in {len(run.scored)} weight tensors",
@@ -140,14 +153,20 @@ def summary_table(run: Run) -> str:
     if metrics:
         lines.append("dense       " + "  ".join(f"{m} {run.dense[m]:.4f}" for m in metrics))
     lines.append("")
-    head = f"{'sparsity':>8s}  {'criterion':12s}" + "".join(f" {m:>15s}" for m in metrics)
-    tuned = [f"fine-tuned {m}"[:15] for m in metrics] if run.finetuned else []
-    lines.append(head + "".join(f" {m:>15s}" for m in tuned) + f" {'achieved':>9s} {'score s':>8s}")
+    target, achieved, seconds = (
+        ("ratio", "removed", "prune s") if run.structured else ("sparsity", "achieved", "score s")
+    )
+    head = f"{target:>8s}  {'criterion':12s}" + "".join(f" {m:>15s}" for m in metrics)
+    after = "distilled" if run.structured else "fine-tuned"
+    tuned = [f"{after} {m}"[:15] for m in metrics] if run.finetuned else []
+    lines.append(head + "".join(f" {m:>15s}" for m in tuned) + f" {achieved:>9s} {seconds:>8s}")
     for r in sorted(run.results, key=lambda r: (r.sparsity, run.criteria.index(r.criterion))):
         row = f"{_label(run, r.sparsity):>8s}  {r.criterion:12s}" + "".join(f" {r.metrics[m]:15.4f}" for m in metrics)
         if tuned:
             row += "".join(f" {r.finetuned[m]:15.4f}" for m in metrics)
         lines.append(row + f" {r.achieved:9.4f} {run.score_seconds[r.criterion]:8.1f}")
+    if run.structured:
+        lines += [""] + structured_lines(run)
     for after in (False, True):
         ranking = run.ranking(after)
         if ranking:
@@ -213,7 +232,9 @@ def markdown(run: Run, files: list[str], plots: list[str]) -> str:
         out += ["", f"After fine-tuning, by the mean {run.primary}:", ""]
         out += _ranking_table(run, tuned_ranking, finetuned=True)
     out += ["", "## Results", ""]
-    if run.llm:
+    if run.structured:
+        out += _structured_results(run)
+    elif run.llm:
         out += _llm_results(run)
     else:
         out += _results(run)
@@ -426,4 +447,116 @@ def block_error_plot(run: Run, path: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.suptitle(f"{run.model}: relative output error of each pruned block\n(on its calibration inputs)")
+    fig.savefig(path, format="png", dpi=110)
+
+
+# --- structured pruning (--structure): smaller dense models ------------------------------------------
+
+
+def _speed(row: dict) -> tuple[str, ...]:
+    """The speed cells of a result: causal LMs' prefill and decode tokens/s, others' items/s, each
+    "dense → pruned (×speed-up)"."""
+    if "prefill_tps" in row:
+        return (
+            f"{row['dense_prefill_tps']:.0f} → {row['prefill_tps']:.0f} ({row['prefill_speedup']:.2f}×)",
+            f"{row['dense_decode_tps']:.1f} → {row['decode_tps']:.1f} ({row['decode_speedup']:.2f}×)",
+        )
+    return (f"{row['dense_items_per_s']:.1f} → {row['items_per_s']:.1f} ({row['speedup']:.2f}×)",)
+
+
+def _kept(r) -> str:
+    """A result's kept widths in a few words: the blocks removed (depth), or the MLP widths and query
+    heads (one value when uniform, else the range)."""
+    s = r.structure
+    if s["structure"] == "depth":
+        return f"blocks {s['removed_blocks']} removed"
+
+    def span(values: list[int]) -> str:
+        return str(values[0]) if len(set(values)) == 1 else f"{min(values)}–{max(values)}"
+
+    return f"MLP {span(s['intermediate'])}, heads {span(s['heads'])}"
+
+
+def structured_lines(run: Run) -> list[str]:
+    """The plain-text lines of a structured run: each result's parameters, kept widths and speed."""
+    lines = []
+    for r in run.results:
+        s = r.structure
+        names = ("prefill tok/s", "decode tok/s") if run.llm else ("items/s",)
+        speed = "  ".join(f"{name} {cell}" for name, cell in zip(names, _speed(s["speed"])))
+        lines.append(
+            f"{r.criterion} {_target(r.sparsity)}: parameters {_count(s['params_before'])} → "
+            f"{_count(s['params_after'])} ({100 * r.achieved:.1f} % of the blocks' removed; {_kept(r)}); {speed}"
+        )
+    return lines
+
+
+def _structured_results(run: Run) -> list[str]:
+    """The markdown results of a structured run: parameters, the metrics (perplexity and its ratio to
+    the dense model's; else retention), after --distill, kept widths, speed, the saved model."""
+    metrics, tuned = list(run.dense), run.finetuned
+    speed = ["prefill tok/s dense → pruned", "decode tok/s dense → pruned"] if run.llm else ["items/s dense → pruned"]
+    columns = ["criterion", "ratio", "parameters", "blocks' removed", *metrics]
+    columns += [f"{m} after distill" for m in metrics] if tuned else []
+    columns += ["kept", *speed, "standard config", "model"]
+    out = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+    def value(m: str, values: dict) -> str:
+        if run.llm:
+            return f"{values[m]:.4f} ({values[m] / run.dense[m]:.2f}× dense)"
+        return f"{values[m]:.4f} ({100 * retention(run, values)[m]:.1f}%)"
+
+    for r in run.results:
+        s = r.structure
+        cells = [r.criterion, _target(r.sparsity), f"{_count(s['params_before'])} → {_count(s['params_after'])}"]
+        cells += [f"{100 * r.achieved:.1f} %", *(value(m, r.metrics) for m in metrics)]
+        cells += [value(m, r.finetuned) for m in metrics] if tuned else []
+        cells += [_kept(r), *_speed(s["speed"]), "yes" if s["standard"] else "no", f"`{r.files.get('model', '')}`"]
+        out.append("| " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Parameters: of the whole model, before → after; blocks' removed: the fraction of the decoder (or encoder) "
+        "blocks' parameters removed. Standard config: stock `from_pretrained` loads the saved directory; else "
+        "`llm.load_pretrained` (Hugging Face) or `llm.structured.load_vision` (timm, torchvision). Speed: "
+        f"{run.info.get('speed', '')}.",
+    ]
+    if not run.llm and metrics:
+        out.append("Percentages: the metric's retention, its value over the dense model's.")
+    return out
+
+
+def widths_plot(run: Run, path: str) -> None:
+    """The kept width of every block of the dense model, one line per result: MLP channels (top) and
+    attention heads (bottom), the dense widths dashed; a block removed (depth) is drawn at 0 with a
+    cross. Equal widths (uniform allocation) overlap: each later line is drawn thinner on top of the
+    earlier ones, so that every one stays visible."""
+    from matplotlib.ticker import MaxNLocator
+
+    dense = run.structured["dense"]
+    n = len(dense["intermediate"])
+    count = len(run.results)
+    fig = _figure(max(7.0, 0.25 * n + 3.0), 6.0)
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, key, label in zip(axes, ("intermediate", "heads"), ("MLP channels kept", "attention heads kept")):
+        ax.plot(range(n), dense[key], color="gray", linestyle="--", drawstyle="steps-mid", label="dense")
+        for k, r in enumerate(run.results):
+            s = r.structure
+            removed = set(s["removed_blocks"])
+            kept = iter(s[key])
+            widths = [0 if i in removed else next(kept) for i in range(n)]
+            width = 1.5 + 3.0 * (count - 1 - k) / max(count - 1, 1)
+            name = f"{r.criterion} {_target(r.sparsity)}"
+            ax.plot(range(n), widths, marker=".", drawstyle="steps-mid", color=f"C{k}", linewidth=width, label=name)
+            if removed:
+                ax.plot(sorted(removed), [0] * len(removed), "x", color=f"C{k}", markersize=9, mew=2)
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.04 * max(dense[key]), 1.08 * max(dense[key]))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel(
+        "block of the dense model" + (" (× = removed)" if run.structured["structure"] == "depth" else "")
+    )
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{os.path.basename(run.model.rstrip('/'))}: kept widths per block\n({run.granularity})", fontsize=10)
     fig.savefig(path, format="png", dpi=110)

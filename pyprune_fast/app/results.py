@@ -24,6 +24,7 @@ class Result:
     rounds: list[dict] | None = None  # --schedule iterative: each round's target and achieved sparsity
     peak_bytes: int | None = None  # causal LMs: the peak memory measured while pruning (Run.peak_measure)
     block_error: list[float] | None = None  # causal LMs: llm.PruneResult.block_error, one per decoder block
+    structure: dict | None = None  # --structure: parameters, kept widths, removed blocks, speed (app.structured)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Run:
     targets: list = field(default_factory=list)  # causal LMs: the targets asked (fractions and "2:4")
     peak_measure: str = ""  # causal LMs: what Result.peak_bytes measures
     estimate_bytes: int = 0  # causal LMs: the largest per-block peak-memory estimate (info's formula)
+    structured: dict = field(default_factory=dict)  # --structure: the structure and the dense widths per block
 
     @property
     def criteria(self) -> list[str]:

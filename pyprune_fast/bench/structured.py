@@ -38,11 +38,14 @@ def weights_read(model: nn.Module) -> int:
 def prefill_tps(model: nn.Module, tokens: int = 512, repeats: int = 3) -> float:
     """Tokens/s of one forward over `tokens` tokens (batch 1, no cache), the best of `repeats`."""
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(model.parameters()).device)
     model(ids[:, :16], use_cache=False)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        _sync(model)
         t0 = time.perf_counter()
         model(ids, use_cache=False)
+        _sync(model)
         best = min(best, time.perf_counter() - t0)
     return tokens / best
 
@@ -52,32 +55,89 @@ def decode_tps(model: nn.Module, new_tokens: int = 128, prompt: int = 16, repeat
     """New tokens/s of greedy `generate` with the KV cache (batch 1, a `prompt`-token prompt, exactly
     `new_tokens` generated), the prompt's prefill subtracted; the best of `repeats`."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(next(model.parameters()).device)
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        _sync(model)
         t0 = time.perf_counter()
         model(ids, use_cache=False)
+        _sync(model)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = model.generate(ids, **options)
+        _sync(model)
         best = min(best, time.perf_counter() - t0 - first)
         assert out.shape[1] == prompt + new_tokens
     return new_tokens / best
 
 
-def paired_speed(dense: nn.Module, pruned: nn.Module, prefill_tokens: int = 512, decode_tokens: int = 128) -> dict:
+def _batch_size(inputs: Any) -> int:
+    """The number of sequences or images in a batch: the first dimension of its (first) tensor."""
+    if isinstance(inputs, dict):
+        inputs = next(v for v in inputs.values() if isinstance(v, torch.Tensor))
+    return int(inputs.shape[0])
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, forward: Callable[[nn.Module, Any], Any], inputs: Any, repeats: int = 3) -> float:
+    """Sequences or images per second of `forward(model, inputs)` on one batch (an encoder or a vision
+    transformer), the best of `repeats` after a warm-up call."""
+    forward(model, inputs)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(model)
+        t0 = time.perf_counter()
+        forward(model, inputs)
+        _sync(model)
+        best = min(best, time.perf_counter() - t0)
+    return _batch_size(inputs) / best
+
+
+def paired_throughput(
+    dense: nn.Module, pruned: nn.Module, forward: Callable[[nn.Module, Any], Any], inputs: Any
+) -> dict:
+    """`throughput` of the dense and the pruned model on the same batch, one after the other, and the
+    pruned model's speed-up."""
+    row = {"dense_items_per_s": throughput(dense, forward, inputs), "items_per_s": throughput(pruned, forward, inputs)}
+    row["speedup"] = row["items_per_s"] / row["dense_items_per_s"]
+    return row
+
+
+def _sync(model: nn.Module) -> None:
+    """Waits for the model's device (CUDA kernels run asynchronously) before a clock is read."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def paired_speed(
+    dense: nn.Module, pruned: nn.Module, prefill_tokens: int = 512, decode_tokens: int = 128, prompt: int = 16
+) -> dict:
     """Prefill and decode tokens/s of the dense and the pruned model measured alternately (dense, pruned,
     dense, pruned: a shared machine's load hits both alike), and the pruned model's speed-ups."""
     row = {
         "dense_prefill_tps": prefill_tps(dense, prefill_tokens),
         "prefill_tps": prefill_tps(pruned, prefill_tokens),
-        "dense_decode_tps": decode_tps(dense, decode_tokens, repeats=1),
-        "decode_tps": decode_tps(pruned, decode_tokens, repeats=1),
+        "dense_decode_tps": decode_tps(dense, decode_tokens, prompt, repeats=1),
+        "decode_tps": decode_tps(pruned, decode_tokens, prompt, repeats=1),
     }
     row["prefill_speedup"] = row["prefill_tps"] / row["dense_prefill_tps"]
     row["decode_speedup"] = row["decode_tps"] / row["dense_decode_tps"]
     return row
+
+
+def _setup(threads: int, num_samples: int, seq_len: int, eval_tokens: int, eval_seq_len: int) -> dict[str, Any]:
+    """What a SmolLM2 benchmark's JSON records of its setup: model, machine, threads, data."""
+    return {
+        "model": "SmolLM2-135M (embedded, float32)",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "threads": threads,
+        "torch": torch.__version__,
+        "calibration": f"{num_samples}x{seq_len} pydoc calibration tokens",
+        "evaluation": f"{eval_tokens} pydoc evaluation tokens, windows of {eval_seq_len}",
+    }
 
 
 def quality_settings(scores: tuple[str, ...] = SCORES, allocations: tuple[str, ...] = ("uniform", "global")) -> list:
@@ -124,12 +184,7 @@ def structured_smollm2(
     evaluation = llm.pydoc_tokens(tok, "evaluation")[:eval_tokens]
     dense_read = weights_read(model)
     out: dict[str, Any] = {
-        "model": "SmolLM2-135M (embedded, float32)",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "threads": threads,
-        "torch": torch.__version__,
-        "calibration": f"{num_samples}x{seq_len} pydoc calibration tokens",
-        "evaluation": f"{len(evaluation)} pydoc evaluation tokens, windows of {eval_seq_len}",
+        **_setup(threads, num_samples, seq_len, len(evaluation), eval_seq_len),
         "dense": {"params": sum(p.numel() for p in model.parameters()), "weights_read": dense_read},
         "speed": [],
         "quality": [],
@@ -223,3 +278,114 @@ def decode_profile(model: nn.Module, new_tokens: int = 32, prompt: int = 16) -> 
     matmul = sum(v for k, v in self_us.items() if k in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e6
     attention = sum(v for k, v in self_us.items() if "scaled_dot_product" in k or "flash_attention" in k) / 1e6
     return {"seconds": total, "matmul_s": matmul, "attention_s": attention, "other_s": total - matmul - attention}
+
+
+def _nonzeros(model: nn.Module) -> int:
+    """The non-zero parameters of the decoder blocks."""
+    return sum(int(p.count_nonzero()) for p in structure_of(model).blocks.parameters())
+
+
+def same_params_settings(ratio: float = 0.25, score: str = "flap") -> list[dict]:
+    """The rows of the same-parameter-count comparison: structured width by `score` (uniform, with and
+    without the least-squares refit, each then distilled), Torch-Pruning's baseline (uniform L2
+    magnitude, no compensation at all), depth, and unstructured Wanda and SparseGPT at `ratio` and at
+    the N:M pattern that keeps as many weights (3:4 for 25 %), with 2:4 beside them."""
+    width = dict(structure="width", score=score, allocation="uniform")
+    kept = round(4 * (1 - ratio))
+    return [
+        dict(kind="structured", **width, reconstruct=True, distill=True),
+        dict(kind="structured", **width, reconstruct=False, distill=True),
+        dict(kind="structured", **{**width, "score": "magnitude"}, reconstruct=False, bias=False),
+        dict(kind="structured", structure="depth", distill=True),
+        *(dict(kind="unstructured", method=m, sparsity=ratio) for m in ("wanda", "sparsegpt")),
+        *(dict(kind="unstructured", method=m, sparsity=f"{kept}:4") for m in ("wanda", "sparsegpt")),
+        *(dict(kind="unstructured", method=m, sparsity="2:4") for m in ("wanda", "sparsegpt")),
+    ]
+
+
+def same_params_smollm2(
+    *,
+    ratio: float = 0.25,
+    settings: list[dict] | None = None,
+    num_samples: int = 16,
+    seq_len: int = 256,
+    eval_tokens: int = 4096,
+    distill_steps: int = 20,
+    distill_lr: float = 1e-4,
+    distill_batch: int = 2,
+    threads: int = 1,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Quality at the same parameter count on the embedded SmolLM2-135M: each setting of
+    `same_params_settings` (default) pruned from the dense weights, its decoder non-zeros, perplexity on
+    held-out text and, for structured rows marked `distill`, the perplexity after `distill_steps` steps
+    of llm.distill (dense teacher, the calibration sequences, `distill_batch` a step). JSON-ready;
+    `on_row(row)` sees each row as it is measured."""
+    torch.set_num_threads(threads)
+    emit = on_row or (lambda _row: None)
+    dense, tok = llm.load_smollm2()
+    calib = llm.pydoc_tokens(tok, "calibration")
+    evaluation = llm.pydoc_tokens(tok, "evaluation")[:eval_tokens]
+
+    def ppl(m: nn.Module) -> float:
+        return float(llm.perplexity(m, evaluation, seq_len=seq_len, progress=False))
+
+    out: dict[str, Any] = {
+        **_setup(threads, num_samples, seq_len, len(evaluation), seq_len),
+        "distill": f"{distill_steps} AdamW steps, lr {distill_lr:g}, {distill_batch} calibration sequences a step",
+        "dense": {"perplexity": ppl(dense), "decoder_nonzeros": _nonzeros(dense)},
+        "rows": [],
+    }
+    emit({"dense": out["dense"]})
+    windows = llm.calibration_windows(calib, num_samples, seq_len)
+    options = dict(num_samples=num_samples, seq_len=seq_len, progress=False)
+    for setting in same_params_settings(ratio) if settings is None else settings:
+        model, _ = llm.load_smollm2()
+        t0 = time.perf_counter()
+        if setting["kind"] == "structured":
+            chosen = {k: v for k, v in setting.items() if k not in ("kind", "distill")}
+            llm.prune_structured(model, calib, ratio=ratio, **chosen, **options)
+        else:
+            llm.prune(model, calib, method=setting["method"], sparsity=setting["sparsity"], **options)
+        row = {**setting, "prune_seconds": time.perf_counter() - t0, "decoder_nonzeros": _nonzeros(model)}
+        row["params"] = sum(p.numel() for p in model.parameters())
+        row["perplexity"] = ppl(model)
+        if setting.get("distill") and distill_steps:
+            t0 = time.perf_counter()
+            losses = llm.distill(model, dense, list(windows.split(distill_batch)), steps=distill_steps, lr=distill_lr)
+            row.update(distill_seconds=time.perf_counter() - t0, distill_loss=[losses[0], losses[-1]])
+            row["perplexity_distilled"] = ppl(model)
+        out["rows"].append(row)
+        emit(row)
+        del model
+    return out
+
+
+def vit_speed(name: str = "vit_base_patch16_224", ratio: float = 0.25, batch: int = 8, threads: int = 1) -> dict:
+    """Images/s of timm's ViT (random initialization: the speed of a shape does not depend on the
+    weights) dense and width- and depth-pruned at `ratio` (magnitude, calibrated on 2 batches of random
+    images), batch `batch` at 224×224, dense and pruned one after the other."""
+    import timm
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dense = timm.create_model(name, pretrained=False).eval()
+    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    calib = [images[:2], images[2:4]]
+
+    def call(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x)
+
+    out = {"model": f"timm {name} (random init)", "threads": threads, "batch": batch, "rows": []}
+    for structure in ("width", "depth"):
+        pruned = timm.create_model(name, pretrained=False).eval()
+        pruned.load_state_dict(dense.state_dict())
+        options = dict(score="magnitude", reconstruct=False) if structure == "width" else {}
+        options.update(structure=structure, ratio=ratio, forward=call, progress=False)
+        result = llm.prune_structured(pruned, calib, **options)
+        row = {"structure": structure, "ratio": ratio, "params": result.params_after}
+        row.update(paired_throughput(dense, pruned, call, images))
+        row["params_ratio"] = result.params_before / result.params_after
+        out["rows"].append(row)
+        del pruned
+    return out

@@ -16,6 +16,7 @@ resume=; llm.offload); several processes (group=, torchrun). transformers (and g
 model) are imported only by the functions that need them."""
 
 from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks
+from .distill import distill
 from .methods import METHODS
 from .models import is_causal_lm, load_causal_lm, load_smollm2, smollm2_checkpoint, smollm2_gguf
 from .owl import OWL
@@ -39,6 +40,7 @@ __all__ = [
     "block_linears",
     "calibration_windows",
     "capture_inputs",
+    "distill",
     "find_blocks",
     "is_causal_lm",
     "load_causal_lm",

@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from ...errors import UsageError
 from .. import zoo
 from ..refinement import Refinement
+
+if TYPE_CHECKING:
+    from ..structured import Plan
 
 DEFAULT_CRITERIA = ["magnitude", "snip", "refer", "afr"]
 DEFAULT_CHANNEL_CRITERIA = ["l1", "taylor", "fisher"]
@@ -228,6 +232,8 @@ class PruneOptions(Options):
         samples, eval_tokens: causal LMs' calibration sequences and held-out tokens, >= 1.
         offload: "disk": stream a causal LM from its checkpoint; None: in memory.
         resume: continue an offloaded run.
+        structure, ratio, allocation, reconstruct, distill, distill_lr: structured pruning (`plan`, an
+            app.structured.Plan; `criterion` then names its scores), checked in `_validate_structured`.
 
     Derived when validated: `refinement`; for causal LMs `methods` and `targets` (fractions and
     "2:4"), for the other models `criteria`, `sparsities` and `granularity` (its default filled in).
@@ -245,6 +251,13 @@ class PruneOptions(Options):
     eval_tokens: int = 8192
     offload: str | None = None
     resume: bool = False
+    structure: str | None = None
+    ratio: list[float] | None = None
+    allocation: str = "uniform"
+    reconstruct: bool = True
+    distill: int = 0
+    distill_lr: float = 1e-4
+    plan: Plan | None = field(init=False, default=None)
     refinement: Refinement = field(init=False, default_factory=Refinement)
     criteria: list[str] = field(init=False, default_factory=list)
     sparsities: list[float] = field(init=False, default_factory=list)
@@ -254,6 +267,11 @@ class PruneOptions(Options):
     def validate(self) -> None:
         super().validate()
         self.refinement = Refinement(self.schedule, self.rounds, self.finetune, self.finetune_lr, self.batch_size)
+        if self.structure is not None:
+            self._validate_structured()
+            self._check_paths()
+            return
+        self._refuse_structured_options()
         if self.granularity == "2:4" and self.sparsity is not None:
             raise UsageError("`sparsity` does not apply to `granularity` 2:4 (2 of every 4 weights are kept: 0.5)")
         if self.llm:
@@ -265,8 +283,10 @@ class PruneOptions(Options):
     def model_dirs(self) -> list[str]:
         """The names of the directories `save_model` writes under `save_root` for a Hugging Face model:
         <method>-<sparsity> or <method>-2of4 for each result."""
-        from .. import llm_runner, runner
+        from .. import llm_runner, runner, structured
 
+        if self.plan is not None:
+            return [structured.tag(self.plan.structure, c, r) for c in self.plan.criteria for r in self.plan.ratios]
         if self.llm:
             return [llm_runner.tag(m, t) for m in self.methods for t in self.targets]
         two_four = self.granularity == runner.TWO_FOUR
@@ -373,6 +393,95 @@ class PruneOptions(Options):
             raise UsageError(f"criteria {unknown} do not apply to LLMs; LLM methods: {', '.join(llm.METHODS)}")
         sizes = {"samples": self.samples, "seq_len": self.seq_len, "eval_tokens": self.eval_tokens}
         llm_runner.check_methods(self.methods, self.targets, sizes)
+
+    # --- structured pruning (--structure) ---------------------------------------------------------
+
+    def _refuse_structured_options(self) -> None:
+        """UsageError for an option of structured pruning given without `structure`."""
+        given = {
+            "ratio": self.ratio is not None,
+            "allocation": self.allocation != "uniform",
+            "reconstruct": not self.reconstruct,
+            "distill": self.distill != 0,
+        }
+        for name, present in given.items():
+            if present:
+                raise UsageError(f"`{name}` applies to structured pruning: add `structure` width or depth")
+
+    def _validate_structured(self) -> None:
+        """Checks a structured run (app.structured) and makes its `plan`."""
+        import math
+
+        from ...llm.structured import ALLOCATIONS, SCORES, STRUCTURES
+        from ..structured import DEFAULT_SCORE, Plan
+
+        if self.structure not in STRUCTURES:
+            raise UsageError(f"`structure` must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+        masks_only = {
+            "sparsity": self.sparsity is not None,
+            "granularity": self.granularity is not None,
+            "remove_channels": self.remove_channels,
+            "finetune": self.finetune != 0,
+            "schedule": self.refinement.iterative,
+            "offload": self.offload is not None,
+            "resume": self.resume,
+        }
+        for name, present in masks_only.items():
+            if present:
+                raise UsageError(
+                    f"`{name}` does not apply to `structure` {self.structure} (whole channels, heads or blocks "
+                    "removed; `ratio` sets how much, `distill` recovers): leave it out"
+                )
+        if processes() > 1:
+            raise UsageError(f"`structure` {self.structure} runs in one process, not under torchrun ({processes()})")
+        ratios = list(dict.fromkeys(self.ratio or [0.25]))
+        for r in ratios:
+            if not 0 < r < 1:
+                raise UsageError(
+                    f"`ratio` must be in (0, 1) (the fraction of the blocks' parameters removed), got {r:g}"
+                )
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"`allocation` must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.structure == "depth":
+            if self.criterion:
+                raise UsageError(
+                    "`criterion` picks the channel score of `structure` width; depth removes the blocks of lowest "
+                    "block influence: leave `criterion` out"
+                )
+            if self.allocation != "uniform":
+                raise UsageError("`allocation` applies to `structure` width (depth removes whole blocks)")
+        scores = list(dict.fromkeys(self.criterion or [DEFAULT_SCORE]))
+        unknown = [c for c in scores if c not in SCORES]
+        if unknown:
+            raise UsageError(
+                f"`criterion` {unknown[0]} is not a score of structured pruning; `structure` width takes: "
+                f"{', '.join(SCORES)}"
+            )
+        if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
+            raise UsageError(f"`distill` must be an int >= 0, got {self.distill!r}")
+        if self.distill and not self.llm:
+            raise UsageError(
+                "`distill` fine-tunes a causal LM against the dense model's logits: `model` smollm2 or hf:PATH of a "
+                "causal LM"
+            )
+        if not (math.isfinite(self.distill_lr) and self.distill_lr > 0):
+            raise UsageError(f"`distill_lr` must be a finite number > 0, got {self.distill_lr}")
+        _at_least({"samples": self.samples, "eval_tokens": self.eval_tokens})
+        self.plan = Plan(
+            self.structure,
+            ratios,
+            scores,
+            self.allocation,
+            self.reconstruct,
+            samples=self.samples,
+            seq_len=self.seq_len,
+            eval_tokens=self.eval_tokens,
+            batches=self.batches,
+            distill=self.distill,
+            distill_lr=self.distill_lr,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
 
     @property
     def save_root(self) -> str:

@@ -175,13 +175,63 @@ def _add_llm_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_structured_options(p: argparse.ArgumentParser) -> None:
+    """Options of structured pruning (--structure): smaller dense models, not masks."""
+    from ...llm.structured import ALLOCATIONS, SCORES, STRUCTURES
+
+    group = p.add_argument_group(
+        "structured pruning (--structure: MLP channels, attention heads or whole blocks removed for real)",
+        "Causal LMs (smollm2, hf:PATH), the default MiniLM, hf:PATH encoders and ViTs, timm: and torchvision: ViTs. "
+        f"--criterion picks the channel score of width: {', '.join(SCORES)} (default flap).",
+    )
+    group.add_argument(
+        "--structure",
+        choices=list(STRUCTURES),
+        default=None,
+        help="width: remove MLP channels and attention heads in every block; depth: remove whole blocks (lowest "
+        "block influence); each result is a smaller dense model (no masks)",
+    )
+    group.add_argument(
+        "--ratio",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="R",
+        help="fractions of the blocks' parameters removed, each in (0, 1) (default 0.25)",
+    )
+    group.add_argument(
+        "--allocation",
+        choices=list(ALLOCATIONS),
+        default="uniform",
+        help="width: uniform (the same widths in every block: a standard config) or global (one threshold over "
+        "the blocks' standardized scores; non-uniform widths) (default uniform)",
+    )
+    group.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="width: refit each layer that consumes removed channels by least squares (default on; "
+        "--no-reconstruct: FLAP's bias compensation only)",
+    )
+    group.add_argument(
+        "--distill",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="causal LMs: fine-tune each pruned model STEPS AdamW steps against the dense model's logits (KL), "
+        "on the calibration sequences (--data), --batch-size a step; perplexity before and after (default 0)",
+    )
+    group.add_argument("--distill-lr", type=float, default=1e-4, help="--distill learning rate (default 1e-4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ...bench.registry import WORKLOADS
     from ...criteria import CRITERIA
     from ...llm import METHODS
+    from ...llm.structured import SCORES
     from ..runner import CHOICES
 
-    criteria = sorted(set(CRITERIA) | set(METHODS))
+    criteria = sorted(set(CRITERIA) | set(METHODS) | set(SCORES))
     parser = argparse.ArgumentParser(
         prog="pyprune-fast", description="Fast pruning criteria, masks and sparse kernels."
     )
@@ -203,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(prune, evaluation=True)
     _add_pruning_options(prune, CHOICES)
     _add_llm_options(prune)
+    _add_structured_options(prune)
     prune.set_defaults(run=prune_cmd.run, options=PruneOptions)
 
     score = sub.add_parser("score", help="score a model with criteria and write the scores (safetensors)")

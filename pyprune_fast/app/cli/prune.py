@@ -19,6 +19,10 @@ def run(options: PruneOptions) -> int:
     """Runs the command; returns the exit status."""
     from .. import runner
 
+    if options.plan is not None:  # --structure: smaller dense models
+        from . import structured
+
+        return structured.run(options)
     if options.llm:
         from . import prune_llm
 

@@ -17,7 +17,16 @@ def write_reports(run, out: OutDir, staged, argv: list[str]) -> tuple[list[str],
     """Stages the plots, report.json and report.md; returns (every file of the run, the plots)."""
     from .. import report
 
-    if run.llm:  # per-layer sparsity (in report.json) is the target in every Linear but with global: no plot
+    if run.structured:  # smaller dense models: the metric per result and the kept widths per block
+        plots = [report.WIDTHS_PLOT]
+        if run.llm:
+            plots.insert(0, report.PERPLEXITY_PLOT)
+            report.perplexity_plot(run, staged.path(out.file(report.PERPLEXITY_PLOT)))
+        elif run.dense:
+            plots.insert(0, report.RETENTION_PLOT)
+            report.retention_plot(run, staged.path(out.file(report.RETENTION_PLOT)))
+        report.widths_plot(run, staged.path(out.file(report.WIDTHS_PLOT)))
+    elif run.llm:  # per-layer sparsity (in report.json) is the target in every Linear but with global: no plot
         plots = [report.PERPLEXITY_PLOT]
         report.perplexity_plot(run, staged.path(out.file(report.PERPLEXITY_PLOT)))
         if any(r.block_error for r in run.results):
