@@ -162,3 +162,34 @@ def test_bad_input_is_refused_before_the_model_is_touched():
         llm.prune_experts(transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
             vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)),
             calibration(), **OPTIONS)  # fmt: skip
+
+
+def test_the_cli_removes_experts_and_saves_a_standard_directory(tmp_path, capsys):
+    import json
+    import os
+
+    from pyprune_fast.app import cli
+    from tests.test_llm_models import tiny_tokenizer
+
+    directory = tmp_path / "mixtral"
+    tiny_moe("mixtral").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    out = tmp_path / "out"
+    argv = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--ratio", "0.5", "--save-model",
+            "--out", str(out), "--samples", "2", "--seq-len", "32", "--eval-tokens", "256", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    with open(out / "report.json") as f:
+        doc = json.load(f)
+    assert doc["structured"]["dense"] == {"experts": [4, 4]}
+    (r,) = doc["results"]
+    assert r["criterion"] == "reap" and r["files"]["model"] == "experts-reap-0.5"
+    assert r["structured"]["experts"] == [2, 2] and r["structured"]["standard"]
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(out / "experts-reap-0.5")
+    assert pruned.config.num_local_experts == 2 and pruned.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
+    assert "experts 2 per MoE layer" in (out / "report.md").read_text()
+    assert os.path.isfile(out / "widths.png")
+    bad = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--criterion", "flap", "--out",
+           str(tmp_path / "bad"), "--quiet"]  # fmt: skip
+    assert cli.main(bad) == 2
+    err = capsys.readouterr().err
+    assert "--criterion flap is not a score of structured pruning; --structure experts takes: reap, frequency" in err

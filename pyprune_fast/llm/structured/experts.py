@@ -189,6 +189,18 @@ def _remove(m: MoE, keep: Tensor, edits: Edits) -> None:
             edits.set(owner, "num_experts", len(keep))
 
 
+def moe_layers(model: nn.Module) -> list[tuple[int, str, MoE]]:
+    """(block index, qualified module name, MoE) of every mixture-of-experts layer of a model; UsageError
+    for a model without any, or a router whose routing rule is not known (llm.moe.known)."""
+    prefix, blocks = find_blocks(model)
+    layers = [(i, f"{prefix}.{i}.{m.path}", m) for i, block in enumerate(blocks) for m in find_moe(block)]
+    if not layers:
+        raise UsageError(f"{type(model).__name__} has no mixture-of-experts layers (no fused experts with a router)")
+    for _, _, m in layers:
+        count_key(getattr(model, "config", None), m)
+    return layers
+
+
 def _check(ratio: object, score: object, allocation: object, sizes: dict[str, object]) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise UsageError(f"`ratio` must be a number in [0, 1), got {ratio!r}")
@@ -234,10 +246,8 @@ def prune_experts(
         ExpertResult. UsageError naming the argument, with the model untouched, for a bad option, a
         model without MoE layers, an unknown router, or a ratio leaving fewer experts than the top-k."""
     _check(ratio, score, allocation, {"num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size})
-    prefix, blocks = find_blocks(model)
-    layers = [(i, f"{prefix}.{i}.{m.path}", m) for i, block in enumerate(blocks) for m in find_moe(block)]
-    if not layers:
-        raise UsageError(f"{type(model).__name__} has no mixture-of-experts layers (no fused experts with a router)")
+    layers = moe_layers(model)
+    _, blocks = find_blocks(model)
     config = getattr(model, "config", None)
     keys = {count_key(config, m) for _, _, m in layers}
     windows = calibration_windows(calibration, num_samples, seq_len)
@@ -285,4 +295,4 @@ def prune_experts(
     return result
 
 
-__all__ = ["ALLOCATIONS", "SCORES", "ExpertResult", "prune_experts"]
+__all__ = ["ALLOCATIONS", "SCORES", "ExpertResult", "moe_layers", "prune_experts"]
