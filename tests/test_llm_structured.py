@@ -9,8 +9,9 @@ from torch import nn
 
 from pyprune_fast import llm
 from pyprune_fast.criteria.input_stats import InputStats
+from pyprune_fast.errors import UsageError
 from pyprune_fast.llm.structured import refit
-from tests.test_llm_models import VOCAB, tiny_causal_lm, tiny_config
+from tests.test_llm_models import VOCAB, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,7 +53,7 @@ IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1
 
 
 @pytest.mark.parametrize("structure", ["width", "depth"])
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt_neox"])
 def test_ratio_zero_changes_nothing(arch, structure):
     model = tiny(arch)
     before, logits = state(model), model(IDS).logits
@@ -168,11 +169,55 @@ def test_heads_removed_whole_and_the_gqa_rule(arch):
     assert torch.isfinite(model(IDS).logits).all()
 
 
+def test_gpt_neox_heads_are_interleaved_rows_of_query_key_value():
+    """GPT-NeoX, one block, no refit: the pruned model equals the dense one whose removed heads' and
+    channels' consumer inputs are replaced by their calibration means (FLAP's bias compensation), and
+    each kept head keeps its 3·d contiguous rows (q | k | v) of query_key_value."""
+    model, dense = tiny("gpt_neox", layers=1), tiny("gpt_neox", layers=1)
+    result = llm.prune_structured(model, CALIB, ratio=0.5, score="flap", reconstruct=False, **OPTS)
+    layer, ref = model.gpt_neox.layers[0], dense.gpt_neox.layers[0]
+    assert result.heads == [2] and result.intermediate[0] < 64
+    consumers = {"attention.dense": 32, "mlp.dense_4h_to_h": 64}
+    xs = {n: [] for n in consumers}
+    hooks = [
+        ref.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: xs[n].append(a[0].detach()))
+        for n in consumers
+    ]
+    with torch.no_grad():
+        for row in CALIB:
+            dense(row[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    removed = {}
+    for n, width in consumers.items():
+        kept_w, full_w = layer.get_submodule(n).weight, ref.get_submodule(n).weight
+        kept = [
+            next(c for c in range(width) if torch.equal(kept_w[:, j], full_w[:, c])) for j in range(kept_w.shape[1])
+        ]
+        removed[n] = torch.tensor([c for c in range(width) if c not in kept])
+    heads = sorted({int(c) // 8 for c in range(32) if c not in removed["attention.dense"].tolist()})
+    rows = torch.cat([torch.arange(h * 24, h * 24 + 24) for h in heads])
+    assert torch.equal(layer.attention.query_key_value.weight, ref.attention.query_key_value.weight[rows])
+    means = {n: torch.cat(x).reshape(-1, consumers[n]).double().mean(0).float() for n, x in xs.items()}
+
+    def substitute(_m, a, n):
+        x = a[0].clone()
+        x[..., removed[n]] = means[n][removed[n]]
+        return (x,)
+
+    hooks = [ref.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: substitute(m, a, n)) for n in consumers]
+    with torch.no_grad():
+        expected = dense(IDS, use_cache=False).logits
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(model(IDS, use_cache=False).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def _attn(arch: str, i: int) -> str:
     return f"model.decoder.layers.{i}.self_attn" if arch == "opt" else f"model.layers.{i}.self_attn"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt_neox"])
 def test_uniform_width_saves_a_standard_model(arch, tmp_path):
     model = tiny(arch)
     result = llm.prune_structured(model, CALIB, ratio=0.3, **OPTS)
@@ -180,8 +225,8 @@ def test_uniform_width_saves_a_standard_model(arch, tmp_path):
     llm.save_pretrained(model, None, tmp_path / "m")
     if result.standard:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    else:  # OPT with fewer heads: its attention derives head_dim = hidden / heads
-        assert arch == "opt"
+    else:  # OPT and GPT-NeoX with fewer heads: their attention derives head_dim = hidden / heads
+        assert arch in ("opt", "gpt_neox")
         loaded, _ = llm.load_pretrained(tmp_path / "m")
     torch.testing.assert_close(loaded(IDS).logits, logits, rtol=1e-5, atol=1e-5)
     a = loaded.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -248,6 +293,40 @@ def test_depth_removes_the_lowest_influence_blocks(tmp_path):
     assert torch.equal(loaded.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0), with_cache)
 
 
+def _without_block(arch: str, i: int, layers: int) -> nn.Module:
+    """A fresh tiny model with block i deleted by hand (and the config's depth and layer_types)."""
+    model = tiny(arch, layers=layers)
+    model.config.layer_types = ["full_attention"] * layers
+    kept = [b for j, b in enumerate(model.model.layers) if j != i]
+    model.model.layers = nn.ModuleList(kept)
+    model.config.num_hidden_layers = layers - 1
+    model.config.layer_types = ["full_attention"] * (layers - 1)
+    return model
+
+
+def test_depth_by_loss_removes_the_blocks_whose_removal_costs_least():
+    layers, windows = 4, CALIB[:8, :32]
+
+    def loss(m):  # transformers' own mean next-token loss, each window the same length
+        with torch.no_grad():
+            return sum(float(m(row[None], labels=row[None], use_cache=False).loss) for row in windows) / len(windows)
+
+    dense = tiny("qwen3", layers=layers)
+    dense.config.layer_types = ["full_attention"] * layers
+    increase = [loss(_without_block("qwen3", i, layers)) - loss(dense) for i in range(layers)]
+    model = tiny("qwen3", layers=layers)
+    model.config.layer_types = ["full_attention"] * layers
+    result = llm.prune_structured(model, CALIB, structure="depth", depth_score="loss", ratio=0.25, **OPTS)
+    assert result.loss_increase == pytest.approx(increase, rel=1e-4, abs=1e-6)
+    assert result.removed_blocks == [min(range(layers), key=lambda i: increase[i])]
+    assert result.influence is None and result.depth_score == "loss"
+    assert model.config.num_hidden_layers == 3 and len(model.config.layer_types) == 3
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1, 2]
+    with_cache = model.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    no_cache = model.generate(IDS[:1], max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(with_cache, no_cache)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -256,32 +335,47 @@ def test_depth_removes_the_lowest_influence_blocks(tmp_path):
         (dict(ratio="0.5"), "ratio"),
         (dict(ratio=0.8), "ratio=0.8 leaves no query head"),
         (dict(ratio=0.8, structure="depth"), "ratio=0.8 removes every"),
-        (dict(score="taylor"), "score"),
+        (dict(score="hrank"), "score"),
+        (dict(structure="depth", depth_score="perplexity"), "depth_score"),
         (dict(allocation="local"), "allocation"),
         (dict(structure="length"), "structure"),
         (dict(floor=1.0), "floor"),
+        (dict(normalize="l2"), "normalize"),
+        (dict(allocation="global", normalize="lp", p=0), "p must be"),
+        (dict(units="mlp", ratio=0.99), "ratio=0.99 leaves no MLP channel in block 0"),
+        (dict(units="heads", ratio=0.9), "ratio=0.9 leaves no query head in a key/value group of block 0"),
+        (dict(units="all"), "units must be one of"),
+        (dict(num_samples=0), "num_samples must be a positive int"),
     ],
 )
 def test_bad_input_leaves_the_model_unchanged(kwargs, match):
     model = tiny("llama")
     before = state(model)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as error:
         llm.prune_structured(model, CALIB, **{**OPTS, **kwargs})
     assert same_state(model, before)
+    if not match.startswith(("normalize", "p ")):  # the channel criteria's own check (a ValueError)
+        assert isinstance(error.value, UsageError) and error.value.parameters[0] in kwargs
 
 
-def test_unknown_architecture_and_tied_weights_are_refused():
-    neox = tiny_causal_lm("gpt_neox")
-    before = state(neox)
-    with pytest.raises(ValueError, match="architecture gpt_neox: its attention is not known"):
-        llm.prune_structured(neox, CALIB, **OPTS)
-    assert same_state(neox, before)
-    model = tiny("llama")
-    model.model.layers[1].mlp.down_proj.weight = model.model.layers[0].mlp.down_proj.weight
-    before = state(model)
-    with pytest.raises(ValueError, match="model: .*shared inside the decoder blocks"):
-        llm.prune_structured(model, CALIB, **OPTS)
-    assert same_state(model, before)
+def test_unknown_architecture_tied_weights_and_uneven_groups_are_refused():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    gpt2 = transformers.AutoModelForCausalLM.from_config(config).eval()
+    tied = tiny("llama")
+    tied.model.layers[1].mlp.down_proj.weight = tied.model.layers[0].mlp.down_proj.weight
+    uneven = tiny("llama")  # 3 query heads of 8 cannot split into 2 key/value groups
+    uneven.model.layers[1].self_attn.q_proj = nn.Linear(32, 24, bias=False)
+    uneven.model.layers[1].self_attn.o_proj = nn.Linear(24, 32, bias=False)
+    cases = [
+        (gpt2, "model: architecture gpt2: its attention is not known"),
+        (tied, "model: .*shared inside the decoder blocks"),
+        (uneven, "model: architecture llama: the query heads of blocks \\[1\\] do not split into its 2 key/value"),
+    ]
+    for model, match in cases:
+        before = state(model)
+        with pytest.raises(UsageError, match=match) as error:
+            llm.prune_structured(model, CALIB, **OPTS)
+        assert error.value.parameters == ("model",) and same_state(model, before)
 
 
 def test_a_failure_during_the_run_gives_the_model_back(monkeypatch):

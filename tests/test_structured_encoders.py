@@ -300,3 +300,21 @@ def test_magnitude_scores_a_packed_qkv_head_by_its_rows_in_q_k_and_v():
         kept = [next(h for h in range(HEADS) if torch.equal(q, qkv[0, h])) for q in q_new]
         assert removed >= 1 and kept == expected.tolist()
         assert block.attn.attn_dim == block.attn.num_heads * D == block.attn.proj.in_features
+
+
+@pytest.mark.parametrize("score", ["l2", "taylor"])
+@pytest.mark.parametrize("name", [*CASES, "torchvision_vit"])
+def test_the_filter_and_gradient_scores_run_on_encoders(name, score):
+    """The new scores on every encoder layout (packed qkv, wrappers, MLP channels only): the block-local
+    gradient pass finds the consumers, and the pruned model gives finite outputs of the dense shape."""
+    if name == "torchvision_vit":
+        make, data, forward = torchvision_vit, image_batches, call
+    else:
+        make, data, forward, _ = CASES[name]
+    model = make()
+    batch = data()[0]
+    dense_out = _outputs(copy.deepcopy(model), forward, batch)
+    result = llm.prune_structured(model, data(), forward=forward, ratio=0.3, score=score, progress=False)
+    out = _outputs(model, forward, batch)
+    assert result.decoder_params_after < result.decoder_params_before
+    assert out.shape == dense_out.shape and torch.isfinite(out).all()

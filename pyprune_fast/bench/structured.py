@@ -81,26 +81,26 @@ def _batch_size(inputs: Any) -> int:
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, forward: Callable[[nn.Module, Any], Any], inputs: Any, repeats: int = 3) -> float:
-    """Sequences or images per second of `forward(model, inputs)` on one batch (an encoder or a vision
-    transformer), the best of `repeats` after a warm-up call."""
-    forward(model, inputs)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(model)
-        t0 = time.perf_counter()
-        forward(model, inputs)
-        _sync(model)
-        best = min(best, time.perf_counter() - t0)
-    return _batch_size(inputs) / best
-
-
 def paired_throughput(
-    dense: nn.Module, pruned: nn.Module, forward: Callable[[nn.Module, Any], Any], inputs: Any
+    dense: nn.Module, pruned: nn.Module, forward: Callable[[nn.Module, Any], Any], inputs: Any, rounds: int = 3
 ) -> dict:
-    """`throughput` of the dense and the pruned model on the same batch, one after the other, and the
-    pruned model's speed-up."""
-    row = {"dense_items_per_s": throughput(dense, forward, inputs), "items_per_s": throughput(pruned, forward, inputs)}
+    """Sequences or images per second of `forward(model, inputs)` on one batch (an encoder or a vision
+    transformer) for the dense and the pruned model, timed alternately (dense, pruned, dense, ...: a
+    shared machine's load hits both alike) after a warm-up call each, the best of `rounds` each, and
+    the pruned model's speed-up."""
+    best = {"dense": float("inf"), "pruned": float("inf")}
+    models = {"dense": dense, "pruned": pruned}
+    for model in models.values():
+        forward(model, inputs)
+    for _ in range(rounds):
+        for name, model in models.items():
+            _sync(model)
+            t0 = time.perf_counter()
+            forward(model, inputs)
+            _sync(model)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    items = _batch_size(inputs)
+    row = {"dense_items_per_s": items / best["dense"], "items_per_s": items / best["pruned"]}
     row["speedup"] = row["items_per_s"] / row["dense_items_per_s"]
     return row
 

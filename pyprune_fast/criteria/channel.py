@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -238,25 +239,49 @@ def hrank(req: ChannelRequest) -> dict[str, Tensor]:
     return {n: s.total("ranks") / s.rank_count for n, s in stats.items()}
 
 
+class StatsFormula(NamedTuple):
+    """A gradient criterion's formula on accumulated ChannelStats: the sums it needs and the score."""
+
+    needs: frozenset[str]
+    score: Callable[[ChannelStats], Tensor]
+
+
+def _ide_score(s: ChannelStats) -> Tensor:
+    return (s.mean("x_sum") * s.mean("g_sum")).sum(s.position_dim).square()
+
+
+# The formulas of taylor, fisher and ide (their docstrings below), also applied by structured pruning
+# to the units of a decoder block (llm.structured.scores): written once here.
+FROM_GRADIENTS: dict[str, StatsFormula] = {
+    "taylor": StatsFormula(frozenset({"dot"}), lambda s: s.mean("dot").abs()),
+    "fisher": StatsFormula(frozenset({"dot_sq"}), lambda s: s.mean("dot_sq")),
+    "ide": StatsFormula(frozenset({"x_sum", "g_sum"}), _ide_score),
+}
+
+
+def _from_gradients(req: ChannelRequest, name: str) -> dict[str, Tensor]:
+    formula = FROM_GRADIENTS[name]
+    return {n: formula.score(s) for n, s in gradient_stats(req, set(formula.needs)).items()}
+
+
 @criterion(needs=("data", "loss"), kind="channel")
 def taylor(req: ChannelRequest) -> dict[str, Tensor]:
     """First-order Taylor (Molchanov et al. 2017, "Pruning Convolutional Neural Networks for Resource
     Efficient Inference", ICLR): S_c = |E_n[x_nᵀ ∇_n]|."""
-    return {n: s.mean("dot").abs() for n, s in gradient_stats(req, {"dot"}).items()}
+    return _from_gradients(req, "taylor")
 
 
 @criterion(needs=("data", "loss"), kind="channel")
 def fisher(req: ChannelRequest) -> dict[str, Tensor]:
     """Fisher pruning (Theis et al. 2018, "Faster gaze prediction with dense networks and Fisher
     pruning", arXiv:1801.05787): S_c = E_n[(x_nᵀ ∇_n)²]."""
-    return {n: s.mean("dot_sq") for n, s in gradient_stats(req, {"dot_sq"}).items()}
+    return _from_gradients(req, "fisher")
 
 
 @criterion(needs=("data", "loss"), kind="channel")
 def ide(req: ChannelRequest) -> dict[str, Tensor]:
     """Ide's thesis, eq. 4.10: S_c = (E_n[x_n]ᵀ E_n[∇_n])²."""
-    stats = gradient_stats(req, {"x_sum", "g_sum"})
-    return {n: (s.mean("x_sum") * s.mean("g_sum")).sum(s.position_dim).square() for n, s in stats.items()}
+    return _from_gradients(req, "ide")
 
 
 @criterion(needs=("data", "loss"), kind="channel")

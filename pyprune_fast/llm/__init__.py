@@ -12,8 +12,9 @@ device, calibrated by the inputs each block actually sees, judged by perplexity.
 Methods: magnitude, wanda, sparsegpt (OBS update), and block-local snip, refer, afr, feature_l1;
 OWL non-uniform block sparsity for any of them (`owl=llm.OWL(M=5, lam=0.08)`); whole-model sparsity
 (granularity="global"); models larger than memory streamed from and to disk (offload="disk", out=,
-resume=; llm.offload); several processes (group=, torchrun). transformers (and gguf for the embedded
-model) are imported only by the functions that need them."""
+resume=; llm.offload); several processes (group=, torchrun). Structured pruning (smaller dense
+models): llm.prune_structured, recovered by llm.distill (logit KL to the dense model). transformers
+(and gguf for the embedded model) are imported only by the functions that need them."""
 
 from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks
 from .distill import distill

@@ -42,6 +42,11 @@ def _feature_objective(kind: str, features: list[Tensor]) -> Tensor:
     return l1_objective(features) if kind == "feature_l1" else refer_objective(features, rows="tokens")
 
 
+def reconstruction_error(output: Tensor, target: Tensor) -> Tensor:
+    """‖f(X_b; ·) − Y_b‖² of one batch: snip's (and afr's) block-local objective, in float32."""
+    return (output.float() - target.float()).pow(2).sum()
+
+
 def _gradients(
     block: nn.Module,
     inputs: BlockInputs,
@@ -97,7 +102,7 @@ def block_scores(
             masked = {n: dense[n].detach() * candidate(n, dense[n]) for n in names}
 
             def reconstruction(j: int, y: Tensor, _features: list[Tensor]) -> Tensor:
-                return (y.float() - targets[j].float()).pow(2).sum()
+                return reconstruction_error(y, targets[j])
 
             out["snip"] = _gradients(block, inputs, linears, masked, reconstruction, comm)
         if criterion != "snip":

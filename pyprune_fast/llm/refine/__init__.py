@@ -50,6 +50,11 @@ from .base import (
     get_refinements,
     register_refinement,
 )
+from .reconstruct import Reconstruct
+from .swap import Swap
+
+register_refinement(Swap())
+register_refinement(Reconstruct())
 
 __all__ = [
     "REFINEMENTS",
@@ -57,7 +62,9 @@ __all__ = [
     "BlockStep",
     "Gain",
     "ModelStep",
+    "Reconstruct",
     "Refinement",
+    "Swap",
     "check_refinement",
     "get_refinements",
     "register_refinement",

@@ -8,13 +8,14 @@ shapes and the config changed for real.
     result = llm.prune_structured(model, calib, structure="width", ratio=0.25, score="flap")
     llm.save_pretrained(model, tok, "out/smollm2-w25")   # uniform widths: stock from_pretrained loads it
 
-Architectures: Llama, Mistral, Qwen2, Qwen3, OPT; encoders and vision transformers with `forward=`
+Architectures: Llama, Mistral, Qwen2, Qwen3, OPT, GPT-NeoX; encoders and vision transformers with `forward=`
 (BERT and the default MiniLM, Hugging Face ViT, timm ViT; torchvision ViT MLP channels only).
 layout.py: the coupled groups, the rule for grouped-query attention; any other is refused by name.
 Width: width.py (how `ratio` is split between heads and channels, uniform and global allocation),
-scores.py (magnitude, Wanda, FLAP),
-refit.py (least-squares reconstruction, FLAP's bias compensation). Depth: depth.py (ShortGPT's block
-influence). Saving and loading: load.py (Hugging Face), vision.py (timm / torchvision: safetensors with
+scores.py (the SCORES registry: magnitude, L1/L2, Wanda, FLAP, Taylor, Fisher, Ide; gradients.py the
+block-local gradients of the last three), refit.py (least-squares reconstruction, FLAP's bias
+compensation). Depth: depth.py (ShortGPT's block influence, or the loss increase of dropping each
+block). Saving and loading: load.py (Hugging Face), vision.py (timm / torchvision: safetensors with
 the shapes, `load_vision` rebuilds them on a model from the library's factory)."""
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...criteria.engine import check_normalize
+from ...errors import UsageError
 from ...modeling import eval_mode
 from ..blocks import capture_inputs, module_device
 from ..text import calibration_windows
-from .depth import block_influence, blocks_to_remove, remove_blocks_
+from .depth import DEPTH_SCORES, block_influence, blocks_to_remove, loss_increase, remove_blocks_
 from .edit import Edits
 from .layout import LAYOUTS, Layout, Structure, structure_of
 from .load import load_pretrained
@@ -54,6 +57,7 @@ ALLOCATIONS = ("uniform", "global")
 
 __all__ = [
     "ALLOCATIONS",
+    "DEPTH_SCORES",
     "LAYOUTS",
     "SCORES",
     "STRUCTURES",
@@ -73,8 +77,8 @@ __all__ = [
 class StructuredResult:
     """What a `prune_structured` run did: its options, the parameters before and after (whole model and
     decoder blocks), the kept widths of every remaining block (MLP channels, query heads), the removed
-    blocks and every block's influence (depth), whether the result is a standard config that stock
-    `from_pretrained` loads, and times."""
+    blocks and every block's score (depth: `influence`, or `loss_increase` with depth_score="loss"),
+    whether the result is a standard config that stock `from_pretrained` loads, and times."""
 
     structure: str
     ratio: float
@@ -92,6 +96,8 @@ class StructuredResult:
     standard: bool = True
     block_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    depth_score: str | None = None
+    loss_increase: list[float] | None = None
 
     @property
     def removed_fraction(self) -> float:
@@ -99,7 +105,7 @@ class StructuredResult:
         return 1.0 - self.decoder_params_after / max(self.decoder_params_before, 1)
 
     def summary(self) -> str:
-        what = self.structure if self.structure == "depth" else f"width {self.score} {self.allocation}"
+        what = f"depth {self.depth_score}" if self.structure == "depth" else f"width {self.score} {self.allocation}"
         lines = [
             f"structured pruning ({what}, ratio {self.ratio}): decoder {self.decoder_params_before:,} -> "
             f"{self.decoder_params_after:,} parameters ({100 * self.removed_fraction:.1f} % removed), model "
@@ -119,28 +125,31 @@ class StructuredResult:
 
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise UsageError(f"`{name}` must be a positive int, got {value!r}")
 
 
 def _check(options: dict[str, Any], sizes: dict[str, int]) -> None:
-    """ValueError/TypeError naming the first option of prune_structured that is wrong."""
+    """UsageError (TypeError for a flag that is not a bool) naming the first option of prune_structured
+    that is wrong."""
     structure, ratio, score, allocation = (options[k] for k in ("structure", "ratio", "score", "allocation"))
     floor, reconstruct, bias, percdamp = (options[k] for k in ("floor", "reconstruct", "bias", "percdamp"))
     if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        raise UsageError(f"`structure` must be one of {STRUCTURES}, got {structure!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        raise UsageError(f"`ratio` must be a number in [0, 1), got {ratio!r}")
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise UsageError(f"`score` must be one of {tuple(SCORES)}, got {score!r}")
+    if options["depth_score"] not in DEPTH_SCORES:
+        raise UsageError(f"`depth_score` must be one of {DEPTH_SCORES}, got {options['depth_score']!r}")
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        raise UsageError(f"`allocation` must be one of {ALLOCATIONS}, got {allocation!r}")
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
-        raise ValueError(f"floor must be a number in [0, 1), got {floor!r}")
+        raise UsageError(f"`floor` must be a number in [0, 1), got {floor!r}")
     for name, value in (("reconstruct", reconstruct), ("bias", bias)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
-        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+        raise UsageError(f"`percdamp` must be a number >= 0, got {percdamp!r}")
     for name, value in sizes.items():
         _positive_int(name, value)
 
@@ -192,6 +201,8 @@ def prune_structured(
     reconstruct: bool = True,
     bias: bool = True,
     floor: float = 0.1,
+    normalize: str | None = None,
+    p: float = 1.0,
     multiple: int = 1,
     percdamp: float = 0.01,
     num_samples: int = 128,
@@ -200,6 +211,7 @@ def prune_structured(
     device: str | torch.device | None = None,
     progress: bool | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    depth_score: str = "influence",
 ) -> StructuredResult:
     """Removes `ratio` of a decoder LLM's block parameters for real: MLP channels and attention heads
     (structure="width"), or whole blocks (structure="depth"), calibrated block by block.
@@ -210,14 +222,20 @@ def prune_structured(
         calibration: token ids (1-D stream or [sequences, tokens]), cut by `calibration_windows`; with
             `forward`, a list of batches (num_samples, seq_len and batch_size are then not used).
         structure: "width" or "depth".
+        depth_score: depth only: "influence" (ShortGPT's block influence) or "loss" (the calibration
+            loss increase of dropping each block alone; causal LMs, not with `forward`), depth.py.
         units: width only: "both" (heads and MLP channels), "mlp" or "heads" (the whole budget in one
             kind); None: "both", or "mlp" for torchvision's nn.MultiheadAttention, which cannot lose heads
             (units="both"/"heads" there: ValueError naming units, the model untouched).
         ratio: the fraction of the decoder blocks' parameters removed, in [0, 1) (width.py: how it is
             split between heads and channels; depth: round(ratio × blocks) blocks).
-        score: "magnitude", "wanda" or "flap" (scores.py), width only.
+        score: a name of SCORES (scores.py: "magnitude", "l1", "l2", "wanda", "flap", "taylor", "fisher",
+            "ide"), width only.
         allocation: "uniform" (the same widths in every block: a standard config) or "global" (one
             threshold over per-block standardized scores, each block keeping at least `floor`).
+        normalize, p: global allocation only: how each block's scores are made comparable across blocks,
+            None (standardized, as FLAP) or "lp" (√S / ‖√S‖_p, the channel criteria's L_p normalization,
+            p > 0); uniform allocation ranks within a block, where neither changes anything.
         multiple: the kept MLP width rounded to a multiple of this (1: the exact budget; 64 or 128 give
             shapes the matrix-multiply kernels like).
         reconstruct: refit each consumer by least squares (refit.py); else FLAP's bias compensation.
@@ -230,19 +248,23 @@ def prune_structured(
         forward: for a model that does not take token ids: a callable (model, inputs), as llm.prune's.
 
     Returns:
-        StructuredResult. ValueError/TypeError naming the argument, with the model untouched, for a bad
-        option, an unknown architecture, weights shared inside the blocks, or a ratio that leaves a block
-        no head or no channel; a failure during the run (non-finite statistics, a singular refit) puts
-        the model back as it was."""
+        StructuredResult. UsageError naming the argument, with the model untouched, for a bad option, an
+        unknown architecture, weights shared inside the blocks, head counts that do not split into the
+        key/value groups, or a ratio that leaves a block no head or no channel; a failure during the run
+        (non-finite statistics, a singular refit) puts the model back as it was."""
     sizes = {"num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size, "multiple": multiple}
     options = dict(structure=structure, ratio=ratio, score=score, allocation=allocation, floor=floor)
-    _check({**options, "reconstruct": reconstruct, "bias": bias, "percdamp": percdamp}, sizes)
+    flags = {"reconstruct": reconstruct, "bias": bias, "percdamp": percdamp, "depth_score": depth_score}
+    _check({**options, **flags}, sizes)
+    check_normalize(normalize, p)
+    if structure == "depth" and depth_score == "loss" and forward is not None:
+        raise UsageError("`depth_score`='loss' needs a causal LM's next-token loss: not with `forward`")
     s = structure_of(model)
     units = check_units(s, units) if structure == "width" else None
     counts = uniform_counts(s, float(ratio), multiple, units) if structure == "width" else None
     removing = round(ratio * len(s.blocks)) if structure == "depth" else 0
     if removing >= len(s.blocks):
-        raise ValueError(f"ratio={ratio} removes every one of the {len(s.blocks)} blocks")
+        raise UsageError(f"`ratio`={ratio} removes every one of the {len(s.blocks)} blocks")
     if forward is None:
         windows = calibration_windows(calibration, num_samples, seq_len)
         batches = [windows[k : k + batch_size] for k in range(0, len(windows), batch_size)]
@@ -273,17 +295,21 @@ def prune_structured(
         with eval_mode(model):
             inputs = capture_inputs(model, s.blocks[0], batches, device, forward=forward)
             if structure == "depth":
-                result.standard = s.config is not None
-                influence = block_influence(s, inputs, device)
-                result.influence = influence.tolist()
-                result.removed_blocks = blocks_to_remove(influence, removing)
+                result.standard, result.depth_score = s.config is not None, depth_score
+                if depth_score == "loss":
+                    scores = loss_increase(model, s, batches)
+                    result.loss_increase = scores.tolist()
+                else:
+                    scores = block_influence(s, inputs, device)
+                    result.influence = scores.tolist()
+                result.removed_blocks = blocks_to_remove(scores, removing)
                 if removing:
                     remove_blocks_(model, s, result.removed_blocks, edits)
                 s = structure_of(model)
             else:
                 options = WidthOptions(score, reconstruct, bias, float(percdamp))
                 run = WidthRun(s, options, edits, device)
-                result.standard = _width(model, run, inputs, counts, result, progress, floor, multiple)
+                result.standard = _width(model, run, inputs, counts, result, progress, (floor, multiple, normalize, p))
     except BaseException:
         edits.undo()
         raise
@@ -294,18 +320,17 @@ def prune_structured(
     return result
 
 
-def _width(
-    model, run: WidthRun, inputs, counts: list[Counts], result: StructuredResult, progress, floor, multiple
-) -> bool:
-    """Width pruning (width.py): the global allocation's dense pass if asked, the sequential pass, the
-    biases a config flag gave, the config. Returns whether the config is standard."""
+def _width(model, run: WidthRun, inputs, counts: list[Counts], result: StructuredResult, progress, allocation) -> bool:
+    """Width pruning (width.py): the global allocation's dense pass if asked (`allocation`: its floor,
+    multiple, normalize and p), the sequential pass, the biases a config flag gave, the config. Returns
+    whether the config is standard."""
     s = run.s
     if result.allocation == "global" and any(c.heads or c.channels for c in counts):
         start = list(inputs.hidden)
         with tqdm(total=len(s.blocks), desc="dense scores", unit="block", disable=_disabled(progress)) as bar:
-            scores = dense_scores(run, inputs, lambda _i: bar.update())
+            scores = dense_scores(run, inputs, counts, lambda _i: bar.update())
         inputs.hidden = start
-        counts = global_counts(s, counts, scores, floor, multiple)
+        counts = global_counts(s, counts, scores, *allocation)
     with tqdm(total=len(s.blocks), desc=f"width {result.score}", unit="block", disable=_disabled(progress)) as bar:
         sequential(run, inputs, counts, result.block_seconds, lambda _i: bar.update())
     return _finish_config(model, s, run.edits, run.give_biases())

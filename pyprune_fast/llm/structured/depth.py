@@ -1,10 +1,16 @@
-"""Depth pruning: whole decoder blocks removed by their block influence (ShortGPT: Men et al. 2024,
-"ShortGPT: Layers in Large Language Models are More Redundant Than You Expect"):
+"""Depth pruning: whole decoder blocks removed by one of DEPTH_SCORES (`depth_score=`):
 
-    BI_i = 1 − E_t[ cos(x_t^(i), x_t^(i+1)) ]   over every calibration token t,
-           x^(i) the input of block i, x^(i+1) its output, on the dense model (one pass)
+    influence   BI_i = 1 − E_t[ cos(x_t^(i), x_t^(i+1)) ]   over every calibration token t, x^(i) the
+                input of block i, x^(i+1) its output, on the dense model (one pass of the blocks):
+                ShortGPT's block influence (Men et al. 2024, "ShortGPT: Layers in Large Language Models
+                are More Redundant Than You Expect")
+    loss        ΔL_i = L(model without block i) − L(model), L the mean next-token cross-entropy of the
+                calibration windows, each block dropped alone from the dense model (block i's output
+                replaced by its input): the perplexity criterion of Kim et al. 2024 ("Shortened LLaMA:
+                Depth Pruning for Large Language Models with Comparison of Retraining Methods").
+                Causal LMs only; blocks + 1 forwards of the whole model over the calibration windows
 
-The blocks with the lowest influence go first (ties: the lower index), round(ratio × blocks) of them
+The blocks with the lowest score go first (ties: the lower index), round(ratio × blocks) of them
 (every block of a decoder has the same size, so that is the fraction of the decoder's parameters).
 The remaining blocks are renumbered: each module's `layer_idx` (the KV cache slot of its attention),
 config.num_hidden_layers and every per-layer list of the config (`layer_types`, ...), so that
@@ -17,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blocks import BlockInputs, on_device
+from ..blocks import BlockInputs, input_device, on_device
 from .edit import Edits
 from .layout import Structure
 
@@ -42,9 +48,46 @@ def block_influence(structure: Structure, inputs: BlockInputs, device: torch.dev
     return torch.tensor(influence, dtype=torch.float64)
 
 
-def blocks_to_remove(influence: Tensor, count: int) -> list[int]:
-    """The `count` blocks of lowest influence (ties: lower index first), ascending."""
-    return sorted(torch.argsort(influence, stable=True)[:count].tolist())
+DEPTH_SCORES = ("influence", "loss")
+
+
+def calibration_loss(model: nn.Module, batches: list[Tensor]) -> float:
+    """The mean next-token cross-entropy of a causal LM over every predicted token of the batches
+    [b, T] of token ids (no KV cache)."""
+    total, count = 0.0, 0
+    where = input_device(model)
+    for ids in batches:
+        ids = ids.to(where)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        targets = ids[:, 1:].to(logits.device)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        count += targets.numel()
+    return total / max(count, 1)
+
+
+def _skipped(_module: nn.Module, args: tuple, kwargs: dict, output):
+    """A forward hook that makes a block the identity: its output hidden states are its input."""
+    x = args[0] if args else kwargs["hidden_states"]
+    return x if isinstance(output, Tensor) else (x, *output[1:])
+
+
+@torch.no_grad()
+def loss_increase(model: nn.Module, structure: Structure, batches: list[Tensor]) -> Tensor:
+    """ΔL_i of every block (float64 [blocks], module docstring)."""
+    dense = calibration_loss(model, batches)
+    increase = []
+    for block in structure.blocks:
+        handle = block.register_forward_hook(_skipped, with_kwargs=True)
+        try:
+            increase.append(calibration_loss(model, batches) - dense)
+        finally:
+            handle.remove()
+    return torch.tensor(increase, dtype=torch.float64)
+
+
+def blocks_to_remove(scores: Tensor, count: int) -> list[int]:
+    """The `count` blocks of lowest score (ties: lower index first), ascending."""
+    return sorted(torch.argsort(scores, stable=True)[:count].tolist())
 
 
 def per_layer_lists(config, layers: int) -> list[str]:

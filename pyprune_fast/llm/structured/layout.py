@@ -15,6 +15,15 @@ stays a standard one (num_attention_heads = num_key_value_heads × g', head_dim 
 the KV cache does not shrink. With g = 1 (multi-head attention: OPT, a Llama without GQA) every head is
 its own group, and heads are removed whole: rows of q_proj, k_proj and v_proj, columns of o_proj.
 
+GPT-NeoX (multi-head attention, every head removed whole; parallel attention + MLP residual, which
+changes nothing here: each block is still calibrated and refitted on its own inputs):
+
+    gpt_neox         mlp.dense_h_to_4h rows + mlp.dense_4h_to_h columns; attention.query_key_value is ONE
+                     Linear [3·H·d, D] whose rows are heads × (q | k | v) × head_dim (interleaved per head:
+                     a head's 3·d rows are contiguous) + attention.dense columns. GPTNeoXAttention derives
+                     head_size = hidden / heads, so a GPT-NeoX with heads removed is not a standard config
+                     (llm.load_pretrained rebuilds it); MLP channels only keep it standard
+
 Encoders and vision transformers (multi-head attention: every head removed whole):
 
     bert             BertModel (also inside a wrapper such as the default MiniLM's SentenceEncoder):
@@ -44,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...errors import UsageError
 from ..blocks import find_blocks
 
 
@@ -55,7 +65,8 @@ class Layout:
     attention Linears a bias (None: the class has no such flag, and a consumer without a bias gets none:
     no bias compensation there). `standard_heads`: whether a model with fewer heads is still a standard
     config of the stock class (OPT derives head_dim = hidden / heads, so it is not). `packed_qkv`: q, k
-    and v are one Linear (timm's attn.qkv), rows (q | k | v) × heads × head_dim. `heads_removable`: False
+    and v are one Linear (timm's attn.qkv), rows (q | k | v) × heads × head_dim, or with `qkv_per_head`
+    heads × (q | k | v) × head_dim (GPT-NeoX's query_key_value). `heads_removable`: False
     where the attention cannot take fewer heads (nn.MultiheadAttention). `intermediate_key`: the config
     field of the MLP width (None: the model has no Hugging Face config)."""
 
@@ -72,6 +83,7 @@ class Layout:
     standard_heads: bool = False
     packed_qkv: bool = False
     heads_removable: bool = True
+    qkv_per_head: bool = False
 
 
 _LLAMA_LIKE = dict(
@@ -103,6 +115,19 @@ LAYOUTS: dict[str, Layout] = {
         v="self_attn.v_proj",
         o="self_attn.out_proj",
         intermediate_key="ffn_dim",
+    ),
+    "gpt_neox": Layout(
+        producers=("mlp.dense_h_to_4h",),
+        consumer="mlp.dense_4h_to_h",
+        attention="attention",
+        q="attention.query_key_value",
+        k="attention.query_key_value",
+        v="attention.query_key_value",
+        o="attention.dense",
+        intermediate_key="intermediate_size",
+        attention_bias="attention_bias",
+        packed_qkv=True,
+        qkv_per_head=True,
     ),
     "bert": Layout(
         producers=("intermediate.dense",),
@@ -190,10 +215,15 @@ class Structure:
 
     def qkv_rows(self, i: int, cols: Tensor) -> Tensor:
         """The rows of the (packed) q/k/v Linear that hold the head columns `cols` (of o's input): the
-        same indices, or with a packed qkv those of q, k and v (each part block_heads(i)·d rows)."""
+        same indices, or with a packed qkv those of q, k and v (each part block_heads(i)·d rows; per
+        head: each head's 3·d contiguous rows)."""
         if not self.layout.packed_qkv:
             return cols
-        width = self.block_heads(i) * self.head_dim
+        d = self.head_dim
+        if self.layout.qkv_per_head:
+            heads = cols.reshape(-1, d)[:, 0] // d
+            return (heads.unsqueeze(1) * 3 * d + torch.arange(3 * d)).flatten()
+        width = self.block_heads(i) * d
         return torch.cat([cols + part * width for part in range(3)])
 
 
@@ -249,7 +279,7 @@ def _geometry(arch: str, config: Any, blocks: nn.ModuleList) -> tuple[int, int, 
     attention = blocks[0].get_submodule(LAYOUTS[arch].attention)
     if arch == "timm_vit":
         if not isinstance(attention.norm, nn.Identity) or getattr(attention, "gate", None) is not None:
-            raise ValueError("architecture timm_vit: an Attention with scale_norm or a gate is not known")
+            raise UsageError("`model`: architecture timm_vit: an Attention with scale_norm or a gate is not known")
         heads, head_dim = int(attention.num_heads), int(attention.head_dim)
         return attention.qkv.in_features, heads, heads, head_dim
     heads = int(attention.num_heads)
@@ -258,23 +288,25 @@ def _geometry(arch: str, config: Any, blocks: nn.ModuleList) -> tuple[int, int, 
 
 def structure_of(model: nn.Module) -> Structure:
     """The Structure of a Hugging Face decoder LLM, a BERT / Hugging Face ViT encoder, or a timm /
-    torchvision ViT; ValueError (the model untouched) for an architecture whose attention is not known,
-    a block that does not hold the expected Linears, inconsistent head geometry, or weights shared inside
-    the blocks (tied or shared Linears)."""
+    torchvision ViT; UsageError naming `model` (the model untouched) for an architecture whose attention
+    is not known, a block that does not hold the expected Linears, query heads that do not split into the
+    key/value groups (in the config or in any block), or weights shared inside the blocks (tied or shared
+    Linears)."""
     arch, config = _architecture(model)
     if arch not in LAYOUTS:
         name = arch or type(model).__name__
-        raise ValueError(
-            f"architecture {name}: its attention is not known to the structured pruner (known: {', '.join(LAYOUTS)})"
+        raise UsageError(
+            f"`model`: architecture {name}: its attention is not known to the structured pruner "
+            f"(known: {', '.join(LAYOUTS)})"
         )
     layout = LAYOUTS[arch]
     prefix, blocks = find_blocks(model)
     shared = _shared_parameters(model, prefix)
     if shared:
-        raise ValueError(f"model: the structured pruner refuses weights shared inside the decoder blocks: {shared}")
+        raise UsageError(f"`model`: the structured pruner refuses weights shared inside the decoder blocks: {shared}")
     hidden, heads, kv, head_dim = _geometry(arch, config, blocks)
     if heads % kv:
-        raise ValueError(f"architecture {arch}: {heads} query heads do not split into {kv} key/value groups")
+        raise UsageError(f"`model`: architecture {arch}: {heads} query heads do not split into {kv} key/value groups")
     for i, block in enumerate(blocks):
         names = (*layout.producers, layout.consumer, layout.q, layout.k, layout.v, layout.o)
         for n in names:
@@ -283,5 +315,16 @@ def structure_of(model: nn.Module) -> Structure:
             except AttributeError:
                 m = None
             if not isinstance(m, nn.Linear):
-                raise ValueError(f"architecture {arch}: block {i} has no nn.Linear {n!r} (a layout it does not know)")
-    return Structure(arch, prefix, blocks, layout, hidden, heads, kv, head_dim, config)
+                raise UsageError(
+                    f"`model`: architecture {arch}: block {i} has no nn.Linear {n!r} (a layout it does not know)"
+                )
+    structure = Structure(arch, prefix, blocks, layout, hidden, heads, kv, head_dim, config)
+    gqa = layout.heads_removable and structure.group > 1  # (multi-head attention: any head count)
+    rows = [structure.linear(i, layout.q).out_features for i in range(len(blocks))] if gqa else []
+    uneven = [i for i, r in enumerate(rows) if r % (head_dim * kv)]
+    if uneven:
+        raise UsageError(
+            f"`model`: architecture {arch}: the query heads of blocks {uneven} do not split into its {kv} key/value "
+            f"groups of {head_dim}-wide heads (grouped-query attention keeps the same number in every group)"
+        )
+    return structure

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,29 @@ def reshape_(model: nn.Module, widths: dict[str, list[int]]) -> None:
         lin = s.linear(i, layout.o)
         edits.replace(block, layout.o, _empty_linear(lin, h * d, lin.out_features))
         set_head_attrs(edits.set, block.get_submodule(layout.attention), h, s)
+
+
+def _model_names(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The saved tensors under the model's own names: stock save_pretrained writes some under their
+    checkpoint names (GPT-NeoX's lm_head as embed_out), which stock from_pretrained renames back by
+    transformers' conversion mapping; its renamings are applied here the same way."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [
+        (re.compile(source), t.target_patterns[0])
+        for t in get_model_conversion_mapping(model)
+        if isinstance(t, WeightRenaming) and len(t.target_patterns) == 1
+        for source in t.source_patterns
+    ]
+    out = {}
+    for key, value in state.items():
+        for pattern, target in renamings:
+            if pattern.search(key):
+                key = pattern.sub(target, key, count=1)
+                break
+        out[key] = value
+    return out
 
 
 def _model_class(config: Any) -> Any:
@@ -102,7 +126,7 @@ def load_pretrained(
         cls = _model_class(config)
         model = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config, **_encoder_options(cls, state))
         reshape_(model, widths)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(_model_names(model, state), strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or ())
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:

@@ -22,8 +22,10 @@ is rounded to the nearest multiple (GEMM-friendly shapes), exact to `multiple` c
 
 allocation="uniform": those counts in every block (a standard config). allocation="global": the same
 totals of channels and of head slices over the whole model, placed where the scores are lowest: a
-first, dense pass scores every block; each block's scores are standardized ((s − mean) / std, as FLAP's
-adaptive structure search does) and one threshold over all blocks picks the units (a head slice: one
+first, dense pass scores every block; each block's scores are made comparable across blocks —
+standardized ((s − mean) / std, as FLAP's adaptive structure search does; normalize=None), or L_p
+normalized (√S / ‖√S‖_p over the block's channels, and over its heads: the channel criteria's
+normalize="lp", Ide's thesis eq. 4.13) — and one threshold over all blocks picks the units (a head slice: one
 query head from every group of a block, its score the mean over the groups of each group's k-th
 lowest), each block keeping at least `floor` of its channels and of its heads per group (and at least
 one); the sequential pass then removes that many units from each block by its scores on the pruned
@@ -35,16 +37,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from ...criteria.engine import lp_normalize
 from ...criteria.input_stats import InputStats, StatsCollector
+from ...errors import UsageError
 from ..blocks import BlockInputs, on_device
 from .edit import Edits, new_linear, rows, with_bias
+from .gradients import unit_gradients
 from .layout import Structure, set_head_attrs
 from .refit import compensate, least_squares
-from .scores import channel_scores, check_finite, head_scores
+from .scores import SCORES, Observed, check_finite, magnitude
 
 
 @dataclass(frozen=True)
@@ -100,15 +106,15 @@ UNITS = ("both", "mlp", "heads")
 
 def check_units(structure: Structure, units: str | None) -> str:
     """The units width pruning removes: `units`, or None for the architecture's default ("both"; "mlp"
-    where heads cannot be removed). ValueError naming `units` for an unknown value, or for head removal
+    where heads cannot be removed). UsageError naming `units` for an unknown value, or for head removal
     on an attention that cannot lose heads (torchvision's nn.MultiheadAttention)."""
     if units is None:
         return "both" if structure.layout.heads_removable else "mlp"
     if units not in UNITS:
-        raise ValueError(f"units must be one of {UNITS} or None, got {units!r}")
+        raise UsageError(f"`units` must be one of {UNITS} or None, got {units!r}")
     if units != "mlp" and not structure.layout.heads_removable:
-        raise ValueError(
-            f"units={units!r}: architecture {structure.arch}: heads cannot be removed from nn.MultiheadAttention "
+        raise UsageError(
+            f"`units`={units!r}: architecture {structure.arch}: heads cannot be removed from nn.MultiheadAttention "
             "(it requires embed_dim == num_heads * head_dim); use units='mlp' (MLP channels only)"
         )
     return units
@@ -117,7 +123,7 @@ def check_units(structure: Structure, units: str | None) -> str:
 def uniform_counts(structure: Structure, ratio: float, multiple: int = 1, units: str = "both") -> list[Counts]:
     """Counts per block for `ratio` (module docstring; units="mlp": the whole budget in MLP channels,
     "heads": the whole budget in heads), the kept MLP width rounded to a multiple of `multiple`;
-    ValueError naming `ratio` when a block would keep no head or no channel."""
+    UsageError naming `ratio` when a block would keep no head or no channel."""
     counts = []
     for i, block in enumerate(structure.blocks):
         units_i = _head_units(structure, i)
@@ -129,14 +135,16 @@ def uniform_counts(structure: Structure, ratio: float, multiple: int = 1, units:
             heads = round(ratio * units_i)
         if heads >= units_i:
             where = "attention head" if structure.group == 1 else "query head in a key/value group"
-            raise ValueError(f"ratio={ratio} leaves no {where} of block {i} ({units_i} per group)")
+            raise UsageError(f"`ratio`={ratio} leaves no {where} of block {i} ({units_i} per group)")
         if units == "heads":
             counts.append(Counts(heads, 0))
             continue
         budget = ratio * block_params(block) - heads * _head_cost(structure, i)
         channels = rounded(structure.intermediate(i), max(0, round(budget / _channel_cost(structure, i))), multiple)
         if channels >= structure.intermediate(i):
-            raise ValueError(f"ratio={ratio} leaves no MLP channel in block {i} ({structure.intermediate(i)} channels)")
+            raise UsageError(
+                f"`ratio`={ratio} leaves no MLP channel in block {i} ({structure.intermediate(i)} channels)"
+            )
         counts.append(Counts(heads, channels))
     return counts
 
@@ -147,10 +155,10 @@ def _standardized(s: Tensor) -> Tensor:
     return (s - s.mean()) / std if float(std) > 0 else torch.zeros_like(s)
 
 
-def _head_slices(structure: Structure, scores: Tensor) -> Tensor:
-    """Standardized score of each head slice k (ascending): the mean over the groups of each group's k-th
-    lowest standardized head score (multi-head attention: the sorted head scores)."""
-    z = _standardized(scores)
+def _head_slices(structure: Structure, scores: Tensor, normalized: Callable[[Tensor], Tensor]) -> Tensor:
+    """Normalized score of each head slice k (ascending): the mean over the groups of each group's k-th
+    lowest normalized head score (multi-head attention: the sorted head scores)."""
+    z = normalized(scores)
     if structure.group == 1:
         return z.sort().values
     return z.reshape(structure.kv, -1).sort(dim=1).values.mean(0)
@@ -175,12 +183,20 @@ def _pick(per_block: list[Tensor], total: int, floors: list[int]) -> list[int]:
 
 
 def global_counts(
-    structure: Structure, uniform: list[Counts], scores: list[tuple[Tensor, Tensor]], floor: float, multiple: int = 1
+    structure: Structure,
+    uniform: list[Counts],
+    scores: list[tuple[Tensor, Tensor]],
+    floor: float,
+    multiple: int = 1,
+    normalize: str | None = None,
+    p: float = 1.0,
 ) -> list[Counts]:
     """The global allocation (module docstring): the uniform totals placed by one threshold over the
-    standardized scores, each block keeping at least `floor` of its units (and one)."""
-    channel_z = [_standardized(c).sort().values for c, _ in scores]
-    slice_z = [_head_slices(structure, h) for _, h in scores]
+    normalized scores (normalize=None: standardized; "lp": L_p normalized with `p`), each block keeping
+    at least `floor` of its units (and one)."""
+    normalized = _standardized if normalize is None else partial(lp_normalize, p=p)
+    channel_z = [normalized(c).sort().values for c, _ in scores]
+    slice_z = [_head_slices(structure, h, normalized) for _, h in scores]
     ch_floor = [max(1, math.ceil(floor * len(z))) for z in channel_z]
     head_floor = [max(1, math.ceil(floor * len(z))) for z in slice_z]
     channels = _pick(channel_z, sum(c.channels for c in uniform), ch_floor)
@@ -193,6 +209,23 @@ def lowest(scores: Tensor, count: int) -> Tensor:
     """The kept indices (ascending) once the `count` lowest scores are dropped, ties by lower index."""
     order = torch.argsort(scores.cpu(), stable=True)
     return order[count:].sort().values
+
+
+def _dropped(scores: Tensor, count: int) -> Tensor:
+    """The indices of the `count` lowest scores (ties: the lower index), as `lowest` drops them."""
+    return torch.argsort(scores.cpu(), stable=True)[:count]
+
+
+def _head_columns(heads: Tensor, head_dim: int) -> Tensor:
+    """The consumer input columns of `heads`: head_dim columns each."""
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _dropped_heads(structure: Structure, i: int, kept: Tensor) -> Tensor:
+    """The consumer input columns of block i's heads not in `kept`."""
+    gone = torch.ones(structure.block_heads(i), dtype=torch.bool)
+    gone[kept] = False
+    return _head_columns(gone.nonzero().flatten(), structure.head_dim)
 
 
 def kept_heads(structure: Structure, scores: Tensor, count: int) -> Tensor:
@@ -226,6 +259,20 @@ class WidthRun:
             out["attention"] = self.s.linear(i, layout.o)
         return out
 
+    def observe(self, i: int, inputs: BlockInputs, counts: Counts) -> Observed:
+        """The consumers' input statistics, and the block-local gradients (gradients.py) at the
+        magnitude candidate of `counts` when the score needs them."""
+        observed = Observed(self.statistics(i, inputs))
+        needs = SCORES[self.o.score].gradients
+        if needs:
+            dropped = {"mlp": _dropped(magnitude(self.s, i, "mlp", observed), counts.channels)}
+            if "attention" in observed.stats:
+                heads = kept_heads(self.s, magnitude(self.s, i, "attention", observed), counts.heads)
+                dropped["attention"] = _dropped_heads(self.s, i, heads)
+            consumers = self.consumers(i)
+            observed.grads = unit_gradients(self.s.blocks[i], inputs, consumers, dropped, needs, self.s.head_dim)
+        return observed
+
     def statistics(self, i: int, inputs: BlockInputs) -> dict[str, InputStats]:
         """n, Σx, Σx² (and XᵀX for reconstruction) of both consumers' inputs over every batch."""
         observes = {"sums", "xtx"} if self.o.reconstruct else {"sums"}
@@ -239,9 +286,10 @@ class WidthRun:
             raise ValueError(f"block {i}: its {missing} consumer Linear was not called in the forward")
         return stats
 
-    def scores(self, i: int, stats: dict[str, InputStats]) -> tuple[Tensor, Tensor]:
-        ch = channel_scores(self.o.score, self.s, i, stats["mlp"])
-        hd = head_scores(self.o.score, self.s, i, stats["attention"]) if "attention" in stats else torch.zeros(0)
+    def scores(self, i: int, observed: Observed) -> tuple[Tensor, Tensor]:
+        units = SCORES[self.o.score].units
+        ch = units(self.s, i, "mlp", observed)
+        hd = units(self.s, i, "attention", observed) if "attention" in observed.stats else torch.zeros(0)
         check_finite(ch, f"block {i} MLP channels")
         check_finite(hd, f"block {i} attention heads")
         return ch, hd
@@ -266,9 +314,9 @@ class WidthRun:
             self.added[part] = True
         self.edits.replace(self.s.blocks[i], path, new_linear(linear, weight, bias))
 
-    def prune_block(self, i: int, counts: Counts, stats: dict[str, InputStats]) -> None:
-        s, layout = self.s, self.s.layout
-        ch, hd = self.scores(i, stats)
+    def prune_block(self, i: int, counts: Counts, observed: Observed) -> None:
+        s, layout, stats = self.s, self.s.layout, observed.stats
+        ch, hd = self.scores(i, observed)
         if counts.channels:
             keep = lowest(ch, counts.channels)
             self._consumer(i, "mlp", layout.consumer, keep, stats["mlp"])
@@ -276,8 +324,7 @@ class WidthRun:
                 self.edits.replace(s.blocks[i], p, rows(s.linear(i, p), keep))
         if counts.heads:
             heads = kept_heads(s, hd, counts.heads)
-            d = s.head_dim
-            cols = (heads.unsqueeze(1) * d + torch.arange(d)).flatten()
+            cols = _head_columns(heads, s.head_dim)
             self._consumer(i, "attention", layout.o, cols, stats["attention"])
             sliced = (layout.q,) if s.group > 1 else dict.fromkeys((layout.q, layout.k, layout.v))
             qkv_rows = s.qkv_rows(i, cols)
@@ -300,16 +347,19 @@ class WidthRun:
         return flags
 
 
-def dense_scores(run: WidthRun, inputs: BlockInputs, progress: Callable[[int], None]) -> list[tuple[Tensor, Tensor]]:
-    """Every block's channel and head scores on the dense model (global allocation's first pass); the
-    inputs end as the dense model's last block outputs."""
+def dense_scores(
+    run: WidthRun, inputs: BlockInputs, counts: list[Counts], progress: Callable[[int], None]
+) -> list[tuple[Tensor, Tensor]]:
+    """Every block's channel and head scores on the dense model (global allocation's first pass; the
+    gradient scores at the candidate of the uniform `counts`); the inputs end as the dense model's last
+    block outputs."""
     out = []
     for i, block in enumerate(run.s.blocks):
         with on_device(block, run.device):
-            stats = run.statistics(i, inputs)
-            ch, hd = run.scores(i, stats)
+            observed = run.observe(i, inputs, counts[i])
+            ch, hd = run.scores(i, observed)
             out.append((ch.cpu(), hd.cpu()))
-            del stats
+            del observed
             if i + 1 < len(run.s.blocks):
                 inputs.advance(block)
         progress(i)
@@ -325,9 +375,9 @@ def sequential(
         block = run.s.blocks[i]
         with on_device(block, run.device):
             if c.heads or c.channels:
-                stats = run.statistics(i, inputs)
-                run.prune_block(i, c, stats)
-                del stats
+                observed = run.observe(i, inputs, c)
+                run.prune_block(i, c, observed)
+                del observed
             block = run.s.blocks[i]
             if i + 1 < len(run.s.blocks):
                 inputs.advance(block)
