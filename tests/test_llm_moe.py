@@ -273,3 +273,19 @@ def test_a_disk_streamed_run_equals_the_in_memory_one(tmp_path):
         assert torch.equal(written[name], p), name
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
+
+
+@pytest.mark.parametrize("policy", ["dense", "magnitude"])
+def test_whole_model_sparsity_counts_the_experts_and_keeps_rare_ones_as_asked(policy):
+    model = tiny_moe("qwen2_moe")
+    routed = _routed_tokens(tiny_moe("qwen2_moe"))  # the global run scores the dense model, as this does
+    threshold = sorted(routed.values())[len(routed) // 2]
+    result = llm.prune(model, calibration(), method="wanda", sparsity=0.5, granularity="global",
+                       rare_experts=policy, min_expert_tokens=threshold, **OPTIONS)  # fmt: skip
+    assert result.rare_experts == {n: c for n, c in routed.items() if c < threshold} != {}
+    total = sum(result.layer_numel.values())
+    zeros = sum(s * result.layer_numel[n] for n, s in result.layer_sparsity.items())
+    assert round(zeros) == round(0.5 * total)
+    for expert in result.rare_experts:  # "dense": +inf scores, never pruned; "magnitude": |W| among the others
+        rare = [result.layer_sparsity[f"{expert}.{p}.weight"] for p in moe.PROJECTIONS]
+        assert (max(rare) == 0) == (policy == "dense"), expert
