@@ -289,3 +289,32 @@ def test_whole_model_sparsity_counts_the_experts_and_keeps_rare_ones_as_asked(po
     for expert in result.rare_experts:  # "dense": +inf scores, never pruned; "magnitude": |W| among the others
         rare = [result.layer_sparsity[f"{expert}.{p}.weight"] for p in moe.PROJECTIONS]
         assert (max(rare) == 0) == (policy == "dense"), expert
+
+
+def _world_job(rank: int, world: int):
+    import torch.distributed as dist
+
+    def prune():
+        model = tiny_moe("mixtral")
+        result = llm.prune(model, calibration(), method="wanda", sparsity=0.5, min_expert_tokens=32,
+                           group=dist.group.WORLD, **OPTIONS)  # fmt: skip
+        return result.rare_experts, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    yield "prune", prune
+
+
+JOBS = {"moe": _world_job}
+
+
+def test_rare_experts_over_two_ranks_are_those_of_one_process(tmp_path):
+    from tests.worlds import run_world
+
+    ranks = run_world(__name__, "moe", 2, tmp_path)
+    assert all(r["prune"][0] == "ok" for r in ranks), ranks
+    model = tiny_moe("mixtral")
+    want = llm.prune(model, calibration(), method="wanda", sparsity=0.5, min_expert_tokens=32, **OPTIONS)
+    (rare0, weights0), (rare1, weights1) = (r["prune"][1] for r in ranks)
+    assert rare0 == rare1 == want.rare_experts != {}
+    for name, p in model.named_parameters():
+        assert torch.equal(weights0[name], weights1[name]), name
+        assert float(((weights0[name] == 0) == (p == 0)).float().mean()) > 0.99, name  # near-ties of summed stats

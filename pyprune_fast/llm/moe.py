@@ -323,6 +323,11 @@ class Routing:
                 if need > 0 and len(x):
                     self._expert(layer, e, x, torch.full((len(x), 1), w, device=x.device))
 
+    def reduce(self, comm) -> None:
+        """Sums the routed-token counts over the ranks of a `distributed.Communicator` (each ran its own
+        batches), so that every rank finds the same rare experts; forced tokens stay each rank's own."""
+        comm.all_reduce_sum_([layer.counts for layer in self.layers])
+
     @property
     def rare(self) -> dict[str, int]:
         """{expert name relative to the block: its routed calibration tokens} for the experts below

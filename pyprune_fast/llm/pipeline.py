@@ -516,6 +516,8 @@ class Run:
             if self.comm is not None:
                 collector.reduce(self.comm)
             block.stats = collector.stats
+        if self.comm is not None:
+            routing.reduce(self.comm)
         self.rare = routing.rare
         self.result.rare_experts.update({block.qualified(n): c for n, c in self.rare.items()})
         return collector
