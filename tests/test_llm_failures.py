@@ -1,7 +1,7 @@
 """What llm.prune guarantees when a run fails or the model is not what it expects: an in-memory run that
 raises (a NaN, a Linear never called, Ctrl-C) gives the model back as it was; errors name the full
-parameter; weight matrices that are not nn.Linear (mixture-of-experts experts stored as 3-D tensors)
-are listed as left dense, not counted as pruned; ranks holding different models are refused on every
+parameter; weight matrices that are not nn.Linear (mixture-of-experts routers) are listed as left
+dense, not counted as pruned; ranks holding different models are refused on every
 rank; the global run equals masks.global_unstructured over llm.scores at every sparsity."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from pyprune_fast import llm, masks
-from tests.test_llm_models import VOCAB, tiny_causal_lm
+from tests.test_llm_models import tiny_causal_lm
+from tests.test_llm_moe import tiny_moe
 from tests.test_llm_pipeline import BATCH, N_SAMPLES, SEQ_LEN, block_weights, calibration
 from tests.worlds import run_world
 
@@ -79,32 +80,19 @@ def test_a_successful_run_leaves_no_undo_files(tmp_path, monkeypatch):
 
 
 def tiny_mixtral():
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_moe("mixtral")
 
 
 def test_weights_that_are_not_linear_are_listed_as_left_dense():
     model = tiny_mixtral()
-    experts = {n: p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.") and p.dim() >= 2}
-    linear = {n: w.numel() for n, w in block_weights(model).items()}
-    result = llm.prune(model, calibration(), method="wanda", sparsity=0.5, **OPTIONS)
-    assert set(result.left_dense) == set(experts) - set(linear)
-    assert any("experts" in n for n in result.left_dense)
-    dense = sum(result.left_dense.values())
-    assert result.left_dense_fraction == pytest.approx(dense / (dense + sum(linear.values())))
-    assert result.left_dense_fraction > 0.5  # the experts hold most of a Mixtral block's weights
+    routers = {n: p.numel() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    pruned = sum(lin.weight.numel() for block in model.model.layers for lin in llm.block_linears(block).values())
+    result = llm.prune(model, calibration(), method="wanda", sparsity=0.5, min_expert_tokens=0, **OPTIONS)
+    assert result.left_dense == routers  # the fused experts are pruned through their views (llm.moe)
+    assert result.left_dense_fraction == pytest.approx(sum(routers.values()) / (sum(routers.values()) + pruned))
     assert result.overall_sparsity == pytest.approx(0.5)  # over what was pruned, and only that
+    experts = model.model.layers[0].mlp.experts
+    assert int((experts.down_proj == 0).sum()) == experts.down_proj.numel() // 2
     for name in result.left_dense:
         assert int((model.get_parameter(name) == 0).sum()) == 0, name
     assert "left dense (not nn.Linear weights): " in result.summary()

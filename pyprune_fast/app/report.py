@@ -474,6 +474,8 @@ def _kept(r) -> str:
     def span(values: list[int]) -> str:
         return str(values[0]) if len(set(values)) == 1 else f"{min(values)}–{max(values)}"
 
+    if s["structure"] == "experts":
+        return f"experts {span(s['experts'])} per MoE layer"
     return f"MLP {span(s['intermediate'])}, heads {span(s['heads'])}"
 
 
@@ -533,15 +535,18 @@ def widths_plot(run: Run, path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     dense = run.structured["dense"]
-    n = len(dense["intermediate"])
+    experts = run.structured["structure"] == "experts"  # one panel: the routed experts kept per MoE layer
+    rows = (("experts", "routed experts kept"),) if experts else (("intermediate", "MLP channels kept"),
+                                                                  ("heads", "attention heads kept"))  # fmt: skip
+    n = len(dense[rows[0][0]])
     count = len(run.results)
-    fig = _figure(max(7.0, 0.25 * n + 3.0), 6.0)
-    axes = fig.subplots(2, 1, sharex=True)
-    for ax, key, label in zip(axes, ("intermediate", "heads"), ("MLP channels kept", "attention heads kept")):
+    fig = _figure(max(7.0, 0.25 * n + 3.0), 3.0 * len(rows))
+    axes = fig.subplots(len(rows), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, label) in zip(axes, rows):
         ax.plot(range(n), dense[key], color="gray", linestyle="--", drawstyle="steps-mid", label="dense")
         for k, r in enumerate(run.results):
             s = r.structure
-            removed = set(s["removed_blocks"])
+            removed = set(s.get("removed_blocks", ()))
             kept = iter(s[key])
             widths = [0 if i in removed else next(kept) for i in range(n)]
             width = 1.5 + 3.0 * (count - 1 - k) / max(count - 1, 1)
@@ -554,7 +559,8 @@ def widths_plot(run: Run, path: str) -> None:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel(
-        "block of the dense model" + (" (× = removed)" if run.structured["structure"] == "depth" else "")
+        ("mixture-of-experts layer" if experts else "block of the dense model")
+        + (" (× = removed)" if run.structured["structure"] == "depth" else "")
     )
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)

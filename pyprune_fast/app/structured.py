@@ -23,6 +23,8 @@ from .llm_runner import check_tokens
 from .results import Result, Run
 
 DEFAULT_SCORE = "flap"  # the best of the SmolLM2 benchmark (benchmarks/README.md)
+EXPERTS, EXPERT_SCORE = "experts", "reap"  # --structure experts: llm.prune_experts, REAP by default
+STRUCTURES = (*llm.structured.STRUCTURES, EXPERTS)
 DEPTH = "block influence"  # depth's one criterion (ShortGPT), the result's name
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 128, 32, 16  # short: the command stays quick
 RANDOM_BATCH = 8  # images per random calibration batch of a vision model without --data
@@ -54,13 +56,13 @@ class Plan:
 
     @property
     def criteria(self) -> list[str]:
-        """The results' names: the scores (width) or DEPTH."""
-        return self.scores if self.structure == "width" else [DEPTH]
+        """The results' names: the scores (width, experts) or DEPTH."""
+        return [DEPTH] if self.structure == "depth" else self.scores
 
 
 def tag(structure: str, criterion: str, ratio: float) -> str:
-    """The directory name of a result: width-<score>-<ratio> or depth-<ratio>."""
-    return f"width-{criterion}-{ratio:g}" if structure == "width" else f"depth-{ratio:g}"
+    """The directory name of a result: width-<score>-<ratio>, experts-<score>-<ratio> or depth-<ratio>."""
+    return f"depth-{ratio:g}" if structure == "depth" else f"{structure}-{criterion}-{ratio:g}"
 
 
 def _call(model: nn.Module, inputs):
@@ -119,9 +121,30 @@ def _structure_info(result: llm.StructuredResult) -> dict:
     }
 
 
-def _new_run(bundle, plan: Plan, dense: dict, seconds: float) -> Run:
+def _expert_info(result: llm.ExpertResult) -> dict:
+    return {
+        "structure": EXPERTS,
+        "ratio": result.ratio,
+        "score": result.score,
+        "allocation": result.allocation,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "experts": [len(k) for k in result.kept.values()],
+        "removed_experts": result.removed,
+        "standard": result.standard,
+    }
+
+
+def _dense_widths(bundle, plan: Plan) -> dict:
+    """The dense model's widths per block (MLP channels, heads), or its routed experts per MoE layer."""
+    if plan.structure == EXPERTS:
+        return {"experts": [m.num_experts for _, _, m in llm.structured.experts.moe_layers(bundle.model)]}
     s = llm.structure_of(bundle.model)
     n = len(s.blocks)
+    return {"intermediate": [s.intermediate(i) for i in range(n)], "heads": [s.block_heads(i) for i in range(n)]}
+
+
+def _new_run(bundle, plan: Plan, dense: dict, seconds: float) -> Run:
     run = Run(
         model=bundle.name,
         info=dict(bundle.info),
@@ -138,13 +161,7 @@ def _new_run(bundle, plan: Plan, dense: dict, seconds: float) -> Run:
         lower_better=("perplexity",) if isinstance(bundle, LLMBundle) else (),
         llm=isinstance(bundle, LLMBundle),
         targets=list(plan.ratios),
-        structured={
-            "structure": plan.structure,
-            "dense": {
-                "intermediate": [s.intermediate(i) for i in range(n)],
-                "heads": [s.block_heads(i) for i in range(n)],
-            },
-        },
+        structured={"structure": plan.structure, "dense": _dense_widths(bundle, plan)},
     )
     return run
 
@@ -220,7 +237,10 @@ def prune(
         UsageError: too little text, a model the structured pruner does not know (refused by name,
             nothing pruned), a ratio that leaves a block nothing."""
     try:
-        llm.structure_of(bundle.model)
+        if plan.structure == EXPERTS:
+            llm.structured.experts.moe_layers(bundle.model)
+        else:
+            llm.structure_of(bundle.model)
     except ValueError as exc:
         raise UsageError(f"`model` {bundle.name!r}: {exc}") from exc
     is_llm = isinstance(bundle, LLMBundle)
@@ -254,6 +274,15 @@ def _one(bundle, plan: Plan, job: _Job, criterion: str, ratio: float, run: Run, 
     """One criterion at one ratio, from a copy of the dense model."""
     dense = bundle.model
     model = copy.deepcopy(dense)
+    if plan.structure == EXPERTS:
+        pruned = llm.prune_experts(model, job.calibration, ratio=ratio, score=criterion, allocation=plan.allocation,
+                                   num_samples=plan.samples, seq_len=plan.seq_len, device=plan.device,
+                                   progress=False if quiet else None)  # fmt: skip
+        run.score_seconds[criterion] += pruned.seconds
+        before, after = sum(pruned.experts_before.values()), sum(len(k) for k in pruned.kept.values())
+        return _finish(bundle, plan, job, (model, tag(plan.structure, criterion, ratio)), on_model, Result(
+            criterion=criterion, sparsity=ratio, achieved=1 - after / before, metrics={}, layers={},
+            parameters=pruned.params_after, structure=_expert_info(pruned)))  # fmt: skip
     options = dict(structure=plan.structure, ratio=ratio, allocation=plan.allocation, reconstruct=plan.reconstruct)
     if plan.structure == "width":
         options["score"] = criterion
@@ -273,19 +302,28 @@ def _one(bundle, plan: Plan, job: _Job, criterion: str, ratio: float, run: Run, 
         from ..bench.structured import weights_read
 
         info["weights_read_ratio"] = weights_read(dense) / weights_read(model)
-    info["speed"] = job.speed(dense, model)
     result = Result(
         criterion=criterion,
         sparsity=ratio,
         achieved=pruned.removed_fraction,
-        metrics=job.evaluate(model),
+        metrics={},
         layers={},
         parameters=pruned.params_after,
         structure=info,
     )
+    return _finish(bundle, plan, job, (model, tag(plan.structure, criterion, ratio)), on_model, result)
+
+
+def _finish(bundle, plan: Plan, job: _Job, pruned: tuple[nn.Module, str], on_model, result: Result) -> Result:
+    """A pruned copy (model, its tag) measured against the dense model (speed, metrics), distilled if
+    asked, and handed to on_model."""
+    model, name = pruned
+    dense = bundle.model
+    result.structure["speed"] = job.speed(dense, model)
+    result.metrics = job.evaluate(model)
     if plan.distill:
         result.finetune_losses = llm.distill(model, dense, job.distill_batches, steps=plan.distill, lr=plan.distill_lr)
         result.finetuned = job.evaluate(model)
     if on_model is not None:
-        on_model(result, model, tag(plan.structure, criterion, ratio))
+        on_model(result, model, name)
     return result

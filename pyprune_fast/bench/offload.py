@@ -18,19 +18,28 @@ from ..llm.checkpoint import shard_name, write_index, write_shard
 # ≈ 3.3 B parameters, 6.6 GB in bfloat16: 28 blocks of hidden 3072, MLP 8192, 24 heads (8 KV heads).
 BIG = {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
        "num_key_value_heads": 8, "vocab_size": 32000}  # fmt: skip
+# ≈ 3.5 B parameters, 7.0 GB in bfloat16: a Mixtral of 16 blocks, hidden 2048, 8 experts of width 4096
+# (top-2), 16 heads (4 KV heads); the experts hold 95 % of each block.
+BIG_MOE = {"hidden_size": 2048, "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 16,
+           "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000}  # fmt: skip
 
 
 def synthetic_checkpoint(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **sizes: int
+    path: str | os.PathLike, *, moe: bool = False, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **sizes: int
 ) -> int:
-    """Writes a LlamaForCausalLM checkpoint with random weights (N(0, 0.02)) to the directory `path`:
-    config.json, one shard per decoder block plus one for the rest, the index. Returns its size in
-    bytes. `sizes`: LlamaConfig fields (default BIG). Memory: one block at a time."""
-    from transformers import LlamaConfig
+    """Writes a LlamaForCausalLM checkpoint (moe=True: a MixtralForCausalLM, its experts stored as the
+    model's fused 3-D parameters, as `save_pretrained(save_original_format=False)` writes them) with
+    random weights (N(0, 0.02)) to the directory `path`: config.json, one shard per decoder block plus
+    one for the rest, the index. Returns its size in bytes. `sizes`: config fields (default BIG or
+    BIG_MOE). Memory: one block at a time (each expert drawn on its own)."""
+    from transformers import LlamaConfig, MixtralConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**{**BIG, **sizes}, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    kind, defaults = (MixtralConfig, BIG_MOE) if moe else (LlamaConfig, BIG)
+    config = kind(
+        **{**defaults, **sizes}, tie_word_embeddings=False, architectures=[kind.__name__[:-6] + "ForCausalLM"]
+    )
     config.save_pretrained(path)
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = h // config.num_attention_heads * config.num_key_value_heads
@@ -50,16 +59,21 @@ def synthetic_checkpoint(
         "self_attn.k_proj": (kv, h),
         "self_attn.v_proj": (kv, h),
         "self_attn.o_proj": (h, h),
-        "mlp.gate_proj": (i, h),
-        "mlp.up_proj": (i, h),
-        "mlp.down_proj": (h, i),
     }
+    if moe:
+        shapes["mlp.gate"] = (config.num_local_experts, h)
+    else:
+        shapes.update({"mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)})
     for index in range(n + 1):
         if index == 0:
             tensors = front
         else:
             prefix = f"model.layers.{index - 1}."
             tensors = {f"{prefix}{name}.weight": rand(*shape) for name, shape in shapes.items()}
+            if moe:
+                experts = range(config.num_local_experts)
+                tensors[f"{prefix}mlp.experts.gate_up_proj"] = torch.stack([rand(2 * i, h) for _ in experts])
+                tensors[f"{prefix}mlp.experts.down_proj"] = torch.stack([rand(h, i) for _ in experts])
             tensors[f"{prefix}input_layernorm.weight"] = torch.ones(h, dtype=dtype)
             tensors[f"{prefix}post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype)
         shard = shard_name(index + 1, n + 1)

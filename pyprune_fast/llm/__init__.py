@@ -26,12 +26,14 @@ from .pipeline import MemoryEstimate, PruneResult, prune, scores
 from .save import save_pretrained
 from .sparsity import Pattern, parse_sparsity
 from .structured import StructuredResult, load_pretrained, prune_structured, structure_of
+from .structured.experts import ExpertResult, prune_experts
 from .text import calibration_windows, pydoc_text, pydoc_tokens
 
 __all__ = [
     "METHODS",
     "OWL",
     "BlockInputs",
+    "ExpertResult",
     "MemoryEstimate",
     "Pattern",
     "PruneResult",
@@ -48,6 +50,7 @@ __all__ = [
     "parse_sparsity",
     "perplexity",
     "prune",
+    "prune_experts",
     "prune_structured",
     "pydoc_text",
     "pydoc_tokens",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..modeling import first_tensor, split_batch, to_device
+from .moe import with_experts
 
 
 def _holds_linear(module: nn.Module) -> bool:
@@ -57,8 +58,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The nn.Linear layers of one block, by name relative to the block, in `named_modules()` order."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """The nn.Linear layers of one block, by name relative to the block, in `named_modules()` order; in a
+    mixture-of-experts block without its routers' Linears, followed by each routed expert's Linears as
+    views of the fused expert tensors (llm.moe.with_experts)."""
+    return with_experts(block, {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)})
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -80,6 +80,7 @@ from ..io import atomic_path
 from ..modeling import eval_mode, unpacked_attention
 from .blocks import BlockInputs, block_linears, capture_inputs, find_blocks, module_device, on_device
 from .methods import DEFAULT_METHOD, METHODS
+from .moe import Routing, aside_scores, check_experts, check_rare, covered, expert_of, set_aside
 from .offload import OFFLOADS, SCORES_DIR, DiskStore, MemoryStore, open_disk_model
 from .owl import OWL, block_sparsities
 from .refine import BlockStep, Gain, ModelStep, Refinement, get_refinements
@@ -122,6 +123,8 @@ class Options:
     keep_scores: bool = False
     block_errors: bool = False
     refine: str | Refinement | tuple | list | None = None
+    rare_experts: str = "dense"
+    min_expert_tokens: int = 16
 
     def checked(self) -> Plan:
         """The run's plan; ValueError/TypeError naming the first option that is wrong."""
@@ -160,6 +163,7 @@ class Options:
             _positive_int(name, getattr(self, name))
         if self.forward is not None and not callable(self.forward):
             raise TypeError(f"forward must be callable (model, inputs) -> outputs, got {type(self.forward).__name__}")
+        check_rare(self.rare_experts, self.min_expert_tokens)
         refinements = get_refinements(self.refine, blocksize=self.blocksize, percdamp=float(percdamp))
         if refinements and granularity == "global":
             raise ValueError(
@@ -220,6 +224,7 @@ class Plan:
             "percdamp": float(o.percdamp),
             "nested": o.nested,
             "calibration": calibration,
+            "rare_experts": [o.rare_experts, o.min_expert_tokens],
             **self.method.record(),
             **({"refine": [[r.name, r.record()] for r in self.refinements]} if self.refinements else {}),
         }
@@ -356,6 +361,7 @@ class Run:
         self.disable = None if plan.options.progress is None else not plan.options.progress
         self.undo: _Undo | None = None
         self.model_undo: list[Callable[[], None]] = []  # stage "model" refinements' reverts (llm.refine)
+        self.rare: dict[str, int] = {}  # the experts of the current block below min_expert_tokens (llm.moe)
 
     @classmethod
     def start(cls, model, calibration: Tensor | None, options: Options, comm: Communicator | None) -> Run:
@@ -367,6 +373,7 @@ class Run:
         for i, block in enumerate(blocks):
             for n, lin in block_linears(block).items():
                 check_fits(f"{prefix}.{i}.{n}", lin.weight, plan.pattern)
+            check_experts(plan.method, f"{prefix}.{i}", block)
         run = cls(model, (prefix, blocks), store, plan)
         if plan.needs_data:
             if calibration is None:
@@ -488,6 +495,8 @@ class Run:
         if observes:
             collector = StatsCollector(block.module, block.linears, observes)
             collector.__enter__()
+        options = self.plan.options
+        routing = Routing(block.module, block.linears, options.rare_experts, options.min_expert_tokens).__enter__()
         try:
             block.targets = [] if self.plan.keeps_targets else None
             for j in range(len(inputs)):
@@ -498,13 +507,19 @@ class Run:
                     block.targets.append(y)
                 elif dense_into_inputs:
                     inputs.hidden[j] = y
+            routing.force()  # rare_experts="route": forced tokens, seen by the statistics hooks
         finally:
+            routing.__exit__(None, None, None)
             if collector is not None:
                 collector.__exit__(None, None, None)
         if collector is not None:
             if self.comm is not None:
                 collector.reduce(self.comm)
             block.stats = collector.stats
+        if self.comm is not None:
+            routing.reduce(self.comm)
+        self.rare = routing.rare
+        self.result.rare_experts.update({block.qualified(n): c for n, c in self.rare.items()})
         return collector
 
     def scores(self, block: Block, names: list[str] | None = None) -> dict[str, Tensor]:
@@ -537,6 +552,20 @@ class Run:
                 if masks is not None:
                     masks[n] = keep.to(block.linears[n].weight.device)
 
+    def _set_aside(self, block: Block) -> dict[str, nn.Linear]:
+        """The Linears of the block's rare experts that its method does not see (llm.moe.set_aside),
+        taken out of block.linears."""
+        if block.inputs is None:
+            return {}
+        return set_aside(block.linears, block.stats, self.rare, self.plan.options.rare_experts)
+
+    def _prune_aside(self, block: Block, aside: dict[str, nn.Linear]) -> None:
+        """The rare experts' Linears pruned to the block's pattern by their data-free scores, if the
+        rare_experts option gives them any (llm.moe.aside_scores)."""
+        for n, score in aside_scores(aside, self.plan.options.rare_experts).items():
+            keep = keep_mask(block.qualified(n), score, block.pattern, block.fraction, block.granularity or "layer")
+            _apply(aside[n], keep)
+
     def memory(self, block: Block, collector: StatsCollector | None) -> MemoryEstimate:
         """The peak-memory estimate of one block's step (module docstring's formula)."""
         params = sum(p.numel() * p.element_size() for p in block.module.parameters())
@@ -564,7 +593,7 @@ class Run:
             name = f"{self.prefix}.{i}.{n}.weight"
             self.result.layer_numel[name] = lin.weight.numel()
             self.result.layer_sparsity[name] = int((lin.weight == 0).sum()) / lin.weight.numel()
-        pruned = {id(lin.weight) for lin in linears.values()}
+        pruned = {id(lin.weight) for lin in linears.values()} | covered(self.blocks[i])
         for n, p in self.blocks[i].named_parameters():
             if p.dim() >= 2 and id(p) not in pruned:
                 self.result.left_dense[f"{self.prefix}.{i}.{n}"] = p.numel()
@@ -643,7 +672,9 @@ class Run:
         dense = [] if measure and not self.plan.keeps_targets else None
         collector = self.statistics_pass(block, dense_into_inputs=propagate == "dense", dense_outputs=dense)
         estimate = self.memory(block, collector)
+        aside = self._set_aside(block)
         self.refine_block(block)
+        self._prune_aside(block, aside)
         if measure:
             self.result.block_error.append(self._pruned_error(i, inputs, block.targets or dense))
         elif inputs is not None and i + 1 < len(self.blocks):
@@ -724,10 +755,11 @@ class Run:
             linears = block_linears(module)
             with self.store.block(i, module), on_device(module, self.compute):
                 collector = StatsCollector(module, linears, {"norms"})
-                with collector as stats:
+                with collector as stats, Routing(module, linears, "dense", 0):
                     inputs.advance(self.blocks[i])
                 if self.comm is not None:
                     collector.reduce(self.comm)
+                linears = {n: lin for n, lin in linears.items() if n in stats or expert_of(n) is None}
                 block = Block(i, module, linears, self.plan.pattern, 0.0, None, stats=stats, prefix=self.prefix)
                 ratios.append(owl.block_ratio(block))
                 sizes.append(sum(lin.weight.numel() for lin in linears.values()))
@@ -757,10 +789,13 @@ class Run:
                     block = self.view(i, self.plan.pattern.fraction, inputs)
                     collector = self.statistics_pass(block, dense_into_inputs=True)
                     estimate = self.memory(block, collector)
+                    names = list(block.linears)
+                    aside = self._set_aside(block)
                     scores = self.scores(block)
+                    scores.update(aside_scores(aside, self.plan.options.rare_experts, keep_all=True))
                     if block.targets is not None:
                         inputs.hidden = block.targets
-                    yield i, {n: scores[n].detach().float() for n in block.linears}, estimate
+                    yield i, {n: scores[n].detach().float() for n in names}, estimate
             bar.update()
         bar.close()
 
@@ -862,6 +897,8 @@ def prune(
     keep_scores: bool = False,
     block_errors: bool = False,
     refine: str | Refinement | tuple | list | None = None,
+    rare_experts: str = "dense",
+    min_expert_tokens: int = 16,
 ) -> PruneResult:
     """Prunes the Linear layers of every block of a transformer in place, one block at a time (module
     docstring), and returns what was done: a Hugging Face causal LM, or with `forward` any model whose
@@ -915,6 +952,12 @@ def prune(
         block_errors: measure each pruned block's relative output error on the calibration inputs
             (`PruneResult.block_error`, propagate="pruned"); methods that keep no dense targets then
             hold the block's dense outputs in host memory (n·T·H·s_a more) for the comparison.
+        rare_experts: mixture-of-experts models (llm.moe: each routed expert's Linears are calibrated on
+            the tokens routed to it): what happens to an expert that gets fewer than `min_expert_tokens`
+            calibration tokens (listed in `PruneResult.rare_experts`): "dense" (left unpruned),
+            "magnitude" (pruned by |W|) or "route" (the tokens its router scores highest forced through
+            it for its statistics).
+        min_expert_tokens: that threshold (0: no expert is rare).
         refine: refinements by name ("reconstruct", "swap", ...: llm.refine.REFINEMENTS) or Refinement
             objects, in any order (the pipeline applies them by stage: llm.refine); each one's gain goes
             to `PruneResult.refinements`. Not with granularity="global".
@@ -948,6 +991,8 @@ def prune(
         keep_scores=keep_scores,
         block_errors=block_errors,
         refine=refine,
+        rare_experts=rare_experts,
+        min_expert_tokens=min_expert_tokens,
     )
     comm = None if group is None else Communicator(group)
     with session(comm):  # distributed: an error on any rank makes every rank raise

@@ -71,6 +71,9 @@ class PruneResult:
     # each refinement's gains (llm.refine.Gain: its metric before and after, seconds), by name: one per
     # block refined, in block order (one in all for a refinement of stage "model")
     refinements: dict[str, list] = field(default_factory=dict)
+    # mixture-of-experts: every routed expert that got fewer than min_expert_tokens calibration tokens
+    # (`model.layers.3.mlp.experts.5`: its routed tokens), handled as the rare_experts option says
+    rare_experts: dict[str, int] = field(default_factory=dict)
 
     @property
     def left_dense_fraction(self) -> float:
@@ -106,6 +109,12 @@ class PruneResult:
             lines.append(
                 f"left dense (not nn.Linear weights): {len(names)} block parameters, "
                 f"{100 * self.left_dense_fraction:.1f} % of the blocks' weights: {shown}"
+            )
+        if self.rare_experts:
+            lines.append(
+                f"{len(self.rare_experts)} experts got too few calibration tokens (rare): "
+                + ", ".join(f"{n} ({c})" for n, c in list(self.rare_experts.items())[:4])
+                + (" ..." if len(self.rare_experts) > 4 else "")
             )
         if self.memory is not None:
             lines.append(f"peak memory {self.memory}")

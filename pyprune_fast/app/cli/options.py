@@ -417,8 +417,9 @@ class PruneOptions(Options):
         """Checks a structured run (app.structured) and makes its `plan`."""
         import math
 
-        from ...llm.structured import ALLOCATIONS, SCORES, STRUCTURES
-        from ..structured import DEFAULT_SCORE, Plan
+        from ...llm.structured import ALLOCATIONS, SCORES
+        from ...llm.structured.experts import SCORES as EXPERT_SCORES
+        from ..structured import DEFAULT_SCORE, EXPERT_SCORE, EXPERTS, STRUCTURES, Plan
 
         if self.structure not in STRUCTURES:
             raise UsageError(f"`structure` must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
@@ -456,12 +457,15 @@ class PruneOptions(Options):
                 )
             if self.allocation != "uniform":
                 raise UsageError("`allocation` applies to `structure` width (depth removes whole blocks)")
-        scores = list(dict.fromkeys(self.criterion or [DEFAULT_SCORE]))
-        unknown = [c for c in scores if c not in SCORES]
+        if self.structure == EXPERTS and not self.llm:
+            raise UsageError("`structure` experts removes routed experts of a causal LM: `model` hf:PATH")
+        known, default = (EXPERT_SCORES, EXPERT_SCORE) if self.structure == EXPERTS else (SCORES, DEFAULT_SCORE)
+        scores = list(dict.fromkeys(self.criterion or [default]))
+        unknown = [c for c in scores if c not in known]
         if unknown:
             raise UsageError(
-                f"`criterion` {unknown[0]} is not a score of structured pruning; `structure` width takes: "
-                f"{', '.join(SCORES)}"
+                f"`criterion` {unknown[0]} is not a score of structured pruning; `structure` "
+                f"{'experts' if self.structure == EXPERTS else 'width'} takes: {', '.join(known)}"
             )
         if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
             raise UsageError(f"`distill` must be an int >= 0, got {self.distill!r}")
