@@ -38,7 +38,7 @@ def _work(t: Tensor) -> Tensor:
     return t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _pairs(hessian: Tensor, m: int) -> Tensor:
+def group_pairs(hessian: Tensor, m: int) -> Tensor:
     """H_pq of every pair of columns inside each group of m: [groups, m (p), m (q)]."""
     cols = torch.arange(hessian.shape[0], device=hessian.device).view(-1, m)
     return hessian[cols.unsqueeze(2), cols.unsqueeze(1)]
@@ -108,7 +108,7 @@ def swap_(
     g = (x - w) @ h
     before = layer_error(x, w, h)
     error = before.clone()
-    pairs = None if m is None else _pairs(h, m)
+    pairs = None if m is None else group_pairs(h, m)
     active = torch.arange(w.shape[0], device=w.device)  # rows whose last round found a swap
     swaps = 0
     for _ in range(budget):
