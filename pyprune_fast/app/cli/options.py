@@ -232,7 +232,7 @@ class PruneOptions(Options):
         samples, eval_tokens: causal LMs' calibration sequences and held-out tokens, >= 1.
         offload: "disk": stream a causal LM from its checkpoint; None: in memory.
         resume: continue an offloaded run.
-        structure, ratio, allocation, reconstruct, distill, distill_lr: structured pruning (`plan`, an
+        structure, ratio, allocation, reconstruct, multiple, distill, distill_lr: structured pruning (`plan`, an
             app.structured.Plan; `criterion` then names its scores), checked in `_validate_structured`.
 
     Derived when validated: `refinement`; for causal LMs `methods` and `targets` (fractions and
@@ -255,6 +255,7 @@ class PruneOptions(Options):
     ratio: list[float] | None = None
     allocation: str = "uniform"
     reconstruct: bool = True
+    multiple: int = 1
     distill: int = 0
     distill_lr: float = 1e-4
     plan: Plan | None = field(init=False, default=None)
@@ -402,6 +403,7 @@ class PruneOptions(Options):
             "ratio": self.ratio is not None,
             "allocation": self.allocation != "uniform",
             "reconstruct": not self.reconstruct,
+            "multiple": self.multiple != 1,
             "distill": self.distill != 0,
         }
         for name, present in given.items():
@@ -448,8 +450,9 @@ class PruneOptions(Options):
                     "`criterion` picks the channel score of `structure` width; depth removes the blocks of lowest "
                     "block influence: leave `criterion` out"
                 )
-            if self.allocation != "uniform":
-                raise UsageError("`allocation` applies to `structure` width (depth removes whole blocks)")
+            for name, present in (("allocation", self.allocation != "uniform"), ("multiple", self.multiple != 1)):
+                if present:
+                    raise UsageError(f"`{name}` applies to `structure` width (depth removes whole blocks)")
         scores = list(dict.fromkeys(self.criterion or [DEFAULT_SCORE]))
         unknown = [c for c in scores if c not in SCORES]
         if unknown:
@@ -466,13 +469,14 @@ class PruneOptions(Options):
             )
         if not (math.isfinite(self.distill_lr) and self.distill_lr > 0):
             raise UsageError(f"`distill_lr` must be a finite number > 0, got {self.distill_lr}")
-        _at_least({"samples": self.samples, "eval_tokens": self.eval_tokens})
+        _at_least({"samples": self.samples, "eval_tokens": self.eval_tokens, "multiple": self.multiple})
         self.plan = Plan(
             self.structure,
             ratios,
             scores,
             self.allocation,
             self.reconstruct,
+            multiple=self.multiple,
             samples=self.samples,
             seq_len=self.seq_len,
             eval_tokens=self.eval_tokens,
