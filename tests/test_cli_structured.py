@@ -154,13 +154,14 @@ def test_a_timm_vit_without_data_is_pruned_on_random_images_and_saved_with_its_s
     out = str(tmp_path / "out")
     model = "tests.test_cli_structured:tiny_timm_vit"
     argv = ["prune", "--model", model, "--structure", structure, "--ratio", "0.34", "--out", out, "--save-model"]
-    run_ok([*argv, "--quiet"], capsys)
+    run_ok([*argv, "--quiet", *(["--multiple", "8"] if structure == "width" else [])], capsys)
     doc = read_report(out)
     (r,) = doc["results"]
     assert "random images" in doc["model"]["calibration"]
     loaded = load_vision(os.path.join(out, r["files"]["model"]), tiny_timm_vit().model)
     assert sum(p.numel() for p in loaded.parameters()) == r["structured"]["params_after"]
     assert len(loaded.blocks) == (2 if structure == "depth" else 3)
+    assert all(w % 8 == 0 for w in r["structured"]["intermediate"]) or structure == "depth"
 
 
 def tiny_torchvision_vit() -> Bundle:
@@ -206,6 +207,9 @@ def test_a_hugging_face_vit_directory_is_saved_as_a_standard_directory(tmp_path,
         (["--no-reconstruct"], "--reconstruct"),
         (["--structure", "depth", "--criterion", "wanda"], "--criterion"),
         (["--structure", "depth", "--allocation", "global"], "--allocation"),
+        (["--structure", "depth", "--multiple", "64"], "--multiple"),
+        (["--structure", "width", "--multiple", "0"], "--multiple"),
+        (["--multiple", "64"], "--multiple"),
         (["--structure", "width", "--criterion", "snip"], "--criterion"),
         (["--structure", "width", "--sparsity", "0.5"], "--sparsity"),
         (["--structure", "width", "--granularity", "2:4"], "--granularity"),

@@ -45,6 +45,7 @@ class Plan:
     scores: list[str]
     allocation: str = "uniform"
     reconstruct: bool = True
+    multiple: int = 1
     samples: int = 16
     seq_len: int = 256
     eval_tokens: int = 8192
@@ -285,7 +286,7 @@ def _one(bundle, plan: Plan, job: _Job, criterion: str, ratio: float, run: Run, 
             parameters=pruned.params_after, structure=_expert_info(pruned)))  # fmt: skip
     options = dict(structure=plan.structure, ratio=ratio, allocation=plan.allocation, reconstruct=plan.reconstruct)
     if plan.structure == "width":
-        options["score"] = criterion
+        options.update(score=criterion, multiple=plan.multiple)
     if job.forward is None:
         options.update(num_samples=plan.samples, seq_len=plan.seq_len)
     else:

@@ -232,7 +232,7 @@ class PruneOptions(Options):
         samples, eval_tokens: causal LMs' calibration sequences and held-out tokens, >= 1.
         offload: "disk": stream a causal LM from its checkpoint; None: in memory.
         resume: continue an offloaded run.
-        structure, ratio, allocation, reconstruct, distill, distill_lr: structured pruning (`plan`, an
+        structure, ratio, allocation, reconstruct, multiple, distill, distill_lr: structured pruning (`plan`, an
             app.structured.Plan; `criterion` then names its scores), checked in `_validate_structured`.
         refine: llm.refine refinements of every method's masking (causal LMs), None: none.
 
@@ -256,6 +256,7 @@ class PruneOptions(Options):
     ratio: list[float] | None = None
     allocation: str = "uniform"
     reconstruct: bool = True
+    multiple: int = 1
     distill: int = 0
     distill_lr: float = 1e-4
     plan: Plan | None = field(init=False, default=None)
@@ -407,6 +408,7 @@ class PruneOptions(Options):
             "ratio": self.ratio is not None,
             "allocation": self.allocation != "uniform",
             "reconstruct": not self.reconstruct,
+            "multiple": self.multiple != 1,
             "distill": self.distill != 0,
         }
         for name, present in given.items():
@@ -455,10 +457,13 @@ class PruneOptions(Options):
                     "`criterion` picks the channel score of `structure` width; depth removes the blocks of lowest "
                     "block influence: leave `criterion` out"
                 )
-            if self.allocation != "uniform":
-                raise UsageError("`allocation` applies to `structure` width (depth removes whole blocks)")
+            for name, present in (("allocation", self.allocation != "uniform"), ("multiple", self.multiple != 1)):
+                if present:
+                    raise UsageError(f"`{name}` applies to `structure` width (depth removes whole blocks)")
         if self.structure == EXPERTS and not self.llm:
             raise UsageError("`structure` experts removes routed experts of a causal LM: `model` hf:PATH")
+        if self.structure == EXPERTS and self.multiple != 1:
+            raise UsageError("`multiple` applies to `structure` width (experts are removed whole)")
         known, default = (EXPERT_SCORES, EXPERT_SCORE) if self.structure == EXPERTS else (SCORES, DEFAULT_SCORE)
         scores = list(dict.fromkeys(self.criterion or [default]))
         unknown = [c for c in scores if c not in known]
@@ -476,13 +481,14 @@ class PruneOptions(Options):
             )
         if not (math.isfinite(self.distill_lr) and self.distill_lr > 0):
             raise UsageError(f"`distill_lr` must be a finite number > 0, got {self.distill_lr}")
-        _at_least({"samples": self.samples, "eval_tokens": self.eval_tokens})
+        _at_least({"samples": self.samples, "eval_tokens": self.eval_tokens, "multiple": self.multiple})
         self.plan = Plan(
             self.structure,
             ratios,
             scores,
             self.allocation,
             self.reconstruct,
+            multiple=self.multiple,
             samples=self.samples,
             seq_len=self.seq_len,
             eval_tokens=self.eval_tokens,

@@ -234,6 +234,14 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
         "--no-reconstruct: FLAP's bias compensation only)",
     )
     group.add_argument(
+        "--multiple",
+        type=int,
+        default=1,
+        metavar="N",
+        help="width: round each kept MLP width to a multiple of N (64: the widths matrix-multiply kernels run fast "
+        "at; odd widths made a ViT-B slower than dense on a CPU) (default 1: the exact budget)",
+    )
+    group.add_argument(
         "--distill",
         type=int,
         default=0,
