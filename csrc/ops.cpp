@@ -64,6 +64,17 @@ TORCH_LIBRARY(pyprune_fast, m) {
   // tensor (int64 [len(scores)]), which the caller refuses.
   m.def("nm_mask(Tensor[] scores, int n, int m) -> (Tensor[], Tensor)");
 
+  // --- N:M channel swaps ------------------------------------------------------------------------
+  m.set_python_module("pyprune_fast.ops.nm_swap");
+  // Kept-score gains of channel swaps for a channel permutation search: channel_scores [C, R] holds
+  // channel c's scores over the R rows (the transposed score matrix), perm [C] the channel at each
+  // position (groups: m consecutive positions). out [P, C] (float32; float64 for float64 scores):
+  // out[i, c] = the change of the N:M-kept score (the n highest of each group, per row, summed over the
+  // rows) when channel c replaces the one at positions[i] in its group (rule:
+  // csrc/include/pyprune_fast/nm_swap.h). Swapping positions a and b gains
+  // out[a, perm[b]] + out[b, perm[a]] when they lie in different groups.
+  m.def("nm_swap_gains(Tensor channel_scores, Tensor perm, Tensor positions, int n, int m) -> Tensor");
+
   // --- 2:4 semi-structured sparsity --------------------------------------------------------------
   m.set_python_module("pyprune_fast.ops.sparse24");
   // w [out, in] -> values [out, in/2] (w's dtype), meta int32 [out/16, in/32, 16] (the mma.sp

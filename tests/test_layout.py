@@ -234,6 +234,7 @@ def test_backend_info_reports_each_op():
         "layerwise_masks",
         "per_row_masks",
         "nm_mask",
+        "nm_swap_gains",
         "compress_24",
         "decompress_24",
         "sparse24_linear",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyprune_fast import llm
-from pyprune_fast.llm.refine.swap import _pairs, group_swaps, layer_error, row_swaps, swap_
+from pyprune_fast.llm.refine.swap import group_pairs, group_swaps, layer_error, row_swaps, swap_
 from tests.test_llm_models import tiny_causal_lm
 from tests.test_llm_pipeline import run
 
@@ -73,7 +73,7 @@ def test_each_rows_best_swap_equals_a_brute_force_search(seed, kind):
     if m is None:
         delta, p, q = row_swaps(start, keep, g, h, candidates=8)
     else:
-        delta, p, q = group_swaps(start, keep, g, h, _pairs(h, m))
+        delta, p, q = group_swaps(start, keep, g, h, group_pairs(h, m))
     best, where = delta.min(1)
     errors = layer_error(w, start, h)
     for r, want in enumerate(brute_force_best(x, w, start, keep, m)):

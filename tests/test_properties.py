@@ -279,6 +279,27 @@ def test_nm_mask(nm, data):
         assert torch.equal(k[no_nan_group], r[no_nan_group])
 
 
+@given(st.sampled_from([(2, 4), (1, 4), (0, 4), (4, 4), (3, 6), (1, 2)]), st.data())
+def test_nm_swap_gains(nm, data):
+    """Sums: the CPU kernel adds up to 1024 rows over 16 float32 lanes (float64 for float64 scores), then
+    float64; every row's term is at most 2 max|s| (finite scores), so |out - ref| <= 1025 · u32 · 2 R
+    max|s| + u32 · |ref|. Infinite and NaN sums (+inf and -inf terms) are bitwise equal."""
+    n, m = nm
+    dtype = data.draw(st.sampled_from(SCORE_DTYPES))
+    channels, rows = m * data.draw(st.sampled_from([1, 2, 5])), data.draw(st.sampled_from([0, 1, 7, 33]))
+    scores = laid_out(data.draw(values((channels, rows), dtype, nan=False)), data.draw(LAYOUTS))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    perm = torch.randperm(channels, generator=g)
+    positions = torch.randint(0, channels, (data.draw(st.sampled_from([0, 1, 3])),), generator=g)
+    got = ops.nm_swap_gains(scores, perm, positions, n, m)
+    ref = reference.nm_swap_gains(scores, perm, positions, n, m)
+    finite = ref.isfinite()
+    assert same(got[~finite], ref[~finite]) and bool(got[finite].isfinite().all())
+    big = float(torch.where(scores.isfinite(), scores, 0).double().abs().max()) if scores.numel() else 0.0
+    bound = 1025 * U32 * 2 * rows * big + U32 * ref.double().abs()
+    assert bool(((got.double() - ref.double()).abs() <= bound)[finite].all())
+
+
 # ---- 2:4 layout and sparse matmul -------------------------------------------------------------------
 
 
@@ -461,6 +482,7 @@ def fp8_calls(t: torch.Tensor) -> dict[str, object]:
         "kth_smallest": lambda: ops.kth_smallest([t], 1),
         "radix_histogram": lambda: ops.radix_histogram([t], 0),
         "nm_mask": lambda: ops.nm_mask([t], 2, 4),
+        "nm_swap_gains": lambda: ops.nm_swap_gains(t, torch.arange(64), torch.arange(2), 2, 4),
         "compress_24": lambda: ops.compress_24(t),
         "decompress_24": lambda: ops.decompress_24(values.to(t.dtype), meta),
         "sparse24_linear": lambda: ops.sparse24_linear(t, values, meta),
@@ -512,6 +534,7 @@ def test_float8_is_refused_by_the_compiled_ops(dtype):
         lambda: P.layerwise_masks([t], [1]),
         lambda: P.per_row_masks([t], [1]),
         lambda: P.nm_mask([t], 2, 4),
+        lambda: P.nm_swap_gains(t, torch.arange(64), torch.arange(2), 2, 4),
         lambda: P.compress_24(t, None),
         lambda: P.decompress_24(values, meta),
         lambda: P.sparse24_linear(t, values, meta, None, "none"),

@@ -197,6 +197,12 @@ def _note_peak(run: Run, pruned: llm.PruneResult) -> None:
         run.info["peak memory (formula)"] = f"{pruned.memory} ({pruned.method} {pruned.sparsity})"
 
 
+def _note_refinements(run: Run, name: str, pruned: llm.PruneResult) -> None:
+    """Each refinement's gain (its metric before → after, mean over the blocks) and time in the report."""
+    for refinement, gain in pruned.refinement_gains().items():
+        run.info[f"{name}: refine {refinement}"] = gain
+
+
 def _measured_peak(pruned: llm.PruneResult) -> int:
     """The peak memory measured during a pruning: CUDA's peak allocation on a GPU, else the process's peak
     RSS (Run.peak_measure says which)."""
@@ -267,6 +273,7 @@ def prune(
     batch_size: int = 16,
     schedule: str = "one-shot",
     rounds: int = 1,
+    refine: list[str] | None = None,
 ) -> Run | None:
     """Prunes the bundle's model with every method at every target, each from the dense weights, and
     measures perplexity on the first `eval_tokens` held-out tokens (windows of `eval_seq_len`). Calls
@@ -283,7 +290,9 @@ def prune(
     finetune: after the pruned model is evaluated, that many AdamW steps (at `finetune_lr`, after the
     last round) of next-token cross-entropy on the calibration sequences the pruning used,
     `batch_size` sequences a step, cycled (schedule.finetune), the masks kept (masks.keep: the pruned
-    weights stay exactly zero); evaluated again (Result.finetuned) and handed to on_model fine-tuned."""
+    weights stay exactly zero); evaluated again (Result.finetuned) and handed to on_model fine-tuned.
+    refine: llm.prune's refinements (llm.refine) for every method and target; each one's gain goes to
+    the report (Run.info)."""
     refinement = Refinement(schedule, rounds, finetune, finetune_lr, batch_size)
     check_schedule(targets, refinement)
     _check(bundle, methods, targets, samples, seq_len, eval_tokens)
@@ -313,6 +322,7 @@ def prune(
                 name = label(method, target)
                 options = _prune_options(target, granularity, samples, seq_len, device, quiet_bar, group)
                 options["block_errors"] = True  # the report's per-block damage (in memory: n·T·H more)
+                options["refine"] = refine
                 trace = None
                 if schedule == "iterative":
                     pruned, trace = _prune_rounds(model, bundle, method, target, rounds, options)
@@ -322,6 +332,7 @@ def prune(
                     run.score_seconds[name] = pruned.seconds
                     _note_peak(run, pruned)
                     _note_left_dense(run, pruned)
+                    _note_refinements(run, name, pruned)
                     ppl = llm.perplexity(model, evaluation, seq_len=eval_seq_len, progress=quiet_bar)
                     keep = {n: lin.weight.detach() != 0 for n, lin in linears.items()}
                     result = Result(
@@ -373,11 +384,13 @@ def prune_offloaded(
     quiet: bool = True,
     group: object = None,
     evaluate: bool = True,
+    refine: list[str] | None = None,
 ) -> Run | None:
     """`prune` for a model larger than memory: the bundle holds a skeleton of the checkpoint in
     `bundle.checkpoint` (llm.offload); each method × target streams it from disk block by block into
     the checkpoint directory `models_dir/<tag>` (`resume` continues runs killed mid-way), and the
-    perplexities, dense and pruned, are measured with one block in memory at a time."""
+    perplexities, dense and pruned, are measured with one block in memory at a time. `refine`: as
+    for `prune`."""
     from ..llm.offload import open_disk_model
 
     _check(bundle, methods, targets, samples, seq_len, eval_tokens)
@@ -405,6 +418,7 @@ def prune_offloaded(
         for target in targets:
             directory = os.path.join(models_dir, tag(method, target))
             options = _prune_options(target, granularity, samples, seq_len, device, quiet_bar, group)
+            options["refine"] = refine
             pruned = llm.prune(bundle.checkpoint, bundle.calibration, method=method, offload="disk", out=directory,
                                resume=resume, **options)  # fmt: skip
             if run is None:
@@ -413,6 +427,7 @@ def prune_offloaded(
             run.score_seconds[name] = pruned.seconds
             _note_peak(run, pruned)
             _note_left_dense(run, pruned)
+            _note_refinements(run, name, pruned)
             run.info["peak host memory (RSS)"] = f"{pruned.peak_host_bytes / 2**20:.0f} MiB"
             result = Result(
                 criterion=name,

@@ -13,6 +13,7 @@ from .e2e import criterion_case, workload_criteria
 from .harness import Case
 from .llm import block_case, sparsegpt_case, wanda_case
 from .nm_mask import n_m_case
+from .nm_swap import nm_swap_case
 from .saliency import saliency_case
 from .select import global_masks_case, kth_case, torch_prune_case
 from .sparse24 import compress_case
@@ -35,6 +36,8 @@ WORKLOADS: dict[str, Callable[..., Case]] = {
     "SparseGPT 2:4 down_proj 4096x11008": functools.partial(sparsegpt_case, 4096, 11008, "2:4"),
     "Wanda masks LLaMA-7B block": wanda_case,
     "llm.prune sparsegpt LLaMA-7B block": functools.partial(block_case, "sparsegpt", 0.5),
+    "N:M swap gains SmolLM2 down_proj": functools.partial(nm_swap_case, "smollm2_down_proj", False),
+    "N:M permutation search SmolLM2 down_proj": functools.partial(nm_swap_case, "smollm2_down_proj", True),
 }
 WORKLOADS.update(
     {

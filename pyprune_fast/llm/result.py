@@ -125,20 +125,18 @@ class PruneResult:
         if self.output is not None:
             resumed = f", {self.resumed_blocks} blocks found finished (resumed)" if self.resumed_blocks else ""
             lines.append(f"written to {self.output}{resumed}")
-        lines.extend(self.refinement_lines())
+        lines.extend(f"refine {n}: {gain}" for n, gain in self.refinement_gains().items())
         if self.outlier_ratio is not None or self.granularity == "global":
             lines.append("block sparsity " + " ".join(f"{s:.3f}" for s in self.block_sparsity))
         return "\n".join(lines)
 
-    def refinement_lines(self) -> list[str]:
-        """One line per refinement: its metric before → after (means over the blocks) and its time."""
-        lines = []
-        for name, gains in self.refinements.items():
-            before = sum(g.before for g in gains) / len(gains)
-            after = sum(g.after for g in gains) / len(gains)
-            where = f"mean of {len(gains)} blocks" if len(gains) > 1 else "once"
-            lines.append(
-                f"refine {name}: {gains[0].metric} {before:.4g} → {after:.4g} ({where}), "
-                f"{sum(g.seconds for g in gains):.1f} s"
-            )
-        return lines
+    def refinement_gains(self) -> dict[str, str]:
+        """Each refinement's metric before → after (means over the blocks) and its time, by name."""
+        gains = {}
+        for name, applied in self.refinements.items():
+            before = sum(g.before for g in applied) / len(applied)
+            after = sum(g.after for g in applied) / len(applied)
+            where = f"mean of {len(applied)} blocks" if len(applied) > 1 else "once"
+            seconds = sum(g.seconds for g in applied)
+            gains[name] = f"{applied[0].metric} {before:.4g} → {after:.4g} ({where}), {seconds:.1f} s"
+        return gains

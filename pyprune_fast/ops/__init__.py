@@ -6,6 +6,7 @@ definition in `pyprune_fast.reference` (see `dispatch`).
     saliency     saliency, saliency_accumulate_, Stats     fused |g ⊙ w| (+ statistics)
     select       kth_smallest, radix_histogram; mask blocks exact radix select over many tensors
     nm_mask      nm_mask                                    N:M keep-masks
+    nm_swap      nm_swap_gains                              kept-score gains of N:M channel swaps
     sparse24     compress_24, decompress_24, sparse24_linear  2:4 layout and sparse matmul
     svd_mean     svd_mean, svd_mean_list                    mean singular value, differentiable
     checks       argument checks shared with masks and sparse
@@ -16,6 +17,7 @@ and one import line here.
 
 from .checks import *  # noqa: F403 - each module's __all__ is its public API
 from .nm_mask import *  # noqa: F403
+from .nm_swap import *  # noqa: F403
 from .saliency import *  # noqa: F403
 from .select import *  # noqa: F403
 from .sparse24 import *  # noqa: F403

@@ -6,6 +6,7 @@ module per op family; `mma_sp` emulates the sparse tensor-core instructions of t
 
 from .common import rows_of, sortable
 from .nm_mask import n_m, nm_mask
+from .nm_swap import nm_swap_gains
 from .saliency import STATS_FIELDS, saliency, saliency_accumulate_, stats_of
 from .select import (
     RADIX_BINS,
@@ -33,6 +34,7 @@ __all__ = [
     "ldexp",
     "n_m",
     "nm_mask",
+    "nm_swap_gains",
     "order_keys",
     "pack_meta",
     "per_row_masks",

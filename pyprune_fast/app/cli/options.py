@@ -234,6 +234,7 @@ class PruneOptions(Options):
         resume: continue an offloaded run.
         structure, ratio, allocation, reconstruct, distill, distill_lr: structured pruning (`plan`, an
             app.structured.Plan; `criterion` then names its scores), checked in `_validate_structured`.
+        refine: llm.refine refinements of every method's masking (causal LMs), None: none.
 
     Derived when validated: `refinement`; for causal LMs `methods` and `targets` (fractions and
     "2:4"), for the other models `criteria`, `sparsities` and `granularity` (its default filled in).
@@ -258,6 +259,7 @@ class PruneOptions(Options):
     distill: int = 0
     distill_lr: float = 1e-4
     plan: Plan | None = field(init=False, default=None)
+    refine: list[str] | None = None
     refinement: Refinement = field(init=False, default_factory=Refinement)
     criteria: list[str] = field(init=False, default_factory=list)
     sparsities: list[float] = field(init=False, default_factory=list)
@@ -334,6 +336,8 @@ class PruneOptions(Options):
     def _validate_model(self) -> None:
         from .. import runner
 
+        if self.refine:
+            raise UsageError("`refine` applies to causal LMs (--model smollm2 or hf:PATH), pruned block by block")
         self.granularity = self.granularity or "global"
         runner.check_plan(self.granularity, self.refinement, processes(), self.remove_channels)
         self.sparsities = (
@@ -370,6 +374,7 @@ class PruneOptions(Options):
             )
         if self.resume and not self.offload:
             raise UsageError("`resume` continues an `offload` disk run: add `offload` disk")
+        self._validate_refine()
         if self.granularity == runner.TWO_FOUR:
             self.targets = [runner.TWO_FOUR]
         elif self.sparsity is not None:
@@ -426,6 +431,7 @@ class PruneOptions(Options):
             "schedule": self.refinement.iterative,
             "offload": self.offload is not None,
             "resume": self.resume,
+            "refine": bool(self.refine),
         }
         for name, present in masks_only.items():
             if present:
@@ -486,6 +492,23 @@ class PruneOptions(Options):
             batch_size=self.batch_size,
             device=self.device,
         )
+
+    def _validate_refine(self) -> None:
+        """`refine` names refinements once each, for the block-sequential run (not global, nor the iterative
+        schedule's nested rounds when a refinement may revive weights)."""
+        from ...llm.refine import REFINEMENTS
+
+        if not self.refine:
+            return
+        unknown = [r for r in self.refine if r not in REFINEMENTS]
+        if unknown:
+            raise UsageError(f"`refine` {unknown[0]} is unknown; refinements: {', '.join(REFINEMENTS)}")
+        if len(set(self.refine)) != len(self.refine):
+            raise UsageError(f"`refine` names each refinement once, got {' '.join(self.refine)}")
+        if self.granularity == "global":
+            raise UsageError("`refine` applies to the block-sequential run; `granularity` global thresholds the model")
+        if self.refinement.iterative and "swap" in self.refine:
+            raise UsageError("`refine` swap may revive weights; `schedule` iterative keeps every weight pruned before")
 
     @property
     def save_root(self) -> str:

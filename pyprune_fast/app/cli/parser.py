@@ -173,6 +173,21 @@ def _add_llm_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --offload disk: continue runs that were killed mid-way after their last finished block",
     )
+    _add_refine_option(group)
+
+
+def _add_refine_option(group) -> None:
+    from ...llm.refine import REFINEMENTS
+
+    group.add_argument(
+        "--refine",
+        nargs="+",
+        default=None,
+        choices=list(REFINEMENTS),
+        metavar="R",
+        help="refinements of every method's masking, any subset in any order (applied by stage: pyprune_fast.llm."
+        f"refine): {', '.join(REFINEMENTS)}; the report shows each one's gain",
+    )
 
 
 def _add_structured_options(p: argparse.ArgumentParser) -> None:

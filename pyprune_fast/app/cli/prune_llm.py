@@ -37,6 +37,7 @@ def run(options: PruneOptions) -> int:
         "quiet": options.quiet,
         "group": group,
         "evaluate": lead,
+        "refine": options.refine,
     }
 
     def execute(staged, bundle):

@@ -50,9 +50,11 @@ from .base import (
     get_refinements,
     register_refinement,
 )
+from .permute import Permute
 from .reconstruct import Reconstruct
 from .swap import Swap
 
+register_refinement(Permute())
 register_refinement(Swap())
 register_refinement(Reconstruct())
 
@@ -62,6 +64,7 @@ __all__ = [
     "BlockStep",
     "Gain",
     "ModelStep",
+    "Permute",
     "Reconstruct",
     "Refinement",
     "Swap",

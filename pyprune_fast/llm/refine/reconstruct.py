@@ -35,7 +35,7 @@ MODES = ("linear", "block", "parts")
 
 @torch.no_grad()
 def masked_least_squares_(
-    weight: Tensor, keep: Tensor, dense: Tensor, xtx: Tensor, percdamp: float = 0.01, iterations: int = 50
+    weight: Tensor, keep: Tensor, dense: Tensor, xtx: Tensor, percdamp: float = 0.01, iterations: int = 30
 ) -> tuple[float, float]:
     """Solves every row's masked least squares (module docstring, "linear") in place by preconditioned
     conjugate gradients from the current weights; the weights change only when the undamped error
@@ -125,7 +125,7 @@ class Reconstruct(Refinement):
     order = 1  # after swaps: the masks first, then the weights
 
     def __init__(
-        self, mode: str = "linear", *, iterations: int = 50, steps: int = 20, lr: float = 1e-5, percdamp: float = 0.01
+        self, mode: str = "linear", *, iterations: int = 30, steps: int = 20, lr: float = 1e-4, percdamp: float = 0.01
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"reconstruct mode must be one of {MODES}, got {mode!r}")

@@ -38,7 +38,7 @@ def _work(t: Tensor) -> Tensor:
     return t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _pairs(hessian: Tensor, m: int) -> Tensor:
+def group_pairs(hessian: Tensor, m: int) -> Tensor:
     """H_pq of every pair of columns inside each group of m: [groups, m (p), m (q)]."""
     cols = torch.arange(hessian.shape[0], device=hessian.device).view(-1, m)
     return hessian[cols.unsqueeze(2), cols.unsqueeze(1)]
@@ -108,7 +108,7 @@ def swap_(
     g = (x - w) @ h
     before = layer_error(x, w, h)
     error = before.clone()
-    pairs = None if m is None else _pairs(h, m)
+    pairs = None if m is None else group_pairs(h, m)
     active = torch.arange(w.shape[0], device=w.device)  # rows whose last round found a swap
     swaps = 0
     for _ in range(budget):
@@ -132,7 +132,10 @@ def swap_(
         if bool(alone.any()):
             use[alone] = False
             use[alone, first[alone]] = True
-            moved, change = _joint(ga, h, (p, q, a, b), use)
+            pick = first[alone].unsqueeze(1)
+            pa, qa = p[alone].gather(1, pick), q[alone].gather(1, pick)
+            moved[alone] = a[alone].gather(1, pick) * h[pa.squeeze(1)] + b[alone].gather(1, pick) * h[qa.squeeze(1)]
+            change[alone] = single[alone]
         g[active] = ga + moved
         rows = active.unsqueeze(1).expand_as(p)[use]
         w[rows, p[use]] = 0
@@ -160,7 +163,7 @@ class Swap(Refinement):
     observes = frozenset({"xtx"})
     keeps_dense = True
 
-    def __init__(self, budget: int = 100, candidates: int = 8) -> None:
+    def __init__(self, budget: int = 20, candidates: int = 8) -> None:
         for what, value in (("budget", budget), ("candidates", candidates)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"swap {what} must be a positive int, got {value!r}")

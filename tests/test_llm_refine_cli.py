@@ -1,0 +1,83 @@
+"""`pyprune-fast prune --refine` on a causal LM (hf:PATH of a tiny random Llama saved here): refined
+models saved as from_pretrained directories with exact patterns, each refinement's gain in the report,
+and usage errors (exit 2) before anything runs."""
+
+import json
+import os
+
+import pytest
+
+from pyprune_fast import llm
+from pyprune_fast.app import cli
+
+transformers = pytest.importorskip("transformers")
+from tests.test_llm_models import linear_weights, save_tiny_llama, tiny_tokenizer  # noqa: E402
+
+OPTIONS = ["--samples", "2", "--seq-len", "32", "--eval-tokens", "512", "--quiet"]
+
+
+def exit_status(argv):
+    """The command's exit status: argparse's refusals exit, the options' UsageErrors return 2."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llm"))
+
+
+def test_refined_models_are_saved_and_each_gain_is_reported(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ["prune", "--model", f"hf:{model_dir}", "--out", out, "--criterion", "wanda", "sparsegpt"]
+    rc = cli.main([*argv, "--granularity", "2:4", "--refine", "reconstruct", "swap", "--save-model", *OPTIONS])
+    assert rc == 0, capsys.readouterr().err
+    with open(os.path.join(out, "report.json")) as f:
+        doc = json.load(f)
+    assert [r["criterion"] for r in doc["results"]] == ["wanda 2:4", "sparsegpt 2:4"]
+    evaluation = llm.pydoc_tokens(tiny_tokenizer(), "evaluation")[:512]
+    for result in doc["results"]:
+        for refinement, metric in (("swap", "layer error"), ("reconstruct", "layer error")):
+            note = doc["model"][f"{result['criterion']}: refine {refinement}"]
+            assert note.startswith(metric) and "→" in note
+        pruned = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, result["files"]["model"]))
+        for name, w in linear_weights(pruned).items():
+            assert bool(((w != 0).reshape(-1, 4).sum(1) <= 2).all()), name
+        ppl = llm.perplexity(pruned, evaluation, seq_len=32, progress=False)
+        assert result["metrics"]["perplexity"] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_refining_lowers_the_block_errors_of_wanda_at_2_4(model_dir, tmp_path, capsys):
+    errors = {}
+    for refine in ([], ["swap", "reconstruct"]):
+        out = str(tmp_path / f"out{len(refine)}")
+        argv = ["prune", "--model", f"hf:{model_dir}", "--out", out, "--criterion", "wanda", "--granularity", "2:4"]
+        assert cli.main([*argv, *(["--refine", *refine] if refine else []), *OPTIONS]) == 0, capsys.readouterr().err
+        with open(os.path.join(out, "report.json")) as f:
+            errors[len(refine)] = json.load(f)["results"][0]["block_error"]
+    assert errors[2][0] < errors[0][0] and sum(errors[2]) < sum(errors[0])
+    with open(os.path.join(tmp_path / "out2", "report.md")) as f:
+        assert "wanda 2:4: refine swap: layer error" in f.read()
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--refine", "nonesuch"], "invalid choice: 'nonesuch'"),
+        (["--refine", "swap", "swap"], "names each refinement once"),
+        (["--refine", "swap", "--granularity", "global"], "block-sequential run"),
+        (["--refine", "swap", "--schedule", "iterative", "--sparsity", "0.5"], "may revive weights"),
+    ],
+)
+def test_bad_refine_options_exit_2_before_anything_runs(model_dir, tmp_path, capsys, extra, match):
+    out = str(tmp_path / "out")
+    assert exit_status(["prune", "--model", f"hf:{model_dir}", "--out", out, *extra, *OPTIONS]) == 2
+    assert match in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_refine_is_refused_for_models_that_are_not_causal_lms(tmp_path, capsys):
+    assert exit_status(["prune", "--out", str(tmp_path / "o"), "--refine", "swap", "--quiet"]) == 2
+    assert "causal LMs" in capsys.readouterr().err
