@@ -78,6 +78,23 @@ def test_bad_refine_options_exit_2_before_anything_runs(model_dir, tmp_path, cap
     assert not os.path.exists(out)
 
 
-def test_refine_is_refused_for_models_that_are_not_causal_lms(tmp_path, capsys):
-    assert exit_status(["prune", "--out", str(tmp_path / "o"), "--refine", "swap", "--quiet"]) == 2
-    assert "causal LMs" in capsys.readouterr().err
+def test_refine_is_refused_for_channel_granularities_and_other_criteria(tmp_path, capsys):
+    argv = ["prune", "--out", str(tmp_path / "o"), "--refine", "swap", "--quiet"]
+    assert exit_status([*argv, "--granularity", "channel"]) == 2
+    assert "not the channel granularities" in capsys.readouterr().err
+    assert exit_status([*argv, "--criterion", "obd", "--granularity", "2:4"]) == 2
+    assert "obd is not one" in capsys.readouterr().err
+
+
+def test_the_encoder_is_refined_block_by_block_with_each_gain_reported(tmp_path, capsys):
+    out = str(tmp_path / "enc")
+    argv = ["prune", "--criterion", "wanda", "sparsegpt", "--granularity", "2:4", "--batches", "2", "--out", out]
+    assert cli.main([*argv, "--refine", "swap", "reconstruct", "--quiet"]) == 0, capsys.readouterr().err
+    with open(os.path.join(out, "report.json")) as f:
+        doc = json.load(f)
+    assert [r["criterion"] for r in doc["results"]] == ["wanda", "sparsegpt"]
+    for name in ("wanda", "sparsegpt"):
+        for refinement in ("swap", "reconstruct"):
+            assert doc["model"][f"{name} 2:4: refine {refinement}"].startswith("layer error")
+    for result in doc["results"]:
+        assert result["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -305,6 +305,7 @@ def prune(
     finetune_lr: float = FINETUNE_LR,
     schedule: str = "one-shot",
     rounds: int = 1,
+    refine: list[str] | None = None,
 ) -> Run | None:
     """Scores the bundle's model with each criterion once; for each sparsity builds the masks from
     those scores, applies them, evaluates, calls `on_masks(result, masks, pruned model)` while
@@ -325,14 +326,18 @@ def prune(
     model is evaluated; it is evaluated again (Result.finetuned), handed to on_masks fine-tuned, and
     the whole model restored. schedule="iterative": each sparsity's masks come from `rounds` rounds of
     scoring the model as pruned so far (schedule.iterative, exponential, no training between rounds)
-    instead of one scoring."""
+    instead of one scoring. refine: llm.refine refinements; every criterion is then a block method
+    (llm.METHODS) run block by block with them (llm.prune's refine=), each one's gain in Run.info."""
     refinement = Refinement(schedule, rounds, finetune, finetune_lr)
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise UsageError(f"`batches` must be a positive int, got {batches!r}")
     check_plan(granularity, refinement, 1 if group is None else 2, remove_channels)
     channel = granularity in CHANNEL_SCOPES
     check_criteria(bundle, names, kind_of(granularity), blockwise=True)
-    blockwise = [n for n in names if n in block_methods()]
+    blockwise = [n for n in names if n in block_methods() or (refine and n in llm.METHODS)]
+    if refine and len(blockwise) < len(names):
+        other = next(n for n in names if n not in blockwise)
+        raise UsageError(f"`refine` refines the block methods ({', '.join(llm.METHODS)}); {other} is not one")
     if blockwise and refinement.iterative:
         raise UsageError(f"{blockwise[0]} prunes block by block: `schedule` iterative re-scores a criterion's scores")
     if blockwise and group is not None:
@@ -391,7 +396,8 @@ def prune(
                     scoring_bar.update()
                     for sparsity in sparsities:
                         eval_bar.set_postfix_str(f"{name} @ {sparsity:g}")
-                        run.results.append(_prune_blockwise(bundle, name, granularity, sparsity, used, how, run))
+                        pruned = _prune_blockwise(bundle, name, granularity, sparsity, used, how, run, refine=refine)
+                        run.results.append(pruned)
                         eval_bar.update()
                     continue
                 t0 = time.perf_counter()
@@ -473,11 +479,14 @@ class _Evaluation:
 _BLOCK_GRANULARITY = {"global": "layer", "layerwise": "layer", "per-row": "row"}
 
 
-def _prune_blockwise(bundle: Bundle, name: str, granularity: str, sparsity: float, used: int, how, run: Run) -> Result:
+def _prune_blockwise(
+    bundle: Bundle, name: str, granularity: str, sparsity: float, used: int, how, run: Run, *, refine=None
+) -> Result:
     """A block method (SparseGPT, ...) at one sparsity: the model pruned block by block on the first
-    `used` calibration batches (llm.prune with the bundle's forward), its weights evaluated as pruned,
-    then restored. A method that prunes in its own solve has no global threshold: "global" runs it per
-    layer (said in the run's info). Weights outside the blocks stay dense (Result.achieved says so)."""
+    `used` calibration batches (llm.prune with the bundle's forward, and its `refine`), its weights
+    evaluated as pruned, then restored. A method that prunes in its own solve has no global threshold:
+    "global" runs it per layer (said in the run's info). Weights outside the blocks stay dense
+    (Result.achieved says so)."""
     method = llm.METHODS[name]
     target: float | str = "2:4" if granularity == TWO_FOUR else sparsity
     chosen = None if granularity == TWO_FOUR else _BLOCK_GRANULARITY[granularity]
@@ -485,11 +494,16 @@ def _prune_blockwise(bundle: Bundle, name: str, granularity: str, sparsity: floa
         run.info[f"{name} granularity"] = "per layer: it chooses its masks inside its own solve (no global threshold)"
     forward = bundle.forward or _call
     model = bundle.model
-    calibration = bundle.calibration[:used] if method.needs_data else None
+    calibration = bundle.calibration[:used] if method.needs_data or refine else None
     with restored(model):
         t0 = time.perf_counter()
-        llm.prune(model, calibration, method=name, sparsity=target, granularity=chosen, forward=forward, progress=False)
+        pruned = llm.prune(
+            model, calibration, method=name, sparsity=target, granularity=chosen, forward=forward, progress=False,
+            refine=refine,
+        )  # fmt: skip
         run.score_seconds[name] += time.perf_counter() - t0
+        for refinement, gain in pruned.refinement_gains().items():
+            run.info[f"{name} {target}: refine {refinement}"] = gain
         keep = {n: p.detach() != 0 for n, p in select_params(model, bundle.params).items()}
         return _evaluate(bundle, name, sparsity, keep, how)
 

@@ -378,6 +378,7 @@ class Run:
         if plan.needs_data:
             if calibration is None:
                 with_owl = " with OWL" if options.owl else ""
+                with_owl += f" with refine {[r.name for r in plan.refinements]}" if plan.refinements else ""
                 raise ValueError(f"method {plan.method.name!r}{with_owl} needs calibration token ids")
             run.windows = _calibration(calibration, options)
         record = plan.record(run.windows)

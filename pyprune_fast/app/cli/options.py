@@ -337,9 +337,10 @@ class PruneOptions(Options):
     def _validate_model(self) -> None:
         from .. import runner
 
-        if self.refine:
-            raise UsageError("`refine` applies to causal LMs (--model smollm2 or hf:PATH), pruned block by block")
-        self.granularity = self.granularity or "global"
+        self.granularity = self.granularity or ("layerwise" if self.refine else "global")
+        self._validate_refine()
+        if self.refine and runner.kind_of(self.granularity) == "channel":
+            raise UsageError("`refine` refines weight masks, not the channel granularities")
         runner.check_plan(self.granularity, self.refinement, processes(), self.remove_channels)
         self.sparsities = (
             [0.5]

@@ -50,6 +50,7 @@ def run(options: PruneOptions) -> int:
             finetune_lr=options.finetune_lr,
             schedule=options.schedule,
             rounds=options.rounds,
+            refine=options.refine,
         )
 
     return lead_reports(options, out, execute, group)
