@@ -27,7 +27,10 @@ _after_load: list[Callable[[], None]] = []
 _cuda_fits: dict[tuple[str, int], bool] = {}  # (op, device index) -> whether the CUDA kernel can run there
 
 # CUDA kernels that need more than an image for the device: the lowest compute capability they run on.
-MIN_CAPABILITY = {"sparse24_linear": (8, 0)}  # cp.async, ldmatrix and mma.sp (csrc/include/.../mma_sp.cuh)
+MIN_CAPABILITY = {
+    "sparse24_linear": (8, 0),  # cp.async, ldmatrix and mma.sp (csrc/include/.../mma_sp.cuh)
+    "sparse24_linear_sm90": (9, 0),  # TMA and wgmma.mma_async.sp, sm_90a only (ops/sparse24.py checks 9.0 exactly)
+}
 
 
 def _cache_dir() -> str:
