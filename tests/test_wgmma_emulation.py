@@ -163,3 +163,47 @@ def test_kernel_choice_is_validated(monkeypatch):
         ops.sparse24_linear(torch.randn(2, 64), values, meta)
     monkeypatch.setenv(sparse24.KERNEL_ENV, "wgmma_sp")  # CPU tensors: the CPU path, whatever the choice
     torch.testing.assert_close(ops.sparse24_linear(torch.ones(2, 64), values, meta), torch.ones(2, 64) @ w.T)
+
+
+@pytest.mark.parametrize(
+    ("capability", "archs", "why"),
+    [
+        ((9, 0), "8.0+PTX;9.0a", None),
+        ((9, 0), "8.0;9.0+PTX", "without 9.0a"),  # the sm_90 image holds the kernel's trap only
+        ((8, 0), "8.0+PTX;9.0a", "needs 9.0"),
+        ((10, 0), "8.0+PTX;9.0a", "needs 9.0"),  # wgmma does not exist on Blackwell
+    ],
+)
+def test_hopper_kernel_is_chosen_for_9_0_with_an_sm_90a_build(monkeypatch, capability, archs, why):
+    from tests.test_backend import fake_gpu
+
+    fake_gpu(monkeypatch, capability, archs)
+    sparse24._hopper_device.cache_clear()
+    try:
+        got = sparse24._hopper_device(0)
+    finally:
+        sparse24._hopper_device.cache_clear()
+    assert got is None if why is None else why in got
+
+
+def test_emulator_constants_are_the_kernels():
+    """The emulator mirrors csrc/cuda/sparse24_linear_sm90.cu: tile shapes, stage geometry, descriptors."""
+    import re
+    from pathlib import Path
+
+    source = (Path(__file__).parents[1] / "csrc" / "cuda" / "sparse24_linear_sm90.cu").read_text()
+    tiles = re.findall(r"using \w+Tile = Config<(\d+), (\d+)>;", source)
+    assert [emu.Tile(int(n), int(s)) for n, s in tiles] == list(emu.TILES)
+    assert f"constexpr int kBK = {emu.BK};" in source and f"constexpr int kBM = {emu.BM};" in source
+    assert f"constexpr int kConsumers = {emu.CONSUMERS};" in source
+    for call in (
+        "wgmma::descriptor(a, 16, 8 * 64, wgmma::k64B)",
+        "wgmma::descriptor(b, 16, 8 * 128, wgmma::k128B)",
+        "wgmma::descriptor(a + 32, 16, 8 * 64, wgmma::k64B)",
+        "wgmma::descriptor(b + 64, 16, 8 * 128, wgmma::k128B)",
+        "(c * 4 + warp) * 2 * kTileWords + 2 * (lane >> 2) + (lane & 1)",
+        "kt * kBK / 2, m0 / kTileRows",
+        "CU_TENSOR_MAP_SWIZZLE_64B",
+        "CU_TENSOR_MAP_SWIZZLE_128B",
+    ):
+        assert call in " ".join(source.split()), call
