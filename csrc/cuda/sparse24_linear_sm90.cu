@@ -229,8 +229,13 @@ EncodeTiled encode_tiled() {
   static EncodeTiled fn = [] {
     void* p = nullptr;
     cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
     C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found));
-    TORCH_CHECK(found == cudaDriverEntryPointSuccess && p, "sparse24_linear_sm90: the CUDA driver has no cuTensorMapEncodeTiled");
+#else
+    C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &found));
+#endif
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && p,
+                "sparse24_linear_sm90: the CUDA driver has no cuTensorMapEncodeTiled");
     return reinterpret_cast<EncodeTiled>(p);
   }();
   return fn;
@@ -248,7 +253,8 @@ CUtensorMap tensor_map(const void* base, CUtensorMapDataType type, int elem_byte
   const CUresult r = encode_tiled()(&map, type, 2, const_cast<void*>(base), dims, strides, box, unit,
                                     CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(r == CUDA_SUCCESS, "sparse24_linear_sm90: cuTensorMapEncodeTiled failed with error ", static_cast<int>(r));
+  TORCH_CHECK(r == CUDA_SUCCESS, "sparse24_linear_sm90: cuTensorMapEncodeTiled failed with error ",
+              static_cast<int>(r));
   return map;
 }
 
@@ -258,15 +264,6 @@ struct Operands {
   const uint32_t* meta;  // [out / 16, in / 32, 16] = [out / 16, in / 2]
   int64_t in;
 };
-
-// The one-time opt-in to more than 48 KB of dynamic shared memory, per device and kernel.
-template <auto Kernel, int kBytes>
-void opt_in_shared_memory(int device) {
-  static std::once_flag flags[C10_COMPILE_TIME_MAX_GPUS];
-  std::call_once(flags[device], [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-  });
-}
 
 template <typename T, typename Cfg>
 void launch(const Operands& ops, Sm90Args args, int device, int sms, const at::Tensor& y, cudaStream_t stream) {

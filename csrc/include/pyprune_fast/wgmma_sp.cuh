@@ -52,7 +52,9 @@ PPF_HD constexpr uint64_t descriptor(uint32_t smem_address, uint32_t leading_byt
          static_cast<uint64_t>((stride_bytes & 0x3FFFFu) >> 4) << 32 | static_cast<uint64_t>(swizzle) << 62;
 }
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 
 // --- mbarriers (PTX ISA 9.7.13.15) ---------------------------------------------------------------
 __device__ __forceinline__ void barrier_init(uint64_t* bar, uint32_t count) {
@@ -115,8 +117,8 @@ __device__ __forceinline__ void fence_operands(float (&d)[kN / 2]) {
 template <typename T, int kN>
 struct SparseMma;
 
-#define PPF_ACC8(i) \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define PPF_ACC4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define PPF_ACC8(i) PPF_ACC4(i), PPF_ACC4(i + 4)
 #define PPF_ACC32(i) PPF_ACC8(i), PPF_ACC8(i + 8), PPF_ACC8(i + 16), PPF_ACC8(i + 24)
 
 #define PPF_WGMMA_SP_16(TYPE, PTX_TYPE)                                                                   \
@@ -173,6 +175,7 @@ PPF_WGMMA_SP_128(__nv_bfloat16, "bf16")
 #undef PPF_WGMMA_SP_128
 #undef PPF_ACC32
 #undef PPF_ACC8
+#undef PPF_ACC4
 
 }  // namespace wgmma
 }  // namespace pyprune_fast
