@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .mma_sp import _activate
+from .mma_sp import activate
 
 SWIZZLE_WIDTH = {1: 128, 2: 64, 3: 32}  # descriptor mode -> row width in bytes
 
@@ -225,4 +225,4 @@ def emulate_sparse24_linear_sm90(
     y = partial.sum(0)
     if bias is not None:
         y = y + bias.double()
-    return _activate(y, activation)
+    return activate(y, activation)
