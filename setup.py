@@ -2,9 +2,9 @@
 
 With torch importable at build time (`pip install --no-build-isolation .`), the C++ kernels are built
 here, plus the CUDA kernels when torch has CUDA and nvcc is found (for TORCH_CUDA_ARCH_LIST, default
-8.0;9.0). Without torch (an isolated build) or with PYPRUNE_FAST_BUILD_EXT=0, the package is pure
-Python and carries the sources, which are built just in time on first use. Both paths use the same
-sources and flags, from pyprune_fast/_build.py.
+8.0;9.0a: 9.0a holds the Hopper wgmma.sp kernel). Without torch (an isolated build) or with
+PYPRUNE_FAST_BUILD_EXT=0, the package is pure Python and carries the sources, which are built just in
+time on first use. Both paths use the same sources and flags, from pyprune_fast/_build.py.
 """
 
 import importlib.util

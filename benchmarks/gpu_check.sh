@@ -92,7 +92,10 @@ run() {
 }
 
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-export TORCH_CUDA_ARCH_LIST="$arch"         # this GPU only (plus its PTX, _build.with_ptx)
+# This GPU only (plus its PTX, _build.with_ptx); on 9.0 the arch-specific 9.0a, where the wgmma.sp kernel is.
+archs="$arch"
+[[ "$arch" == "9.0" ]] && archs="9.0a"
+export TORCH_CUDA_ARCH_LIST="$archs"
 export PYPRUNE_FAST_CACHE="$work/jit-cache" # the AOT build below must be what gets loaded
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 sanitizer="$CUDA_HOME/bin/compute-sanitizer"
@@ -129,13 +132,14 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     g = [torch.randn(s, device=dev, dtype=dtype) for s in [(37,), (65, 33), (70_001,)]]
     ops.saliency(g, [x * 2 for x in g])
     masks.n_m({"a": torch.randn(64, 36, device=dev, dtype=dtype), "b": torch.randn(4, 8, device=dev, dtype=dtype)}, 2, 4)
-    w = torch.randn(64, 128, device=dev, dtype=dtype) * masks.n_m({"w": torch.rand(64, 128, device=dev)}, 2, 4)["w"]
-    values, meta = ops.compress_24(w)
-    ops.decompress_24(values, meta)
-    if dtype != torch.float32:
-        for tokens in (1, 17, 130):
-            x = torch.randn(tokens, 128, device=dev, dtype=dtype)
-            ops.sparse24_linear(x, values, meta, torch.randn(64, device=dev, dtype=dtype), "gelu")
+    for out in (64, 128):  # out % 128 == 0: the wgmma.sp kernel on 9.0 (decode with split K, 64 and 128 tiles)
+        w = torch.randn(out, 1024, device=dev, dtype=dtype) * masks.n_m({"w": torch.rand(out, 1024, device=dev)}, 2, 4)["w"]
+        values, meta = ops.compress_24(w)
+        ops.decompress_24(values, meta)
+        if dtype != torch.float32:
+            for tokens in (1, 17, 130):
+                x = torch.randn(tokens, 1024, device=dev, dtype=dtype)
+                ops.sparse24_linear(x, values, meta, torch.randn(out, device=dev, dtype=dtype), "gelu")
 if tool == "memcheck":
     f = torch.randn(3, 8, 40, device=dev, requires_grad=True)
     ops.svd_mean(f).sum().backward()
@@ -245,10 +249,19 @@ for dtype in (torch.float32, torch.bfloat16):
     measure(saliency.saliency_case("cuda", dtype))
 measure(nm_mask.n_m_case("llama_7b_layer", "cuda", torch.float32), impls={"ours", "torch topk"})
 measure(sparse24.compress_case("llama_7b", "cuda", torch.float16))
+# On 9.0 "ours" is forced onto the wgmma.sp kernel (an error row if it cannot run) and the mma.sp kernel
+# is timed beside it.
+hopper = (props.major, props.minor) == (9, 0)
 for tokens in (1, 16, 2048, 8192):
     for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008)):
         case = sparse24.sparse24_linear_case(out_f, in_f, tokens, torch.float16, "cuda")
+        os.environ["PYPRUNE_FAST_SPARSE24_KERNEL"] = "wgmma_sp" if hopper else "auto"
         measure(case, flops=2 * tokens * out_f * in_f)
+        if hopper:
+            os.environ["PYPRUNE_FAST_SPARSE24_KERNEL"] = "mma_sp"
+            ampere = Case(case.group + " mma_sp kernel", case.ours, {}, bytes_moved=case.bytes_moved)
+            measure(ampere, flops=2 * tokens * out_f * in_f)
+os.environ.pop("PYPRUNE_FAST_SPARSE24_KERNEL")
 measure(svd_mean.svd_mean_case(12, 64, 197 * 768, as_list=False, device="cuda"))
 PY
 

@@ -87,6 +87,10 @@ TORCH_LIBRARY(pyprune_fast, m) {
   m.def(
       "sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, str activation=\"none\") "
       "-> Tensor");
+  // The same on Hopper's wgmma.mma_async.sp (CUDA only, compute capability 9.0, an sm_90a build; out % 128 == 0).
+  m.def(
+      "sparse24_linear_sm90(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, str activation=\"none\") "
+      "-> Tensor");
 
   // --- mean singular value ---------------------------------------------------------------------
   m.set_python_module("pyprune_fast.ops.svd_mean");

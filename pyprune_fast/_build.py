@@ -16,7 +16,7 @@ import sys
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_CSRC = os.path.join(os.path.dirname(PACKAGE_DIR), "csrc")
 PACKAGED_CSRC = os.path.join(PACKAGE_DIR, "_csrc")  # sources copied into wheels for JIT builds
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0a"  # 9.0a: the wgmma.sp kernel (sparse24_linear_sm90.cu) exists for sm_90a only
 LIBRARY_NAME = "_C"
 
 # -std=c++20 for both compilers: the selection kernels use template lambdas ([&]<typename Fmt>(), a
@@ -144,7 +144,8 @@ def with_ptx(archs: str) -> str:
 
 
 def cuda_archs() -> str:
-    """The CUDA targets of the build: TORCH_CUDA_ARCH_LIST (default 8.0;9.0) with PTX for the highest."""
+    """The CUDA targets of the build: TORCH_CUDA_ARCH_LIST (default 8.0;9.0a) with PTX for the highest
+    numeric entry (8.0+PTX;9.0a: 9.0a's PTX would run on 9.0 only)."""
     return with_ptx(os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS)
 
 

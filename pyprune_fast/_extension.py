@@ -27,7 +27,12 @@ _after_load: list[Callable[[], None]] = []
 _cuda_fits: dict[tuple[str, int], bool] = {}  # (op, device index) -> whether the CUDA kernel can run there
 
 # CUDA kernels that need more than an image for the device: the lowest compute capability they run on.
-MIN_CAPABILITY = {"sparse24_linear": (8, 0)}  # cp.async, ldmatrix and mma.sp (csrc/include/.../mma_sp.cuh)
+MIN_CAPABILITY = {
+    "sparse24_linear": (8, 0),  # cp.async, ldmatrix and mma.sp (csrc/include/.../mma_sp.cuh)
+    "sparse24_linear_sm90": (9, 0),  # TMA and wgmma.mma_async.sp, sm_90a only (ops/sparse24.py checks 9.0 exactly)
+}
+# Ops with a CUDA kernel only (a variant of another op that the dispatch picks): not counted by cpu_ops.
+CUDA_ONLY = {"sparse24_linear_sm90"}
 
 
 def _cache_dir() -> str:
@@ -143,7 +148,7 @@ def _load() -> dict:
         )
         return state
     state["ops"] = _kernels()
-    state["cpu_ops"] = bool(state["ops"]) and all(k["cpu"] for k in state["ops"].values())
+    state["cpu_ops"] = bool(state["ops"]) and all(k["cpu"] for op, k in state["ops"].items() if op not in CUDA_ONLY)
     state["cuda_ops"] = bool(state["ops"]) and all(k["cuda"] for k in state["ops"].values())
     built = dict(item.split("=", 1) for item in torch.ops.pyprune_fast.build_info().split(";") if item)
     state["cuda_archs"] = built.get("cuda_archs", "").replace("_", ";") or None

@@ -62,6 +62,9 @@ def test_bad_backend_value_is_an_error():
         ((7, 5), "7.5;8.0;9.0+PTX", "sm_75"),
         ((9, 0), "9.0a", "sm_90"),
         ((10, 0), "9.0a+PTX", None),  # arch-specific PTX: 9.0 only
+        ((9, 0), "8.0+PTX;9.0a", "sm_90"),  # the default build
+        ((8, 6), "8.0+PTX;9.0a", "sm_80"),
+        ((10, 0), "8.0+PTX;9.0a", "compute_80"),
         ((8, 0), "Ampere", "unknown"),
         ((8, 0), None, None),
     ],
@@ -116,7 +119,7 @@ def test_cpu_dispatch_does_not_ask_for_a_gpu(monkeypatch):
 @pytest.mark.parametrize(
     "given,built",
     [
-        (None, "8.0;9.0+PTX"),
+        (None, "8.0+PTX;9.0a"),  # the default: 9.0a's PTX would serve 9.0 only
         ("7.5;8.0", "7.5;8.0+PTX"),
         ("7.5 8.6", "7.5;8.6+PTX"),
         ("9.0;8.0", "9.0+PTX;8.0"),

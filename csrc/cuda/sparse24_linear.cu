@@ -189,8 +189,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) sparse24_linear_kernel(const Li
 
 template <typename T, typename Cfg>
 void launch(const LinearArgs& args, cudaStream_t stream) {
-  auto kernel = sparse24_linear_kernel<T, Cfg>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  constexpr auto kernel = sparse24_linear_kernel<T, Cfg>;
+  opt_in_shared_memory<kernel, Cfg::kSmemBytes>(c10::cuda::current_device());
   const dim3 grid(static_cast<unsigned>(ceil_div(args.tokens, Cfg::kBN)), static_cast<unsigned>(args.out / Cfg::kBM));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -3,15 +3,25 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+
 import torch
 from torch import Tensor
 
+from .. import _extension
 from .checks import check_compressed, check_dtypes, check_features_24, check_tensor
-from .dispatch import call, when_loaded
+from .dispatch import call, native, when_loaded
 
-__all__ = ["ACTIVATIONS", "compress_24", "decompress_24", "sparse24_linear"]
+__all__ = ["ACTIVATIONS", "KERNEL_ENV", "compress_24", "decompress_24", "sparse24_linear"]
 
 ACTIVATIONS = (None, "relu", "gelu")
+# Which CUDA kernel serves sparse24_linear: "auto" (wgmma.sp on compute capability 9.0 with an sm_90a
+# build, mma.sp elsewhere), "mma_sp" (the Ampere kernel everywhere) or "wgmma_sp" (the Hopper kernel, an
+# error where it cannot run).
+KERNEL_ENV = "PYPRUNE_FAST_SPARSE24_KERNEL"
+KERNELS = ("auto", "mma_sp", "wgmma_sp")
 
 
 def compress_24(w: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -80,7 +90,9 @@ def sparse24_linear(
 
     CUDA: our own kernel on the sparse tensor cores (mma.sp::ordered_metadata m16n8k32, float16 or
     bfloat16, float32 accumulation) with bias and activation fused in the epilogue; any number of
-    tokens. CPU: W decompressed to float32 and one matmul. Both compute in float32 and round once to
+    tokens. On compute capability 9.0 (H100/H200) with an sm_90a build and out % 128 == 0, the Hopper
+    kernel (wgmma.mma_async.sp, TMA, K split across SMs for few tokens); PYPRUNE_FAST_SPARSE24_KERNEL=mma_sp
+    keeps the mma.sp one. CPU: W decompressed to float32 and one matmul. Both compute in float32 and round once to
     x's dtype. act: None, 'relu' or 'gelu' (exact: x/2 · (1 + erf(x/√2)), as nn.GELU()). in and out
     must be multiples of 64; x, values and bias of one dtype. Differentiable in x and bias (not in
     values). meta is trusted to come from compress_24 (decompress_24 validates it).
@@ -117,7 +129,39 @@ def sparse24_linear(
         raise TypeError("sparse24_linear on CUDA needs float16 or bfloat16 (the sparse tensor cores), got float32")
     if values.requires_grad and torch.is_grad_enabled():
         raise ValueError("sparse24_linear is not differentiable in values; freeze them (values.requires_grad_(False))")
+    if _use_wgmma(x, out):
+        return torch.ops.pyprune_fast.sparse24_linear_sm90(x, values, meta, bias, activation or "none")
     return call("sparse24_linear", x, x, values, meta, bias, activation or "none")
+
+
+@functools.cache
+def _hopper_device(index: int) -> str | None:
+    """Why the wgmma.sp kernel cannot run on GPU `index`, or None when it can (decided once per device)."""
+    capability = torch.cuda.get_device_capability(index)
+    if capability != (9, 0):
+        return f"cuda:{index} has compute capability {capability[0]}.{capability[1]}, the kernel needs 9.0"
+    archs = re.split(r"[;\s]+", _extension.state()["cuda_archs"] or "")
+    if not any(a.startswith("9.0a") for a in archs):
+        return f"the library was built without 9.0a (CUDA archs {';'.join(archs)})"
+    return None
+
+
+def _use_wgmma(x: Tensor, out: int) -> bool:
+    """Whether sparse24_linear runs on the Hopper kernel (sparse24_linear_sm90): CUDA float16/bfloat16 x,
+    out % 128 == 0, a device and build that have it, and KERNEL_ENV not "mma_sp"."""
+    choice = os.environ.get(KERNEL_ENV, "auto") or "auto"
+    if choice not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(KERNELS)}, got {choice!r}")
+    if choice == "mma_sp" or not x.is_cuda:
+        return False
+    why = _hopper_device(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if why is None and out % 128:
+        why = f"out features must be a multiple of 128, got {out}"
+    if why is None and not native("sparse24_linear_sm90", x):
+        why = "the compiled library has no sparse24_linear_sm90"
+    if why is not None and choice == "wgmma_sp":
+        raise ValueError(f"{KERNEL_ENV}=wgmma_sp, but the Hopper kernel cannot run: {why}")
+    return why is None
 
 
 def _fake_compress_24(w, mask=None):
@@ -165,3 +209,6 @@ def _register() -> None:
     torch.library.register_fake("pyprune_fast::decompress_24", _fake_decompress_24)
     torch.library.register_fake("pyprune_fast::sparse24_linear", _fake_sparse24_linear)
     torch.library.register_autograd("pyprune_fast::sparse24_linear", _backward, setup_context=_setup_context)
+    if hasattr(torch.ops.pyprune_fast, "sparse24_linear_sm90"):  # a library built before it lacks the op
+        torch.library.register_fake("pyprune_fast::sparse24_linear_sm90", _fake_sparse24_linear)
+        torch.library.register_autograd("pyprune_fast::sparse24_linear_sm90", _backward, setup_context=_setup_context)

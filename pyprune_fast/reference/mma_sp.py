@@ -122,7 +122,8 @@ def _load_stage(x: Tensor, values: Tensor, meta_words: Tensor, tile: Tile, m0: i
     return sa.view(-1), sb.view(-1), se.view(-1)
 
 
-def _activate(v: Tensor, activation: str | None) -> Tensor:
+def activate(v: Tensor, activation: str | None) -> Tensor:
+    """The kernels' epilogue activation in float64: None, "relu" or "gelu" (exact, erf)."""
     if activation == "relu":
         return torch.where(v < 0, torch.zeros_like(v), v)
     if activation == "gelu":
@@ -184,5 +185,5 @@ def emulate_sparse24_linear(
                                     if bias is not None:
                                         v = v + bias.double()[o]
                                     inside = token < tokens
-                                    y[token[inside], o[inside]] = _activate(v, activation)[inside]
+                                    y[token[inside], o[inside]] = activate(v, activation)[inside]
     return y

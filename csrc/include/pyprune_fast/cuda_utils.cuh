@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <mutex>
 #include <vector>
 
 #include "pyprune_fast/common.h"
@@ -78,6 +79,16 @@ inline at::Tensor table_to_device(const std::vector<int64_t>& values, const at::
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(values.begin(), values.end(), host.data_ptr<int64_t>());
   return host.to(device, /*non_blocking=*/true);
+}
+
+// The opt-in of `Kernel` to kBytes of dynamic shared memory (above 48 KB), once per device: the attribute
+// is per device and lasts, and cudaFuncSetAttribute on every launch costs host time at small sizes.
+template <auto Kernel, int kBytes>
+void opt_in_shared_memory(int device) {
+  static std::once_flag flags[C10_COMPILE_TIME_MAX_GPUS];
+  std::call_once(flags[device], [] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+  });
 }
 
 }  // namespace pyprune_fast
