@@ -1,7 +1,8 @@
 """Disk-streamed pruning of a synthetic Llama-architecture checkpoint of 6.6 GB (bfloat16, random
 weights, written by the benchmark): peak RSS and time per block of `llm.prune(path, offload="disk")`
-against from_pretrained + in-memory pruning + save_pretrained, each in a fresh process. Marked large
-(about 15 minutes and 20 GB of disk on 2 cores): `pytest benchmarks/bench_offload.py --run-large -s`."""
+against from_pretrained + in-memory pruning + save_pretrained, each in a fresh process; and the whole
+CLI run (evaluations and report included) phase by phase. Marked large (about 15 minutes and 20 GB of
+disk on 2 cores for the first, 30 more for the second): `pytest benchmarks/bench_offload.py --run-large -s`."""
 
 import pytest
 
@@ -33,3 +34,20 @@ def test_stream_a_6gb_checkpoint(benchmark, checkpoint, mode, tmp_path):
     assert run["sparsity"] == pytest.approx(0.5, abs=1e-6)
     if mode == "disk":
         assert run["peak_rss_bytes"] < 1.5 * 2**30
+
+
+def test_the_cli_run_phase_by_phase(tmp_path_factory, tmp_path):
+    """`pyprune-fast prune --offload disk --save-model` on a 6.1 GB checkpoint of 32 blocks with SmolLM2's
+    tokenizer: the peak RSS and the seconds of each phase (load, dense evaluation, pruning block by
+    block, pruned evaluation, report), 1 thread. The whole run must stay below 1.5 GiB."""
+    from pyprune_fast import llm
+
+    path = tmp_path_factory.mktemp("offload-cli") / "llama-32"
+    size = offload.synthetic_checkpoint(path, tokenizer=llm.smollm2_checkpoint(), **offload.CLI)
+    assert size >= 6e9
+    args = ["--criterion", "wanda", "--sparsity", "0.5", "--samples", "4", "--eval-tokens", "512", "--save-model"]
+    run = offload.run_cli(path, tmp_path / "out", *args, "--quiet")
+    for name, phase in run["phases"].items():
+        print(f"{name:50s} {phase['peak_rss_bytes'] / 2**20:7.0f} MiB {phase['seconds']:8.1f} s ×{phase['count']}")
+    assert run["exit"] == 0
+    assert run["peak_rss_bytes"] < 1.5 * 2**30
