@@ -322,3 +322,16 @@ def test_perplexity_offload_disk_needs_a_checkpoint(tmp_path):
         llm.perplexity(str(tmp_path), calibration(), seq_len=SEQ_LEN)
     with pytest.raises(ValueError, match="is not a directory"):
         llm.perplexity(str(tmp_path / "absent"), calibration(), seq_len=SEQ_LEN, offload="disk")
+
+
+def test_a_shard_copied_tensor_by_tensor_equals_one_written_at_once(tmp_path):
+    from pyprune_fast.llm.checkpoint import Checkpoint, read_shard, write_shard
+
+    _, path = checkpoint(tmp_path, "llama", dtype=torch.bfloat16)
+    source = Checkpoint(path)
+    names = source.keys()[::3]
+    write_shard(tmp_path / "at-once.safetensors", source.get_many(names))
+    source.copy_shard(names, tmp_path / "copied.safetensors")
+    assert (tmp_path / "copied.safetensors").read_bytes() == (tmp_path / "at-once.safetensors").read_bytes()
+    got = read_shard(tmp_path / "copied.safetensors", names)
+    assert all(torch.equal(got[n], t) for n, t in source.get_many(names).items())

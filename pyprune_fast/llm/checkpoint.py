@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -134,6 +135,12 @@ class Checkpoint:
             out.update(read_shard(self.path / shard, group))
         return {name: out[name] for name in names}
 
+    def copy_shard(self, names: Iterable[str], path: str | os.PathLike) -> None:
+        """Writes the named tensors, unchanged, as one shard at `path` (write_shard), reading one tensor
+        at a time: the embeddings and the head of a large vocabulary are never in memory together."""
+        specs = {n: (self.dtype(n), self._meta[n][1]) for n in names}
+        _write_shard(path, specs, lambda name: self.get_many([name])[name])
+
     def nbytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of the named tensors (all by default), from the shard headers."""
         total = 0
@@ -180,28 +187,44 @@ def write_shard(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
     tensor's bytes to the file: no serialized copy of the shard is made in memory (safetensors'
     save_file builds one, as large as the shard). The header's metadata holds the sha256 of the data
     (module docstring). An OSError while writing (a full disk) is raised naming the file."""
-    names = sorted(tensors)  # safetensors' own order: by name
-    cpu = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
-    data = [memoryview(cpu[n].reshape(-1).view(torch.uint8).numpy()) for n in names if cpu[n].numel()]
-    digest = hashlib.sha256()
-    for chunk in data:
-        digest.update(chunk)
-    header: dict = {"__metadata__": {"format": "pt", DIGEST: digest.hexdigest()}}
+    specs = {n: (tensors[n].dtype, list(tensors[n].shape)) for n in tensors}
+    _write_shard(path, specs, tensors.__getitem__)
+
+
+def _write_shard(path: str | os.PathLike, specs: Mapping[str, tuple], get) -> None:
+    """write_shard of the tensors {name: (dtype, shape)} `specs`, each fetched by `get(name)` only when
+    its bytes are written and dropped after: one tensor in memory at a time. The header is written
+    with a placeholder digest of the same length and rewritten once the data is hashed."""
+    names = sorted(specs)  # safetensors' own order: by name
+    header: dict = {"__metadata__": {"format": "pt", DIGEST: "0" * 64}}
     offset = 0
     for name in names:
-        t = cpu[name]
-        if t.dtype not in _CODES:
-            raise TypeError(f"{name}: safetensors cannot store {t.dtype}")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        dtype, shape = specs[name]
+        if dtype not in _CODES:
+            raise TypeError(f"{name}: safetensors cannot store {dtype}")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    def encode() -> bytes:
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        return encoded + b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    digest = hashlib.sha256()
     with _naming("shard", path), atomic_path(path) as temp, open(temp, "wb") as f:
+        encoded = encode()
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for chunk in data:
-            f.write(chunk)
+        for name in names:
+            t = get(name).detach().to("cpu").contiguous()
+            if t.numel():
+                chunk = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                digest.update(chunk)
+                f.write(chunk)
+            del t
+        header["__metadata__"][DIGEST] = digest.hexdigest()
+        f.seek(8)
+        f.write(encode())  # the same length: the digest's 64 hex digits replace the placeholder's
 
 
 @contextlib.contextmanager

@@ -4,8 +4,10 @@ and written, pruned, to an output checkpoint at once.
 
 On disk the model is a skeleton (accelerate's `init_empty_weights`: parameters on the meta device,
 buffers real), so host memory holds one decoder block's weights, the calibration activations and
-the pipeline's statistics; the modules before the first block (embeddings) are loaded only while the
-calibration inputs are captured. The output directory:
+the pipeline's statistics; the modules before the first block (embeddings, not the head) are loaded
+only while the calibration inputs are captured. `DiskStore.logits` evaluates the model the same way:
+each block read once for every batch, the head loaded only after the blocks, without the embeddings.
+The output directory:
 
     model-00001-of-0000N.safetensors      every tensor outside the decoder blocks, copied unchanged
     model-0000(i+2)-of-0000N.safetensors  decoder block i, pruned (N = blocks + 1)
@@ -178,7 +180,7 @@ class DiskStore:
         self.out, self.run = out, run
         front = out / shard_name(1, self.count)
         if not is_complete_shard(front, self.front_names):
-            write_shard(front, self.checkpoint.get_many(self.front_names))
+            self.checkpoint.copy_shard(self.front_names, front)
         done = 0
         while done < len(self.blocks) and self.finished(done):
             done += 1
