@@ -216,15 +216,20 @@ def _write_shard(path: str | os.PathLike, specs: Mapping[str, tuple], get) -> No
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for name in names:
-            t = get(name).detach().to("cpu").contiguous()
-            if t.numel():
-                chunk = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                digest.update(chunk)
-                f.write(chunk)
-            del t
+            _append(f, get(name), digest)
         header["__metadata__"][DIGEST] = digest.hexdigest()
         f.seek(8)
         f.write(encode())  # the same length: the digest's 64 hex digits replace the placeholder's
+
+
+def _append(f, tensor: Tensor, digest) -> None:
+    """Writes the bytes of `tensor` to the open file `f` and adds them to `digest`; nothing of it is
+    kept once this returns (a view left in a caller's variable would keep the tensor alive)."""
+    t = tensor.detach().to("cpu").contiguous()
+    if t.numel():
+        chunk = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        digest.update(chunk)
+        f.write(chunk)
 
 
 @contextlib.contextmanager
