@@ -1,8 +1,9 @@
 """Disk-streamed pruning of a synthetic Llama-architecture checkpoint of 6.6 GB (bfloat16, random
 weights, written by the benchmark): peak RSS and time per block of `llm.prune(path, offload="disk")`
-against from_pretrained + in-memory pruning + save_pretrained, each in a fresh process; and a 7.0 GB
-mixture-of-experts checkpoint (Mixtral, fused experts) streamed the same way. Marked large
-(about 15 minutes and 20 GB of disk on 2 cores): `pytest benchmarks/bench_offload.py --run-large -s`."""
+against from_pretrained + in-memory pruning + save_pretrained, each in a fresh process; a 7.0 GB
+mixture-of-experts checkpoint (Mixtral, fused experts) streamed the same way; and the whole CLI run
+(evaluations and report included) phase by phase. Marked large (about 15 minutes and 20 GB of disk on
+2 cores for the first, more for the others): `pytest benchmarks/bench_offload.py --run-large -s`."""
 
 import pytest
 
@@ -55,3 +56,20 @@ def test_stream_a_7gb_moe_checkpoint(benchmark, moe_checkpoint, tmp_path):
     print(f"\nmoe disk: {run['seconds']:.0f} s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB, "
           f"checkpoint {size / 2**30:.2f} GiB")  # fmt: skip
     assert run["peak_rss_bytes"] < 1.75 * 2**30  # measured 1.59 GiB; a second block would add 0.39 GiB
+
+
+def test_the_cli_run_phase_by_phase(tmp_path_factory, tmp_path):
+    """`pyprune-fast prune --offload disk --save-model` on a 6.1 GB checkpoint of 32 blocks with SmolLM2's
+    tokenizer: the peak RSS and the seconds of each phase (load, dense evaluation, pruning block by
+    block, pruned evaluation, report), 1 thread. The whole run must stay below 1.5 GiB."""
+    from pyprune_fast import llm
+
+    path = tmp_path_factory.mktemp("offload-cli") / "llama-32"
+    size = offload.synthetic_checkpoint(path, tokenizer=llm.smollm2_checkpoint(), **offload.CLI)
+    assert size >= 6e9
+    args = ["--criterion", "wanda", "--sparsity", "0.5", "--samples", "4", "--eval-tokens", "512", "--save-model"]
+    run = offload.run_cli(path, tmp_path / "out", *args, "--quiet")
+    for name, phase in run["phases"].items():
+        print(f"{name:50s} {phase['peak_rss_bytes'] / 2**20:7.0f} MiB {phase['seconds']:8.1f} s ×{phase['count']}")
+    assert run["exit"] == 0
+    assert run["peak_rss_bytes"] < 1.5 * 2**30

@@ -276,3 +276,22 @@ def test_windows_longer_than_the_model_takes_are_a_user_error(model_dir, tmp_pat
     assert cli.main([*args, *options, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "max_position_embeddings" in err
+
+
+def test_offload_disk_with_eval_tokens_0_only_writes_the_pruned_checkpoint(model_dir, tmp_path, capsys, monkeypatch):
+    evaluated = []
+    monkeypatch.setattr(llm, "perplexity", lambda *a, **k: evaluated.append(a))
+    out = tmp_path / "out"
+    args = prune_args(model_dir, out, "--offload", "disk")
+    args[args.index("--eval-tokens") + 1] = "0"
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert evaluated == []
+    report = json.loads((out / "report.json").read_text())
+    assert report["dense"] == {} and report["results"][0]["metrics"] == {}
+    markdown = (out / "report.md").read_text()
+    assert "- evaluation: skipped" in markdown and "| magnitude | 50 % | skipped |" in markdown
+    assert (out / "magnitude-0.5" / "model.safetensors.index.json").is_file()
+    memory = prune_args(model_dir, tmp_path / "memory")
+    memory[memory.index("--eval-tokens") + 1] = "0"
+    assert cli.main(memory) == 2  # in memory, the evaluation is what the report compares
+    assert "--eval-tokens must be >= 1, got 0" in capsys.readouterr().err

@@ -289,3 +289,49 @@ def test_perplexity_streamed_one_block_at_a_time_equals_the_loaded_model(tmp_pat
         got = llm.perplexity(model, tokens, seq_len=SEQ_LEN, batch_size=2, progress=False)
     assert got == want
     assert all(p.is_meta for p in skeleton.parameters())  # everything freed again
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "opt"])  # opt: the head tied to the embeddings
+@pytest.mark.parametrize("batch_size,stride", [(2, None), (3, SEQ_LEN // 2)])  # 3: a padded last window
+def test_perplexity_offload_disk_reads_each_block_once_and_equals_the_loaded_model(
+    tmp_path, monkeypatch, arch, batch_size, stride
+):
+    from pyprune_fast.llm.offload import DiskStore
+
+    _, path = checkpoint(tmp_path, arch)
+    tokens = calibration(seed=3)[:-3]
+    options = {"seq_len": SEQ_LEN, "batch_size": batch_size, "stride": stride, "progress": False}
+    want = llm.perplexity(load(path), tokens, **options)
+    loads, outside = [], []
+    load_block, load_outside = DiskStore._load, DiskStore._outside
+    monkeypatch.setattr(DiskStore, "_load", lambda self, i, *a: loads.append(i) or load_block(self, i, *a))
+    monkeypatch.setattr(DiskStore, "_outside", lambda self, skip: outside.append(skip) or load_outside(self, skip))
+    got = llm.perplexity(path, tokens, **options, offload="disk")
+    assert got == want
+    assert loads == [0, 1]  # each block read once for all windows
+    tied = arch == "opt"
+    head = {"lm_head.weight"}
+    embeddings = {"gpt_neox.embed_in.weight" if arch == "gpt_neox" else "model.embed_tokens.weight"}
+    assert outside == ([set(), set()] if tied else [head, embeddings])  # never the head and the embeddings at once
+
+
+def test_perplexity_offload_disk_needs_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="offload must be None or 'disk'"):
+        llm.perplexity(str(tmp_path), calibration(), seq_len=SEQ_LEN, offload="memory")
+    with pytest.raises(TypeError, match="checkpoint directory with offload='disk'"):
+        llm.perplexity(str(tmp_path), calibration(), seq_len=SEQ_LEN)
+    with pytest.raises(ValueError, match="is not a directory"):
+        llm.perplexity(str(tmp_path / "absent"), calibration(), seq_len=SEQ_LEN, offload="disk")
+
+
+def test_a_shard_copied_tensor_by_tensor_equals_one_written_at_once(tmp_path):
+    from pyprune_fast.llm.checkpoint import Checkpoint, read_shard, write_shard
+
+    _, path = checkpoint(tmp_path, "llama", dtype=torch.bfloat16)
+    source = Checkpoint(path)
+    names = source.keys()[::3]
+    write_shard(tmp_path / "at-once.safetensors", source.get_many(names))
+    source.copy_shard(names, tmp_path / "copied.safetensors")
+    assert (tmp_path / "copied.safetensors").read_bytes() == (tmp_path / "at-once.safetensors").read_bytes()
+    got = read_shard(tmp_path / "copied.safetensors", names)
+    assert all(torch.equal(got[n], t) for n, t in source.get_many(names).items())

@@ -1,10 +1,12 @@
 """Perplexity against a direct computation: one window at a time, the model's own loss on the labels
 of the tokens not yet scored (the classic sliding-window loop), for any stride and batch size."""
 
+import importlib
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from pyprune_fast import llm
 from pyprune_fast.llm.perplexity import windows
@@ -79,3 +81,23 @@ def test_bad_arguments_and_training_mode():
         llm.perplexity(model, ids, seq_len=0)
     llm.perplexity(model, ids, seq_len=8, progress=False)
     assert model.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loss_chunked_over_positions_equals_the_unchunked_one(monkeypatch, dtype):
+    perplexity = importlib.import_module("pyprune_fast.llm.perplexity")  # the module (llm.perplexity: the function)
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 17, 1000, generator=g) * 8).to(dtype)
+    logits[1, 3, 7] = 1e4  # one position all but certain, another with a −inf logit
+    logits[2, 2, :5] = float("-inf")
+    labels = torch.randint(0, 1000, (3, 17), generator=g)
+    labels[0, :5] = -100  # not scored
+    labels[2, -1] = -100
+    flat = labels.reshape(-1)
+    whole = nn.functional.cross_entropy(logits.float().reshape(-1, 1000), flat, reduction="none")[flat != -100]
+    assert whole.numel() == 51 - 6
+    for rows in (1, 4, 7, 50, 51, 100):
+        assert torch.equal(perplexity.token_nll(logits, labels, rows), whole), rows
+    monkeypatch.setattr(perplexity, "CHUNK_ELEMENTS", 3000)  # the default chunk: 3 positions
+    assert torch.equal(perplexity.token_nll(logits, labels), whole)
+    assert perplexity.token_nll(logits, torch.full_like(labels, -100)).numel() == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -391,20 +392,19 @@ def prune_offloaded(
     the checkpoint directory `models_dir/<tag>` (`resume` continues runs killed mid-way), and the
     perplexities, dense and pruned, are measured with one block in memory at a time. `refine`: as
     for `prune`."""
-    from ..llm.offload import open_disk_model
-
-    _check(bundle, methods, targets, samples, seq_len, eval_tokens)
+    _check(bundle, methods, targets, samples, seq_len, max(eval_tokens, 1))  # 0: no evaluation
     evaluation = bundle.evaluation[:eval_tokens]
     quiet_bar = False if quiet else None
     start = time.perf_counter()
 
-    def streamed_perplexity(path: str) -> float:
-        with open_disk_model(path)[1].streamed() as streamed:
-            return llm.perplexity(streamed, evaluation, seq_len=eval_seq_len, progress=quiet_bar)
+    def streamed_perplexity(path: str) -> float | None:
+        if not eval_tokens:
+            return None
+        return llm.perplexity(path, evaluation, seq_len=eval_seq_len, progress=quiet_bar, offload="disk")
 
     run = None
     if evaluate:
-        dense = {"perplexity": streamed_perplexity(bundle.checkpoint)}
+        dense = streamed_perplexity(bundle.checkpoint)
         prefix, blocks = llm.find_blocks(bundle.model)
         shapes = {
             f"{prefix}.{i}.{n}.weight": tuple(lin.weight.shape)
@@ -412,8 +412,11 @@ def prune_offloaded(
             for n, lin in llm.block_linears(block).items()
         }
         setting = _Setting(targets, granularity, samples, seq_len, evaluation, eval_seq_len)
-        run = _new_run(bundle, setting, str(device or "cpu"), shapes, dense, time.perf_counter() - start)
+        metrics = {} if dense is None else {"perplexity": dense}
+        run = _new_run(bundle, setting, str(device or "cpu"), shapes, metrics, time.perf_counter() - start)
         run.info["offload"] = f"streamed from {bundle.checkpoint} one decoder block at a time"
+        if dense is None:
+            run.info["evaluation"] = "skipped (eval_tokens 0): no perplexity measured"
     for method in methods:
         for target in targets:
             directory = os.path.join(models_dir, tag(method, target))
@@ -428,12 +431,16 @@ def prune_offloaded(
             _note_peak(run, pruned)
             _note_left_dense(run, pruned)
             _note_refinements(run, name, pruned)
-            run.info["peak host memory (RSS)"] = f"{pruned.peak_host_bytes / 2**20:.0f} MiB"
+            evaluated = time.perf_counter()
+            ppl = streamed_perplexity(directory)
+            run.seconds["pruned_evaluation"] = (
+                run.seconds.get("pruned_evaluation", 0.0) + time.perf_counter() - evaluated
+            )
             result = Result(
                 criterion=name,
                 sparsity=llm.parse_sparsity(target).fraction,
                 achieved=pruned.overall_sparsity,
-                metrics={"perplexity": streamed_perplexity(directory)},
+                metrics={} if ppl is None else {"perplexity": ppl},
                 layers=dict(pruned.layer_sparsity),
                 peak_bytes=_measured_peak(pruned),
                 block_error=[math.nan] * pruned.resumed_blocks + pruned.block_error,  # resumed: not measured
@@ -442,4 +449,6 @@ def prune_offloaded(
             run.results.append(result)
     if run is not None:
         run.seconds["prune"] = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the evaluations included
+        run.info["peak host memory (RSS)"] = f"{peak / 2**20:.0f} MiB (the whole run: pruning and evaluations)"
     return run

@@ -289,9 +289,9 @@ def _llm_results(run: Run) -> list[str]:
         + "achieved | time to prune | peak memory | block error: mean, worst (block) | masks |",
         "|---" * (9 + tuned) + "|",
     ]
-    dense = run.dense["perplexity"]
+    dense = run.dense.get("perplexity")  # none: the evaluation was skipped
     for r in run.results:
-        ppl = r.metrics["perplexity"]
+        ppl = r.metrics.get("perplexity")
         errors = [(e, i) for i, e in enumerate(r.block_error or []) if math.isfinite(e)]
         error = "not measured"
         if errors:
@@ -299,8 +299,9 @@ def _llm_results(run: Run) -> list[str]:
             error = f"{sum(e for e, _ in errors) / len(errors):.4f}, {worst:.4f} ({block})"
         after = f"{r.finetuned['perplexity']:.4f} | " if tuned else ""
         out.append(
-            f"| {_split(r.criterion)[0]} | {_pattern(run, r)} | {ppl:.4f} | {ppl / dense:.2f} | {after}"
-            f"{r.achieved:.4f} | {run.score_seconds[r.criterion]:.1f} s | {_size(r.peak_bytes)} | {error} | "
+            f"| {_split(r.criterion)[0]} | {_pattern(run, r)} | "
+            + ("skipped | – | " if ppl is None else f"{ppl:.4f} | {ppl / dense:.2f} | ")
+            + f"{after}{r.achieved:.4f} | {run.score_seconds[r.criterion]:.1f} s | {_size(r.peak_bytes)} | {error} | "
             f"`{r.files.get('masks', '')}` |"
         )
     out += [

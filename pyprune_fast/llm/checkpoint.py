@@ -2,8 +2,8 @@
 models that do not fit in memory (`llm.prune(..., offload="disk")`, llm.offload).
 
 Reading: the directory's `model.safetensors.index.json` (or its one `model.safetensors`) maps every
-tensor to a shard; shards are memory-mapped by safetensors and a tensor is read only when asked for,
-so nothing but the tensors in use is ever in RAM. Every shard is checked when the checkpoint is
+tensor to a shard; a tensor is read (plain reads, no memory map) only when asked for, so nothing but
+the tensors in use is ever in RAM. Every shard is checked when the checkpoint is
 opened: a missing, truncated or corrupt shard, an index naming tensors a shard does not hold, or a
 shard name leaving the checkpoint directory, is a ValueError naming the file.
 
@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -134,6 +135,12 @@ class Checkpoint:
             out.update(read_shard(self.path / shard, group))
         return {name: out[name] for name in names}
 
+    def copy_shard(self, names: Iterable[str], path: str | os.PathLike) -> None:
+        """Writes the named tensors, unchanged, as one shard at `path` (write_shard), reading one tensor
+        at a time: the embeddings and the head of a large vocabulary are never in memory together."""
+        specs = {n: (self.dtype(n), self._meta[n][1]) for n in names}
+        _write_shard(path, specs, lambda name: self.get_many([name])[name])
+
     def nbytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of the named tensors (all by default), from the shard headers."""
         total = 0
@@ -180,28 +187,49 @@ def write_shard(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
     tensor's bytes to the file: no serialized copy of the shard is made in memory (safetensors'
     save_file builds one, as large as the shard). The header's metadata holds the sha256 of the data
     (module docstring). An OSError while writing (a full disk) is raised naming the file."""
-    names = sorted(tensors)  # safetensors' own order: by name
-    cpu = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
-    data = [memoryview(cpu[n].reshape(-1).view(torch.uint8).numpy()) for n in names if cpu[n].numel()]
-    digest = hashlib.sha256()
-    for chunk in data:
-        digest.update(chunk)
-    header: dict = {"__metadata__": {"format": "pt", DIGEST: digest.hexdigest()}}
+    specs = {n: (tensors[n].dtype, list(tensors[n].shape)) for n in tensors}
+    _write_shard(path, specs, tensors.__getitem__)
+
+
+def _write_shard(path: str | os.PathLike, specs: Mapping[str, tuple], get) -> None:
+    """write_shard of the tensors {name: (dtype, shape)} `specs`, each fetched by `get(name)` only when
+    its bytes are written and dropped after: one tensor in memory at a time. The header is written
+    with a placeholder digest of the same length and rewritten once the data is hashed."""
+    names = sorted(specs)  # safetensors' own order: by name
+    header: dict = {"__metadata__": {"format": "pt", DIGEST: "0" * 64}}
     offset = 0
     for name in names:
-        t = cpu[name]
-        if t.dtype not in _CODES:
-            raise TypeError(f"{name}: safetensors cannot store {t.dtype}")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        dtype, shape = specs[name]
+        if dtype not in _CODES:
+            raise TypeError(f"{name}: safetensors cannot store {dtype}")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    def encode() -> bytes:
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        return encoded + b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    digest = hashlib.sha256()
     with _naming("shard", path), atomic_path(path) as temp, open(temp, "wb") as f:
+        encoded = encode()
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for chunk in data:
-            f.write(chunk)
+        for name in names:
+            _append(f, get(name), digest)
+        header["__metadata__"][DIGEST] = digest.hexdigest()
+        f.seek(8)
+        f.write(encode())  # the same length: the digest's 64 hex digits replace the placeholder's
+
+
+def _append(f, tensor: Tensor, digest) -> None:
+    """Writes the bytes of `tensor` to the open file `f` and adds them to `digest`; nothing of it is
+    kept once this returns (a view left in a caller's variable would keep the tensor alive)."""
+    t = tensor.detach().to("cpu").contiguous()
+    if t.numel():
+        chunk = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        digest.update(chunk)
+        f.write(chunk)
 
 
 @contextlib.contextmanager
@@ -282,11 +310,41 @@ def copy_side_files(source: str | os.PathLike, directory: str | os.PathLike) -> 
 
 
 def read_shard(path: str | os.PathLike, names: Iterable[str]) -> dict[str, Tensor]:
-    """The tensors `names` of one safetensors file (ValueError naming the file when it cannot be read)."""
-    from safetensors import safe_open
+    """The tensors `names` of one safetensors file (ValueError naming the file when it cannot be read).
 
+    Each tensor is read with plain reads into memory of its own, not through a memory map: pages of a
+    mapped file count in the process's resident memory while the map is open, so copying a tensor out
+    of a map holds it twice (the embeddings and the head of a large vocabulary: twice 0.3 GB)."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in names}
+        raw, start = _read_header(path)
+        header = json.loads(raw)
+        out = {}
+        with open(path, "rb", buffering=0) as f:
+            for name in names:
+                entry = header[name]
+                dtype = _DTYPES.get(entry["dtype"], (None, 0))[0]
+                if dtype is None:
+                    raise ValueError(f"{name}: torch has no dtype {entry['dtype']}")
+                begin, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=dtype)
+                if tensor.numel() * tensor.element_size() != end - begin:
+                    raise ValueError(f"{name}: {end - begin} bytes for shape {entry['shape']} of {entry['dtype']}")
+                _read_into(f, start + begin, tensor)
+                out[name] = tensor
+        return out
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"shard {path} is not readable: {exc}") from None
+        raise UsageError(f"shard {path} is not readable: {type(exc).__name__}: {exc}") from None
+
+
+def _read_into(f, offset: int, tensor: Tensor) -> None:
+    """Fills the contiguous CPU `tensor` with the bytes of the open file `f` from `offset` on."""
+    if tensor.numel() == 0:
+        return
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    done = 0
+    while done < len(buffer):
+        got = f.readinto(buffer[done:])
+        if not got:
+            raise ValueError(f"the file ends {len(buffer) - done} bytes before the tensor at offset {offset}")
+        done += got

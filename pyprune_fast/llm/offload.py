@@ -4,8 +4,10 @@ and written, pruned, to an output checkpoint at once.
 
 On disk the model is a skeleton (accelerate's `init_empty_weights`: parameters on the meta device,
 buffers real), so host memory holds one decoder block's weights, the calibration activations and
-the pipeline's statistics; the modules before the first block (embeddings) are loaded only while the
-calibration inputs are captured. The output directory:
+the pipeline's statistics; the modules before the first block (embeddings, not the head) are loaded
+only while the calibration inputs are captured. `DiskStore.logits` evaluates the model the same way:
+each block read once for every batch, the head loaded only after the blocks, without the embeddings.
+The output directory:
 
     model-00001-of-0000N.safetensors      every tensor outside the decoder blocks, copied unchanged
     model-0000(i+2)-of-0000N.safetensors  decoder block i, pruned (N = blocks + 1)
@@ -33,7 +35,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..io import write_text
+from .blocks import accepts, capture_inputs
 from .checkpoint import (
     Checkpoint,
     copy_side_files,
@@ -177,7 +180,7 @@ class DiskStore:
         self.out, self.run = out, run
         front = out / shard_name(1, self.count)
         if not is_complete_shard(front, self.front_names):
-            write_shard(front, self.checkpoint.get_many(self.front_names))
+            self.checkpoint.copy_shard(self.front_names, front)
         done = 0
         while done < len(self.blocks) and self.finished(done):
             done += 1
@@ -253,16 +256,37 @@ class DiskStore:
 
     # --- blocks and the modules in front of them ------------------------------------------------------
 
+    def _names_of(self, module: nn.Module | None) -> set[str]:
+        """The model's names of the tensors of `module` (a submodule of the model; none for None)."""
+        for path, candidate in self.model.named_modules():
+            if candidate is module:
+                return {f"{path}.{n}" if path else n for n in module.state_dict(keep_vars=True)}
+        return set()
+
+    def _untied(self, module: nn.Module | None) -> set[str]:
+        """The names of `module`'s tensors when the input embeddings and the head share none (else none:
+        a tied head is the embeddings). The skeleton is tied first (as loading it does) to tell."""
+        model = self.model
+        inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if inputs is None or head is None:
+            return set()
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        shared = {id(t) for t in inputs.parameters()} & {id(t) for t in head.parameters()}
+        return set() if shared else self._names_of(module)
+
     @contextlib.contextmanager
-    def front(self):
-        """The tensors outside the decoder blocks loaded (to capture the first block's inputs), then
-        freed again."""
-        for key, value in self.checkpoint.get_many(self.front_names).items():
+    def _outside(self, skip: set[str]):
+        """The tensors outside the decoder blocks loaded but those named in `skip` (left on the meta
+        device) for the duration, then freed again."""
+        keys = [k for k in self.front_names if self.model_name[k] not in skip]
+        for key, value in self.checkpoint.get_many(keys).items():
             with contextlib.suppress(KeyError, AttributeError):  # a tensor the model lacks is only copied
                 _set_tensor(self.model, self.model_name[key], value)
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
-        outside = [n for n in _on_meta(self.model) if not n.startswith(self.prefix + ".")]
+        outside = [n for n in _on_meta(self.model) if not n.startswith(self.prefix + ".") and n not in skip]
         if outside:
             raise UsageError(f"checkpoint {self.checkpoint.path} lacks {outside[:5]}")
         try:
@@ -270,6 +294,14 @@ class DiskStore:
         finally:
             _to_meta(self.model, [n for n in self.model.state_dict(keep_vars=True)
                                   if not n.startswith(self.prefix + ".")])  # fmt: skip
+            _release_freed_memory()
+
+    def front(self):
+        """The tensors outside the decoder blocks loaded (to capture the first block's inputs), then
+        freed again; the head (lm_head) stays unloaded unless the embeddings are tied to it: nothing
+        after the first block runs."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return self._outside(self._untied(head))
 
     def _load(self, i: int, block: nn.Module, source: str) -> None:
         if source == "output":
@@ -299,9 +331,10 @@ class DiskStore:
 
     @contextlib.contextmanager
     def streamed(self):
-        """The whole model usable for inference (e.g. llm.perplexity) with one decoder block in memory
-        at a time: the tensors outside the blocks loaded for the duration, each block read from the
-        checkpoint when it is called and freed when it returns."""
+        """The whole model usable for inference with one decoder block in memory at a time: the tensors
+        outside the blocks loaded for the duration, each block read from the checkpoint when it is
+        called and freed when it returns. Every block is read again at every forward: for many
+        forwards over the same blocks (perplexity) `logits` reads each block once."""
         handles = []
         for i, block in enumerate(self.blocks):
 
@@ -310,14 +343,94 @@ class DiskStore:
 
             def free(module, _args, _output, i=i):
                 _to_meta(module, self.local_names[i])
+                _release_freed_memory()
 
             handles += [block.register_forward_pre_hook(load), block.register_forward_hook(free)]
         try:
-            with self.front():
+            with self._outside(set()):
                 yield self.model
         finally:
             for h in handles:
                 h.remove()
+
+    def logits(self, batches: list[dict[str, Tensor]], progress: bool | None = None) -> Iterator[Tensor]:
+        """The model's logits for each batch of inputs (keyword arguments of its forward: input_ids,
+        attention_mask), yielded one batch at a time, each block read once for all batches:
+
+            1. the embeddings loaded: every batch's inputs of block 0 captured (llm.blocks), then freed
+            2. each block read, run on every batch (its outputs replace its inputs), freed
+            3. the rest (final norm, head) loaded, the embeddings not: the model's own forward on each
+               batch, its blocks replaced by one that returns the batch's last hidden states
+
+        Bit for bit the logits of the loaded model's forward on each batch (each block runs on the same
+        inputs with the same arguments). Host memory: one block, the hidden states of every batch
+        (tokens × hidden size in the model's dtype), the head and one batch's logits. progress: a tqdm
+        bar over the blocks; None shows it only on a terminal."""
+        from tqdm.auto import tqdm
+
+        extra = {"use_cache": False} if accepts(self.model, "use_cache") else {}
+
+        def forward(model, inputs):
+            return model(**inputs, **extra)
+
+        with self.front():
+            inputs = capture_inputs(self.model, self.blocks[0], batches, torch.device("cpu"), forward=forward)
+        bare: list[bool] = []  # whether the last block returned a bare tensor (else a tuple)
+        last = self.blocks[len(self.blocks) - 1]
+        hook = last.register_forward_hook(lambda _m, _a, out: bare.append(isinstance(out, Tensor)))
+        disable = None if progress is None else not progress
+        try:
+            for i, block in enumerate(tqdm(self.blocks, desc="perplexity", unit="block", disable=disable)):
+                with self.block(i, block):
+                    inputs.advance(block)
+        finally:
+            hook.remove()
+        yield from self._head(batches, _Replay(inputs.hidden, bare[-1]), forward)
+
+    def _head(self, batches: list[dict[str, Tensor]], replay: _Replay, forward) -> Iterator[Tensor]:
+        """The model's forward on each batch with every block replaced by `replay` and the embeddings
+        (unless tied to the head) by zeros: what follows the blocks (final norm, head, whatever the
+        model does to its logits) on the replayed hidden states; one batch's logits at a time."""
+        embeddings = self.model.get_input_embeddings()
+        skip = self._untied(embeddings) if isinstance(embeddings, nn.Embedding) else set()
+        originals = list(self.blocks)
+        try:
+            for i in range(len(self.blocks)):
+                self.blocks[i] = replay
+            if skip:
+                self.model.set_input_embeddings(_Zeros(embeddings))
+            with self._outside(skip):
+                for j, batch in enumerate(batches):
+                    replay.j = j
+                    yield forward(self.model, batch).logits
+        finally:
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
+            self.model.set_input_embeddings(embeddings)
+
+
+class _Replay(nn.Module):
+    """Stands for every decoder block once their outputs are known: returns batch j's last hidden
+    states (as a bare tensor or a 1-tuple, as the blocks did), whatever it is given."""
+
+    def __init__(self, hidden: list[Tensor], bare: bool) -> None:
+        super().__init__()
+        self.hidden, self.bare, self.j = hidden, bare, 0
+
+    def forward(self, *_args, **_kwargs):
+        return self.hidden[self.j] if self.bare else (self.hidden[self.j],)
+
+
+class _Zeros(nn.Module):
+    """Stands for the input embeddings while the blocks' outputs are replayed: zeros of their width and
+    dtype (the blocks that would take them are replayed)."""
+
+    def __init__(self, embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.dim, self.dtype = embeddings.embedding_dim, embeddings.weight.dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return torch.zeros(*ids.shape, self.dim, dtype=self.dtype, device=ids.device)
 
 
 def _read_record(record: Path) -> dict[str, Any]:

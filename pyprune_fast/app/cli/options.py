@@ -229,7 +229,8 @@ class PruneOptions(Options):
         remove_channels: remove pruned channels physically (channel granularities).
         save_model: also write each pruned model (True: under `out`; a str: under that directory).
         finetune, finetune_lr, schedule, rounds: the Refinement (`refinement`), checked there.
-        samples, eval_tokens: causal LMs' calibration sequences and held-out tokens, >= 1.
+        samples, eval_tokens: causal LMs' calibration sequences and held-out tokens, >= 1 (eval_tokens 0 with
+            offload: no evaluation).
         offload: "disk": stream a causal LM from its checkpoint; None: in memory.
         resume: continue an offloaded run.
         structure, ratio, allocation, reconstruct, multiple, distill, distill_lr: structured pruning (`plan`, an
@@ -399,6 +400,8 @@ class PruneOptions(Options):
         if unknown:
             raise UsageError(f"criteria {unknown} do not apply to LLMs; LLM methods: {', '.join(llm.METHODS)}")
         sizes = {"samples": self.samples, "seq_len": self.seq_len, "eval_tokens": self.eval_tokens}
+        if self.offload and self.eval_tokens == 0:  # a streamed run that only writes the pruned checkpoints
+            del sizes["eval_tokens"]
         llm_runner.check_methods(self.methods, self.targets, sizes)
 
     # --- structured pruning (--structure) ---------------------------------------------------------

@@ -157,7 +157,11 @@ def _add_llm_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("LLMs (--model smollm2 or hf:PATH of a causal LM)")
     group.add_argument("--samples", type=int, default=16, help="calibration sequences of --seq-len (default 16)")
     group.add_argument(
-        "--eval-tokens", type=int, default=8192, help="held-out tokens the perplexity is measured on (default 8192)"
+        "--eval-tokens",
+        type=int,
+        default=8192,
+        help="held-out tokens the perplexity is measured on (default 8192); 0 with --offload disk: no evaluation, "
+        "only the pruned checkpoints",
     )
     group.add_argument(
         "--offload",

@@ -27,8 +27,9 @@ def write_reports(run, out: OutDir, staged, argv: list[str]) -> tuple[list[str],
             report.retention_plot(run, staged.path(out.file(report.RETENTION_PLOT)))
         report.widths_plot(run, staged.path(out.file(report.WIDTHS_PLOT)))
     elif run.llm:  # per-layer sparsity (in report.json) is the target in every Linear but with global: no plot
-        plots = [report.PERPLEXITY_PLOT]
-        report.perplexity_plot(run, staged.path(out.file(report.PERPLEXITY_PLOT)))
+        plots = [report.PERPLEXITY_PLOT] if run.dense else []  # none: the evaluation was skipped
+        if run.dense:
+            report.perplexity_plot(run, staged.path(out.file(report.PERPLEXITY_PLOT)))
         if any(r.block_error for r in run.results):
             plots.append(report.BLOCK_ERROR_PLOT)
             report.block_error_plot(run, staged.path(out.file(report.BLOCK_ERROR_PLOT)))
@@ -88,7 +89,7 @@ def run_and_report(options: PruneOptions, out: OutDir, execute) -> int:
     if "peak host memory (RSS)" in run.info:
         print(f"peak host memory (RSS of the process, streamed from disk): {run.info['peak host memory (RSS)']}")
     print(
-        f"\nwrote {len(files)} files to {options.out}/ (report.md, report.json, {', '.join(plots)}) "
+        f"\nwrote {len(files)} files to {options.out}/ ({', '.join(['report.md', 'report.json', *plots])}) "
         f"in {time.perf_counter() - start:.0f} s"
     )
     return 0
