@@ -28,6 +28,10 @@ STRUCTURES = (*llm.structured.STRUCTURES, EXPERTS)
 DEPTH = "block influence"  # depth's one criterion (ShortGPT), the result's name
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 128, 32, 16  # short: the command stays quick
 RANDOM_BATCH = 8  # images per random calibration batch of a vision model without --data
+# how a causal LM's saved directory loads (report.json's "load" of expert removal): a standard config,
+# or per-layer expert counts (global allocation) that only llm.load_pretrained rebuilds
+STOCK_LOAD = "transformers.AutoModelForCausalLM.from_pretrained(DIR)"
+PRUNED_LOAD = "pyprune_fast.llm.load_pretrained(DIR)"
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ def _expert_info(result: llm.ExpertResult) -> dict:
         "experts": [len(k) for k in result.kept.values()],
         "removed_experts": result.removed,
         "standard": result.standard,
+        "load": STOCK_LOAD if result.standard else PRUNED_LOAD,
     }
 
 
