@@ -235,3 +235,18 @@ def test_the_cli_says_how_to_load_a_global_removal(tmp_path, capsys):
     loaded, tokenizer = llm.load_pretrained(out / r["files"]["model"])
     assert tokenizer is not None
     assert [m.num_experts for _, _, m in llm.structured.experts.moe_layers(loaded)] == s["experts"]
+
+
+def test_the_cli_refuses_a_ratio_that_leaves_fewer_experts_than_the_top_k(tmp_path, capsys):
+    from pyprune_fast.app import cli
+    from tests.test_llm_models import tiny_tokenizer
+
+    directory = tmp_path / "mixtral"
+    tiny_moe("mixtral").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    argv = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--ratio", "0.75", "--out",
+            str(tmp_path / "out"), "--samples", "4", "--seq-len", "16", "--eval-tokens", "256", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "num_experts_per_tok=2 is larger than the 1 experts --ratio leaves in model.layers.0.mlp" in (
+        capsys.readouterr().err
+    )

@@ -189,3 +189,27 @@ def test_bad_input_is_refused_before_the_model_is_touched():
         llm.prune_structured(model, calibration(), ratio=0.25, **OPTIONS)
     after = _state(model)
     assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_the_cli_prunes_expert_widths_and_saves_a_standard_directory(tmp_path, capsys):
+    import json
+
+    from pyprune_fast.app import cli
+    from tests.test_llm_models import tiny_tokenizer
+
+    directory = tmp_path / "qwen2_moe"
+    tiny_moe("qwen2_moe").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    out = tmp_path / "out"
+    argv = ["prune", "--model", f"hf:{directory}", "--structure", "width", "--criterion", "wanda", "--ratio", "0.25",
+            "--save-model", "--out", str(out), "--samples", "4", "--seq-len", "16", "--eval-tokens", "256",
+            "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    with open(out / "report.json") as f:
+        doc = json.load(f)
+    assert doc["structured"]["dense"]["intermediate"] == [16, 16]
+    (r,) = doc["results"]
+    assert r["structured"]["standard"] and r["structured"]["intermediate"] == [8, 8]
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(out / r["files"]["model"])
+    assert pruned.config.moe_intermediate_size == 8 and pruned.config.shared_expert_intermediate_size < 24
+    assert pruned.model.layers[0].mlp.experts.down_proj.shape == (4, 32, 8)

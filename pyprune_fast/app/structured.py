@@ -145,6 +145,9 @@ def _dense_widths(bundle, plan: Plan) -> dict:
     """The dense model's widths per block (MLP channels, heads), or its routed experts per MoE layer."""
     if plan.structure == EXPERTS:
         return {"experts": [m.num_experts for _, _, m in llm.structured.experts.moe_layers(bundle.model)]}
+    if plan.structure == "width" and llm.structured.has_moe(bundle.model):  # routed experts' widths
+        intermediate, heads = llm.structured.moe_widths(bundle.model)
+        return {"intermediate": intermediate, "heads": heads}
     s = llm.structure_of(bundle.model)
     n = len(s.blocks)
     return {"intermediate": [s.intermediate(i) for i in range(n)], "heads": [s.block_heads(i) for i in range(n)]}
@@ -243,8 +246,8 @@ def prune(
         UsageError: too little text, a model the structured pruner does not know (refused by name,
             nothing pruned), a ratio that leaves a block nothing."""
     try:
-        if plan.structure == EXPERTS:
-            llm.structured.experts.moe_layers(bundle.model)
+        if plan.structure == EXPERTS or (plan.structure == "width" and llm.structured.has_moe(bundle.model)):
+            llm.structured.experts.moe_layers(bundle.model)  # (MoE width: the rest is checked by prune_structured)
         else:
             llm.structure_of(bundle.model)
     except ValueError as exc:
@@ -304,7 +307,7 @@ def _one(bundle, plan: Plan, job: _Job, criterion: str, ratio: float, run: Run, 
         raise UsageError(f"`ratio` {ratio:g}, `structure` {plan.structure}: {exc}") from exc
     run.score_seconds[criterion] += pruned.seconds
     info = _structure_info(pruned)
-    if isinstance(bundle, LLMBundle):
+    if isinstance(bundle, LLMBundle) and not llm.structured.has_moe(dense):  # (MoE: top-k experts read a token)
         from ..bench.structured import weights_read
 
         info["weights_read_ratio"] = weights_read(dense) / weights_read(model)

@@ -70,7 +70,9 @@ __all__ = [
     "Structure",
     "StructuredResult",
     "load_pretrained",
+    "has_moe",
     "load_vision",
+    "moe_widths",
     "prune_structured",
     "save_vision",
     "structure_of",
@@ -370,8 +372,7 @@ def _moe_width(model, calibration, options: dict[str, Any], sizes: tuple[int, in
     except BaseException:
         edits.undo()
         raise
-    result.intermediate = moe_widths(blocks)
-    result.heads = [int(model.config.num_attention_heads)] * len(blocks)
+    result.intermediate, result.heads = moe_widths(model)
     result.rare_experts = run.rare
     result.params_after = sum(p.numel() for p in model.parameters())
     result.decoder_params_after = sum(p.numel() for p in blocks.parameters())

@@ -341,13 +341,17 @@ class MoEWidthRun:
             self.edits.set(config, dense_key, dense - self.run.dense)
 
 
-def widths(blocks: nn.ModuleList) -> list[int]:
-    """Each block's MLP width: its routed experts' (MoE blocks) or its MLP's (dense blocks)."""
+def widths(model: nn.Module) -> tuple[list[int], list[int]]:
+    """Each decoder block's MLP width — its routed experts' (MoE blocks) or its MLP's (dense blocks) —
+    and its query heads (the config's: heads are not removed here)."""
+    from ..blocks import find_blocks
+
+    _, blocks = find_blocks(model)
     out = []
     for block in blocks:
         layers = find_moe(block)
         out.append(_routed_width(layers[0]) if layers else _dense_mlp(block).down_proj.in_features)
-    return out
+    return out, [int(model.config.num_attention_heads)] * len(blocks)
 
 
 def sequential(
