@@ -507,12 +507,20 @@ class Names:
 
     def fuse(self, name: str, stored: dict[str, Tensor]) -> Tensor:
         """The model's tensor `name` from the checkpoint's tensors `stored` (by key), which it takes out
-        of `stored`: a block's per-expert tensors are freed as they are stacked."""
+        of `stored`: each per-expert tensor is copied into its place in the fused one and freed, so a
+        block's experts are in memory once (plus one expert's tensor), not twice."""
         parts = self.stacked.get(name)
         if parts is None:
             return stored.pop(self._key[name])
-        stacks = [torch.stack([stored.pop(k) for k in part]) for part in parts]
-        return stacks[0] if len(stacks) == 1 else torch.cat(stacks, dim=1)
+        first = stored[parts[0][0]]
+        rows = [stored[part[0]].shape[0] for part in parts]
+        out = torch.empty((len(parts[0]), sum(rows), *first.shape[1:]), dtype=first.dtype)
+        start = 0
+        for part, count in zip(parts, rows):
+            for e, key in enumerate(part):
+                out[e, start : start + count] = stored.pop(key)
+            start += count
+        return out
 
     def split(self, name: str, tensor: Tensor) -> dict[str, Tensor]:
         """{checkpoint key: tensor} of the model's tensor `name` as the checkpoint stores it (views of

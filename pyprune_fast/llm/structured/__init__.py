@@ -14,9 +14,12 @@ layout.py: the coupled groups, the rule for grouped-query attention; any other i
 Width: width.py (how `ratio` is split between heads and channels, uniform and global allocation),
 scores.py (the SCORES registry: magnitude, L1/L2, Wanda, FLAP, Taylor, Fisher, Ide; gradients.py the
 block-local gradients of the last three), refit.py (least-squares reconstruction, FLAP's bias
-compensation). Depth: depth.py (ShortGPT's block influence, or the loss increase of dropping each
-block). Saving and loading: load.py (Hugging Face), vision.py (timm / torchvision: safetensors with
-the shapes, `load_vision` rebuilds them on a model from the library's factory)."""
+compensation). Mixture-of-experts models (Mixtral, Qwen2/3-MoE, DeepSeek-V3, OLMoE, gpt-oss): width
+inside every routed and shared expert, each on its own routed tokens (moe_width.py); whole experts
+removed (experts.py, llm.prune_experts). Depth: depth.py (ShortGPT's block influence, or the loss
+increase of dropping each block). Saving and loading: load.py (Hugging Face), vision.py (timm /
+torchvision: safetensors with the shapes, `load_vision` rebuilds them on a model from the library's
+factory)."""
 
 from __future__ import annotations
 
