@@ -151,6 +151,7 @@ def test_rare_experts_are_reported_and_scored_by_magnitude():
     result = llm.prune_structured(model, calibration(), ratio=0.25, score="wanda", min_expert_tokens=30,
                                   reconstruct=False, **OPTIONS)  # fmt: skip
     assert result.rare_experts and all(c < 30 for c in result.rare_experts.values())
+    assert f"{len(result.rare_experts)} routed experts below min_expert_tokens" in result.summary()
     for name in result.rare_experts:
         i, e = int(name.split(".")[2]), int(name.split(".")[-1])
         (m,) = moe.find_moe(original.model.layers[i])

@@ -126,6 +126,9 @@ class StructuredResult:
         if self.removed_blocks:
             lines.append(f"removed blocks {self.removed_blocks}")
         lines.append(f"MLP widths {self.intermediate}")
+        if self.rare_experts:
+            lines.append(f"{len(self.rare_experts)} routed experts below min_expert_tokens (their routed tokens): "
+                         + ", ".join(f"{n} {c}" for n, c in self.rare_experts.items()))  # fmt: skip
         lines.append(f"query heads {self.heads}")
         lines.append(
             "standard config (stock from_pretrained loads it)"
