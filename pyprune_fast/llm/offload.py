@@ -4,7 +4,9 @@ and written, pruned, to an output checkpoint at once.
 
 On disk the model is a skeleton (accelerate's `init_empty_weights`: parameters on the meta device,
 buffers real), so host memory holds one decoder block's weights, the calibration activations and
-the pipeline's statistics; the modules before the first block (embeddings, not the head) are loaded
+the pipeline's statistics (a mixture-of-experts checkpoint that stores its experts one tensor per
+expert, as Mixtral's and Qwen's hub checkpoints do, has each block's experts fused as the model holds
+them when read, and split back into the same keys when written: `checkpoint_names`); the modules before the first block (embeddings, not the head) are loaded
 only while the calibration inputs are captured. `DiskStore.logits` evaluates the model the same way:
 each block read once for every batch, the head loaded only after the blocks, without the embeddings.
 The output directory:
@@ -34,8 +36,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,17 +122,18 @@ class DiskStore:
         self.writer = True  # False on the ranks other than 0 of a distributed run: they only read
         self.alone = True  # False in a distributed run: what is kept on disk is recomputed on resume
         self.count = len(blocks) + 1
-        self.model_name = _model_names(model, checkpoint)  # checkpoint key -> the model's name for it
-        keys = {name: key for key, name in self.model_name.items()}
+        self.names = checkpoint_names(model, checkpoint.keys(), checkpoint.path)
+        self.model_name = self.names.model  # checkpoint key -> the model's name for it
+        known_names = set(self.model_name.values())
         self.local_names: list[list[str]] = []  # per block: names relative to the block
         self.block_names: list[list[str]] = []  # per block: the checkpoint keys of the same tensors
         for i, block in enumerate(blocks):
             local = list(block.state_dict(keep_vars=True))
-            missing = [f"{prefix}.{i}.{n}" for n in local if f"{prefix}.{i}.{n}" not in keys]
+            missing = [f"{prefix}.{i}.{n}" for n in local if f"{prefix}.{i}.{n}" not in known_names]
             if missing:
                 raise UsageError(f"checkpoint {checkpoint.path} lacks {missing[:5]} of decoder block {i}")
             self.local_names.append(local)
-            self.block_names.append([keys[f"{prefix}.{i}.{n}"] for n in local])
+            self.block_names.append([k for n in local for k in self.names.keys(f"{prefix}.{i}.{n}")])
         known = {n for names in self.block_names for n in names}
         self.front_names = [k for k in checkpoint.keys() if k not in known]
         unexpected = [k for k in self.front_names if self.model_name[k].startswith(prefix + ".")]
@@ -304,14 +309,14 @@ class DiskStore:
         return self._outside(self._untied(head))
 
     def _load(self, i: int, block: nn.Module, source: str) -> None:
+        """Block i's tensors read from the input checkpoint (or the output), experts stored one tensor
+        each fused as the model holds them (Names)."""
         if source == "output":
             stored = read_shard(self.shard(i), self.block_names[i])
-            values = {n: stored[full] for n, full in zip(self.local_names[i], self.block_names[i])}
         else:
             stored = self.checkpoint.get_many(self.block_names[i])
-            values = {n: stored[full] for n, full in zip(self.local_names[i], self.block_names[i])}
-        for n, value in values.items():
-            _set_tensor(block, n, value)
+        for n in self.local_names[i]:
+            _set_tensor(block, n, self.names.fuse(f"{self.prefix}.{i}.{n}", stored))
 
     @contextlib.contextmanager
     def block(self, i: int, block: nn.Module, *, source: str = "input", write: bool = False):
@@ -323,8 +328,11 @@ class DiskStore:
         try:
             yield
             if write and self.writer:
-                write_shard(self.shard(i), {full: block.get_parameter(n) if _is_param(block, n) else block.get_buffer(n)
-                                            for n, full in zip(local, self.block_names[i])})  # fmt: skip
+                tensors = {}
+                for n in local:
+                    value = block.get_parameter(n) if _is_param(block, n) else block.get_buffer(n)
+                    tensors.update(self.names.split(f"{self.prefix}.{i}.{n}", value))
+                write_shard(self.shard(i), tensors)
         finally:
             _to_meta(block, local)
             _release_freed_memory()
@@ -473,31 +481,102 @@ def _load_libc():
 _LIBC = _load_libc() if sys.platform.startswith("linux") else None
 
 
-def _model_names(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
-    """{checkpoint key: the model's name for that tensor}: the key renamed by the renaming rules
-    transformers applies when it loads this architecture (e.g. GPT-NeoX's embed_out -> lm_head).
-    Checkpoints that transformers must convert (split, merge or stack tensors) are refused."""
+@dataclass
+class Names:
+    """How a checkpoint's tensors are the model's (`checkpoint_names`): `model` {checkpoint key: the
+    model's name for it}; `stacked` {model name: per part, the checkpoint keys of experts 0, 1, …} for a
+    fused expert tensor that the checkpoint stores one tensor per expert (Mixtral's
+    `block_sparse_moe.experts.3.w1.weight`, Qwen's `mlp.experts.3.gate_proj.weight`): the model's tensor
+    is the per-expert tensors stacked (dim 0), the parts concatenated along dim 1 (gate | up), as
+    transformers' MergeModulelist(dim=0) and Concatenate(dim=1) build it when it loads them."""
+
+    model: dict[str, str]
+    stacked: dict[str, list[list[str]]]
+    _key: dict[str, str] = field(init=False, repr=False)  # the model's name -> its one checkpoint key
+
+    def __post_init__(self) -> None:
+        self._key = {name: key for key, name in self.model.items() if name not in self.stacked}
+
+    def keys(self, name: str) -> list[str]:
+        """The checkpoint keys of the model's tensor `name`."""
+        parts = self.stacked.get(name)
+        if parts is not None:
+            return [k for part in parts for k in part]
+        return [self._key[name]]
+
+    def fuse(self, name: str, stored: dict[str, Tensor]) -> Tensor:
+        """The model's tensor `name` from the checkpoint's tensors `stored` (by key), which it takes out
+        of `stored`: a block's per-expert tensors are freed as they are stacked."""
+        parts = self.stacked.get(name)
+        if parts is None:
+            return stored.pop(self._key[name])
+        stacks = [torch.stack([stored.pop(k) for k in part]) for part in parts]
+        return stacks[0] if len(stacks) == 1 else torch.cat(stacks, dim=1)
+
+    def split(self, name: str, tensor: Tensor) -> dict[str, Tensor]:
+        """{checkpoint key: tensor} of the model's tensor `name` as the checkpoint stores it (views of
+        `tensor`): `fuse`'s inverse."""
+        parts = self.stacked.get(name)
+        if parts is None:
+            return {self._key[name]: tensor}
+        chunks = tensor.chunk(len(parts), dim=1) if len(parts) > 1 else (tensor,)
+        return {k: chunk[e] for part, chunk in zip(parts, chunks) for e, k in enumerate(part)}
+
+
+def _stacks(transform: Any) -> bool:
+    """Whether a transformers WeightConverter only stacks per-expert tensors (MergeModulelist(dim=0)),
+    then concatenates its source patterns along dim 1 (Concatenate(dim=1)) when it has several."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in transform.operations]
+    if len(transform.source_patterns) == 1:
+        return ops == [("MergeModulelist", 0)]
+    return ops == [("MergeModulelist", 0), ("Concatenate", 1)]
+
+
+def checkpoint_names(model: nn.Module, keys: list[str], where: str | os.PathLike) -> Names:
+    """How the checkpoint keys `keys` (of the checkpoint at `where`, named in errors) map to the model's
+    tensors (Names): each key renamed by the renaming rules transformers applies when it loads this
+    architecture (GPT-NeoX's embed_out -> lm_head, Mixtral's block_sparse_moe -> mlp), experts stored
+    one per key gathered into the fused tensor transformers builds of them. UsageError for any other
+    conversion (split, transposed, quantized tensors), or experts missing from a stack."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
 
         transforms = get_model_conversion_mapping(model)
     except ImportError:  # transformers < 5 loads checkpoints by name
-        return {key: key for key in checkpoint.keys()}
-    names = {}
-    for key in checkpoint.keys():
-        name = key
+        return Names({key: key for key in keys}, {})
+    names: dict[str, str] = {}
+    groups: dict[str, dict[tuple[int, int], str]] = {}
+    for key in keys:
+        name, slot = key, None
         for transform in transforms:
             renamed, matched = transform.rename_source_key(name)
-            if matched is not None and not isinstance(transform, WeightRenaming):
-                raise UsageError(
-                    f"checkpoint {checkpoint.path}: tensor {key!r} is converted by transformers when loaded "
-                    f"({type(transform).__name__}); offload='disk' needs a checkpoint whose tensors are the "
-                    "model's parameters one to one (save the model with save_pretrained first)"
-                )
+            if matched is None:
+                continue
+            if not isinstance(transform, WeightRenaming):
+                expert = re.search(re.escape(matched).replace(r"\*", r"(\d+)"), name) if _stacks(transform) else None
+                if expert is None:
+                    raise UsageError(
+                        f"checkpoint {where}: tensor {key!r} is converted by transformers when loaded "
+                        f"({type(transform).__name__}); offload='disk' needs a checkpoint whose tensors are the "
+                        "model's parameters one to one, or experts stored one tensor each (save the model with "
+                        "save_pretrained first)"
+                    )
+                slot = (transform.source_patterns.index(matched), int(expert.group(1)))
             name = renamed
         names[key] = name
-    return names
+        if slot is not None:
+            groups.setdefault(name, {})[slot] = key
+    stacked = {}
+    for name, slots in groups.items():
+        count = 1 + max(e for _, e in slots)
+        parts = 1 + max(p for p, _ in slots)
+        missing = [(p, e) for p in range(parts) for e in range(count) if (p, e) not in slots]
+        if missing:
+            raise UsageError(f"checkpoint {where}: the experts of {name} lack {len(missing)} tensors "
+                             f"(part, expert) {missing[:5]}")  # fmt: skip
+        stacked[name] = [[slots[p, e] for e in range(count)] for p in range(parts)]
+    return Names(names, stacked)
 
 
 def open_disk_model(path: str | os.PathLike) -> tuple[nn.Module, DiskStore]:
