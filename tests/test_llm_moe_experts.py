@@ -193,3 +193,60 @@ def test_the_cli_removes_experts_and_saves_a_standard_directory(tmp_path, capsys
     assert cli.main(bad) == 2
     err = capsys.readouterr().err
     assert "--criterion flap is not a score of structured pruning; --structure experts takes: reap, frequency" in err
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])
+def test_global_removal_reloads_with_load_pretrained(arch, tmp_path):
+    model = tiny_moe(arch)
+    result = llm.prune_experts(model, calibration(), ratio=0.375, score="reap", allocation="global", **OPTIONS)
+    counts = [len(k) for k in result.kept.values()]
+    assert counts == [2, 3] and not result.standard and "llm.load_pretrained" in result.summary()
+    assert model.config.pyprune_fast_experts == counts
+    llm.save_pretrained(model, None, tmp_path / "pruned")  # stock writing: Mixtral's experts one tensor each
+    with pytest.raises((ValueError, RuntimeError)):  # stock from_pretrained cannot build differing counts
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    loaded, tokenizer = llm.load_pretrained(tmp_path / "pruned")
+    assert tokenizer is None
+    assert [m.num_experts for _, _, m in llm.structured.experts.moe_layers(loaded)] == counts
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+def test_the_cli_says_how_to_load_a_global_removal(tmp_path, capsys):
+    import json
+
+    from pyprune_fast.app import cli
+    from tests.test_llm_models import tiny_tokenizer
+
+    directory = tmp_path / "mixtral"
+    tiny_moe("mixtral").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    out = tmp_path / "out"
+    argv = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--ratio", "0.375", "--allocation",
+            "global", "--save-model", "--out", str(out), "--samples", "4", "--seq-len", "16", "--eval-tokens", "256",
+            "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    with open(out / "report.json") as f:
+        (r,) = json.load(f)["results"]
+    s = r["structured"]
+    assert not s["standard"] and s["load"] == "pyprune_fast.llm.load_pretrained(DIR)" and sorted(s["experts"]) == [2, 3]
+    assert "`llm.load_pretrained`" in (out / "report.md").read_text()
+    loaded, tokenizer = llm.load_pretrained(out / r["files"]["model"])
+    assert tokenizer is not None
+    assert [m.num_experts for _, _, m in llm.structured.experts.moe_layers(loaded)] == s["experts"]
+
+
+def test_the_cli_refuses_a_ratio_that_leaves_fewer_experts_than_the_top_k(tmp_path, capsys):
+    from pyprune_fast.app import cli
+    from tests.test_llm_models import tiny_tokenizer
+
+    directory = tmp_path / "mixtral"
+    tiny_moe("mixtral").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    argv = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--ratio", "0.75", "--out",
+            str(tmp_path / "out"), "--samples", "4", "--seq-len", "16", "--eval-tokens", "256", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "num_experts_per_tok=2 is larger than the 1 experts --ratio leaves in model.layers.0.mlp" in (
+        capsys.readouterr().err
+    )

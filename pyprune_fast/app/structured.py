@@ -28,6 +28,10 @@ STRUCTURES = (*llm.structured.STRUCTURES, EXPERTS)
 DEPTH_SCORE = "influence"  # depth's default: ShortGPT's block influence (llm.structured.DEPTH_SCORES)
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 128, 32, 16  # short: the command stays quick
 RANDOM_BATCH = 8  # images per random calibration batch of a vision model without --data
+# how a causal LM's saved directory loads (report.json's "load" of expert removal): a standard config,
+# or per-layer expert counts (global allocation) that only llm.load_pretrained rebuilds
+STOCK_LOAD = "transformers.AutoModelForCausalLM.from_pretrained(DIR)"
+PRUNED_LOAD = "pyprune_fast.llm.load_pretrained(DIR)"
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ def _expert_info(result: llm.ExpertResult) -> dict:
         "experts": [len(k) for k in result.kept.values()],
         "removed_experts": result.removed,
         "standard": result.standard,
+        "load": STOCK_LOAD if result.standard else PRUNED_LOAD,
     }
 
 
@@ -141,6 +146,9 @@ def _dense_widths(bundle, plan: Plan) -> dict:
     """The dense model's widths per block (MLP channels, heads), or its routed experts per MoE layer."""
     if plan.structure == EXPERTS:
         return {"experts": [m.num_experts for _, _, m in llm.structured.experts.moe_layers(bundle.model)]}
+    if plan.structure == "width" and llm.structured.has_moe(bundle.model):  # routed experts' widths
+        intermediate, heads = llm.structured.moe_widths(bundle.model)
+        return {"intermediate": intermediate, "heads": heads}
     s = llm.structure_of(bundle.model)
     n = len(s.blocks)
     return {"intermediate": [s.intermediate(i) for i in range(n)], "heads": [s.block_heads(i) for i in range(n)]}
@@ -239,8 +247,8 @@ def prune(
         UsageError: too little text, a model the structured pruner does not know (refused by name,
             nothing pruned), a ratio that leaves a block nothing."""
     try:
-        if plan.structure == EXPERTS:
-            llm.structured.experts.moe_layers(bundle.model)
+        if plan.structure == EXPERTS or (plan.structure == "width" and llm.structured.has_moe(bundle.model)):
+            llm.structured.experts.moe_layers(bundle.model)  # (MoE width: the rest is checked by prune_structured)
         else:
             llm.structure_of(bundle.model)
     except ValueError as exc:
@@ -302,7 +310,7 @@ def _one(bundle, plan: Plan, job: _Job, criterion: str, ratio: float, run: Run, 
         raise UsageError(f"`ratio` {ratio:g}, `structure` {plan.structure}: {exc}") from exc
     run.score_seconds[criterion] += pruned.seconds
     info = _structure_info(pruned)
-    if isinstance(bundle, LLMBundle):
+    if isinstance(bundle, LLMBundle) and not llm.structured.has_moe(dense):  # (MoE: top-k experts read a token)
         from ..bench.structured import weights_read
 
         info["weights_read_ratio"] = weights_read(dense) / weights_read(model)

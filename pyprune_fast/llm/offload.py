@@ -4,11 +4,12 @@ and written, pruned, to an output checkpoint at once.
 
 On disk the model is a skeleton (accelerate's `init_empty_weights`: parameters on the meta device,
 buffers real), so host memory holds one decoder block's weights, the calibration activations and
-the pipeline's statistics (a mixture-of-experts checkpoint that stores its experts one tensor per
-expert, as Mixtral's and Qwen's hub checkpoints do, has each block's experts fused as the model holds
-them when read, and split back into the same keys when written: `checkpoint_names`); the modules before the first block (embeddings, not the head) are loaded
+the pipeline's statistics; the modules before the first block (embeddings, not the head) are loaded
 only while the calibration inputs are captured. `DiskStore.logits` evaluates the model the same way:
 each block read once for every batch, the head loaded only after the blocks, without the embeddings.
+A mixture-of-experts checkpoint that stores its experts one tensor per expert (Mixtral's and Qwen's hub
+checkpoints, stock save_pretrained) has each block's experts fused as the model holds them when read,
+and split back into the same keys when written (`checkpoint_names`): the output has the input's layout.
 The output directory:
 
     model-00001-of-0000N.safetensors      every tensor outside the decoder blocks, copied unchanged

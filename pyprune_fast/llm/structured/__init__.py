@@ -32,12 +32,16 @@ from tqdm.auto import tqdm
 from ...criteria.engine import check_normalize
 from ...errors import UsageError
 from ...modeling import eval_mode
-from ..blocks import capture_inputs, module_device
+from ..blocks import capture_inputs, find_blocks, module_device
 from ..text import calibration_windows
 from .depth import DEPTH_SCORES, block_influence, blocks_to_remove, loss_increase, remove_blocks_
 from .edit import Edits
-from .layout import LAYOUTS, Layout, Structure, structure_of
+from .layout import LAYOUTS, Layout, Structure, _shared_parameters, structure_of
 from .load import load_pretrained
+from .moe_width import MoEWidthRun, has_moe
+from .moe_width import plan as moe_plan
+from .moe_width import sequential as moe_sequential
+from .moe_width import widths as moe_widths
 from .scores import SCORES
 from .vision import load_vision, save_vision
 from .width import (
@@ -66,7 +70,9 @@ __all__ = [
     "Structure",
     "StructuredResult",
     "load_pretrained",
+    "has_moe",
     "load_vision",
+    "moe_widths",
     "prune_structured",
     "save_vision",
     "structure_of",
@@ -78,7 +84,9 @@ class StructuredResult:
     """What a `prune_structured` run did: its options, the parameters before and after (whole model and
     decoder blocks), the kept widths of every remaining block (MLP channels, query heads), the removed
     blocks and every block's score (depth: `influence`, or `loss_increase` with depth_score="loss"),
-    whether the result is a standard config that stock `from_pretrained` loads, and times."""
+    whether the result is a standard config that stock `from_pretrained` loads, and times. Mixture-of-
+    experts width pruning: `intermediate` holds each block's routed experts' width (dense blocks: their
+    MLP's), `rare_experts` the routed experts below min_expert_tokens with their routed tokens."""
 
     structure: str
     ratio: float
@@ -98,6 +106,7 @@ class StructuredResult:
     seconds: float = 0.0
     depth_score: str | None = None
     loss_increase: list[float] | None = None
+    rare_experts: dict[str, int] = field(default_factory=dict)
 
     @property
     def removed_fraction(self) -> float:
@@ -212,6 +221,8 @@ def prune_structured(
     progress: bool | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     depth_score: str = "influence",
+    rare_experts: str = "magnitude",
+    min_expert_tokens: int = 16,
 ) -> StructuredResult:
     """Removes `ratio` of a decoder LLM's block parameters for real: MLP channels and attention heads
     (structure="width"), or whole blocks (structure="depth"), calibrated block by block.
@@ -246,6 +257,14 @@ def prune_structured(
         device: where each block runs (default: CUDA when available, else where the blocks are).
         progress: a progress bar (None: when the output is a terminal).
         forward: for a model that does not take token ids: a callable (model, inputs), as llm.prune's.
+        rare_experts, min_expert_tokens: mixture-of-experts width only (moe_width.py): a routed expert
+            with fewer than `min_expert_tokens` routed calibration tokens is scored by magnitude and not
+            refitted ("magnitude"), or first sent the tokens its router scores highest ("route").
+
+    Mixture-of-experts models (Mixtral, Qwen2/3-MoE, DeepSeek-V3, OLMoE, gpt-oss; moe_width.py), width
+    only: the intermediate channels of every routed expert (each scored and refitted on its own routed
+    tokens), shared expert and dense MLP are removed, the same count from every routed expert; heads
+    stay; uniform allocation only; a standard config.
 
     Returns:
         StructuredResult. UsageError naming the argument, with the model untouched, for a bad option, an
@@ -259,6 +278,11 @@ def prune_structured(
     check_normalize(normalize, p)
     if structure == "depth" and depth_score == "loss" and forward is not None:
         raise UsageError("`depth_score`='loss' needs a causal LM's next-token loss: not with `forward`")
+    if structure == "width" and has_moe(model):
+        moe = dict(units=units, allocation=allocation, score=score, forward=forward, ratio=ratio, multiple=multiple,
+                   rare_experts=rare_experts, min_expert_tokens=min_expert_tokens, reconstruct=reconstruct,
+                   percdamp=float(percdamp))  # fmt: skip
+        return _moe_width(model, calibration, moe, (num_samples, seq_len, batch_size), device, progress)
     s = structure_of(model)
     units = check_units(s, units) if structure == "width" else None
     counts = uniform_counts(s, float(ratio), multiple, units) if structure == "width" else None
@@ -316,6 +340,42 @@ def prune_structured(
     result.intermediate, result.heads = _widths(s)
     result.params_after = sum(p.numel() for p in model.parameters())
     result.decoder_params_after = _decoder_params(s)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _moe_width(model, calibration, options: dict[str, Any], sizes: tuple[int, int, int], device, progress):
+    """prune_structured's width pruning of a mixture-of-experts model (moe_width.py)."""
+    prefix, blocks = find_blocks(model)
+    shared = _shared_parameters(model, prefix)
+    if shared:
+        raise UsageError(f"`model`: the structured pruner refuses weights shared inside the decoder blocks: {shared}")
+    plan = moe_plan(model, blocks, options)
+    num_samples, seq_len, batch_size = sizes
+    windows = calibration_windows(calibration, num_samples, seq_len)
+    batches = [windows[k : k + batch_size] for k in range(0, len(windows), batch_size)]
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else
+                          module_device(blocks[0]))  # fmt: skip
+    params = sum(p.numel() for p in model.parameters())
+    decoder = sum(p.numel() for p in blocks.parameters())
+    result = StructuredResult("width", float(options["ratio"]), options["score"], "uniform", options["reconstruct"],
+                              params, params, decoder, decoder)  # fmt: skip
+    t0 = time.perf_counter()
+    edits = Edits()
+    run = MoEWidthRun(plan, options, edits)
+    try:
+        with eval_mode(model):
+            inputs = capture_inputs(model, blocks[0], batches, device)
+            desc = f"width {options['score']} (experts)"
+            with tqdm(total=len(blocks), desc=desc, unit="block", disable=_disabled(progress)) as bar:
+                moe_sequential(run, prefix, inputs, device, result.block_seconds, lambda _i: bar.update())
+    except BaseException:
+        edits.undo()
+        raise
+    result.intermediate, result.heads = moe_widths(model)
+    result.rare_experts = run.rare
+    result.params_after = sum(p.numel() for p in model.parameters())
+    result.decoder_params_after = sum(p.numel() for p in blocks.parameters())
     result.seconds = time.perf_counter() - t0
     return result
 

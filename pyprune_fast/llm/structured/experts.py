@@ -19,7 +19,9 @@ allocation="uniform" removes round(ratio × E) experts of every MoE layer, the l
 the lower index first); DeepSeek-V3's group-limited routing (n_group > 1) needs equal groups, so each
 group loses round(ratio × E / n_group). allocation="global" removes round(ratio × all routed experts)
 lowest scores over all layers (each layer keeping at least top-k): the layers then differ in expert
-count, which no standard config expresses (`ExpertResult.standard` False; not for grouped routing).
+count, which no standard config expresses (`ExpertResult.standard` False; not for grouped routing): the
+config records each MoE layer's count as `pyprune_fast_experts`, and `llm.load_pretrained` rebuilds the
+model from the saved directory (load.py).
 
 Removing expert e keeps the remaining experts' weights and the router's rows for them; every remaining
 logit is unchanged, so the model computes exactly what the original computes with e's router logit set
@@ -29,6 +31,7 @@ MoE layers, and a ratio that leaves a layer fewer experts than num_experts_per_t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -77,7 +80,8 @@ class ExpertResult:
             "experts left per layer " + " ".join(str(len(k)) for k in self.kept.values()),
             "standard config (stock from_pretrained loads it)"
             if self.standard
-            else "not a standard config: the layers differ in expert count",
+            else "not a standard config: the layers differ in expert count; load the saved directory with "
+            "llm.load_pretrained (stock from_pretrained cannot build it)",
         ]
         return "\n".join(lines)
 
@@ -175,18 +179,24 @@ def _check_left(layers: list[tuple[str, MoE]], removed: list[list[int]]) -> None
 
 
 def _remove(m: MoE, keep: Tensor, edits: Edits) -> None:
-    """Keeps only the experts `keep` (ascending original indices) of one MoE layer: every router and
-    experts tensor whose first dimension is the expert count, and their num_experts attributes."""
-    count = m.num_experts
+    """Keeps only the experts `keep` (ascending original indices) of one MoE layer."""
+    resize_experts(m, len(keep), lambda t: t.detach()[keep.to(t.device)].clone(), edits)
+
+
+def resize_experts(m: MoE, count: int, make: Callable[[Tensor], Tensor], edits: Edits) -> None:
+    """Gives one MoE layer `count` experts: every router and experts tensor whose first dimension is the
+    expert count replaced by `make(tensor)` (the kept rows; llm.load_pretrained: empty ones to load into),
+    and their num_experts attributes set."""
+    before = m.num_experts
     for owner in (m.router, m.experts):
         for name, p in list(owner.named_parameters(recurse=False)):
-            if p.dim() >= 1 and p.shape[0] == count:
-                edits.set(owner, name, nn.Parameter(p.detach()[keep.to(p.device)].clone(), p.requires_grad))
+            if p.dim() >= 1 and p.shape[0] == before:
+                edits.set(owner, name, nn.Parameter(make(p), p.requires_grad))
         for name, b in list(owner.named_buffers(recurse=False)):
-            if b.dim() >= 1 and b.shape[0] == count:
-                edits.set(owner, name, b[keep.to(b.device)].clone())
+            if b.dim() >= 1 and b.shape[0] == before:
+                edits.set(owner, name, make(b))
         if hasattr(owner, "num_experts"):
-            edits.set(owner, "num_experts", len(keep))
+            edits.set(owner, "num_experts", count)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[int, str, MoE]]:
@@ -295,4 +305,4 @@ def prune_experts(
     return result
 
 
-__all__ = ["ALLOCATIONS", "SCORES", "ExpertResult", "moe_layers", "prune_experts"]
+__all__ = ["ALLOCATIONS", "SCORES", "ExpertResult", "moe_layers", "prune_experts", "resize_experts"]

@@ -7,14 +7,16 @@ is not a standard config of theirs) are recorded in the config as `pyprune_fast_
 query heads); transformers 5.25 has no per-layer widths for these architectures, so stock
 from_pretrained refuses the directory (its tensors do not match the config's shapes) and
 `load_pretrained` rebuilds the shapes: the stock class from the config, each block's Linears resized to
-the recorded widths, then the safetensors weights loaded strictly. No pickles, no remote code. An
+the recorded widths, then the safetensors weights loaded strictly. Expert removal with global allocation
+(llm.prune_experts) leaves MoE layers with different expert counts, recorded as `pyprune_fast_experts`
+(per MoE layer; the config's expert count is the largest): `load_pretrained` resizes each layer's
+router and experts the same way. No pickles, no remote code. An
 encoder (config.architectures a class such as BertModel or ViTModel) is built by that class."""
 
 from __future__ import annotations
 
 import inspect
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -57,27 +59,33 @@ def reshape_(model: nn.Module, widths: dict[str, list[int]]) -> None:
         set_head_attrs(edits.set, block.get_submodule(layout.attention), h, s)
 
 
-def _model_names(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+def _model_names(model: nn.Module, state: dict[str, Any], path: Path) -> dict[str, Any]:
     """The saved tensors under the model's own names: stock save_pretrained writes some under their
-    checkpoint names (GPT-NeoX's lm_head as embed_out), which stock from_pretrained renames back by
-    transformers' conversion mapping; its renamings are applied here the same way."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
+    checkpoint names (GPT-NeoX's lm_head as embed_out, Mixtral's experts one tensor each as
+    block_sparse_moe.experts.3.w1.weight), which stock from_pretrained renames and stacks back by
+    transformers' conversion mapping; llm.offload.checkpoint_names applies it the same way."""
+    from ..offload import checkpoint_names
 
-    renamings = [
-        (re.compile(source), t.target_patterns[0])
-        for t in get_model_conversion_mapping(model)
-        if isinstance(t, WeightRenaming) and len(t.target_patterns) == 1
-        for source in t.source_patterns
-    ]
+    names = checkpoint_names(model, list(state), path)
     out = {}
-    for key, value in state.items():
-        for pattern, target in renamings:
-            if pattern.search(key):
-                key = pattern.sub(target, key, count=1)
-                break
-        out[key] = value
+    for key in list(state):
+        if key in state:  # (the other experts of a stack are taken with the first)
+            name = names.model[key]
+            out[name] = names.fuse(name, state)
     return out
+
+
+def reshape_experts_(model: nn.Module, counts: list[int]) -> None:
+    """Every MoE layer given its recorded count of routed experts (`pyprune_fast_experts`, in
+    llm.structured.experts.moe_layers order; uninitialized tensors: loaded next)."""
+    from .experts import moe_layers, resize_experts
+
+    layers = moe_layers(model)
+    if len(counts) != len(layers):
+        raise ValueError(f"pyprune_fast_experts lists {len(counts)} MoE layers; the config has {len(layers)}")
+    edits = Edits()
+    for (_, _, m), count in zip(layers, counts):
+        resize_experts(m, int(count), lambda t, n=int(count): t.new_empty((n, *t.shape[1:])), edits)
 
 
 def _model_class(config: Any) -> Any:
@@ -106,15 +114,18 @@ def load_pretrained(
     """The (pruned) causal LM of a directory written by `llm.save_pretrained`, and its tokenizer (None
     when the directory has none); the model in eval mode.
 
-    A standard config: stock `from_pretrained`. A config with `pyprune_fast_widths`: the stock class built
-    from the config, its blocks resized, the `*.safetensors` weights loaded (every tensor must match;
-    the tied output embedding re-tied)."""
+    A standard config: stock `from_pretrained`. A config with `pyprune_fast_widths` (per-block widths)
+    or `pyprune_fast_experts` (per-layer routed expert counts, expert removal with global allocation):
+    the stock class built from the config, its blocks resized, the `*.safetensors` weights loaded (every
+    tensor must match; experts stored one tensor each are stacked as from_pretrained stacks them; the
+    tied output embedding re-tied)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     widths = getattr(config, "pyprune_fast_widths", None)
-    if widths is None:
+    experts = getattr(config, "pyprune_fast_experts", None)
+    if widths is None and experts is None:
         model = _model_class(config).from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
     else:
         files = sorted(path.glob("*.safetensors"))
@@ -125,13 +136,17 @@ def load_pretrained(
             state.update(load_file(str(f)))
         cls = _model_class(config)
         model = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config, **_encoder_options(cls, state))
-        reshape_(model, widths)
-        missing, unexpected = model.load_state_dict(_model_names(model, state), strict=False)
+        if widths is not None:
+            reshape_(model, widths)
+        if experts is not None:
+            reshape_experts_(model, experts)
+        missing, unexpected = model.load_state_dict(_model_names(model, state, path), strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or ())
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise ValueError(
-                f"{path}: the weights do not match the recorded widths: missing {missing}, unexpected {unexpected}"
+                f"{path}: the weights do not match the recorded widths or expert counts: missing {missing}, "
+                f"unexpected {unexpected}"
             )
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
