@@ -75,14 +75,34 @@ def test_depth_removes_blocks_and_distill_lowers_the_perplexity(model_dir, tmp_p
     run_ok([*argv, "--save-model", "--distill", "8", "--distill-lr", "3e-3", "--batch-size", "2", *OPTIONS], capsys)
     doc = read_report(out)
     (r,) = doc["results"]
-    assert r["criterion"] == "block influence" and len(r["structured"]["removed_blocks"]) == 1
+    assert r["criterion"] == "influence" and len(r["structured"]["removed_blocks"]) == 1
     assert doc["finetune"]["steps"] == 8 and r["finetuned"]["first_loss"] > r["finetuned"]["last_loss"]
     assert r["finetuned"]["metrics"]["perplexity"] < r["metrics"]["perplexity"]
-    saved = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "depth-0.5"))
+    saved = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "depth-influence-0.5"))
     assert saved.config.num_hidden_layers == 1
     evaluation = llm.pydoc_tokens(tiny_tokenizer(), "evaluation")[:256]
     ppl = llm.perplexity(saved, evaluation, seq_len=32, progress=False)
     assert r["finetuned"]["metrics"]["perplexity"] == pytest.approx(ppl, rel=1e-5)  # the distilled model is saved
+
+
+def test_depth_by_loss_removes_the_block_whose_removal_raises_the_loss_least(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ["prune", "--model", f"hf:{model_dir}", "--structure", "depth", "--ratio", "0.5", "--out", out]
+    run_ok([*argv, "--criterion", "influence", "loss", *OPTIONS], capsys)
+    by_score = {r["criterion"]: r for r in read_report(out)["results"]}
+    assert set(by_score) == {"influence", "loss"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    windows = llm.calibration_windows(llm.pydoc_tokens(tiny_tokenizer(), "calibration"), 2, 32)
+    with torch.no_grad():
+        base = float(model(windows, labels=windows).loss)
+        raised = []
+        for i in range(len(model.model.layers)):
+            layers = model.model.layers
+            model.model.layers = torch.nn.ModuleList([b for j, b in enumerate(layers) if j != i])
+            raised.append(float(model(windows, labels=windows).loss) - base)
+            model.model.layers = layers
+    assert by_score["influence"]["structured"]["removed_blocks"] == [0]  # influence and loss disagree here
+    assert by_score["loss"]["structured"]["removed_blocks"] == [min(range(len(raised)), key=raised.__getitem__)]
 
 
 def tiny_sentence_encoder() -> Bundle:
@@ -206,6 +226,7 @@ def test_a_hugging_face_vit_directory_is_saved_as_a_standard_directory(tmp_path,
         (["--distill", "5"], "--distill"),
         (["--no-reconstruct"], "--reconstruct"),
         (["--structure", "depth", "--criterion", "wanda"], "--criterion"),
+        (["--structure", "depth", "--criterion", "loss"], "--criterion"),
         (["--structure", "depth", "--allocation", "global"], "--allocation"),
         (["--structure", "depth", "--multiple", "64"], "--multiple"),
         (["--structure", "width", "--multiple", "0"], "--multiple"),

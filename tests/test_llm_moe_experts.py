@@ -192,7 +192,7 @@ def test_the_cli_removes_experts_and_saves_a_standard_directory(tmp_path, capsys
            str(tmp_path / "bad"), "--quiet"]  # fmt: skip
     assert cli.main(bad) == 2
     err = capsys.readouterr().err
-    assert "--criterion flap is not a score of structured pruning; --structure experts takes: reap, frequency" in err
+    assert "--criterion flap is not a score of --structure experts; it takes: reap, frequency, loss" in err
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])

@@ -197,3 +197,22 @@ def test_to_cuda(dtype):
     gpu_model = net().to(dtype).cuda()
     assert sparsify(gpu_model) == names  # compressed on the GPU
     torch.testing.assert_close(gpu_model(x.cuda()).cpu(), cpu_out, rtol=2e-2, atol=2e-2)
+
+
+def test_forward_without_per_call_weight_checks_still_refuses_bad_input():
+    """forward checks only x against the validated weights; whatever does not agree goes through
+    ops.sparse24_linear's checks and gets their errors, and the results equal the checked op's."""
+    torch.manual_seed(3)
+    layer = SparseLinear.from_dense(nn.Linear(128, 64), activation="gelu")
+    x = torch.randn(3, 5, 128)
+    expected = ppf.ops.sparse24_linear(x, layer.values, layer.meta, layer.bias, "gelu")
+    assert torch.equal(layer(x), expected)
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., 128\]"):
+        layer(torch.randn(3, 64))
+    with pytest.raises(TypeError, match="x is torch.float16 but values is torch.float32"):
+        layer(x.half())
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.tensor(1.0))
+    layer.values.requires_grad_(True)
+    with pytest.raises(ValueError, match="not differentiable in values"):
+        layer(x)

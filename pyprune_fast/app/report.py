@@ -378,12 +378,15 @@ def layers_plot(run: Run, path: str) -> None:
 
 
 def _plain_log_labels(ax) -> None:
-    """Tick labels of a log-scale y axis as plain numbers (20, 50, 100; minor ticks at 2 and 5 of each
-    decade only), not powers of ten."""
+    """Tick labels of a log-scale y axis as plain numbers (20, 50, 100), not powers of ten: minor ticks
+    at 2 and 5 of each decade only, or every minor tick when the axis spans less than a factor of 4
+    (call after the limits are set)."""
     from matplotlib.ticker import FuncFormatter
 
+    lo, hi = ax.get_ylim()
+    digits = "123456789" if hi < 4 * lo else "25"
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in digits else ""))
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
@@ -397,6 +400,7 @@ def perplexity_plot(run: Run, path: str) -> None:
     fig = _figure(max(5.0, 1.2 * len(methods) * len(series) ** 0.5 + 2.0), 4.2)
     ax = fig.subplots()
     dense = run.dense["perplexity"]
+    shown = [dense]
     for k, (pattern, tuned) in enumerate(series):
         xs, ys = [], []
         for i, method in enumerate(methods):
@@ -406,14 +410,16 @@ def perplexity_plot(run: Run, path: str) -> None:
                     ys.append((r.finetuned if tuned else r.metrics)["perplexity"])
         label = f"{pattern} fine-tuned" if tuned else pattern
         color = f"C{patterns.index(pattern)}"
+        shown += ys
         bars = ax.bar(xs, ys, width, label=label, color=color, hatch="//" if tuned else None, edgecolor="white")
         ax.bar_label(bars, labels=[f"{y:.4g}" for y in ys], fontsize=8, padding=2)
     ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.4g}")
     ax.set_yscale("log")
+    finite = [v for v in shown if math.isfinite(v) and v > 0] or [1.0]
+    ax.set_ylim(min(finite) / 1.25, max(finite) * 1.6)  # room for the labels; never a zero-height range
     _plain_log_labels(ax)
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel("perplexity (log scale, lower is better)")
-    ax.margins(y=0.15)
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(title="target")
     fig.suptitle(f"{run.model}: perplexity after pruning")

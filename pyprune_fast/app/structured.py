@@ -25,7 +25,7 @@ from .results import Result, Run
 DEFAULT_SCORE = "flap"  # the best of the SmolLM2 benchmark (benchmarks/README.md)
 EXPERTS, EXPERT_SCORE = "experts", "reap"  # --structure experts: llm.prune_experts, REAP by default
 STRUCTURES = (*llm.structured.STRUCTURES, EXPERTS)
-DEPTH = "block influence"  # depth's one criterion (ShortGPT), the result's name
+DEPTH_SCORE = "influence"  # depth's default: ShortGPT's block influence (llm.structured.DEPTH_SCORES)
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 128, 32, 16  # short: the command stays quick
 RANDOM_BATCH = 8  # images per random calibration batch of a vision model without --data
 # how a causal LM's saved directory loads (report.json's "load" of expert removal): a standard config,
@@ -38,11 +38,12 @@ PRUNED_LOAD = "pyprune_fast.llm.load_pretrained(DIR)"
 class Plan:
     """What a structured run does, checked by PruneOptions before anything loads.
 
-    structure: "width" or "depth"; ratios: fractions of the blocks' parameters removed, each in (0, 1);
-    scores: llm.structured.SCORES (width; depth: none); allocation: "uniform" or "global"; reconstruct:
-    the least-squares refit; samples, seq_len, eval_tokens: causal LMs' calibration and perplexity;
-    batches: calibration batches of the other models; distill, distill_lr, batch_size: the --distill
-    steps (causal LMs), their learning rate and sequences a step; device: where blocks are pruned."""
+    structure: "width", "depth" or "experts"; ratios: fractions of the blocks' parameters removed (experts:
+    of each MoE layer's routed experts), each in (0, 1); scores: llm.structured.SCORES (width), DEPTH_SCORES
+    (depth) or EXPERT_SCORES (experts); allocation: "uniform" or "global"; reconstruct: the least-squares
+    refit; samples, seq_len, eval_tokens: causal LMs' calibration and perplexity; batches: calibration
+    batches of the other models; distill, distill_lr, batch_size: the --distill steps (causal LMs), their
+    learning rate and sequences a step; device: where blocks are pruned."""
 
     structure: str
     ratios: list[float]
@@ -61,13 +62,13 @@ class Plan:
 
     @property
     def criteria(self) -> list[str]:
-        """The results' names: the scores (width, experts) or DEPTH."""
-        return [DEPTH] if self.structure == "depth" else self.scores
+        """The results' names: the scores."""
+        return self.scores
 
 
 def tag(structure: str, criterion: str, ratio: float) -> str:
-    """The directory name of a result: width-<score>-<ratio>, experts-<score>-<ratio> or depth-<ratio>."""
-    return f"depth-{ratio:g}" if structure == "depth" else f"{structure}-{criterion}-{ratio:g}"
+    """The directory name of a result: <structure>-<score>-<ratio> (width-flap-0.25, depth-influence-0.25)."""
+    return f"{structure}-{criterion}-{ratio:g}"
 
 
 def _call(model: nn.Module, inputs):
@@ -295,6 +296,8 @@ def _one(bundle, plan: Plan, job: _Job, criterion: str, ratio: float, run: Run, 
     options = dict(structure=plan.structure, ratio=ratio, allocation=plan.allocation, reconstruct=plan.reconstruct)
     if plan.structure == "width":
         options.update(score=criterion, multiple=plan.multiple)
+    else:
+        options["depth_score"] = criterion
     if job.forward is None:
         options.update(num_samples=plan.samples, seq_len=plan.seq_len)
     else:

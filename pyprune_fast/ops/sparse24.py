@@ -129,7 +129,14 @@ def sparse24_linear(
         raise TypeError("sparse24_linear on CUDA needs float16 or bfloat16 (the sparse tensor cores), got float32")
     if values.requires_grad and torch.is_grad_enabled():
         raise ValueError("sparse24_linear is not differentiable in values; freeze them (values.requires_grad_(False))")
-    if _use_wgmma(x, out):
+    return launch_24(x, values, meta, bias, activation)
+
+
+def launch_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
+    """sparse24_linear without its argument checks, for callers that hold validated weights and have
+    checked x (SparseLinear.forward): a decode step calls it once per layer and token, where ~6 µs of
+    Python checks per call would weigh as much as the kernel itself."""
+    if _use_wgmma(x, values.shape[0]):
         return torch.ops.pyprune_fast.sparse24_linear_sm90(x, values, meta, bias, activation or "none")
     return call("sparse24_linear", x, x, values, meta, bias, activation or "none")
 
@@ -154,14 +161,21 @@ def _use_wgmma(x: Tensor, out: int) -> bool:
         raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(KERNELS)}, got {choice!r}")
     if choice == "mma_sp" or not x.is_cuda:
         return False
-    why = _hopper_device(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    if why is None and out % 128:
-        why = f"out features must be a multiple of 128, got {out}"
-    if why is None and not native("sparse24_linear_sm90", x):
-        why = "the compiled library has no sparse24_linear_sm90"
+    why = _why_not_wgmma(x.device.index if x.device.index is not None else torch.cuda.current_device(), out)
     if why is not None and choice == "wgmma_sp":
         raise ValueError(f"{KERNEL_ENV}=wgmma_sp, but the Hopper kernel cannot run: {why}")
     return why is None
+
+
+@functools.cache
+def _why_not_wgmma(index: int, out: int) -> str | None:
+    """Why the Hopper kernel cannot serve `out` output features on GPU `index`, or None (once per pair)."""
+    why = _hopper_device(index)
+    if why is None and out % 128:
+        why = f"out features must be a multiple of 128, got {out}"
+    if why is None and not native("sparse24_linear_sm90", torch.empty(0, device=f"cuda:{index}")):
+        why = "the compiled library has no sparse24_linear_sm90"
+    return why
 
 
 def _fake_compress_24(w, mask=None):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import masks, ops
 from ..ops.checks import check_compressed, check_features_24
+from ..ops.sparse24 import launch_24
 
 # Metadata of chunks that keep positions 0 and 1 (nibble 0b0100), the placeholder of a new layer.
 _PLACEHOLDER_WORD = 0x44444444
@@ -98,7 +99,18 @@ class SparseLinear(nn.Module):
         return cls._wrap(values, meta, bias, activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.sparse24_linear(x, self.values, self.meta, self.bias, self.activation)
+        values, bias = self.values, self.bias
+        if (  # the weights were validated when set or loaded: only x's agreement is checked per call
+            x.dtype == values.dtype
+            and x.device == values.device
+            and x.dim() >= 1
+            and x.shape[-1] == self.in_features
+            and not (x.is_cuda and x.dtype == torch.float32)
+            and not values.requires_grad
+            and (bias is None or (bias.dtype == values.dtype and bias.device == values.device))
+        ):
+            return launch_24(x, values, self.meta, bias, self.activation)
+        return ops.sparse24_linear(x, values, self.meta, bias, self.activation)  # its checks name what is wrong
 
     def dense_weight(self) -> Tensor:
         """The weight [out, in] with zeros at the pruned positions."""

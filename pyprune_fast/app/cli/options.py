@@ -423,9 +423,9 @@ class PruneOptions(Options):
         """Checks a structured run (app.structured) and makes its `plan`."""
         import math
 
-        from ...llm.structured import ALLOCATIONS, SCORES
+        from ...llm.structured import ALLOCATIONS, DEPTH_SCORES, SCORES
         from ...llm.structured.experts import SCORES as EXPERT_SCORES
-        from ..structured import DEFAULT_SCORE, EXPERT_SCORE, EXPERTS, STRUCTURES, Plan
+        from ..structured import DEFAULT_SCORE, DEPTH_SCORE, EXPERT_SCORE, EXPERTS, STRUCTURES, Plan
 
         if self.structure not in STRUCTURES:
             raise UsageError(f"`structure` must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
@@ -456,10 +456,10 @@ class PruneOptions(Options):
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"`allocation` must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.structure == "depth":
-            if self.criterion:
+            if "loss" in (self.criterion or ()) and not self.llm:
                 raise UsageError(
-                    "`criterion` picks the channel score of `structure` width; depth removes the blocks of lowest "
-                    "block influence: leave `criterion` out"
+                    "`criterion` loss (the calibration loss of removing each block) needs a causal LM: `model` "
+                    "smollm2 or hf:PATH of one; other models take `criterion` influence"
                 )
             for name, present in (("allocation", self.allocation != "uniform"), ("multiple", self.multiple != 1)):
                 if present:
@@ -468,13 +468,16 @@ class PruneOptions(Options):
             raise UsageError("`structure` experts removes routed experts of a causal LM: `model` hf:PATH")
         if self.structure == EXPERTS and self.multiple != 1:
             raise UsageError("`multiple` applies to `structure` width (experts are removed whole)")
-        known, default = (EXPERT_SCORES, EXPERT_SCORE) if self.structure == EXPERTS else (SCORES, DEFAULT_SCORE)
+        known, default = {
+            "width": (SCORES, DEFAULT_SCORE),
+            "depth": (DEPTH_SCORES, DEPTH_SCORE),
+            EXPERTS: (EXPERT_SCORES, EXPERT_SCORE),
+        }[self.structure]
         scores = list(dict.fromkeys(self.criterion or [default]))
         unknown = [c for c in scores if c not in known]
         if unknown:
             raise UsageError(
-                f"`criterion` {unknown[0]} is not a score of structured pruning; `structure` "
-                f"{'experts' if self.structure == EXPERTS else 'width'} takes: {', '.join(known)}"
+                f"`criterion` {unknown[0]} is not a score of `structure` {self.structure}; it takes: {', '.join(known)}"
             )
         if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
             raise UsageError(f"`distill` must be an int >= 0, got {self.distill!r}")

@@ -196,14 +196,15 @@ def _add_refine_option(group) -> None:
 
 def _add_structured_options(p: argparse.ArgumentParser) -> None:
     """Options of structured pruning (--structure): smaller dense models, not masks."""
-    from ...llm.structured import ALLOCATIONS, SCORES
+    from ...llm.structured import ALLOCATIONS, DEPTH_SCORES, SCORES
     from ...llm.structured.experts import SCORES as EXPERT_SCORES
     from ..structured import STRUCTURES
 
     group = p.add_argument_group(
         "structured pruning (--structure: MLP channels, attention heads or whole blocks removed for real)",
         "Causal LMs (smollm2, hf:PATH), the default MiniLM, hf:PATH encoders and ViTs, timm: and torchvision: ViTs. "
-        f"--criterion picks the channel score of width: {', '.join(SCORES)} (default flap), or the expert score of "
+        f"--criterion picks the channel score of width: {', '.join(SCORES)} (default flap), the block score of "
+        f"depth: {', '.join(DEPTH_SCORES)} (default influence; loss: causal LMs), or the expert score of "
         f"experts: {', '.join(EXPERT_SCORES)} (default reap).",
     )
     group.add_argument(
@@ -211,7 +212,7 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
         choices=list(STRUCTURES),
         default=None,
         help="width: remove MLP channels and attention heads in every block; depth: remove whole blocks (lowest "
-        "block influence); experts: remove routed experts of every mixture-of-experts layer; each result is a "
+        "block score); experts: remove routed experts of every mixture-of-experts layer; each result is a "
         "smaller dense model (no masks)",
     )
     group.add_argument(
@@ -260,11 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ...bench.registry import WORKLOADS
     from ...criteria import CRITERIA
     from ...llm import METHODS
-    from ...llm.structured import SCORES
+    from ...llm.structured import DEPTH_SCORES, SCORES
     from ...llm.structured.experts import SCORES as EXPERT_SCORES
     from ..runner import CHOICES
 
-    criteria = sorted(set(CRITERIA) | set(METHODS) | set(SCORES) | set(EXPERT_SCORES))
+    criteria = sorted(set(CRITERIA) | set(METHODS) | set(SCORES) | set(DEPTH_SCORES) | set(EXPERT_SCORES))
     parser = argparse.ArgumentParser(
         prog="pyprune-fast", description="Fast pruning criteria, masks and sparse kernels."
     )
