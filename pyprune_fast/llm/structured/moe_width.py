@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ...criteria.input_stats import InputStats, StatsCollector
 from ...errors import UsageError
-from ..blocks import BlockInputs, on_device
+from ..blocks import BlockInputs, find_blocks, on_device
 from ..moe import RARE_EXPERTS, MoE, Routing, find_moe, known, with_experts
 from .edit import Edits, new_linear, rows
 from .layout import Layout, Structure
@@ -86,8 +86,6 @@ _MLP = Layout(
 
 def has_moe(model: nn.Module) -> bool:
     """Whether a model's decoder blocks hold fused mixture-of-experts layers."""
-    from ..blocks import find_blocks
-
     try:
         _, blocks = find_blocks(model)
     except ValueError:
@@ -105,8 +103,8 @@ class _Views(nn.Module):
 
 @dataclass
 class _Unit:
-    """One MLP whose channels are removed: a routed expert (`moe`, `expert`) or a shared expert / dense
-    MLP (`module`, at `path` in the block); `mlp` holds its gate_proj, up_proj and down_proj."""
+    """One MLP whose channels are removed, at `path` in its block: a routed expert (`moe`, `expert`; `mlp`
+    its Linear views) or a shared expert / dense MLP (`mlp` the module itself)."""
 
     path: str
     mlp: nn.Module
@@ -117,7 +115,7 @@ class _Unit:
 @dataclass
 class MoEWidth:
     """The plan of one MoE width run, checked before anything is touched: the architecture, the channels
-    each kind of MLP loses (routed experts, shared experts, dense MLPs) and the config fields to write."""
+    each kind of MLP loses (routed experts, shared experts, dense MLPs) and their widths before."""
 
     arch: str
     blocks: nn.ModuleList
@@ -344,8 +342,6 @@ class MoEWidthRun:
 def widths(model: nn.Module) -> tuple[list[int], list[int]]:
     """Each decoder block's MLP width — its routed experts' (MoE blocks) or its MLP's (dense blocks) —
     and its query heads (the config's: heads are not removed here)."""
-    from ..blocks import find_blocks
-
     _, blocks = find_blocks(model)
     out = []
     for block in blocks:
