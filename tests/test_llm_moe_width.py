@@ -214,3 +214,19 @@ def test_the_cli_prunes_expert_widths_and_saves_a_standard_directory(tmp_path, c
     pruned = transformers.AutoModelForCausalLM.from_pretrained(out / r["files"]["model"])
     assert pruned.config.moe_intermediate_size == 8 and pruned.config.shared_expert_intermediate_size < 24
     assert pruned.model.layers[0].mlp.experts.down_proj.shape == (4, 32, 8)
+
+
+@pytest.mark.parametrize("policy", ["magnitude", "route"])
+def test_rare_experts_are_refitted_only_when_routed_tokens_are_forced_to_them(policy):
+    model = tiny_moe("mixtral")
+    original = copy.deepcopy(model)
+    result = llm.prune_structured(model, calibration(), ratio=0.25, score="wanda", min_expert_tokens=30,
+                                  rare_experts=policy, **OPTIONS)  # fmt: skip
+    assert result.rare_experts
+    for name in result.rare_experts:
+        i, e = int(name.split(".")[2]), int(name.split(".")[-1])
+        (m,) = moe.find_moe(original.model.layers[i])
+        (p,) = moe.find_moe(model.model.layers[i])
+        keep = _kept_rows(m.views(e)[0].detach(), p.views(e)[0].detach())
+        sliced = torch.equal(p.views(e)[2], m.views(e)[2][:, keep])
+        assert sliced == (policy == "magnitude"), name  # "route": refitted on the forced tokens as well

@@ -31,6 +31,10 @@ down_proj without a refit; "route" forces the tokens their router scores highest
 (llm.moe.Routing.force), then scores and refits them as the others (one still without a token: as
 "magnitude"). Leaving an expert dense ("dense") would break the equal widths: refused.
 
+Memory: the statistics pass keeps, for the refit, XᵀX of every routed expert's down_proj input of the
+block at once, E · I² · 4 bytes (Mixtral-8x7B: 8 × 14336² floats, 6.6 GB; Qwen3-30B-A3B: 128 × 768²,
+0.3 GB), on the device the block runs on; reconstruct=False keeps Σx and Σx² only.
+
 The config is updated under the architecture's names (WIDTH_KEYS): Mixtral, OLMoE and gpt-oss
 `intermediate_size`; Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 `moe_intermediate_size` for the routed experts
 and `intermediate_size` for the dense blocks; Qwen2-MoE `shared_expert_intermediate_size`. Refused, with
