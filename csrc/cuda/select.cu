@@ -1,11 +1,17 @@
 // CUDA kernels of the exact selection ops. The k-th smallest value comes from radix select with
 // 11-bit digits (2048-bin shared-memory histograms): per pass one histogram launch over every chunk of
 // every tensor and one one-block launch that picks the bin by a block scan (block_select_bin: radix.h's
-// select_bin, bit for bit) and extends the prefix kept in device memory, so the host never waits. Masks
-// and in-place pruning are one compare pass; ties are ranked in flat order (ballot + popc tiles) only in
-// the chunk where the partly pruned threshold value crosses the count. Per-row masks: one block per row,
-// 8-bit digits, the bin chosen by the same block scan. radix_histogram (one pass with 16-bit digits,
-// combined across processes by the caller): tiled shared-memory bins.
+// select_bin, bit for bit) and extends the prefix kept in device memory, so the host never waits.
+// From kCompactMinElements scores on (PYPRUNE_FAST_SELECT_PATH=full|compact forces either schedule), the
+// passes read only candidates: a sample brackets the k-th key, one full pass counts the keys below the
+// bracket and compacts those inside it, and the radix passes run over the compacted keys; when the bracket
+// misses or the buffer overflows (decided on the device), the full passes run as before. The schedule is
+// select_compact.h's, step for step as pyprune_fast/reference/select_compact.py emulates it (tested
+// against reference/select.py on the CPU). Masks and in-place pruning are one compare pass; ties are
+// ranked in flat order (ballot + popc tiles) only in the chunk where the partly pruned threshold value
+// crosses the count. Per-row masks: one block per row, 8-bit digits, the bin chosen by the same block
+// scan. radix_histogram (one pass with 16-bit digits, combined across processes by the caller): tiled
+// shared-memory bins.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,9 +19,16 @@
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "pyprune_fast/cuda_utils.cuh"
 #include "pyprune_fast/radix.h"
+#include "pyprune_fast/select_compact.h"
 #include "pyprune_fast/select_job.h"
 
 namespace pyprune_fast {
@@ -34,6 +47,8 @@ struct State {
   long long less;             // keys below the prefix's range
   long long equal;            // keys in the selected bin of the last pass
   long long nan;              // NaN in all tensors
+  long long path;             // CompactPath: the kernels of the other path return at once
+  CompactCounts counted;      // the compaction pass's counts (select_compact.h)
 };
 constexpr int kStateWords = sizeof(State) / sizeof(int64_t);
 
@@ -125,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
   using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
   constexpr int kVec = 16 / sizeof(Bits);
   const State* state = reinterpret_cast<const State*>(state_words);
-  if (pass > 0 && state->nan > 0) return;
+  if (state->path != kPathFull || (pass > 0 && state->nan > 0)) return;
   __shared__ unsigned int bins[1 << kDigitGpu];
   const int n_bins = 1 << Plan::bits(pass);
   for (int b = threadIdx.x; b < n_bins; b += kThreads) bins[b] = 0;
@@ -163,14 +178,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block of kThreads: the NaN total (pass 0), then the bin of the rank-th key by block_select_bin.
+// One block of kThreads, for the passes of path `serve` (it returns at once on the other path): the NaN
+// total (pass 0 when reduce_nan; the compaction schedule's decide_kernel reduces it otherwise), then the
+// bin of the rank-th key by block_select_bin; then it zeroes the histogram for the next pass.
 template <typename Fmt>
 __global__ void __launch_bounds__(kThreads)
-    select_bin_kernel(const unsigned long long* __restrict hist, int pass, int64_t* state_words,
-                      const unsigned long long* __restrict nan_per_tensor, int64_t n_tensors) {
+    select_bin_kernel(unsigned long long* __restrict hist, int pass, int64_t* state_words,
+                      const unsigned long long* __restrict nan_per_tensor, int64_t n_tensors, int64_t serve,
+                      bool reduce_nan) {
   using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
   State* state = reinterpret_cast<State*>(state_words);
-  if (pass == 0) {
+  if (state->path != serve) return;
+  if (pass == 0 && reduce_nan) {
     using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
     __shared__ typename Reduce::TempStorage reduce;
     unsigned long long mine = 0;
@@ -181,13 +200,192 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (state->nan > 0) return;
   const auto rank = static_cast<unsigned long long>(state->rank);  // read by all before the scan's barriers
+  const int n_bins = 1 << Plan::bits(pass);
   int bin;
   unsigned long long below;
-  if (block_select_bin<unsigned long long>(hist, 1 << Plan::bits(pass), rank, &bin, &below)) {
+  if (block_select_bin<unsigned long long>(hist, n_bins, rank, &bin, &below)) {
     state->less += static_cast<long long>(below);
     state->rank -= static_cast<long long>(below);
     state->prefix |= static_cast<unsigned long long>(bin) << Plan::shift(pass);
     state->equal = static_cast<long long>(hist[bin]);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < n_bins; b += kThreads) hist[b] = 0;
+}
+
+// ---- Candidate compaction (select_compact.h; reference/select_compact.py emulates these steps) ----
+
+// Step 1: the keys of the m sampled flat positions (each tensor in its memory order: the selection does
+// not depend on order). starts[t] = the flat position of tensor t's first element, starts[n_tensors] = n.
+template <typename Fmt>
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const int64_t* __restrict table, const int64_t* __restrict starts, int64_t n_tensors, int64_t n,
+                  int64_t m, typename Fmt::Bits* __restrict sample) {
+  using Bits = typename Fmt::Bits;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= m) return;
+  const int64_t pos = sample_position(i, n, m);
+  int64_t lo = 0, hi = n_tensors;  // the last tensor t with starts[t] <= pos (it holds pos: pos < n)
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (starts[mid] <= pos) lo = mid; else hi = mid;
+  }
+  const Bits* p = reinterpret_cast<const Bits*>(table[lo * kTensorWords]);
+  sample[i] = Fmt::key(__ldg(p + (pos - starts[lo])));
+}
+
+// Step 3's staging: every lane of the warp calls it together; the candidates of the warp take consecutive
+// slots of the block's shared stage (one shared add per warp).
+template <typename Bits>
+__device__ __forceinline__ void stage_candidate(Bits* stage, unsigned int* staged, bool candidate, Bits bits) {
+  const unsigned voters = __ballot_sync(0xffffffffu, candidate);
+  if (!voters) return;
+  const int lane = threadIdx.x % 32, leader = __ffs(voters) - 1;
+  unsigned int base = 0;
+  if (lane == leader) base = atomicAdd(staged, static_cast<unsigned int>(__popc(voters)));
+  base = __shfl_sync(0xffffffffu, base, leader);
+  if (candidate) stage[base + __popc(voters & ((1u << lane) - 1))] = bits;
+}
+
+// Step 3: the one full pass. Reads each chunk as histogram_kernel does (16-byte vectors, a scalar head and
+// tail); counts NaN per tensor, keys below lo, equal to lo, equal to hi (!= lo); stages the candidates
+// lo < key < hi in shared memory and flushes them every kFlushRounds vector rounds and at each chunk's end
+// (one global add per flush reserves their slots; slots past the capacity are counted, not written).
+template <typename Fmt>
+__global__ void __launch_bounds__(kThreads)
+    compact_kernel(const int64_t* __restrict table, int64_t n_tensors, int64_t chunks,
+                   const typename Fmt::Bits* __restrict sorted, CompactPlan plan, int64_t* state_words,
+                   unsigned long long* __restrict nan_per_tensor, typename Fmt::Bits* __restrict candidates) {
+  using Bits = typename Fmt::Bits;
+  constexpr int kVec = 16 / sizeof(Bits);
+  constexpr int kFlushRounds = static_cast<int>(kCompactStageElements) / (kThreads * kVec);
+  constexpr int kStageSlots = static_cast<int>(kCompactStageElements) + 2 * kVec;  // + a head and a tail
+  static_assert(kFlushRounds >= 1, "one vector round must fit the stage");
+  State* state = reinterpret_cast<State*>(state_words);
+  __shared__ Bits stage[kStageSlots];
+  __shared__ unsigned int staged, flush_count;
+  __shared__ unsigned long long flush_base;
+  if (threadIdx.x == 0) staged = 0;
+  __syncthreads();
+  const Bits lo = bracket_lo(sorted, plan.r_lo), hi = bracket_hi(sorted, plan.r_hi, plan.m);
+  unsigned long long below = 0, eq_lo = 0, eq_hi = 0;
+  unsigned int nans = 0;
+  auto classify = [&](Bits bits, bool valid) {  // true for a candidate
+    if (!valid) return false;
+    if (Fmt::is_nan(bits)) {
+      ++nans;
+      return false;
+    }
+    const Bits key = Fmt::key(bits);
+    if (key < lo) {
+      ++below;
+    } else if (key == lo) {
+      ++eq_lo;
+    } else if (key == hi) {
+      ++eq_hi;
+    } else {
+      return key < hi;
+    }
+    return false;
+  };
+  auto flush = [&]() {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      flush_count = staged;
+      staged = 0;
+      flush_base = flush_count ? atomicAdd(&state->counted.candidates, static_cast<unsigned long long>(flush_count))
+                               : 0;
+    }
+    __syncthreads();
+    for (unsigned int i = threadIdx.x; i < flush_count; i += kThreads) {
+      if (flush_base + i < static_cast<unsigned long long>(plan.capacity)) candidates[flush_base + i] = stage[i];
+    }
+    __syncthreads();
+  };
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    const ChunkRef ref = chunk_ref(table, n_tensors, c);
+    const Bits* p = reinterpret_cast<const Bits*>(ref.entry[0]) + ref.offset;
+    const VectorSplit split = vector_split<sizeof(Bits)>(reinterpret_cast<uint64_t>(p), ref.n);
+    nans = 0;
+    for (int64_t s0 = 0; s0 < split.scalars; s0 += kThreads) {  // every lane takes part (stage_candidate)
+      const int64_t s = s0 + threadIdx.x;
+      const bool valid = s < split.scalars;
+      const Bits bits = valid ? __ldg(p + scalar_element(split, s)) : Bits(0);
+      stage_candidate(stage, &staged, classify(bits, valid), bits);
+    }
+    const uint4* vectors = reinterpret_cast<const uint4*>(p + split.head);
+    int round = 0;
+    for (int64_t base = 0; base < split.vectors; base += kThreads) {
+      const int64_t v = base + threadIdx.x;
+      const bool valid = v < split.vectors;
+      const uint4 raw = valid ? __ldg(vectors + v) : make_uint4(0, 0, 0, 0);
+      Bits lanes[kVec];
+      memcpy(lanes, &raw, sizeof(raw));
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) stage_candidate(stage, &staged, classify(lanes[j], valid), lanes[j]);
+      if (++round == kFlushRounds) {
+        flush();
+        round = 0;
+      }
+    }
+    flush();
+    if (nans) atomicAdd(&nan_per_tensor[ref.tensor], static_cast<unsigned long long>(nans));
+  }
+  add_block_count<kThreads>(static_cast<int64_t>(below), &state->counted.below);
+  __syncthreads();
+  add_block_count<kThreads>(static_cast<int64_t>(eq_lo), &state->counted.eq_lo);
+  __syncthreads();
+  add_block_count<kThreads>(static_cast<int64_t>(eq_hi), &state->counted.eq_hi);
+}
+
+// Step 4, one block: the NaN total, then compact_decide's path and state.
+template <typename Fmt>
+__global__ void __launch_bounds__(kThreads)
+    decide_kernel(const typename Fmt::Bits* __restrict sorted, CompactPlan plan, int64_t k, int64_t* state_words,
+                  const unsigned long long* __restrict nan_per_tensor, int64_t n_tensors) {
+  using Bits = typename Fmt::Bits;
+  using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
+  __shared__ typename Reduce::TempStorage reduce;
+  State* state = reinterpret_cast<State*>(state_words);
+  unsigned long long mine = 0;
+  for (int64_t t = threadIdx.x; t < n_tensors; t += kThreads) mine += nan_per_tensor[t];
+  const unsigned long long nan = Reduce(reduce).Sum(mine);
+  if (threadIdx.x != 0) return;
+  const Bits lo = bracket_lo(sorted, plan.r_lo), hi = bracket_hi(sorted, plan.r_hi, plan.m);
+  const CompactOutcome out = compact_decide<Bits>(k, lo, hi, state->counted, plan.capacity, static_cast<long long>(nan));
+  state->nan = static_cast<long long>(nan);
+  state->path = out.path;
+  state->prefix = out.prefix;
+  state->rank = out.rank;
+  state->less = out.less;
+  state->equal = out.equal;
+}
+
+// Step 5 on the candidates: histogram_kernel's count over the compacted bits (all of them ordered: no NaN).
+template <typename Fmt>
+__global__ void __launch_bounds__(kThreads)
+    candidate_histogram_kernel(const typename Fmt::Bits* __restrict candidates, int pass,
+                               const int64_t* __restrict state_words, unsigned long long* __restrict hist) {
+  using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
+  const State* state = reinterpret_cast<const State*>(state_words);
+  if (state->path != kPathCandidates) return;
+  const auto count = static_cast<int64_t>(state->counted.candidates);  // <= the capacity on this path
+  __shared__ unsigned int bins[1 << kDigitGpu];
+  const int n_bins = 1 << Plan::bits(pass);
+  for (int b = threadIdx.x; b < n_bins; b += kThreads) bins[b] = 0;
+  __syncthreads();
+  const auto prefix = static_cast<typename Fmt::Bits>(state->prefix);
+  unsigned int nans = 0;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads; base < count;
+       base += static_cast<int64_t>(gridDim.x) * kThreads) {  // uniform per warp (count_digit<true>)
+    const int64_t i = base + threadIdx.x;
+    uint32_t digit = 0;
+    const bool counted = i < count && histogram_digit<Fmt, Plan>(__ldg(candidates + i), pass, prefix, &digit, &nans);
+    count_digit<true>(bins, counted, digit);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < n_bins; b += kThreads) {
+    if (bins[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(bins[b]));
   }
 }
 
@@ -209,22 +407,83 @@ int grid_for(int64_t chunks) {
   return static_cast<int>(std::max<int64_t>(grid, 1));
 }
 
-// Runs the radix passes; value (0-d, dtype of xs), counts int64 [2], nan int64 [n] come back filled.
+// Whether kth_smallest_counts compacts candidates for n scores: PYPRUNE_FAST_SELECT_PATH = "full" (the radix
+// passes over everything, as before compaction), "compact" (at every size), or "auto"/unset (from
+// kCompactMinElements on: below it the launches of the sample and the decision outweigh the passes saved).
+bool use_compaction(int64_t n) {
+  const char* env = std::getenv("PYPRUNE_FAST_SELECT_PATH");
+  const std::string path = env ? env : "";
+  TORCH_CHECK(path.empty() || path == "auto" || path == "full" || path == "compact",
+              "PYPRUNE_FAST_SELECT_PATH must be 'auto', 'full' or 'compact', got '", path, "'");
+  return path == "compact" || (path != "full" && n >= kCompactMinElements);
+}
+
+// Steps 1-5 of the compaction schedule (select_compact.h) on the stream, no host wait: sample, sort, the
+// full compaction pass, the device-side decision, and the radix passes over the candidates (which return
+// at once unless the decision chose them).
+template <typename Fmt>
+void compact_on_device(const SelectJob& job, int64_t k, const at::Tensor& table, at::Tensor& state,
+                       unsigned long long* hist, unsigned long long* nan_acc) {
+  using Bits = typename Fmt::Bits;
+  using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n_tensors = static_cast<int64_t>(job.dense.size()), chunks = job.plan.size();
+  const CompactPlan plan = compact_plan(job.total, k);
+  std::vector<int64_t> starts{0};
+  for (const int64_t n : job.numels) starts.push_back(starts.back() + n);
+  const at::Tensor starts_d = table_to_device(starts, job.dense[0].device());
+  const auto bytes = job.dense[0].options().dtype(at::kByte);
+  at::Tensor keys = at::empty({2 * plan.m * static_cast<int64_t>(sizeof(Bits))}, bytes);
+  auto* sample = reinterpret_cast<Bits*>(keys.data_ptr());
+  Bits* sorted = sample + plan.m;
+  sample_kernel<Fmt><<<ceil_div(plan.m, kThreads), kThreads, 0, stream>>>(
+      table.data_ptr<int64_t>(), starts_d.data_ptr<int64_t>(), n_tensors, job.total, plan.m, sample);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  size_t sort_bytes = 0;
+  const int m = static_cast<int>(plan.m);
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, sort_bytes, sample, sorted, m, 0, Fmt::kWidth, stream));
+  at::Tensor sort_temp = at::empty({static_cast<int64_t>(sort_bytes)}, bytes);
+  C10_CUDA_CHECK(
+      cub::DeviceRadixSort::SortKeys(sort_temp.data_ptr(), sort_bytes, sample, sorted, m, 0, Fmt::kWidth, stream));
+  at::Tensor buffer = at::empty({plan.capacity * static_cast<int64_t>(sizeof(Bits))}, bytes);
+  auto* candidates = reinterpret_cast<Bits*>(buffer.data_ptr());
+  compact_kernel<Fmt><<<grid_for(chunks), kThreads, 0, stream>>>(table.data_ptr<int64_t>(), n_tensors, chunks,
+                                                                  sorted, plan, state.data_ptr<int64_t>(), nan_acc,
+                                                                  candidates);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  decide_kernel<Fmt><<<1, kThreads, 0, stream>>>(sorted, plan, k, state.data_ptr<int64_t>(), nan_acc, n_tensors);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int grid = static_cast<int>(std::clamp<int64_t>(ceil_div(plan.capacity, 16 * kThreads), 1, 4 * sms));
+  for (int pass = 0; pass < Plan::kPasses; ++pass) {
+    candidate_histogram_kernel<Fmt><<<grid, kThreads, 0, stream>>>(candidates, pass, state.data_ptr<int64_t>(),
+                                                                   hist);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    select_bin_kernel<Fmt><<<1, kThreads, 0, stream>>>(hist, pass, state.data_ptr<int64_t>(), nan_acc, n_tensors,
+                                                       kPathCandidates, false);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Runs the selection; value (0-d, dtype of xs), counts int64 [2], nan int64 [n] come back filled. With
+// compaction the full radix passes below are the fallback: their kernels return at once unless the
+// decision chose them (State::path), so the host launches them without knowing.
 template <typename Fmt>
 void select_on_device(const SelectJob& job, int64_t k, at::Tensor& value, at::Tensor& counts, at::Tensor& nan) {
   using Plan = RadixPlan<Fmt::kWidth, kDigitGpu>;
   const auto device = job.dense[0].device();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t n_tensors = static_cast<int64_t>(job.dense.size()), chunks = job.plan.size();
-  at::Tensor state = table_to_device({0, k, 0, 0, 0}, device);
-  static_assert(kStateWords == 5, "State layout");
-  at::Tensor hist = at::empty({1 << kDigitGpu}, state.options());
+  at::Tensor state = table_to_device({0, k, 0, 0, 0, kPathFull, 0, 0, 0, 0}, device);
+  static_assert(kStateWords == 10, "State layout");
+  at::Tensor hist = at::zeros({1 << kDigitGpu}, state.options());  // select_bin_kernel zeroes it after each pass
   at::Tensor nan_acc = at::zeros({n_tensors}, state.options());
   const at::Tensor table = make_table(job, {});
   auto* hist_ptr = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
   auto* nan_ptr = reinterpret_cast<unsigned long long*>(nan_acc.data_ptr<int64_t>());
+  const bool compact = chunks > 0 && use_compaction(job.total);
+  if (compact) compact_on_device<Fmt>(job, k, table, state, hist_ptr, nan_ptr);
   for (int pass = 0; pass < Plan::kPasses; ++pass) {
-    hist.zero_();
     if (chunks > 0) {
       histogram_kernel<Fmt><<<grid_for(chunks), kThreads, 0, stream>>>(table.data_ptr<int64_t>(), n_tensors, chunks,
                                                                         pass, state.data_ptr<int64_t>(), hist_ptr,
@@ -232,7 +491,7 @@ void select_on_device(const SelectJob& job, int64_t k, at::Tensor& value, at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     select_bin_kernel<Fmt><<<1, kThreads, 0, stream>>>(hist_ptr, pass, state.data_ptr<int64_t>(), nan_ptr,
-                                                       n_tensors);
+                                                       n_tensors, kPathFull, !compact);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   finish_kernel<Fmt><<<1, 1, 0, stream>>>(state.data_ptr<int64_t>(),

@@ -214,19 +214,9 @@ void dispatch(const LinearArgs& args, cudaStream_t stream, int sms) {
   }
 }
 
-// A contiguous copy when t is not contiguous or its data is not 16-byte aligned (cp.async needs both).
-at::Tensor aligned_contiguous(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
-}
-
 at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                 const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  const int act = parse_activation(activation);
-  const Shape s = check_linear(x, values, meta, bias);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "sparse24_linear on CUDA needs float16 or bfloat16 (the sparse tensor cores), got ", x.scalar_type());
+  const auto [act, s] = check_linear_cuda(x, values, meta, bias, activation);
   TORCH_CHECK(s.out / 64 <= 65535, "sparse24_linear supports at most ", 65535 * 64, " output features, got ", s.out);
   c10::cuda::CUDAGuard guard(x.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
@@ -235,9 +225,7 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, c
               " (", x.device(), ") has ", prop->major, ".", prop->minor,
               " (pyprune_fast.sparse24_linear uses the reference path there)");
   if (s.in == 0) return linear_without_inputs(x, s.out, bias, act).view(linear_output_shape(x, s.out));
-  const at::Tensor x2 = aligned_contiguous(as_rows(x, s.in));
-  const at::Tensor v = aligned_contiguous(values), e = aligned_contiguous(meta);
-  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const auto [x2, v, e, b] = linear_operands(x, values, meta, bias, s.in);
   at::Tensor y = at::empty({x2.size(0), s.out}, x.options());
   if (x2.size(0) > 0 && s.out > 0) {  // an empty result launches nothing (a grid of 0 blocks is an error)
     const LinearArgs args{x2.data_ptr(),

@@ -329,18 +329,9 @@ bool has_sm90a_image(int device) {
   return found[device];
 }
 
-at::Tensor aligned_contiguous(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
-}
-
 at::Tensor sparse24_linear_sm90_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                      const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  const int act = parse_activation(activation);
-  const Shape s = check_linear(x, values, meta, bias);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "sparse24_linear on CUDA needs float16 or bfloat16 (the sparse tensor cores), got ", x.scalar_type());
+  const auto [act, s] = check_linear_cuda(x, values, meta, bias, activation);
   TORCH_CHECK(s.out % kBM == 0 && s.out / kBM <= 65535,
               "sparse24_linear_sm90 needs out features that are a multiple of 128 (at most ", 65535 * kBM,
               "), got ", s.out, " (the mma.sp kernel, sparse24_linear, takes multiples of 64)");
@@ -353,9 +344,7 @@ at::Tensor sparse24_linear_sm90_cuda(const at::Tensor& x, const at::Tensor& valu
               "sparse24_linear_sm90: this build has no sm_90a image (TORCH_CUDA_ARCH_LIST without 9.0a); use "
               "sparse24_linear");
   if (s.in == 0) return linear_without_inputs(x, s.out, bias, act).view(linear_output_shape(x, s.out));
-  const at::Tensor x2 = aligned_contiguous(as_rows(x, s.in));
-  const at::Tensor v = aligned_contiguous(values), e = aligned_contiguous(meta);
-  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const auto [x2, v, e, b] = linear_operands(x, values, meta, bias, s.in);
   at::Tensor y = at::empty({x2.size(0), s.out}, x.options());
   if (x2.size(0) > 0 && s.out > 0) {
     const Operands ops{x2.data_ptr(), v.data_ptr(), reinterpret_cast<const uint32_t*>(e.data_ptr<int32_t>()), s.in};

@@ -6,8 +6,10 @@
 
 #include <c10/util/accumulate.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "pyprune_fast/sparse24.h"
 
@@ -85,11 +87,43 @@ inline Shape check_linear(const at::Tensor& x, const at::Tensor& values, const a
   return s;
 }
 
+// The checks both CUDA kernels of sparse24_linear start with, before any guard or launch: the activation,
+// check_linear's shapes, and fp16/bf16 (the sparse tensor cores take no fp32). Returns the activation
+// code and the weight's shape.
+inline std::pair<int, Shape> check_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                               const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  const int act = parse_activation(activation);
+  const Shape s = check_linear(x, values, meta, bias);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "sparse24_linear on CUDA needs float16 or bfloat16 (the sparse tensor cores), got ", x.scalar_type());
+  return {act, s};
+}
+
+// A contiguous copy when t is not contiguous or its data is not 16-byte aligned (cp.async and TMA need both).
+inline at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
 // x [..., in] as the matrix [rows, in] (rows = the product of x's leading sizes). reshape({-1, in})
 // cannot infer rows when in == 0, a shape the checks above accept.
 inline at::Tensor as_rows(const at::Tensor& x, int64_t in) {
   const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   return x.reshape({rows, in});
+}
+
+// The operands the CUDA kernels read: x as [rows, in], values and meta, each contiguous and 16-byte
+// aligned; bias contiguous.
+struct LinearOperands {
+  at::Tensor x2, values, meta;
+  std::optional<at::Tensor> bias;
+};
+
+inline LinearOperands linear_operands(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                      const std::optional<at::Tensor>& bias, int64_t in) {
+  return {aligned_contiguous(as_rows(x, in)), aligned_contiguous(values), aligned_contiguous(meta),
+          bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt};
 }
 
 // The float32 epilogue of both backends: act(y) in place or as a new tensor (exact GELU, as nn.GELU()).
