@@ -37,10 +37,11 @@ def test_stream_a_6gb_checkpoint(benchmark, checkpoint, mode, tmp_path):
         assert run["peak_rss_bytes"] < 1.5 * 2**30
 
 
-@pytest.fixture(scope="module")
-def moe_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("offload") / "mixtral-3.5b"
-    size = offload.synthetic_checkpoint(path, moe=True)
+@pytest.fixture(scope="module", params=["fused", "per_expert"])
+def moe_checkpoint(tmp_path_factory, request):
+    """The 7 GB Mixtral, its experts stored fused (3-D tensors) or one tensor per expert (the hub's layout)."""
+    path = tmp_path_factory.mktemp("offload") / f"mixtral-3.5b-{request.param}"
+    size = offload.synthetic_checkpoint(path, moe=True, per_expert=request.param == "per_expert")
     assert size >= 6e9
     return path, size
 

@@ -252,14 +252,15 @@ def test_a_router_the_pruner_does_not_know_is_named():
         moe.find_moe(block)
 
 
-def test_a_disk_streamed_run_equals_the_in_memory_one(tmp_path):
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_a_disk_streamed_run_equals_the_in_memory_one(tmp_path, per_expert):
     from safetensors.torch import load_file
 
     from pyprune_fast.bench.offload import synthetic_checkpoint
 
     sizes = dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, num_local_experts=4, vocab_size=VOCAB)  # fmt: skip
-    synthetic_checkpoint(tmp_path / "in", moe=True, dtype=torch.float32, **sizes)
+    synthetic_checkpoint(tmp_path / "in", moe=True, per_expert=per_expert, dtype=torch.float32, **sizes)
     options = dict(method="wanda", sparsity=0.5, min_expert_tokens=4, rare_experts="route", **OPTIONS)
     result = llm.prune(tmp_path / "in", calibration(), offload="disk", out=tmp_path / "out", **options)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "in").eval()
@@ -269,8 +270,13 @@ def test_a_disk_streamed_run_equals_the_in_memory_one(tmp_path):
     written = {}
     for shard in (tmp_path / "out").glob("*.safetensors"):
         written.update(load_file(shard))
-    for name, p in model.named_parameters():
-        assert torch.equal(written[name], p), name
+    stored = {k for shard in (tmp_path / "in").glob("*.safetensors") for k in load_file(shard)}
+    assert set(written) == stored  # the input's layout, key for key
+    if per_expert:
+        assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in written
+    else:
+        for name, p in model.named_parameters():
+            assert torch.equal(written[name], p), name
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
 

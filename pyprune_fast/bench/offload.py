@@ -37,14 +37,16 @@ def synthetic_checkpoint(
     path: str | os.PathLike,
     *,
     moe: bool = False,
+    per_expert: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     tokenizer: str | os.PathLike | None = None,
     **sizes: int,
 ) -> int:
     """Writes a LlamaForCausalLM checkpoint (moe=True: a MixtralForCausalLM, its experts stored as the
-    model's fused 3-D parameters, as `save_pretrained(save_original_format=False)` writes them) with
-    random weights (N(0, 0.02)) to the directory `path`: config.json, one shard per decoder block plus
+    model's fused 3-D parameters, as `save_pretrained(save_original_format=False)` writes them, or with
+    per_expert=True one tensor per expert, `block_sparse_moe.experts.<e>.w1/w2/w3.weight`, the hub's
+    layout) with random weights (N(0, 0.02)) to the directory `path`: config.json, one shard per decoder block plus
     one for the rest, the index, and the tokenizer files of the model directory `tokenizer` if given (its
     vocabulary must fit `vocab_size`). Returns its size in bytes. `sizes`: config fields (default BIG or
     BIG_MOE). Memory: one block at a time (each expert drawn on its own)."""
@@ -86,7 +88,12 @@ def synthetic_checkpoint(
         else:
             prefix = f"model.layers.{index - 1}."
             tensors = {f"{prefix}{name}.weight": rand(*shape) for name, shape in shapes.items()}
-            if moe:
+            if moe and per_expert:
+                tensors[f"{prefix}block_sparse_moe.gate.weight"] = tensors.pop(f"{prefix}mlp.gate.weight")
+                for e in range(config.num_local_experts):
+                    for name, shape in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+                        tensors[f"{prefix}block_sparse_moe.experts.{e}.{name}.weight"] = rand(*shape)
+            elif moe:
                 experts = range(config.num_local_experts)
                 tensors[f"{prefix}mlp.experts.gate_up_proj"] = torch.stack([rand(2 * i, h) for _ in experts])
                 tensors[f"{prefix}mlp.experts.down_proj"] = torch.stack([rand(h, i) for _ in experts])
