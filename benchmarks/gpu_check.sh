@@ -105,6 +105,7 @@ sanitizer="$CUDA_HOME/bin/compute-sanitizer"
 # allocator is off under it (PYTORCH_NO_CUDA_MEMORY_CACHING) so that out-of-bounds accesses hit unallocated
 # memory; svd_mean (cuSOLVER's kernels, not ours) is left to memcheck.
 cat >"$work/sanitize.py" <<'PY'
+import os
 import sys
 
 import torch
@@ -120,8 +121,11 @@ scores = {f"t{i}": x for i, x in enumerate(xs)}
 for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
     typed = [x.to(dtype) for x in xs]
     total = sum(x.numel() for x in typed)
-    for k in (1, total // 2, total):
-        ops.kth_smallest(typed, k)
+    for schedule in ("compact", "full"):  # the candidate compaction (its fallback: the full passes) and without
+        os.environ["PYPRUNE_FAST_SELECT_PATH"] = schedule
+        for k in (1, total // 2, total):
+            ops.kth_smallest(typed, k)
+    os.environ.pop("PYPRUNE_FAST_SELECT_PATH")
     ops.radix_histogram(typed, 0, 0)
     masks.global_unstructured({f"t{i}": x for i, x in enumerate(typed)}, 0.5)
     masks.layerwise({f"t{i}": x for i, x in enumerate(typed)}, 0.3)
@@ -213,7 +217,7 @@ def measure(case, impls=None, flops=0):
             rows.append({"group": case.group, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:300]})
             save()
             continue
-        row = {"group": case.group, "impl": impl, "seconds": seconds, "iterations": iters}
+        row = {"group": case.group, "impl": impl, "seconds": seconds, "iterations": iters, **case.extra}
         if case.bytes_moved:
             row["gbs"] = case.bytes_moved / seconds / 1e9
             row["percent_of_peak_bandwidth"] = 100 * case.bytes_moved / seconds / peak_bw
@@ -231,20 +235,24 @@ measure(select.kth_case(16_000_000, 20, "cuda"))
 measure(select.kth_case(128_000_000, 20, "cuda"), impls={"ours", "torch.topk(torch.cat)"})
 measure(select.global_masks_case(128_000_000, 20, "cuda"), impls={"ours"})
 measure(select.global_apply_case(64_000_000, 20, "cuda"), impls={"ours"})
-# The histogram pass on 2-byte scores (8 per 16-byte load) and on an already pruned model (half zeros: one
-# shared add per warp), and per-row masks (one block per row) at LLaMA-7B's MLP shape.
+# Candidate compaction against the full radix passes it replaces (PYPRUNE_FAST_SELECT_PATH): GB/s over one
+# read of the scores, and the emulation's path and passes for the same inputs (goal: <= 1.3 passes for
+# fp32, >= 70 % of peak bandwidth per pass). On 4-byte |N(0,1)| scores at 90 %, 2-byte scores (8 per
+# 16-byte load), an already pruned model (half zeros: one shared add per warp) at a rank inside the
+# zeros and above them, and per-row masks (one block per row) at LLaMA-7B's MLP shape.
 gen = torch.Generator(device="cuda").manual_seed(0)
-half = [torch.rand(6_400_000, device="cuda", generator=gen).half() for _ in range(20)]
-measure(Case("kth_smallest 128M fp16 cuda", lambda: ops.kth_smallest(half, 64_000_000), {}, bytes_moved=256_000_000))
-pruned = [torch.rand(6_400_000, device="cuda", generator=gen) * (torch.rand(6_400_000, device="cuda") > 0.5)
-          for _ in range(20)]
-measure(Case("kth_smallest 128M fp32 half zeros cuda", lambda: ops.kth_smallest(pruned, 96_000_000), {},
-             bytes_moved=512_000_000))
+scores = [torch.randn(6_400_000, device="cuda", generator=gen).abs_() for _ in range(20)]
+measure(select.kth_schedule_case(scores, 115_200_000, "128M fp32 |N(0,1)| at 90%"))
+half = [x.half() for x in scores]
+measure(select.kth_schedule_case(half, 64_000_000, "128M fp16 at 50%"))
+pruned = [x * (torch.rand(6_400_000, device="cuda", generator=gen) > 0.5) for x in scores]
+measure(select.kth_schedule_case(pruned, 32_000_000, "128M fp32 half zeros at 25%"))
+measure(select.kth_schedule_case(pruned, 96_000_000, "128M fp32 half zeros at 75%"))
 row_scores = {"w": torch.rand(11008, 4096, device="cuda", generator=gen)}
 measure(Case("per_row masks 11008x4096 fp32 cuda", lambda: masks.per_row(row_scores, 0.5),
              {"torch.topk per row": lambda: torch.topk(row_scores["w"], 2048, dim=1, largest=False)},
              bytes_moved=11008 * 4096 * 5))
-del half, pruned, row_scores
+del scores, half, pruned, row_scores
 for dtype in (torch.float32, torch.bfloat16):
     measure(saliency.saliency_case("cuda", dtype))
 measure(nm_mask.n_m_case("llama_7b_layer", "cuda", torch.float32), impls={"ours", "torch topk"})

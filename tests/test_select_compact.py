@@ -3,8 +3,9 @@ through its CPU emulation, pyprune_fast/reference/select_compact.py: bit-identic
 adversarial inputs (all equal, ties at the k-th value, ±inf, ±0, NaN, k = 1 and n, fewer scores than the
 sample, brackets made to miss and buffers made to overflow, which must fall back to the full passes),
 the cost of each path in passes over the scores, and the emulation's plan, sample positions and decision
-against the header's own functions compiled for the host (tests/cpp/compact_plan.cpp). On a GPU, the op
-under PYPRUNE_FAST_SELECT_PATH=compact and =full against the emulation."""
+against the header's own functions compiled for the host (tests/cpp/compact_emulation.cpp, which also runs
+the compaction pass's block loop: stage bound, every candidate written once). On a GPU, the op under
+PYPRUNE_FAST_SELECT_PATH=compact and =full against the reference."""
 
 import os
 import shutil
@@ -165,14 +166,14 @@ def test_sample_positions_one_per_stratum():
 
 @pytest.fixture(scope="module")
 def header():
-    """tests/cpp/compact_plan.cpp built against select_compact.h: plan, positions, decide."""
+    """tests/cpp/compact_emulation.cpp built against select_compact.h: plan, positions, decide, pass."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("needs a C++20 compiler")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    exe = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"compact_plan_{os.getpid()}")
+    exe = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"compact_emulation_{os.getpid()}")
     include = os.path.join(_build.csrc_dir(), "include")
-    source = os.path.join(root, "tests", "cpp", "compact_plan.cpp")
+    source = os.path.join(root, "tests", "cpp", "compact_emulation.cpp")
     subprocess.run([cxx, "-std=c++20", "-O1", f"-I{include}", source, "-o", exe], check=True)
 
     def ask(lines: list[str]) -> list[str]:
@@ -216,14 +217,72 @@ def test_emulation_uses_the_headers_plan_positions_and_decision(header):
     assert header(lines) == expected
 
 
+FORMATS = {torch.float16: (16, 10), torch.bfloat16: (16, 7), torch.float32: (32, 23), torch.float64: (64, 52)}
+
+
+def hex_bits(x: torch.Tensor) -> list[str]:
+    width = FORMATS[x.dtype][0]
+    return [format(v & ((1 << width) - 1), "x") for v in x.reshape(-1).view(INT_OF[x.dtype]).tolist()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compaction_pass_counts_and_writes_every_candidate_once(header, dtype):
+    """compact_kernel's loop over one chunk (the largest, 65536 scores, and odd sizes, at every
+    misalignment): the counts of each class equal the emulation's comparisons, the stage never holds more
+    than its slots (every score a candidate included), and the flushes write each candidate once."""
+    width, mantissa = FORMATS[dtype]
+    per_vector = 16 // (width // 8)
+    g = torch.Generator().manual_seed(9)
+    gauss = torch.randn(65_536, generator=g).to(dtype)
+    special = torch.tensor([float("nan"), 0.0, -0.0, float("inf"), float("-inf"), 1.0, -1.0] * 300).to(dtype)
+    keys = sorted(int(k) & ((1 << width) - 1) for k in reference.order_keys(gauss[:2000]))
+    one = int(reference.order_keys(torch.tensor([1.0], dtype=dtype))[0]) & ((1 << width) - 1)
+    brackets = {  # (lo, hi) keys: a middle bracket, the whole range, lo == hi on a value present
+        "middle": (keys[900], keys[1100]),
+        "everything": (0, (1 << width) - 1),
+        "one value": (one, one),
+    }
+    lines, want = [], []
+    for x in (gauss, special):
+        ordered = [int(k) & ((1 << width) - 1) for k in reference.order_keys(x[~torch.isnan(x)])]
+        nan = int(torch.isnan(x).sum())
+        for lo, hi in brackets.values():
+            counted = [
+                nan,
+                sum(k < lo for k in ordered),
+                sum(k == lo for k in ordered),
+                sum(k == hi != lo for k in ordered),
+                sum(lo < k < hi for k in ordered),
+            ]
+            for misalign in range(per_vector):
+                lines.append(f"pass {width} {mantissa} {misalign} {lo:x} {hi:x} {x.numel()} " + " ".join(hex_bits(x)))
+                want.append(counted)
+        lo, hi = brackets["everything"]
+        for misalign in range(per_vector):
+            for n in (1, per_vector + 1, 1_003):  # odd sizes: heads, tails, a partial round
+                nan = int(torch.isnan(x[:n]).sum())
+                lines.append(f"pass {width} {mantissa} {misalign} {lo:x} {hi:x} {n} " + " ".join(hex_bits(x[:n])))
+                want.append([nan, 0, 0, 0, n - nan])
+    answers = header(lines)
+    for counted, answer in zip(want, answers):
+        fields = answer.split()
+        assert list(map(int, fields[:5])) == counted, answer
+        most, slots = int(fields[5]), int(fields[6])
+        assert most <= slots and fields[7] == "ok", answer
+    # every score of a full chunk a candidate: the stage fills to its bound (scalars + the flush window)
+    assert max(int(a.split()[5]) for a in answers) > sc.COMPACT_STAGE_ELEMENTS - per_vector * 256
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("schedule", ["compact", "full"])
-def test_cuda_op_equals_the_emulation(monkeypatch, schedule):
-    """The kernels under PYPRUNE_FAST_SELECT_PATH: every adversarial case, fallbacks included, bit for bit."""
+def test_cuda_op_equals_the_reference_under_both_schedules(monkeypatch):
+    """The kernels under PYPRUNE_FAST_SELECT_PATH=compact and =full: every adversarial case above (the
+    planted misses and the overflow fall back on the device), bit for bit."""
     native_or_skip("cuda")
-    monkeypatch.setenv("PYPRUNE_FAST_SELECT_PATH", schedule)
     for dtype, name, xs, k, _ in all_cases():
-        value, counts, nan = torch.ops.pyprune_fast.kth_smallest_counts([x.cuda() for x in xs], k)
-        want_value, want_counts, want_nan, _ = sc.kth_smallest_counts(xs, k, schedule)
-        assert bits(value.cpu()) == bits(want_value), (dtype, name, k)
-        assert counts.tolist() == want_counts.tolist() and nan.tolist() == want_nan.tolist(), (dtype, name, k)
+        want_value, want_counts, want_nan = reference.kth_smallest_counts(xs, k)
+        for schedule in ("compact", "full"):
+            monkeypatch.setenv("PYPRUNE_FAST_SELECT_PATH", schedule)
+            value, counts, nan = torch.ops.pyprune_fast.kth_smallest_counts([x.cuda() for x in xs], k)
+            assert bits(value.cpu()) == bits(want_value), (dtype, name, k, schedule)
+            assert counts.tolist() == want_counts.tolist(), (dtype, name, k, schedule)
+            assert nan.tolist() == want_nan.tolist(), (dtype, name, k, schedule)

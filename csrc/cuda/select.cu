@@ -128,6 +128,16 @@ __device__ __forceinline__ void count_digit(unsigned int* bins, bool counted, ui
   if (counted) atomicAdd(&bins[digit], 1u);
 }
 
+// Vector v of a chunk's 16-byte vectors into lanes (16 / sizeof(Bits) elements), zeros past the last;
+// returns whether v exists.
+template <typename Bits>
+__device__ __forceinline__ bool load_vector(const uint4* vectors, int64_t n_vectors, int64_t v, Bits* lanes) {
+  const bool valid = v < n_vectors;
+  const uint4 raw = valid ? __ldg(vectors + v) : make_uint4(0, 0, 0, 0);
+  memcpy(lanes, &raw, sizeof(raw));
+  return valid;
+}
+
 // One radix pass over every chunk: each chunk is read as 16-byte vectors (vector_split: 4 fp32, 8 fp16 or
 // bf16, 2 fp64 per load) in rounds that every thread of the block takes part in (warp-wide count_digit),
 // plus at most 2 x 15 scalar elements before the first and after the last 16-byte boundary.
@@ -158,11 +168,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     const uint4* vectors = reinterpret_cast<const uint4*>(p + split.head);
     for (int64_t base = 0; base < split.vectors; base += kThreads) {
-      const int64_t v = base + threadIdx.x;
-      const bool valid = v < split.vectors;
-      const uint4 raw = valid ? __ldg(vectors + v) : make_uint4(0, 0, 0, 0);
       Bits lanes[kVec];
-      memcpy(lanes, &raw, sizeof(raw));
+      const bool valid = load_vector(vectors, split.vectors, base + threadIdx.x, lanes);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         uint32_t digit = 0;
@@ -258,8 +265,8 @@ __global__ void __launch_bounds__(kThreads)
                    unsigned long long* __restrict nan_per_tensor, typename Fmt::Bits* __restrict candidates) {
   using Bits = typename Fmt::Bits;
   constexpr int kVec = 16 / sizeof(Bits);
-  constexpr int kFlushRounds = static_cast<int>(kCompactStageElements) / (kThreads * kVec);
-  constexpr int kStageSlots = static_cast<int>(kCompactStageElements) + 2 * kVec;  // + a head and a tail
+  constexpr int kFlushRounds = compact_flush_rounds<sizeof(Bits)>(kThreads);
+  constexpr int kStageSlots = compact_stage_slots<sizeof(Bits)>();
   static_assert(kFlushRounds >= 1, "one vector round must fit the stage");
   State* state = reinterpret_cast<State*>(state_words);
   __shared__ Bits stage[kStageSlots];
@@ -271,22 +278,12 @@ __global__ void __launch_bounds__(kThreads)
   unsigned long long below = 0, eq_lo = 0, eq_hi = 0;
   unsigned int nans = 0;
   auto classify = [&](Bits bits, bool valid) {  // true for a candidate
-    if (!valid) return false;
-    if (Fmt::is_nan(bits)) {
-      ++nans;
-      return false;
-    }
-    const Bits key = Fmt::key(bits);
-    if (key < lo) {
-      ++below;
-    } else if (key == lo) {
-      ++eq_lo;
-    } else if (key == hi) {
-      ++eq_hi;
-    } else {
-      return key < hi;
-    }
-    return false;
+    const int cls = valid ? compact_class<Fmt>(bits, lo, hi) : kClassAbove;
+    nans += cls == kClassNan;
+    below += cls == kClassBelow;
+    eq_lo += cls == kClassLo;
+    eq_hi += cls == kClassHi;
+    return cls == kClassCandidate;
   };
   auto flush = [&]() {
     __syncthreads();
@@ -316,11 +313,8 @@ __global__ void __launch_bounds__(kThreads)
     const uint4* vectors = reinterpret_cast<const uint4*>(p + split.head);
     int round = 0;
     for (int64_t base = 0; base < split.vectors; base += kThreads) {
-      const int64_t v = base + threadIdx.x;
-      const bool valid = v < split.vectors;
-      const uint4 raw = valid ? __ldg(vectors + v) : make_uint4(0, 0, 0, 0);
       Bits lanes[kVec];
-      memcpy(lanes, &raw, sizeof(raw));
+      const bool valid = load_vector(vectors, split.vectors, base + threadIdx.x, lanes);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) stage_candidate(stage, &staged, classify(lanes[j], valid), lanes[j]);
       if (++round == kFlushRounds) {

@@ -3,6 +3,8 @@ concatenate-and-select, and the torch.nn.utils.prune drop-in against torch's glo
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import masks, ops
@@ -39,6 +41,47 @@ def kth_case(total: int, pieces: int = 20, device: str = "cpu", sparsity: float 
         baselines=baselines,
         elements=total,
         bytes_moved=total * 4,
+    )
+
+
+SELECT_PATH_ENV = "PYPRUNE_FAST_SELECT_PATH"
+
+
+def _under_schedule(schedule: str, fn):
+    """fn() with the CUDA selection forced onto `schedule` ("compact" or "full"), the variable restored."""
+    before = os.environ.get(SELECT_PATH_ENV)
+    os.environ[SELECT_PATH_ENV] = schedule
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ[SELECT_PATH_ENV]
+        else:
+            os.environ[SELECT_PATH_ENV] = before
+
+
+def kth_schedule_case(xs: list[torch.Tensor], k: int, label: str) -> Case:
+    """The k-th smallest of xs with candidate compaction ("ours": sample, one full pass, radix passes over
+    the candidates) against the full 11-bit radix passes it replaces (PYPRUNE_FAST_SELECT_PATH=full).
+    bytes_moved is one read of the scores, so GB/s over it is the effective bandwidth; `extra` holds the
+    path and the passes over the scores the CPU emulation (reference/select_compact.py) finds for these
+    very inputs, and the full schedule's passes."""
+    from ..reference import select_compact
+
+    total = sum(x.numel() for x in xs)
+    _, _, _, trace = select_compact.kth_smallest_counts(xs, k, "compact")
+    width = torch.finfo(xs[0].dtype).bits
+    return Case(
+        group=f"kth_smallest {label}: compacted vs full passes",
+        ours=lambda: _under_schedule("compact", lambda: ops.kth_smallest(xs, k)),
+        baselines={"full radix passes": lambda: _under_schedule("full", lambda: ops.kth_smallest(xs, k))},
+        elements=total,
+        bytes_moved=total * xs[0].element_size(),
+        extra={
+            "path": trace.path,
+            "passes": round(trace.passes, 4),
+            "full_passes": -(-width // select_compact.DIGIT_BITS),
+        },
     )
 
 

@@ -186,7 +186,7 @@ def kth_smallest_counts(
         return (*_result(prefix, less, equal, nan, dtype), Trace("full", 0, reads / n))
 
     plan = compact_plan(n, k)
-    sample = torch.sort(keys[torch.tensor(sample_positions(n, plan.m))]).values
+    sample = torch.sort(keys[torch.tensor(sample_positions(n, plan.m), device=keys.device)]).values
     lo = _to_unsigned(int(sample[plan.r_lo]), width) if plan.r_lo >= 0 else 0
     hi = _to_unsigned(int(sample[plan.r_hi]), width) if plan.r_hi < plan.m else (1 << width) - 1
     lo_s, hi_s = _to_signed(lo, width), _to_signed(hi, width)

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "pyprune_fast/common.h"
+#include "pyprune_fast/radix.h"
 
 namespace pyprune_fast {
 
@@ -80,6 +81,31 @@ PPF_HD Bits bracket_lo(const Bits* sorted, int64_t r_lo) {
 template <typename Bits>
 PPF_HD Bits bracket_hi(const Bits* sorted, int64_t r_hi, int64_t m) {
   return r_hi >= m ? Bits(~Bits(0)) : sorted[r_hi];
+}
+
+// Step 3 for one element: which count it adds to, or whether it is a candidate.
+enum CompactClass : int { kClassNan, kClassBelow, kClassLo, kClassHi, kClassCandidate, kClassAbove };
+
+template <typename Fmt>
+PPF_HD int compact_class(typename Fmt::Bits bits, typename Fmt::Bits lo, typename Fmt::Bits hi) {
+  if (Fmt::is_nan(bits)) return kClassNan;
+  const typename Fmt::Bits key = Fmt::key(bits);
+  if (key < lo) return kClassBelow;
+  if (key == lo) return kClassLo;
+  if (key == hi) return kClassHi;
+  return key < hi ? kClassCandidate : kClassAbove;
+}
+
+// Step 3's shared-memory stage, per block of `threads` threads reading 16-byte vectors of kSize-byte
+// elements: flushed every compact_flush_rounds vector rounds (kCompactStageElements elements) and at each
+// chunk's end, so it holds at most that plus the chunk's scalar head and tail (< 16 bytes each).
+template <int kSize>
+constexpr int compact_flush_rounds(int threads) {
+  return static_cast<int>(kCompactStageElements) / (threads * (16 / kSize));
+}
+template <int kSize>
+constexpr int compact_stage_slots() {
+  return static_cast<int>(kCompactStageElements) + 2 * (16 / kSize);
 }
 
 // What the full pass counted (NaN aside).
