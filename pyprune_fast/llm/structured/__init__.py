@@ -90,7 +90,8 @@ class StructuredResult:
     blocks and every block's score (depth: `influence`, or `loss_increase` with depth_score="loss"),
     whether the result is a standard config that stock `from_pretrained` loads, and times. Mixture-of-
     experts width pruning: `intermediate` holds each block's routed experts' width (dense blocks: their
-    MLP's), `rare_experts` the routed experts below min_expert_tokens with their routed tokens."""
+    MLP's), `rare_experts` the routed experts below min_expert_tokens with their routed tokens. `units`:
+    what width pruning removed ("both", "mlp", "heads"; None for depth)."""
 
     structure: str
     ratio: float
@@ -244,8 +245,9 @@ def prune_structured(
         depth_score: depth only: "influence" (ShortGPT's block influence) or "loss" (the calibration
             loss increase of dropping each block alone; causal LMs, not with `forward`), depth.py.
         units: width only: "both" (heads and MLP channels), "mlp" or "heads" (the whole budget in one
-            kind); None: "both", or "mlp" for torchvision's nn.MultiheadAttention, which cannot lose heads
-            (units="both"/"heads" there: ValueError naming units, the model untouched).
+            kind); None: "both", or "mlp" for torchvision's nn.MultiheadAttention, DeepSeek-V3's MLA and
+            OLMoE's attention, which cannot lose heads (units="both"/"heads" there: ValueError naming
+            units, the model untouched); StructuredResult.units says which.
         ratio: the fraction of the decoder blocks' parameters removed, in [0, 1) (width.py: how it is
             split between heads and channels; depth: round(ratio × blocks) blocks).
         score: a name of SCORES (scores.py: "magnitude", "l1", "l2", "wanda", "flap", "taylor", "fisher",
@@ -271,8 +273,10 @@ def prune_structured(
 
     Mixture-of-experts models (Mixtral, Qwen2/3-MoE, DeepSeek-V3, OLMoE, gpt-oss; moe_width.py), width
     only: the intermediate channels of every routed expert (each scored and refitted on its own routed
-    tokens), shared expert and dense MLP are removed, the same count from every routed expert; heads
-    stay; uniform allocation only; a standard config.
+    tokens), shared expert and dense MLP are removed, the same count from every routed expert of a
+    block, and query heads as for a dense model (not from DeepSeek-V3's MLA nor OLMoE's attention:
+    units=None is MLP-only there, units="both"/"heads" refused); uniform allocation gives a standard
+    config, global allocation per-block widths that llm.load_pretrained rebuilds.
 
     Returns:
         StructuredResult. UsageError naming the argument, with the model untouched, for a bad option, an

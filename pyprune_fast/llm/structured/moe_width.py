@@ -1,29 +1,52 @@
 """Width pruning inside mixture-of-experts blocks: intermediate channels removed from every routed expert,
 every shared expert and the MLP of every dense block (Qwen2/3-MoE's mlp_only_layers, DeepSeek-V3's first
-blocks), each scored and refitted on the tokens it really sees — a smaller model of the same architecture
-that stock `from_pretrained` loads. Attention heads are not removed here (units="mlp").
+blocks), each scored and refitted on the tokens it really sees, and query heads removed from the attention
+as the dense path removes them (width.py) — a smaller model of the same architecture.
 
     for each block i (its inputs: the pruned model's, captured at block 0 and rerun block by block):
         run it on the calibration batches with every routed expert running its routed tokens through its
             Linear views (llm.moe.Routing): each expert's down_proj sees w_t·h_t over the tokens t routed
             to it (w_t the router weight: exactly what the layer output receives); a shared expert's and
-            a dense MLP's down_proj see every token
-        score each MLP's channels on its own statistics (scores.py: magnitude, l1, l2, wanda, flap)
-        drop its lowest channels (ties: the lower index first): each expert its own channels, every
-            routed expert of every layer the same count, so that the fused 3-D tensors keep one width
+            a dense MLP's down_proj see every token; o_proj sees every token
+        score each MLP's channels on its own statistics, and the query heads on o_proj's (scores.py:
+            magnitude, l1, l2, wanda, flap)
+        drop the heads as width.WidthRun.prune_heads does for a dense model (the same code): the lowest
+            query heads of every key/value group, o_proj refitted (or FLAP-compensated), q rows sliced,
+            gpt-oss's per-head attention sinks sliced
+        drop each MLP's lowest channels (ties: the lower index first): each expert its own channels, every
+            routed expert of a block the same count, so that the fused 3-D tensors keep one width
         refit its down_proj by least squares on those statistics (refit.py, reconstruct=True; a routed
             expert's down_proj bias, gpt-oss, stays: it is scaled by w_t, a least-squares intercept is not),
             or slice it (reconstruct=False)
         rerun the pruned block: the next block's inputs
 
-How `ratio` (the fraction of each decoder block's parameters removed, as in width.py) is met: the MLPs
-carry the whole budget, each losing the same fraction f = ratio · P_block / P_channels of its channels
-(P_channels: the parameters of the block's gate/up rows and down columns), f taken from the first MoE
-block for every MoE block and from the first dense block for the dense ones; the kept widths rounded to
-`multiple` — the routed experts' to a multiple of 16 bytes as well (4 channels in float32, 8 in
-bfloat16): transformers' grouped_mm experts refuse other strides. DeepSeek-V3's shared experts are
-n_shared_experts × moe_intermediate_size wide by construction: they keep n_shared_experts × the routed
-experts' kept width.
+Heads (`units`, as width.py: "both" by default, "mlp", "heads"): Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss
+(ATTENTION: Llama-like q/k/v/o). DeepSeek-V3's multi-head latent attention (every head projected from one
+shared low-rank latent) and OLMoE's attention (q_norm/k_norm are RMSNorms over all heads together) keep
+their heads (NO_HEADS): units=None removes MLP channels only there (StructuredResult.units "mlp", the
+summary says the heads were kept); units="both"/"heads" is refused by name, so that nobody asks for heads
+and silently gets none.
+
+How `ratio` (the fraction of each decoder block's parameters removed, as in width.py) is met: the heads
+lose round(ratio × g) query heads per key/value group (width.head_count: the dense rule), the MLPs carry
+the rest of the budget, each losing the same fraction f = (ratio · P_block − heads' parameters) /
+P_channels of its channels (P_channels: the parameters of the block's gate/up rows and down columns), f
+taken from the first MoE block for every MoE block and from the first dense block for the dense ones;
+the kept widths rounded to `multiple` — the routed experts' to a multiple of 16 bytes as well (4
+channels in float32, 8 in bfloat16): transformers' grouped_mm experts refuse other strides.
+DeepSeek-V3's shared experts are n_shared_experts × moe_intermediate_size wide by construction: they
+keep n_shared_experts × the routed experts' kept width.
+
+allocation="uniform": those counts in every block (a standard config). allocation="global" (width.py's
+rule on MoE units): a first pass scores every block of the dense model; the uniform totals are then
+placed by one threshold each over the blocks' normalized scores (normalize=None: standardized; "lp"),
+each block keeping at least `floor` of its units — head slices (one query head from every group: the
+mean over the groups of each group's k-th lowest, width.head_slices) over all blocks; routed channel
+slices (one channel from every routed expert of a block: the block's routed scores normalized together,
+the mean over the experts of each expert's k-th lowest) over the MoE blocks, so that all routed experts
+of a block keep one width; dense-block channels over the dense blocks. A shared expert loses its block's
+routed fraction (DeepSeek-V3: n_shared_experts × the routed width). The sequential pass then removes
+that many from each block, scored on the pruned inputs.
 
 Experts with fewer than `min_expert_tokens` routed calibration tokens (reported as
 `StructuredResult.rare_experts`): rare_experts="magnitude" scores them by magnitude and slices their
@@ -33,14 +56,18 @@ down_proj without a refit; "route" forces the tokens their router scores highest
 
 Memory: the statistics pass keeps, for the refit, XᵀX of every routed expert's down_proj input of the
 block at once, E · I² · 4 bytes (Mixtral-8x7B: 8 × 14336² floats, 6.6 GB; Qwen3-30B-A3B: 128 × 768²,
-0.3 GB), on the device the block runs on; reconstruct=False keeps Σx and Σx² only.
+0.3 GB), on the device the block runs on; reconstruct=False and the global allocation's scoring pass
+keep Σx and Σx² only.
 
 The config is updated under the architecture's names (WIDTH_KEYS): Mixtral, OLMoE and gpt-oss
 `intermediate_size`; Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 `moe_intermediate_size` for the routed experts
-and `intermediate_size` for the dense blocks; Qwen2-MoE `shared_expert_intermediate_size`. Refused, with
-the model untouched: global allocation (the layers would differ in width, which no config of these
-architectures expresses), heads, gradient scores (fused experts are not Linears), `forward=`, a ratio
-that leaves an MLP no channel, an unknown router or architecture."""
+and `intermediate_size` for the dense blocks; Qwen2-MoE `shared_expert_intermediate_size`; heads removed:
+`num_attention_heads` and `head_dim`. Equal blocks give a standard config that stock `from_pretrained`
+loads. Blocks that differ (global allocation) get the largest of each, and `pyprune_fast_widths` (per
+block: the routed experts' width — a dense block's MLP width —, the shared experts' width, the query
+heads), from which `llm.load_pretrained` rebuilds the model (reshape_). Refused, with the model
+untouched: heads where NO_HEADS, gradient scores (fused experts are not Linears), `forward=`, a ratio
+that leaves an MLP no channel or a group no head, an unknown router or architecture."""
 
 from __future__ import annotations
 
@@ -386,16 +413,17 @@ class MoEWidthRun:
             width = WidthOptions(options["score"], options["reconstruct"], options["bias"], options["percdamp"])
             self.heads = WidthRun(run.attention, width, edits, device)
 
-    def observe(self, i: int, inputs: BlockInputs, heads: bool) -> _Seen:
+    def observe(self, i: int, inputs: BlockInputs, heads: bool, refit: bool = True) -> _Seen:
         """Block i's statistics pass over every batch (each routed expert on its routed tokens; o_proj's
-        input when `heads`), and the scores of its channels and heads."""
+        input when `heads`), and the scores of its channels and heads; XᵀX only when `refit` and the
+        run reconstructs (the global allocation's scoring pass needs Σx and Σx² alone)."""
         block = self.run.blocks[i]
         views = with_experts(block, {})
         units = _units(block, views)
         consumers = {u.path: u.mlp.down_proj for _, u in units}
         if heads:
             consumers["attention"] = self.run.attention.linear(i, self.run.attention.layout.o)
-        observes = {"sums", "xtx"} if self.o["reconstruct"] else {"sums"}
+        observes = {"sums", "xtx"} if self.o["reconstruct"] and refit else {"sums"}
         routing = Routing(block, views, self.o["rare_experts"], self.o["min_expert_tokens"])
         with StatsCollector(block, consumers, observes) as stats, routing:
             for j in range(len(inputs)):
@@ -588,7 +616,7 @@ def dense_scores(
     blocks, out = run.run.blocks, []
     for i in range(len(blocks)):
         with on_device(blocks[i], device):
-            seen = run.observe(i, inputs, run.run.attention is not None)
+            seen = run.observe(i, inputs, run.run.attention is not None, refit=False)
             channels = {n: c.cpu() for n, c in seen.channels.items()}
             heads = seen.heads.cpu() if seen.heads is not None else None
             out.append(_Seen(seen.units, {}, seen.rare, channels, heads))
