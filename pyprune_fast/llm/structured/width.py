@@ -336,11 +336,11 @@ class WidthRun:
         if counts.heads:
             self.prune_heads(i, counts.heads, hd, stats["attention"])
 
-    def prune_heads(self, i: int, count: int, scores: Tensor, stats: InputStats) -> Tensor:
+    def prune_heads(self, i: int, count: int, scores: Tensor, stats: InputStats) -> None:
         """Block i loses the `count` lowest-scored query heads of every key/value group (multi-head
         attention: in all): o_proj refitted or compensated on `stats`, q rows (k and v rows under
         multi-head attention) sliced, per-head attention sinks (gpt-oss) sliced, the attention's head
-        bookkeeping set. Returns the kept heads."""
+        bookkeeping set."""
         s, layout = self.s, self.s.layout
         heads = kept_heads(s, scores, count)
         cols = _head_columns(heads, s.head_dim)
@@ -355,7 +355,6 @@ class WidthRun:
         for p in sliced:
             self.edits.replace(s.blocks[i], p, rows(s.linear(i, p), qkv_rows))
         set_head_attrs(self.edits.set, attention, len(heads), s)
-        return heads
 
     def give_biases(self) -> list[str]:
         """Where a consumer was given a bias through a config flag (Llama's mlp_bias, attention_bias):
