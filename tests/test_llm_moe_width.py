@@ -171,12 +171,12 @@ def test_bad_input_is_refused_before_the_model_is_touched():
     model = tiny_moe("qwen2_moe")
     before = _state(model)
     bad = [
-        ({"allocation": "global"}, "allocation='global' would give the MoE layers different expert widths"),
-        ({"units": "heads"}, "units='heads': mixture-of-experts models lose MLP channels only"),
+        ({"units": "experts"}, "units must be one of"),
+        ({"units": "heads"}, "ratio=0.25 leaves no query head in a key/value group of block 0"),
         ({"score": "taylor"}, "score='taylor' takes block-local gradients"),
         ({"rare_experts": "dense"}, "rare_experts must be one of"),
         ({"min_expert_tokens": -1}, "min_expert_tokens must be an int >= 0"),
-        ({"ratio": 0.97}, "ratio=0.97 leaves no channel in the routed experts of block 0"),
+        ({"ratio": 0.97, "units": "mlp"}, "ratio=0.97 leaves no channel in the routed experts of block 0"),
     ]
     for options, message in bad:
         with pytest.raises(UsageError, match=message):

@@ -28,8 +28,8 @@ STRUCTURES = (*llm.structured.STRUCTURES, EXPERTS)
 DEPTH_SCORE = "influence"  # depth's default: ShortGPT's block influence (llm.structured.DEPTH_SCORES)
 PREFILL_TOKENS, DECODE_TOKENS, PROMPT_TOKENS = 128, 32, 16  # short: the command stays quick
 RANDOM_BATCH = 8  # images per random calibration batch of a vision model without --data
-# how a causal LM's saved directory loads (report.json's "load" of expert removal): a standard config,
-# or per-layer expert counts (global allocation) that only llm.load_pretrained rebuilds
+# how a causal LM's saved directory loads (report.json's "load"): a standard config, or per-layer widths
+# or expert counts (global allocation; OPT / GPT-NeoX heads) that only llm.load_pretrained rebuilds
 STOCK_LOAD = "transformers.AutoModelForCausalLM.from_pretrained(DIR)"
 PRUNED_LOAD = "pyprune_fast.llm.load_pretrained(DIR)"
 
@@ -124,6 +124,7 @@ def _structure_info(result: llm.StructuredResult) -> dict:
         "heads": result.heads,
         "removed_blocks": result.removed_blocks,
         "standard": result.standard,
+        "units": result.units,
     }
 
 
@@ -310,6 +311,8 @@ def _one(bundle, plan: Plan, job: _Job, criterion: str, ratio: float, run: Run, 
         raise UsageError(f"`ratio` {ratio:g}, `structure` {plan.structure}: {exc}") from exc
     run.score_seconds[criterion] += pruned.seconds
     info = _structure_info(pruned)
+    if isinstance(bundle, LLMBundle):
+        info["load"] = STOCK_LOAD if pruned.standard else PRUNED_LOAD
     if isinstance(bundle, LLMBundle) and not llm.structured.has_moe(dense):  # (MoE: top-k experts read a token)
         from ..bench.structured import weights_read
 

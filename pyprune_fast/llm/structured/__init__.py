@@ -42,6 +42,7 @@ from .edit import Edits
 from .layout import LAYOUTS, Layout, Structure, _shared_parameters, structure_of
 from .load import load_pretrained
 from .moe_width import MoEWidthRun, has_moe
+from .moe_width import dense_scores as moe_dense_scores
 from .moe_width import plan as moe_plan
 from .moe_width import sequential as moe_sequential
 from .moe_width import widths as moe_widths
@@ -89,7 +90,8 @@ class StructuredResult:
     blocks and every block's score (depth: `influence`, or `loss_increase` with depth_score="loss"),
     whether the result is a standard config that stock `from_pretrained` loads, and times. Mixture-of-
     experts width pruning: `intermediate` holds each block's routed experts' width (dense blocks: their
-    MLP's), `rare_experts` the routed experts below min_expert_tokens with their routed tokens."""
+    MLP's), `rare_experts` the routed experts below min_expert_tokens with their routed tokens. `units`:
+    what width pruning removed ("both", "mlp", "heads"; None for depth)."""
 
     structure: str
     ratio: float
@@ -110,6 +112,7 @@ class StructuredResult:
     depth_score: str | None = None
     loss_increase: list[float] | None = None
     rare_experts: dict[str, int] = field(default_factory=dict)
+    units: str | None = None
 
     @property
     def removed_fraction(self) -> float:
@@ -129,7 +132,7 @@ class StructuredResult:
         if self.rare_experts:
             lines.append(f"{len(self.rare_experts)} routed experts below min_expert_tokens (their routed tokens): "
                          + ", ".join(f"{n} {c}" for n, c in self.rare_experts.items()))  # fmt: skip
-        lines.append(f"query heads {self.heads}")
+        lines.append(f"query heads {self.heads}" + (" (units='mlp': heads kept)" if self.units == "mlp" else ""))
         lines.append(
             "standard config (stock from_pretrained loads it)"
             if self.standard
@@ -242,8 +245,9 @@ def prune_structured(
         depth_score: depth only: "influence" (ShortGPT's block influence) or "loss" (the calibration
             loss increase of dropping each block alone; causal LMs, not with `forward`), depth.py.
         units: width only: "both" (heads and MLP channels), "mlp" or "heads" (the whole budget in one
-            kind); None: "both", or "mlp" for torchvision's nn.MultiheadAttention, which cannot lose heads
-            (units="both"/"heads" there: ValueError naming units, the model untouched).
+            kind); None: "both", or "mlp" for torchvision's nn.MultiheadAttention, DeepSeek-V3's MLA and
+            OLMoE's attention, which cannot lose heads (units="both"/"heads" there: ValueError naming
+            units, the model untouched); StructuredResult.units says which.
         ratio: the fraction of the decoder blocks' parameters removed, in [0, 1) (width.py: how it is
             split between heads and channels; depth: round(ratio × blocks) blocks).
         score: a name of SCORES (scores.py: "magnitude", "l1", "l2", "wanda", "flap", "taylor", "fisher",
@@ -269,8 +273,10 @@ def prune_structured(
 
     Mixture-of-experts models (Mixtral, Qwen2/3-MoE, DeepSeek-V3, OLMoE, gpt-oss; moe_width.py), width
     only: the intermediate channels of every routed expert (each scored and refitted on its own routed
-    tokens), shared expert and dense MLP are removed, the same count from every routed expert; heads
-    stay; uniform allocation only; a standard config.
+    tokens), shared expert and dense MLP are removed, the same count from every routed expert of a
+    block, and query heads as for a dense model (not from DeepSeek-V3's MLA nor OLMoE's attention:
+    units=None is MLP-only there, units="both"/"heads" refused); uniform allocation gives a standard
+    config, global allocation per-block widths that llm.load_pretrained rebuilds.
 
     Returns:
         StructuredResult. UsageError naming the argument, with the model untouched, for a bad option, an
@@ -287,7 +293,7 @@ def prune_structured(
     if structure == "width" and has_moe(model):
         moe = dict(units=units, allocation=allocation, score=score, forward=forward, ratio=ratio, multiple=multiple,
                    rare_experts=rare_experts, min_expert_tokens=min_expert_tokens, reconstruct=reconstruct,
-                   percdamp=float(percdamp))  # fmt: skip
+                   bias=bias, percdamp=float(percdamp), floor=floor, normalize=normalize, p=p)  # fmt: skip
         return _moe_width(model, calibration, moe, (num_samples, seq_len, batch_size), device, progress)
     s = structure_of(model)
     units = check_units(s, units) if structure == "width" else None
@@ -344,6 +350,7 @@ def prune_structured(
         edits.undo()
         raise
     result.intermediate, result.heads = _widths(s)
+    result.units = units
     result.params_after = sum(p.numel() for p in model.parameters())
     result.decoder_params_after = _decoder_params(s)
     result.seconds = time.perf_counter() - t0
@@ -351,7 +358,8 @@ def prune_structured(
 
 
 def _moe_width(model, calibration, options: dict[str, Any], sizes: tuple[int, int, int], device, progress):
-    """prune_structured's width pruning of a mixture-of-experts model (moe_width.py)."""
+    """prune_structured's width pruning of a mixture-of-experts model (moe_width.py): the global
+    allocation's dense pass if asked, the sequential pass, the config."""
     prefix, blocks = find_blocks(model)
     shared = _shared_parameters(model, prefix)
     if shared:
@@ -364,17 +372,25 @@ def _moe_width(model, calibration, options: dict[str, Any], sizes: tuple[int, in
                           module_device(blocks[0]))  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
     decoder = sum(p.numel() for p in blocks.parameters())
-    result = StructuredResult("width", float(options["ratio"]), options["score"], "uniform", options["reconstruct"],
-                              params, params, decoder, decoder)  # fmt: skip
+    result = StructuredResult("width", float(options["ratio"]), options["score"], options["allocation"],
+                              options["reconstruct"], params, params, decoder, decoder, units=plan.units)  # fmt: skip
     t0 = time.perf_counter()
     edits = Edits()
-    run = MoEWidthRun(plan, options, edits)
+    run = MoEWidthRun(plan, options, edits, device)
+    counts = plan.counts
     try:
         with eval_mode(model):
             inputs = capture_inputs(model, blocks[0], batches, device)
+            if options["allocation"] == "global" and any(counts):
+                start = list(inputs.hidden)
+                with tqdm(total=len(blocks), desc="dense scores", unit="block", disable=_disabled(progress)) as bar:
+                    seen = moe_dense_scores(run, inputs, device, lambda _i: bar.update())
+                inputs.hidden = start
+                counts = run.global_counts(seen, options["floor"], options["normalize"], options["p"])
             desc = f"width {options['score']} (experts)"
             with tqdm(total=len(blocks), desc=desc, unit="block", disable=_disabled(progress)) as bar:
-                moe_sequential(run, prefix, inputs, device, result.block_seconds, lambda _i: bar.update())
+                result.standard = moe_sequential(run, inputs, device, counts, result.block_seconds,
+                                                 lambda _i: bar.update())  # fmt: skip
     except BaseException:
         edits.undo()
         raise

@@ -10,7 +10,10 @@ from_pretrained refuses the directory (its tensors do not match the config's sha
 the recorded widths, then the safetensors weights loaded strictly. Expert removal with global allocation
 (llm.prune_experts) leaves MoE layers with different expert counts, recorded as `pyprune_fast_experts`
 (per MoE layer; the config's expert count is the largest): `load_pretrained` resizes each layer's
-router and experts the same way. No pickles, no remote code. An
+router and experts the same way. Mixture-of-experts width pruning with blocks that differ (allocation="global")
+records per block the routed experts' (dense blocks: the MLP's) width, the shared experts' width and the
+query heads in `pyprune_fast_widths` (moe_width.finish_config): `load_pretrained` resizes each block's
+fused expert tensors, shared experts, MLP and attention (moe_width.reshape_). No pickles, no remote code. An
 encoder (config.architectures a class such as BertModel or ViTModel) is built by that class."""
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from torch import nn
 
 from .edit import Edits
 from .layout import set_head_attrs, structure_of
+from .moe_width import has_moe
+from .moe_width import reshape_ as moe_reshape_
 
 
 def _empty_linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -137,7 +142,7 @@ def load_pretrained(
         cls = _model_class(config)
         model = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config, **_encoder_options(cls, state))
         if widths is not None:
-            reshape_(model, widths)
+            (moe_reshape_ if has_moe(model) else reshape_)(model, widths)
         if experts is not None:
             reshape_experts_(model, experts)
         missing, unexpected = model.load_state_dict(_model_names(model, state, path), strict=False)

@@ -66,7 +66,7 @@ def block_params(block: nn.Module) -> int:
     return sum(p.numel() for p in block.parameters())
 
 
-def _head_cost(structure: Structure, i: int) -> int:
+def head_cost(structure: Structure, i: int) -> int:
     """Parameters one removed unit of the head count costs: a query head in every group (GQA), or one
     head with its key and value rows (multi-head attention)."""
     layout, d, h = structure.layout, structure.head_dim, structure.hidden
@@ -120,26 +120,31 @@ def check_units(structure: Structure, units: str | None) -> str:
     return units
 
 
+def head_count(structure: Structure, i: int, ratio: float, units: str, params: int) -> int:
+    """The head units block i loses for `ratio` of its `params` parameters: round(ratio × g) query heads
+    per key/value group (multi-head attention: round(ratio × heads)); units="heads": the whole budget
+    in heads; "mlp": none. UsageError naming `ratio` when the block would keep no head."""
+    units_i = _head_units(structure, i)
+    if units == "mlp":
+        return 0
+    heads = round(ratio * params / head_cost(structure, i)) if units == "heads" else round(ratio * units_i)
+    if heads >= units_i:
+        where = "attention head" if structure.group == 1 else "query head in a key/value group"
+        raise UsageError(f"`ratio`={ratio} leaves no {where} of block {i} ({units_i} per group)")
+    return heads
+
+
 def uniform_counts(structure: Structure, ratio: float, multiple: int = 1, units: str = "both") -> list[Counts]:
     """Counts per block for `ratio` (module docstring; units="mlp": the whole budget in MLP channels,
     "heads": the whole budget in heads), the kept MLP width rounded to a multiple of `multiple`;
     UsageError naming `ratio` when a block would keep no head or no channel."""
     counts = []
     for i, block in enumerate(structure.blocks):
-        units_i = _head_units(structure, i)
-        if units == "mlp":
-            heads = 0
-        elif units == "heads":
-            heads = round(ratio * block_params(block) / _head_cost(structure, i))
-        else:
-            heads = round(ratio * units_i)
-        if heads >= units_i:
-            where = "attention head" if structure.group == 1 else "query head in a key/value group"
-            raise UsageError(f"`ratio`={ratio} leaves no {where} of block {i} ({units_i} per group)")
+        heads = head_count(structure, i, ratio, units, block_params(block))
         if units == "heads":
             counts.append(Counts(heads, 0))
             continue
-        budget = ratio * block_params(block) - heads * _head_cost(structure, i)
+        budget = ratio * block_params(block) - heads * head_cost(structure, i)
         channels = rounded(structure.intermediate(i), max(0, round(budget / _channel_cost(structure, i))), multiple)
         if channels >= structure.intermediate(i):
             raise UsageError(
@@ -155,7 +160,13 @@ def _standardized(s: Tensor) -> Tensor:
     return (s - s.mean()) / std if float(std) > 0 else torch.zeros_like(s)
 
 
-def _head_slices(structure: Structure, scores: Tensor, normalized: Callable[[Tensor], Tensor]) -> Tensor:
+def normalizer(normalize: str | None, p: float) -> Callable[[Tensor], Tensor]:
+    """How the global allocation makes one block's scores comparable across blocks: standardized
+    (normalize=None), or L_p normalized with `p` ("lp")."""
+    return _standardized if normalize is None else partial(lp_normalize, p=p)
+
+
+def head_slices(structure: Structure, scores: Tensor, normalized: Callable[[Tensor], Tensor]) -> Tensor:
     """Normalized score of each head slice k (ascending): the mean over the groups of each group's k-th
     lowest normalized head score (multi-head attention: the sorted head scores)."""
     z = normalized(scores)
@@ -164,7 +175,7 @@ def _head_slices(structure: Structure, scores: Tensor, normalized: Callable[[Ten
     return z.reshape(structure.kv, -1).sort(dim=1).values.mean(0)
 
 
-def _pick(per_block: list[Tensor], total: int, floors: list[int]) -> list[int]:
+def pick(per_block: list[Tensor], total: int, floors: list[int]) -> list[int]:
     """How many of each block's lowest units one global threshold takes: the `total` lowest scores over
     all blocks (ties: lower block, then lower index first), block b giving at most len − floors[b]."""
     order = sorted(
@@ -194,13 +205,13 @@ def global_counts(
     """The global allocation (module docstring): the uniform totals placed by one threshold over the
     normalized scores (normalize=None: standardized; "lp": L_p normalized with `p`), each block keeping
     at least `floor` of its units (and one)."""
-    normalized = _standardized if normalize is None else partial(lp_normalize, p=p)
+    normalized = normalizer(normalize, p)
     channel_z = [normalized(c).sort().values for c, _ in scores]
-    slice_z = [_head_slices(structure, h, normalized) for _, h in scores]
+    slice_z = [head_slices(structure, h, normalized) for _, h in scores]
     ch_floor = [max(1, math.ceil(floor * len(z))) for z in channel_z]
     head_floor = [max(1, math.ceil(floor * len(z))) for z in slice_z]
-    channels = _pick(channel_z, sum(c.channels for c in uniform), ch_floor)
-    heads = _pick(slice_z, sum(c.heads for c in uniform), head_floor)
+    channels = pick(channel_z, sum(c.channels for c in uniform), ch_floor)
+    heads = pick(slice_z, sum(c.heads for c in uniform), head_floor)
     widths = [len(z) for z in channel_z]
     return [Counts(h, rounded(w, c, multiple)) for h, c, w in zip(heads, channels, widths)]
 
@@ -323,14 +334,27 @@ class WidthRun:
             for p in layout.producers:
                 self.edits.replace(s.blocks[i], p, rows(s.linear(i, p), keep))
         if counts.heads:
-            heads = kept_heads(s, hd, counts.heads)
-            cols = _head_columns(heads, s.head_dim)
-            self._consumer(i, "attention", layout.o, cols, stats["attention"])
-            sliced = (layout.q,) if s.group > 1 else dict.fromkeys((layout.q, layout.k, layout.v))
-            qkv_rows = s.qkv_rows(i, cols)
-            for p in sliced:
-                self.edits.replace(s.blocks[i], p, rows(s.linear(i, p), qkv_rows))
-            set_head_attrs(self.edits.set, s.blocks[i].get_submodule(layout.attention), len(heads), s)
+            self.prune_heads(i, counts.heads, hd, stats["attention"])
+
+    def prune_heads(self, i: int, count: int, scores: Tensor, stats: InputStats) -> None:
+        """Block i loses the `count` lowest-scored query heads of every key/value group (multi-head
+        attention: in all): o_proj refitted or compensated on `stats`, q rows (k and v rows under
+        multi-head attention) sliced, per-head attention sinks (gpt-oss) sliced, the attention's head
+        bookkeeping set."""
+        s, layout = self.s, self.s.layout
+        heads = kept_heads(s, scores, count)
+        cols = _head_columns(heads, s.head_dim)
+        attention = s.blocks[i].get_submodule(layout.attention)
+        sinks = getattr(attention, "sinks", None)
+        if isinstance(sinks, nn.Parameter) and tuple(sinks.shape) == (s.block_heads(i),):
+            kept = sinks.detach()[heads.to(sinks.device)].clone()
+            self.edits.set(attention, "sinks", nn.Parameter(kept, sinks.requires_grad))
+        self._consumer(i, "attention", layout.o, cols, stats)
+        sliced = (layout.q,) if s.group > 1 else dict.fromkeys((layout.q, layout.k, layout.v))
+        qkv_rows = s.qkv_rows(i, cols)
+        for p in sliced:
+            self.edits.replace(s.blocks[i], p, rows(s.linear(i, p), qkv_rows))
+        set_head_attrs(self.edits.set, attention, len(heads), s)
 
     def give_biases(self) -> list[str]:
         """Where a consumer was given a bias through a config flag (Llama's mlp_bias, attention_bias):
