@@ -125,10 +125,10 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         os.environ["PYPRUNE_FAST_SELECT_PATH"] = schedule
         for k in (1, total // 2, total):
             ops.kth_smallest(typed, k)
+        masks.layerwise({f"t{i}": x for i, x in enumerate(typed)}, 0.3)  # one selection per tensor, n = 1 too
     os.environ.pop("PYPRUNE_FAST_SELECT_PATH")
     ops.radix_histogram(typed, 0, 0)
     masks.global_unstructured({f"t{i}": x for i, x in enumerate(typed)}, 0.5)
-    masks.layerwise({f"t{i}": x for i, x in enumerate(typed)}, 0.3)
     masks.per_row({f"t{i}": x for i, x in enumerate(typed)}, 0.3)
 params = {n: x.clone() for n, x in scores.items()}
 masks.global_unstructured(scores, 0.7, apply_to=params)

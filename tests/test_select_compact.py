@@ -66,7 +66,13 @@ def cases(dtype):
         "fewer than the sample": ([torch.randn(37, generator=g)], [1, 5, 19, 37], None),
         "one": ([torch.tensor([-3.0])], [1], "candidates"),
         "several tensors": (
-            [torch.randn(37, generator=g), torch.randn(65, 33, generator=g), torch.tensor([0.0]), gauss[:20_001]],
+            [
+                torch.randn(37, generator=g),
+                torch.empty(0),
+                torch.randn(65, 33, generator=g),
+                torch.tensor([0.0]),
+                gauss[:20_001],
+            ],
             [1, 10_000, 22_183],
             None,
         ),

@@ -23,6 +23,7 @@
 #include "pyprune_fast/cuda_utils.cuh"
 #include "pyprune_fast/mma_sp.cuh"
 #include "pyprune_fast/sparse24_args.h"
+#include "pyprune_fast/sparse24_epilogue.cuh"
 
 namespace pyprune_fast {
 namespace {
@@ -61,17 +62,6 @@ struct Config {
   static_assert(BM % 64 == 0, "BM must divide every out that is a multiple of 64");
   static_assert(kABytes % 16 == 0 && kBBytes % 16 == 0 && kEBytes % 16 == 0, "stage parts must stay 16-byte aligned");
 };
-
-__device__ __forceinline__ float activate(float v, int activation) {
-  if (activation == kActRelu) return v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
-  if (activation == kActGelu) return 0.5f * v * (1.f + erff(v * 0.7071067811865475f));
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ float bias_at(const void* bias, int64_t o) {
-  return bias ? load_float(static_cast<const T*>(bias) + o) : 0.f;
-}
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) sparse24_linear_kernel(const LinearArgs args) {

@@ -29,6 +29,7 @@
 #include "pyprune_fast/cuda_utils.cuh"
 #include "pyprune_fast/mma_sp.cuh"
 #include "pyprune_fast/sparse24_args.h"
+#include "pyprune_fast/sparse24_epilogue.cuh"
 #include "pyprune_fast/wgmma_sp.cuh"
 
 namespace pyprune_fast {
@@ -66,17 +67,6 @@ struct Sm90Args {
   int splits;
   int activation;
 };
-
-__device__ __forceinline__ float activate(float v, int activation) {
-  if (activation == kActRelu) return v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
-  if (activation == kActGelu) return 0.5f * v * (1.f + erff(v * 0.7071067811865475f));
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ float bias_at(const void* bias, int64_t o) {
-  return bias ? load_float(static_cast<const T*>(bias) + o) : 0.f;
-}
 
 // The k-tiles [first, last) of split `split` (every split gets at least one: splits <= ktiles).
 __device__ __forceinline__ void split_range(int ktiles, int splits, int split, int& first, int& last) {

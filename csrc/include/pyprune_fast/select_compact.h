@@ -1,6 +1,6 @@
 // Candidate compaction for the exact k-th smallest key (csrc/cuda/select.cu, kth_smallest_counts and the
 // per-tensor selections of layerwise_masks): the schedule's plan and decisions, one definition shared by
-// the CUDA kernels and checked on the CPU by tests/cpp/compact_plan.cpp. The schedule, step for step as
+// the CUDA kernels and checked on the CPU by tests/cpp/compact_emulation.cpp. The schedule, step for step as
 // pyprune_fast/reference/select_compact.py emulates it:
 //   1. sample: m = min(kCompactSample, n) keys, one per stratum of the flat position range [0, n) (stratum
 //      i = [i n / m, (i + 1) n / m), the position inside it by a fixed hash of i), then sorted;
