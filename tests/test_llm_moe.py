@@ -96,7 +96,7 @@ def _activation(arch: str, experts, gate: torch.Tensor, up: torch.Tensor) -> tor
     return F.silu(gate) * up
 
 
-def _expert_inputs(arch: str, m: moe.MoE, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_inputs(arch: str, m: moe.MoE, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert e's gate/up input (its routed tokens) and down_proj input (w_t·h_t), from the stock router
     and the fused tensors read directly (no views)."""
     _, weights, index = m.router(x)
@@ -134,7 +134,7 @@ def test_each_expert_sees_only_its_tokens_and_down_proj_their_router_weights(arc
         (m,) = moe.find_moe(model.model.layers[i])
         for e in range(m.num_experts):
             with torch.no_grad():
-                xe, he = _expert_inputs(arch, m, x, e)
+                xe, he = expert_inputs(arch, m, x, e)
             name = f"model.layers.{i}.mlp.experts.{e}"
             if len(xe) == 0:
                 assert f"{name}.gate_proj" not in recorder.seen

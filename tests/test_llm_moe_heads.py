@@ -20,7 +20,7 @@ from pyprune_fast import llm
 from pyprune_fast.errors import UsageError
 from pyprune_fast.llm import moe
 from tests.test_llm_moe import N_SAMPLES, SEQ_LEN, calibration, tiny_moe
-from tests.test_llm_moe_width import _kept_rows, _zeroed
+from tests.test_llm_moe_width import kept_rows, zeroed_original
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,7 +40,7 @@ def _head_dim(model) -> int:
 def _kept_heads(before, after, head_dim: int) -> torch.Tensor:
     """The query heads of `before` (a q_proj) that `after` kept: each kept head's rows an exact copy."""
     h = before.weight.shape[1]
-    return _kept_rows(before.weight.detach().reshape(-1, head_dim * h), after.weight.detach().reshape(-1, head_dim * h))
+    return kept_rows(before.weight.detach().reshape(-1, head_dim * h), after.weight.detach().reshape(-1, head_dim * h))
 
 
 def _o_inputs(model, block: int = 0) -> torch.Tensor:
@@ -102,7 +102,7 @@ def test_without_the_refit_the_output_is_the_original_with_heads_and_channels_ze
         model, calibration(), ratio=0.4, score="flap", reconstruct=False, bias=False, **OPTIONS
     )
     assert result.standard and result.heads == [2, 2] and 0.3 < result.removed_fraction < 0.5
-    zeroed, _ = _zeroed(original, model)
+    zeroed, _ = zeroed_original(original, model)
     for block, pruned in zip(zeroed.model.layers, model.model.layers):
         kept = _kept_heads(block.self_attn.q_proj, pruned.self_attn.q_proj, d)
         gone = torch.ones(model.config.num_key_value_heads * 2, dtype=torch.bool)

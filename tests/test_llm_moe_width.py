@@ -16,7 +16,7 @@ from pyprune_fast import llm
 from pyprune_fast.errors import UsageError
 from pyprune_fast.llm import moe
 from pyprune_fast.llm.structured.moe_width import WIDTH_KEYS
-from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, _expert_inputs, calibration, tiny_moe
+from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, calibration, expert_inputs, tiny_moe
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +25,7 @@ OPTIONS = {"structure": "width", "num_samples": N_SAMPLES, "seq_len": SEQ_LEN, "
 CASES = [(a, {}) for a in ARCHS] + [("qwen3_moe", {"mlp_only_layers": [0]})]
 
 
-def _kept_rows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+def kept_rows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """The rows of `before` that `after` kept (exact copies), ascending."""
     same = (before[:, None, :] == after[None, :, :]).all(-1)  # [I, I']
     assert bool((same.sum(0) == 1).all()), "every kept row is one row of the original"
@@ -46,12 +46,12 @@ def _mlps(model):
             yield i, "mlp", block.mlp.gate_proj.weight, None, -1
 
 
-def _zeroed(original, pruned):
+def zeroed_original(original, pruned):
     """A copy of `original` whose channels that `pruned` removed are zero in every down_proj."""
     zeroed = copy.deepcopy(original)
     kept = {}
     for (i, path, gate, m, e), (_, _, gate_after, _, _) in zip(_mlps(zeroed), _mlps(pruned)):
-        keep = _kept_rows(gate.detach(), gate_after.detach())
+        keep = kept_rows(gate.detach(), gate_after.detach())
         gone = torch.ones(gate.shape[0], dtype=torch.bool)
         gone[keep] = False
         down = m.views(e)[2] if m is not None else zeroed.model.layers[i].get_submodule(path).down_proj.weight
@@ -88,7 +88,7 @@ def test_channels_leave_every_expert_and_the_output_is_the_zeroed_original(arch,
                 assert m.module.shared_experts.down_proj.in_features == routed * model.config.n_shared_experts
         if not moe.find_moe(block):
             assert block.mlp.down_proj.in_features == getattr(model.config, dense_key) < widths[dense_key]
-    zeroed, kept = _zeroed(original, model)
+    zeroed, kept = zeroed_original(original, model)
     experts = [k for k in kept if ".experts." in k[1]]
     assert len({tuple(kept[k].tolist()) for k in experts}) > 1  # each expert chose its own channels
     tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -112,7 +112,7 @@ def test_each_expert_is_scored_and_refitted_on_its_routed_tokens(arch):
     want = {}
     with torch.no_grad():
         for e in range(m.num_experts):
-            _, h = _expert_inputs(arch, m, x, e)  # down_proj's input: w_t·h_t over the tokens routed to e
+            _, h = expert_inputs(arch, m, x, e)  # down_proj's input: w_t·h_t over the tokens routed to e
             w = m.views(e)[2].double()
             score = (w.abs().sum(0) * h.double().norm(dim=0)).float()  # Wanda, summed per channel
             want[e] = (score, h.double(), w)
@@ -227,6 +227,6 @@ def test_rare_experts_are_refitted_only_when_routed_tokens_are_forced_to_them(po
         i, e = int(name.split(".")[2]), int(name.split(".")[-1])
         (m,) = moe.find_moe(original.model.layers[i])
         (p,) = moe.find_moe(model.model.layers[i])
-        keep = _kept_rows(m.views(e)[0].detach(), p.views(e)[0].detach())
+        keep = kept_rows(m.views(e)[0].detach(), p.views(e)[0].detach())
         sliced = torch.equal(p.views(e)[2], m.views(e)[2][:, keep])
         assert sliced == (policy == "magnitude"), name  # "route": refitted on the forced tokens as well

@@ -39,7 +39,7 @@ from ..blocks import capture_inputs, find_blocks, module_device
 from ..text import calibration_windows
 from .depth import DEPTH_SCORES, block_influence, blocks_to_remove, loss_increase, remove_blocks_
 from .edit import Edits
-from .layout import LAYOUTS, Layout, Structure, _shared_parameters, structure_of
+from .layout import LAYOUTS, Layout, Structure, shared_parameters, structure_of
 from .load import load_pretrained
 from .moe_width import MoEWidthRun, has_moe
 from .moe_width import dense_scores as moe_dense_scores
@@ -361,7 +361,7 @@ def _moe_width(model, calibration, options: dict[str, Any], sizes: tuple[int, in
     """prune_structured's width pruning of a mixture-of-experts model (moe_width.py): the global
     allocation's dense pass if asked, the sequential pass, the config."""
     prefix, blocks = find_blocks(model)
-    shared = _shared_parameters(model, prefix)
+    shared = shared_parameters(model, prefix)
     if shared:
         raise UsageError(f"`model`: the structured pruner refuses weights shared inside the decoder blocks: {shared}")
     plan = moe_plan(model, blocks, options)

@@ -242,7 +242,7 @@ def set_head_attrs(set_: Any, attention: nn.Module, heads: int, structure: Struc
             set_(attention, name, value)
 
 
-def _shared_parameters(model: nn.Module, prefix: str) -> list[str]:
+def shared_parameters(model: nn.Module, prefix: str) -> list[str]:
     """Parameters of the blocks that are shared with another module (tied weights)."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -269,7 +269,7 @@ def _architecture(model: nn.Module) -> tuple[str | None, Any]:
     return _BLOCK_CLASSES.get((kind.__module__, kind.__name__)), None
 
 
-def _geometry(arch: str, config: Any, blocks: nn.ModuleList) -> tuple[int, int, int, int]:
+def geometry(arch: str, config: Any, blocks: nn.ModuleList) -> tuple[int, int, int, int]:
     """(hidden, heads, key/value heads, head_dim) from the config, or from the attention module."""
     if config is not None:
         heads = int(config.num_attention_heads)
@@ -301,10 +301,10 @@ def structure_of(model: nn.Module) -> Structure:
         )
     layout = LAYOUTS[arch]
     prefix, blocks = find_blocks(model)
-    shared = _shared_parameters(model, prefix)
+    shared = shared_parameters(model, prefix)
     if shared:
         raise UsageError(f"`model`: the structured pruner refuses weights shared inside the decoder blocks: {shared}")
-    hidden, heads, kv, head_dim = _geometry(arch, config, blocks)
+    hidden, heads, kv, head_dim = geometry(arch, config, blocks)
     if heads % kv:
         raise UsageError(f"`model`: architecture {arch}: {heads} query heads do not split into {kv} key/value groups")
     for i, block in enumerate(blocks):

@@ -85,7 +85,7 @@ from ...errors import UsageError
 from ..blocks import BlockInputs, find_blocks, on_device
 from ..moe import RARE_EXPERTS, MoE, Routing, find_moe, known, with_experts
 from .edit import Edits, new_linear, rows
-from .layout import Layout, Structure, _geometry, set_head_attrs
+from .layout import Layout, Structure, geometry, set_head_attrs
 from .refit import least_squares
 from .scores import SCORES, Observed, check_finite
 from .width import UNITS, WidthOptions, WidthRun, head_cost, head_count, head_slices, lowest, normalizer, pick, rounded
@@ -256,7 +256,7 @@ def _attention(arch: str, config: Any, prefix: str, blocks: nn.ModuleList) -> St
     """The attention's Structure (layout.Structure with the ATTENTION layout); UsageError naming `model`
     when a block lacks the Linears or the query heads do not split into the key/value groups."""
     layout = ATTENTION[arch]
-    hidden, heads, kv, head_dim = _geometry(arch, config, blocks)
+    hidden, heads, kv, head_dim = geometry(arch, config, blocks)
     if heads % kv:
         raise UsageError(f"`model`: architecture {arch}: {heads} query heads do not split into {kv} key/value groups")
     for i, block in enumerate(blocks):
