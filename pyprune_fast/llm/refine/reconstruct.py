@@ -21,32 +21,38 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ...modeling import first_tensor
+from ..blocks import BlockInputs
 from .base import BlockStep, Gain, Refinement
 from .swap import layer_error
 
-MODES = ("linear", "block", "parts")
+MODES = ("linear", "sequential", "block", "parts")
 
 
-@torch.no_grad()
-def masked_least_squares_(
-    weight: Tensor, keep: Tensor, dense: Tensor, xtx: Tensor, percdamp: float = 0.01, iterations: int = 30
-) -> tuple[float, float]:
-    """Solves every row's masked least squares (module docstring, "linear") in place by preconditioned
-    conjugate gradients from the current weights; the weights change only when the undamped error
-    Σ_r (w_r − ŵ_r) XᵀX (w_r − ŵ_r)ᵀ falls. Returns that error before and after."""
-    work = torch.promote_types(weight.dtype, torch.float32)
-    x, w, h = weight.detach().to(work).clone(), dense.detach().to(work), xtx.detach().to(work)
-    keep = keep.to(x.device)
+class _Stop(Exception):
+    """Ends a forward once the Linears it was run for have been seen."""
+
+
+def _damped(h: Tensor, percdamp: float) -> tuple[Tensor, float]:
+    """A = H + λI with λ = percdamp · mean diag H (SparseGPT's dampening), and λ."""
     a = h.clone()
-    a.diagonal().add_(percdamp * float(h.diagonal().mean()) + torch.finfo(work).tiny)
+    damp = percdamp * float(h.diagonal().mean()) + torch.finfo(h.dtype).tiny
+    a.diagonal().add_(damp)
+    return a, damp
+
+
+def _masked_cg(x: Tensor, keep: Tensor, rhs: Tensor, a: Tensor, iterations: int) -> Tensor:
+    """`iterations` steps of conjugate gradients, preconditioned by diag A, on every row's system
+    (x A)_S = rhs_S over its kept support S (x zero elsewhere), from x; updates x in place."""
+    work = x.dtype
     precondition = a.diagonal().reciprocal()
-    r = ((w - x) @ a) * keep
+    r = (rhs - x @ a) * keep
     z = r * precondition
     p = z.clone()
     rz = (r * z).sum(1)
@@ -60,8 +66,61 @@ def masked_least_squares_(
         rz, previous = (r * z).sum(1), rz
         beta = torch.where(previous > 0, rz / previous.clamp_min(torch.finfo(work).tiny), torch.zeros_like(rz))
         p = z + beta.unsqueeze(1) * p
+    return x
+
+
+@torch.no_grad()
+def masked_least_squares_(
+    weight: Tensor, keep: Tensor, dense: Tensor, xtx: Tensor, percdamp: float = 0.01, iterations: int = 30
+) -> tuple[float, float]:
+    """Solves every row's masked least squares (module docstring, "linear") in place by preconditioned
+    conjugate gradients from the current weights; the weights change only when the undamped error
+    Σ_r (w_r − ŵ_r) XᵀX (w_r − ŵ_r)ᵀ falls. Returns that error before and after."""
+    work = torch.promote_types(weight.dtype, torch.float32)
+    x, w, h = weight.detach().to(work).clone(), dense.detach().to(work), xtx.detach().to(work)
+    keep = keep.to(x.device)
+    a, _ = _damped(h, percdamp)
+    _masked_cg(x, keep, w @ a, a, iterations)
     before = float(layer_error(w, weight.detach().to(work), h).sum())
     after = float(layer_error(w, x, h).sum())
+    if not after < before:
+        return before, before
+    weight.copy_(x.masked_fill(~keep, 0).to(weight.dtype))
+    return before, after
+
+
+@torch.no_grad()
+def dense_target_least_squares_(
+    weight: Tensor,
+    keep: Tensor,
+    dense: Tensor,
+    stats: tuple[Tensor, Tensor, float],
+    percdamp: float = 0.01,
+    iterations: int = 30,
+) -> tuple[float, float]:
+    """Refits the kept weights of a Linear whose inputs in the pruned model X_p differ from those in the
+    dense model X_d (module docstring, "sequential") in place: every row's
+
+        min over ŵ_S of ‖X_d w_dᵀ − X_p ŵᵀ‖² + λ‖ŵ − w_d‖²,   i.e.   ŵ_S (A + λI)_SS = (w_d C + λ w_d)_S
+
+    with A = X_pᵀX_p, C = X_dᵀX_p and λ = percdamp · mean diag A, by preconditioned conjugate gradients
+    from the current weights. `stats` = (A, C, ‖X_d w_dᵀ‖²). The weights change only when the undamped
+    error ‖X_d w_dᵀ − X_p ŵᵀ‖² = ‖X_d w_dᵀ‖² − 2⟨w_d C, ŵ⟩ + Σ_r ŵ_r A ŵ_rᵀ falls; returns it before and
+    after."""
+    xtx, cross, norm = stats
+    work = torch.promote_types(weight.dtype, torch.float32)
+    x, w = weight.detach().to(work).clone(), dense.detach().to(work)
+    h, c = xtx.detach().to(work), cross.detach().to(work)
+    keep = keep.to(x.device)
+    a, damp = _damped(h, percdamp)
+    target = w @ c
+
+    def error(v: Tensor) -> float:
+        return norm + float(((v @ h) * v).sum() - 2 * (target * v).sum())
+
+    before = error(x)
+    _masked_cg(x, keep, target + damp * w, a, iterations)
+    after = error(x)
     if not after < before:
         return before, before
     weight.copy_(x.masked_fill(~keep, 0).to(weight.dtype))
@@ -90,6 +149,99 @@ def _outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def call_groups(module: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs) -> list[list[str]]:
+    """The block's Linears in the order its forward calls them (on calibration batch 0), grouped where
+    consecutive calls take the same input tensor (q/k/v, gate/up). Linears the forward calls other than
+    once (routed experts, shared layers) are left out: their inputs in the dense and the pruned model
+    are not the same tokens."""
+    calls: list[tuple[str, Tensor]] = []  # the inputs held, so that no later tensor reuses their memory
+    handles = [
+        lin.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0]))) for n, lin in linears.items()
+    ]
+    try:
+        with torch.no_grad():
+            inputs.run(module, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    once = {n for n in linears if sum(c == n for c, _ in calls) == 1}
+    groups: list[list[str]] = []
+    previous = None
+    for n, source in calls:
+        if n not in once:
+            previous = None
+            continue
+        if previous is not None and source is previous:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        previous = source
+    return groups
+
+
+def _group_stats(step: BlockStep, group: list[str], dense_inputs: BlockInputs) -> dict[str, tuple]:
+    """(A = Σ_j X_pᵀX_p, C = Σ_j X_dᵀX_p, ‖X_d w_dᵀ‖²) of every Linear of `group` (which share one
+    input): X_p its inputs in the block as it is now (the Linears before it refit) on the pruned
+    model's inputs, X_d its inputs in the dense block on the dense model's, token by token; summed over
+    the calibration batches and the ranks. Each forward stops at the group."""
+    block = step.block
+    module, pruned, first, last = block.module, block.inputs, block.linears[group[0]], block.linears[group[-1]]
+    seen: dict[str, Tensor] = {}
+    norms = {n: torch.zeros((), dtype=torch.float64) for n in group}
+
+    def capture(_m, args):
+        seen["x"] = args[0].detach()
+        raise _Stop
+
+    def dense_capture(_m, args):
+        seen["x"] = args[0].detach()
+
+    def output(lin, _args, out, n):
+        y = out.detach().float() if lin.bias is None else (out.detach() - lin.bias.detach()).float()
+        norms[n] += float(y.pow(2).sum())
+        if lin is last:
+            raise _Stop
+
+    dense_weights = {f"{n}.weight": w for n, w in step.dense.items()}
+    xtx = cross = None
+    with torch.no_grad():
+        for j in range(len(pruned)):
+            handles = [first.register_forward_pre_hook(dense_capture)]
+            handles += [block.linears[n].register_forward_hook(partial(output, n=n)) for n in group]
+            try:
+                args, kwargs = dense_inputs.call(j)
+                functional_call(module, dense_weights, args, kwargs)
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            xd = seen.pop("x")
+            handle = first.register_forward_pre_hook(capture)
+            try:
+                pruned.run(module, j)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            xp = seen.pop("x")
+            if xp.shape != xd.shape:
+                raise ValueError(
+                    f"{block.qualified(group[0])}: its inputs in the dense and the pruned model differ in shape "
+                    f"({tuple(xd.shape)} and {tuple(xp.shape)})"
+                )
+            xp, xd = xp.reshape(-1, xp.shape[-1]).float(), xd.reshape(-1, xd.shape[-1]).float()
+            xtx = xp.T @ xp if xtx is None else xtx.addmm_(xp.T, xp)
+            cross = xd.T @ xp if cross is None else cross.addmm_(xd.T, xp)
+    sums = torch.stack([norms[n] for n in group])
+    if block.comm is not None:
+        xtx, cross = block.comm.all_reduce_sum(xtx), block.comm.all_reduce_sum(cross)
+        sums = block.comm.all_reduce_sum(sums)
+    if not (bool(torch.isfinite(xtx).all()) and bool(torch.isfinite(cross).all())):
+        raise ValueError(f"{block.qualified(group[0])}: its input statistics are not finite (non-finite activations)")
+    return {n: (xtx, cross, float(sums[k])) for k, n in enumerate(group)}
 
 
 def _relative(got: Tensor, want: Tensor) -> Tensor:
@@ -138,7 +290,8 @@ class Reconstruct(Refinement):
         self.mode, self.iterations, self.steps, self.lr, self.percdamp = mode, iterations, steps, float(lr), percdamp
         self.observes = frozenset({"xtx"}) if mode == "linear" else frozenset()
         self.keeps_dense = mode != "block"
-        self.keeps_targets = mode != "linear"
+        self.keeps_targets = mode in ("block", "parts")
+        self.keeps_dense_inputs = mode == "sequential"
 
     def configured(self, *, percdamp: float = 0.01, **_options) -> Reconstruct:
         return Reconstruct(self.mode, iterations=self.iterations, steps=self.steps, lr=self.lr, percdamp=percdamp)
@@ -147,13 +300,15 @@ class Reconstruct(Refinement):
         return {"mode": self.mode, "iterations": self.iterations, "steps": self.steps, "lr": self.lr}
 
     def workspace_bytes(self, linears: dict[str, nn.Linear], forward_bytes: int) -> int:
-        if self.mode == "linear":
-            return max(4 * (2 * lin.in_features**2 + 5 * lin.weight.numel()) for lin in linears.values())
+        if self.mode in ("linear", "sequential"):
+            return max(4 * (3 * lin.in_features**2 + 5 * lin.weight.numel()) for lin in linears.values())
         return 16 * sum(lin.weight.numel() for lin in linears.values()) + 2 * forward_bytes
 
     def refine_(self, step: BlockStep) -> Gain:
         if self.mode == "linear":
             return self._linear(step)
+        if self.mode == "sequential":
+            return self._sequential(step)
         return self._gradient(step)
 
     def _linear(self, step: BlockStep) -> Gain:
@@ -169,6 +324,25 @@ class Reconstruct(Refinement):
             norm += float(layer_error(dense.float(), torch.zeros_like(dense, dtype=torch.float32), xtx.float()).sum())
         scale = 1.0 / norm if norm > 0 else 0.0
         return Gain("layer error", before * scale, after * scale)
+
+    def _sequential(self, step: BlockStep) -> Gain:
+        block = step.block
+        pruned = block.inputs
+        dense_inputs = (
+            pruned
+            if step.dense_inputs is None
+            else BlockInputs(list(step.dense_inputs), pruned.args, pruned.kwargs, pruned.by_keyword)
+        )
+        before = after = norm = 0.0
+        for group in call_groups(block.module, block.linears, pruned):
+            stats = _group_stats(step, group, dense_inputs)
+            for n in group:
+                e0, e1 = dense_target_least_squares_(
+                    block.linears[n].weight, step.masks[n], step.dense[n], stats[n], self.percdamp, self.iterations
+                )
+                before, after, norm = before + e0, after + e1, norm + stats[n][2]
+        scale = 1.0 / norm if norm > 0 else 0.0
+        return Gain("layer error vs the dense model", before * scale, after * scale)
 
     def _gradient(self, step: BlockStep) -> Gain:
         block, inputs = step.block, step.block.inputs
