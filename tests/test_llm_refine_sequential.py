@@ -146,3 +146,20 @@ def test_sequential_keeps_the_masks_and_ends_closer_to_the_dense_model_than_the_
         if n.endswith("proj.weight"):
             assert int((w == 0).sum()) == int((none.state_dict()[n] == 0).sum()), n
     assert final_error(seq, dense_logits) < final_error(plain, dense_logits) < final_error(none, dense_logits)
+
+
+@pytest.mark.parametrize("toward", [0.0, 0.3])
+def test_toward_blends_the_dense_models_target_with_the_pruned_inputs_own(toward):
+    xd, xp, w = inputs_pair(6)
+    keep = nm_keep(w, xp)
+    weight = w * keep
+    damp = 0.01 * float((xp.T @ xp).diagonal().mean())
+    dense_target_least_squares_(weight, keep, w, stats_of(xd, xp, w), 0.01, iterations=16, toward=toward)
+    blend = toward * xd + (1 - toward) * xp  # the aim X_t w_dᵀ, fitted by lstsq
+    torch.testing.assert_close(weight, lstsq_reference(blend, xp, w, keep, damp), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("toward", [-0.1, 1.5, float("nan"), True])
+def test_toward_outside_0_1_is_refused(toward):
+    with pytest.raises(ValueError, match="toward must be a number in"):
+        Reconstruct("sequential", toward=toward)

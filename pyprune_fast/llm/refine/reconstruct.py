@@ -7,6 +7,18 @@ dense block on the calibration inputs, the masks kept exactly (pruned weights st
               by column, done exactly for the final mask. Every row is solved at once by batched
               conjugate gradients preconditioned by diag A (`iterations`, from the method's weights);
               kept only where the undamped layer error falls.
+    "sequential"  per Linear, closed form, against the dense model rather than the dense block: the
+              Linears refit in the order the block calls them (q/k/v, then o_proj on the refit
+              attention, gate/up, then down_proj on the refit MLP), each on the inputs X_p the pruned
+              model gives it, towards the output X_d w_dᵀ the dense model gives at the same place (X_d
+              from the dense model's own inputs of the block, which the pipeline keeps):
+              min ‖X_d w_dᵀ − X_p ŵᵀ‖² + λ‖ŵ − w_d‖², A_SS ŵ_S = (w_d C + λ w_d)_S with A = X_pᵀX_p + λI,
+              C = X_dᵀX_p — so each Linear also corrects the error of the blocks and Linears before it
+              instead of reproducing the dense weights on already-damaged inputs ("linear"). The
+              asymmetric calibration of GPTAQ (Li et al. 2025), and the dense model's outputs as
+              targets as in EBFT's block-wise fine-tuning (Guo et al. 2024), here as one closed form per
+              Linear over its final mask. Costs two partial forwards per group of Linears and batch, and the
+              dense model's block inputs (one more copy of the hidden states, two while a block runs).
     "block"   the block's output (Wanda++'s regional optimisation, Yang et al. 2025): `steps` Adam steps,
               one calibration batch each, on L = ‖f(X; Ŵ) − Y‖² / ‖Y‖² (Y the dense block's outputs),
               the gradients of pruned weights zeroed so they stay 0.
@@ -15,7 +27,7 @@ dense block on the calibration inputs, the masks kept exactly (pruned weights st
               attention and the MLP reconstructed separately.
 
 The gradient modes keep their result only when the block's output error over every calibration batch
-falls; all three report their own error before and after (the Gain)."""
+falls; all four report their own error before and after (the Gain)."""
 
 from __future__ import annotations
 
@@ -97,6 +109,7 @@ def dense_target_least_squares_(
     stats: tuple[Tensor, Tensor, float],
     percdamp: float = 0.01,
     iterations: int = 30,
+    toward: float = 1.0,
 ) -> tuple[float, float]:
     """Refits the kept weights of a Linear whose inputs in the pruned model X_p differ from those in the
     dense model X_d (module docstring, "sequential") in place: every row's
@@ -104,9 +117,11 @@ def dense_target_least_squares_(
         min over ŵ_S of ‖X_d w_dᵀ − X_p ŵᵀ‖² + λ‖ŵ − w_d‖²,   i.e.   ŵ_S (A + λI)_SS = (w_d C + λ w_d)_S
 
     with A = X_pᵀX_p, C = X_dᵀX_p and λ = percdamp · mean diag A, by preconditioned conjugate gradients
-    from the current weights. `stats` = (A, C, ‖X_d w_dᵀ‖²). The weights change only when the undamped
-    error ‖X_d w_dᵀ − X_p ŵᵀ‖² = ‖X_d w_dᵀ‖² − 2⟨w_d C, ŵ⟩ + Σ_r ŵ_r A ŵ_rᵀ falls; returns it before and
-    after."""
+    from the current weights. `stats` = (A, C, ‖X_d w_dᵀ‖²). `toward` t < 1 aims at the blend
+    t·X_d w_dᵀ + (1 − t)·X_p w_dᵀ instead (C replaced by t·C + (1 − t)·A; t = 0 is the "linear" solve on
+    these inputs). The weights change only when the undamped error towards that aim falls; returns the
+    error towards the dense model, ‖X_d w_dᵀ − X_p ŵᵀ‖² = ‖X_d w_dᵀ‖² − 2⟨w_d C, ŵ⟩ + Σ_r ŵ_r A ŵ_rᵀ,
+    before and after."""
     xtx, cross, norm = stats
     work = torch.promote_types(weight.dtype, torch.float32)
     x, w = weight.detach().to(work).clone(), dense.detach().to(work)
@@ -119,7 +134,8 @@ def dense_target_least_squares_(
         return norm + float(((v @ h) * v).sum() - 2 * (target * v).sum())
 
     before = error(x)
-    _masked_cg(x, keep, target + damp * w, a, iterations)
+    aim = target if toward == 1 else toward * target + (1 - toward) * (w @ h)
+    _masked_cg(x, keep, aim + damp * w, a, iterations)
     after = error(x)
     if not after < before:
         return before, before
@@ -277,7 +293,14 @@ class Reconstruct(Refinement):
     order = 1  # after swaps: the masks first, then the weights
 
     def __init__(
-        self, mode: str = "linear", *, iterations: int = 30, steps: int = 20, lr: float = 1e-4, percdamp: float = 0.01
+        self,
+        mode: str = "linear",
+        *,
+        iterations: int = 30,
+        steps: int = 20,
+        lr: float = 1e-4,
+        percdamp: float = 0.01,
+        toward: float = 1.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"reconstruct mode must be one of {MODES}, got {mode!r}")
@@ -287,17 +310,28 @@ class Reconstruct(Refinement):
         for what, value in (("lr", lr), ("percdamp", percdamp)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"reconstruct {what} must be a finite number >= 0, got {value!r}")
+        if isinstance(toward, bool) or not isinstance(toward, (int, float)) or not 0 <= toward <= 1:
+            raise ValueError(f"reconstruct toward must be a number in [0, 1], got {toward!r}")
         self.mode, self.iterations, self.steps, self.lr, self.percdamp = mode, iterations, steps, float(lr), percdamp
+        self.toward = float(toward)
         self.observes = frozenset({"xtx"}) if mode == "linear" else frozenset()
         self.keeps_dense = mode != "block"
         self.keeps_targets = mode in ("block", "parts")
         self.keeps_dense_inputs = mode == "sequential"
 
     def configured(self, *, percdamp: float = 0.01, **_options) -> Reconstruct:
-        return Reconstruct(self.mode, iterations=self.iterations, steps=self.steps, lr=self.lr, percdamp=percdamp)
+        return Reconstruct(
+            self.mode, iterations=self.iterations, steps=self.steps, lr=self.lr, percdamp=percdamp, toward=self.toward
+        )
 
     def record(self) -> dict:
-        return {"mode": self.mode, "iterations": self.iterations, "steps": self.steps, "lr": self.lr}
+        return {
+            "mode": self.mode,
+            "iterations": self.iterations,
+            "steps": self.steps,
+            "lr": self.lr,
+            "toward": self.toward,
+        }
 
     def workspace_bytes(self, linears: dict[str, nn.Linear], forward_bytes: int) -> int:
         if self.mode in ("linear", "sequential"):
@@ -338,7 +372,13 @@ class Reconstruct(Refinement):
             stats = _group_stats(step, group, dense_inputs)
             for n in group:
                 e0, e1 = dense_target_least_squares_(
-                    block.linears[n].weight, step.masks[n], step.dense[n], stats[n], self.percdamp, self.iterations
+                    block.linears[n].weight,
+                    step.masks[n],
+                    step.dense[n],
+                    stats[n],
+                    self.percdamp,
+                    self.iterations,
+                    self.toward,
                 )
                 before, after, norm = before + e0, after + e1, norm + stats[n][2]
         scale = 1.0 / norm if norm > 0 else 0.0
