@@ -130,6 +130,7 @@ def final_error(model, dense_logits):
 
 @pytest.mark.parametrize("method,sparsity", [("wanda", "2:4"), ("sparsegpt", "2:4"), ("sparsegpt", 0.5)])
 def test_sequential_keeps_the_masks_and_ends_closer_to_the_dense_model_than_the_plain_solve(method, sparsity):
+    """toward=1 (the dense model's target); toward=0 below."""
     base = tiny_causal_lm("llama")
     with torch.no_grad():
         dense_logits = base(windows()).logits
@@ -163,3 +164,20 @@ def test_toward_blends_the_dense_models_target_with_the_pruned_inputs_own(toward
 def test_toward_outside_0_1_is_refused(toward):
     with pytest.raises(ValueError, match="toward must be a number in"):
         Reconstruct("sequential", toward=toward)
+
+
+def test_sequential_without_the_dense_target_runs_no_dense_stream_and_still_gains():
+    base = tiny_causal_lm("llama")
+    with torch.no_grad():
+        dense_logits = base(windows()).logits
+    none, seq = copy.deepcopy(base), copy.deepcopy(base)
+    run(none, "wanda", "2:4")
+    refinement = Reconstruct("sequential", toward=0.0)
+    assert not refinement.keeps_dense_inputs
+    result = run(seq, "wanda", "2:4", refine=refinement)
+    gains = result.refinements["reconstruct"]
+    assert all(g.metric == "layer error" and g.after < g.before for g in gains)
+    for n, w in seq.state_dict().items():
+        if n.endswith("proj.weight") and ".layers.0." in n:
+            assert torch.equal(w == 0, none.state_dict()[n] == 0), n
+    assert final_error(seq, dense_logits) < final_error(none, dense_logits)

@@ -197,11 +197,12 @@ def call_groups(module: nn.Module, linears: dict[str, nn.Linear], inputs: BlockI
     return groups
 
 
-def _group_stats(step: BlockStep, group: list[str], dense_inputs: BlockInputs) -> dict[str, tuple]:
+def _group_stats(step: BlockStep, group: list[str], dense_inputs: BlockInputs | None) -> dict[str, tuple]:
     """(A = Σ_j X_pᵀX_p, C = Σ_j X_dᵀX_p, ‖X_d w_dᵀ‖²) of every Linear of `group` (which share one
     input): X_p its inputs in the block as it is now (the Linears before it refit) on the pruned
     model's inputs, X_d its inputs in the dense block on the dense model's, token by token; summed over
-    the calibration batches and the ranks. Each forward stops at the group."""
+    the calibration batches and the ranks. Each forward stops at the group. Without `dense_inputs`
+    (toward = 0: no dense-model target) X_d = X_p: C is A and no dense forward runs."""
     block = step.block
     module, pruned, first, last = block.module, block.inputs, block.linears[group[0]], block.linears[group[-1]]
     seen: dict[str, Tensor] = {}
@@ -224,17 +225,18 @@ def _group_stats(step: BlockStep, group: list[str], dense_inputs: BlockInputs) -
     xtx = cross = None
     with torch.no_grad():
         for j in range(len(pruned)):
-            handles = [first.register_forward_pre_hook(dense_capture)]
-            handles += [block.linears[n].register_forward_hook(partial(output, n=n)) for n in group]
-            try:
-                args, kwargs = dense_inputs.call(j)
-                functional_call(module, dense_weights, args, kwargs)
-            except _Stop:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
-            xd = seen.pop("x")
+            if dense_inputs is not None:
+                handles = [first.register_forward_pre_hook(dense_capture)]
+                handles += [block.linears[n].register_forward_hook(partial(output, n=n)) for n in group]
+                try:
+                    args, kwargs = dense_inputs.call(j)
+                    functional_call(module, dense_weights, args, kwargs)
+                except _Stop:
+                    pass
+                finally:
+                    for h in handles:
+                        h.remove()
+                xd = seen.pop("x")
             handle = first.register_forward_pre_hook(capture)
             try:
                 pruned.run(module, j)
@@ -243,6 +245,10 @@ def _group_stats(step: BlockStep, group: list[str], dense_inputs: BlockInputs) -
             finally:
                 handle.remove()
             xp = seen.pop("x")
+            if dense_inputs is None:
+                xp = xp.reshape(-1, xp.shape[-1]).float()
+                xtx = xp.T @ xp if xtx is None else xtx.addmm_(xp.T, xp)
+                continue
             if xp.shape != xd.shape:
                 raise ValueError(
                     f"{block.qualified(group[0])}: its inputs in the dense and the pruned model differ in shape "
@@ -253,8 +259,12 @@ def _group_stats(step: BlockStep, group: list[str], dense_inputs: BlockInputs) -
             cross = xd.T @ xp if cross is None else cross.addmm_(xd.T, xp)
     sums = torch.stack([norms[n] for n in group])
     if block.comm is not None:
-        xtx, cross = block.comm.all_reduce_sum(xtx), block.comm.all_reduce_sum(cross)
+        xtx = block.comm.all_reduce_sum(xtx)
+        cross = None if cross is None else block.comm.all_reduce_sum(cross)
         sums = block.comm.all_reduce_sum(sums)
+    if dense_inputs is None:
+        cross = xtx
+        sums = torch.stack([((step.dense[n].float() @ xtx) * step.dense[n].float()).sum().double() for n in group])
     if not (bool(torch.isfinite(xtx).all()) and bool(torch.isfinite(cross).all())):
         raise ValueError(f"{block.qualified(group[0])}: its input statistics are not finite (non-finite activations)")
     return {n: (xtx, cross, float(sums[k])) for k, n in enumerate(group)}
@@ -317,7 +327,7 @@ class Reconstruct(Refinement):
         self.observes = frozenset({"xtx"}) if mode == "linear" else frozenset()
         self.keeps_dense = mode != "block"
         self.keeps_targets = mode in ("block", "parts")
-        self.keeps_dense_inputs = mode == "sequential"
+        self.keeps_dense_inputs = mode == "sequential" and toward > 0
 
     def configured(self, *, percdamp: float = 0.01, **_options) -> Reconstruct:
         return Reconstruct(
@@ -362,11 +372,10 @@ class Reconstruct(Refinement):
     def _sequential(self, step: BlockStep) -> Gain:
         block = step.block
         pruned = block.inputs
-        dense_inputs = (
-            pruned
-            if step.dense_inputs is None
-            else BlockInputs(list(step.dense_inputs), pruned.args, pruned.kwargs, pruned.by_keyword)
-        )
+        dense_inputs = None
+        if self.toward > 0:
+            hidden = pruned.hidden if step.dense_inputs is None else step.dense_inputs
+            dense_inputs = BlockInputs(list(hidden), pruned.args, pruned.kwargs, pruned.by_keyword)
         before = after = norm = 0.0
         for group in call_groups(block.module, block.linears, pruned):
             stats = _group_stats(step, group, dense_inputs)
@@ -382,7 +391,8 @@ class Reconstruct(Refinement):
                 )
                 before, after, norm = before + e0, after + e1, norm + stats[n][2]
         scale = 1.0 / norm if norm > 0 else 0.0
-        return Gain("layer error vs the dense model", before * scale, after * scale)
+        metric = "layer error vs the dense model" if self.toward > 0 else "layer error"
+        return Gain(metric, before * scale, after * scale)
 
     def _gradient(self, step: BlockStep) -> Gain:
         block, inputs = step.block, step.block.inputs
