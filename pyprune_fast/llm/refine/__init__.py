@@ -59,6 +59,8 @@ from .swap import Swap
 register_refinement(Permute())
 register_refinement(Swap())
 register_refinement(Reconstruct())
+# the Linears refit in call order, each on the inputs the pruned model gives it (reconstruct's docstring)
+register_refinement(Reconstruct("sequential", toward=0.0, name="sequential"))
 
 __all__ = [
     "REFINEMENTS",

@@ -294,9 +294,13 @@ def _block_error(step: BlockStep, weights: dict[str, Tensor] | None = None) -> f
 
 class Reconstruct(Refinement):
     """Reconstruction as a refinement of the block pipeline (module docstring). `mode`: "linear",
-    "block" or "parts"; `iterations`: conjugate-gradient iterations ("linear"); `steps`, `lr`: Adam
-    steps and learning rate (the gradient modes); `percdamp`: the dampening of "linear" (the
-    pipeline's, as SparseGPT's, when given by name)."""
+    "sequential", "block" or "parts"; `iterations`: conjugate-gradient iterations (the closed forms);
+    `steps`, `lr`: Adam steps and learning rate (the gradient modes); `percdamp`: the dampening of the
+    closed forms (the pipeline's, as SparseGPT's, when given by name); `toward`: how far "sequential"
+    aims at the dense model's output rather than the dense weights' on the pruned inputs (0: not at
+    all, no dense stream kept; 1: fully — it overfits 8 × 256 calibration tokens on SmolLM2, see
+    benchmarks/README.md); `name`: its key (the registry holds "reconstruct", mode "linear", and
+    "sequential", mode "sequential" with toward=0)."""
 
     name = "reconstruct"
     stage = "masked"
@@ -311,6 +315,7 @@ class Reconstruct(Refinement):
         lr: float = 1e-4,
         percdamp: float = 0.01,
         toward: float = 1.0,
+        name: str = "reconstruct",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"reconstruct mode must be one of {MODES}, got {mode!r}")
@@ -323,7 +328,7 @@ class Reconstruct(Refinement):
         if isinstance(toward, bool) or not isinstance(toward, (int, float)) or not 0 <= toward <= 1:
             raise ValueError(f"reconstruct toward must be a number in [0, 1], got {toward!r}")
         self.mode, self.iterations, self.steps, self.lr, self.percdamp = mode, iterations, steps, float(lr), percdamp
-        self.toward = float(toward)
+        self.toward, self.name = float(toward), name
         self.observes = frozenset({"xtx"}) if mode == "linear" else frozenset()
         self.keeps_dense = mode != "block"
         self.keeps_targets = mode in ("block", "parts")
@@ -331,7 +336,13 @@ class Reconstruct(Refinement):
 
     def configured(self, *, percdamp: float = 0.01, **_options) -> Reconstruct:
         return Reconstruct(
-            self.mode, iterations=self.iterations, steps=self.steps, lr=self.lr, percdamp=percdamp, toward=self.toward
+            self.mode,
+            iterations=self.iterations,
+            steps=self.steps,
+            lr=self.lr,
+            percdamp=percdamp,
+            toward=self.toward,
+            name=self.name,
         )
 
     def record(self) -> dict:
