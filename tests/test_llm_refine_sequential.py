@@ -181,3 +181,14 @@ def test_sequential_without_the_dense_target_runs_no_dense_stream_and_still_gain
         if n.endswith("proj.weight") and ".layers.0." in n:
             assert torch.equal(w == 0, none.state_dict()[n] == 0), n
     assert final_error(seq, dense_logits) < final_error(none, dense_logits)
+
+
+def test_streamed_from_disk_the_dense_stream_gives_the_in_memory_result(tmp_path):
+    from tests.test_llm_offload import OPTIONS, assert_same_model, checkpoint, load
+
+    model, path = checkpoint(tmp_path, "llama")
+    refine = Reconstruct("sequential", toward=1.0)
+    llm.prune(path, calibration(), method="wanda", sparsity="2:4", offload="disk", out=tmp_path / "o", refine=refine,
+              **OPTIONS)  # fmt: skip
+    llm.prune(model, calibration(), method="wanda", sparsity="2:4", refine=refine, **OPTIONS)
+    assert_same_model(load(tmp_path / "o"), model)
