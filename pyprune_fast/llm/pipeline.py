@@ -20,7 +20,8 @@ Peak memory on the compute device (reported as `PruneResult.memory`):
       P_b, s_w    parameters of one decoder block, bytes per weight
       n, T, H     calibration sequences, tokens per sequence, hidden size; s_a bytes per activation
                   (the block inputs, replaced by its outputs in place); t = 1 for block-local
-                  criteria, which keep the dense outputs beside them as targets, else 0
+                  criteria, which keep the dense outputs beside them as targets, else 0; t grows by 2
+                  for a refinement that keeps the dense model's block inputs (this block's and the next's)
       S_u         per distinct Linear input u of width d_u (q/k/v share one): 4·d_u (‖X_j‖²),
                   + 4·d_u² for SparseGPT (XᵀX in float32)
       b, I        calibration batch size, widest Linear output (the MLP) — one batch's forward
