@@ -29,17 +29,18 @@ def model_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("llm"))
 
 
-def test_refined_models_are_saved_and_each_gain_is_reported(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("reconstruct", ["reconstruct", "sequential"])
+def test_refined_models_are_saved_and_each_gain_is_reported(model_dir, tmp_path, capsys, reconstruct):
     out = str(tmp_path / "out")
     argv = ["prune", "--model", f"hf:{model_dir}", "--out", out, "--criterion", "wanda", "sparsegpt"]
-    rc = cli.main([*argv, "--granularity", "2:4", "--refine", "reconstruct", "swap", "--save-model", *OPTIONS])
+    rc = cli.main([*argv, "--granularity", "2:4", "--refine", reconstruct, "swap", "--save-model", *OPTIONS])
     assert rc == 0, capsys.readouterr().err
     with open(os.path.join(out, "report.json")) as f:
         doc = json.load(f)
     assert [r["criterion"] for r in doc["results"]] == ["wanda 2:4", "sparsegpt 2:4"]
     evaluation = llm.pydoc_tokens(tiny_tokenizer(), "evaluation")[:512]
     for result in doc["results"]:
-        for refinement, metric in (("swap", "layer error"), ("reconstruct", "layer error")):
+        for refinement, metric in (("swap", "layer error"), (reconstruct, "layer error")):
             note = doc["model"][f"{result['criterion']}: refine {refinement}"]
             assert note.startswith(metric) and "→" in note
         pruned = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, result["files"]["model"]))

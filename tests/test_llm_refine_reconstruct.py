@@ -56,7 +56,12 @@ def test_parts_are_attention_and_mlp_or_bare_linears():
     assert set(parts(llm.find_blocks(tiny_causal_lm("opt"))[1][0])) == {"self_attn", "fc1", "fc2"}
 
 
-MODES = [Reconstruct("linear"), Reconstruct("block", steps=8, lr=1e-3), Reconstruct("parts", steps=8, lr=1e-3)]
+MODES = [
+    Reconstruct("linear"),
+    Reconstruct("sequential"),
+    Reconstruct("block", steps=8, lr=1e-3),
+    Reconstruct("parts", steps=8, lr=1e-3),
+]
 
 
 @pytest.mark.parametrize("refinement", MODES, ids=lambda r: r.mode)
@@ -105,7 +110,9 @@ def test_bad_reconstruct_options_are_refused(kwargs, match):
         Reconstruct(mode, **kwargs)
 
 
-@pytest.mark.parametrize("refine", ["swap", Reconstruct("linear"), Reconstruct("block", steps=2)], ids=str)
+@pytest.mark.parametrize(
+    "refine", ["swap", Reconstruct("linear"), Reconstruct("sequential"), Reconstruct("block", steps=2)], ids=str
+)
 def test_non_finite_calibration_activations_are_refused_and_the_model_left_as_it_was(refine):
     model = tiny_causal_lm("llama")
     with torch.no_grad():

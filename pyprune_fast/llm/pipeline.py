@@ -20,7 +20,8 @@ Peak memory on the compute device (reported as `PruneResult.memory`):
       P_b, s_w    parameters of one decoder block, bytes per weight
       n, T, H     calibration sequences, tokens per sequence, hidden size; s_a bytes per activation
                   (the block inputs, replaced by its outputs in place); t = 1 for block-local
-                  criteria, which keep the dense outputs beside them as targets, else 0
+                  criteria, which keep the dense outputs beside them as targets, else 0; t grows by 2
+                  for a refinement that keeps the dense model's block inputs (this block's and the next's)
       S_u         per distinct Linear input u of width d_u (q/k/v share one): 4·d_u (‖X_j‖²),
                   + 4·d_u² for SparseGPT (XᵀX in float32)
       b, I        calibration batch size, widest Linear output (the MLP) — one batch's forward
@@ -200,6 +201,12 @@ class Plan:
         """Whether the statistics pass keeps the dense block outputs (the method's or a refinement's need)."""
         return self.method.keeps_targets or any(r.keeps_targets for r in self.refinements)
 
+    @property
+    def keeps_dense_inputs(self) -> bool:
+        """Whether a refinement reads the dense model's inputs of each block, which differ from the pruned
+        model's (the calibration inputs) when pruned outputs propagate."""
+        return self.options.propagate == "pruned" and any(r.keeps_dense_inputs for r in self.refinements)
+
     def record(self, windows: Tensor | list | None) -> dict:
         """What a resumed run must share with the run it continues (and every rank with the others)."""
         o = self.options
@@ -362,6 +369,7 @@ class Run:
         self.undo: _Undo | None = None
         self.model_undo: list[Callable[[], None]] = []  # stage "model" refinements' reverts (llm.refine)
         self.rare: dict[str, int] = {}  # the experts of the current block below min_expert_tokens (llm.moe)
+        self.dense_stream: list[Tensor] | None = None  # the dense model's inputs of the current block, if kept
 
     @classmethod
     def start(cls, model, calibration: Tensor | None, options: Options, comm: Communicator | None) -> Run:
@@ -577,7 +585,7 @@ class Run:
         tokens, hidden, s_a = h.shape[-2], h.shape[-1], h.element_size()
         widest = max(lin.out_features for lin in block.linears.values())
         method = self.plan.method
-        activations = inputs.nbytes() * (2 if self.plan.keeps_targets else 1)
+        activations = inputs.nbytes() * (1 + self.plan.keeps_targets + 2 * self.plan.keeps_dense_inputs)
         statistics = sum(s.nbytes() for s in collector.shared()) if collector is not None else 0
         forward = self.plan.options.batch_size * tokens * (4 * hidden + 3 * widest) * s_a
         workspace = max(
@@ -644,6 +652,9 @@ class Run:
         module, store = self.blocks[i], self.store
         replay = inputs is not None
         source = "output" if self.plan.options.propagate == "pruned" or not replay else "input"
+        if replay and self.plan.keeps_dense_inputs:
+            with store.block(i, module, source="input"), on_device(module, self.compute):
+                self.dense_stream = self._dense_outputs(module, inputs)
         with store.block(i, module, source=source), on_device(module, self.compute):
             if replay:
                 inputs.advance(self.blocks[i])
@@ -674,7 +685,11 @@ class Run:
         collector = self.statistics_pass(block, dense_into_inputs=propagate == "dense", dense_outputs=dense)
         estimate = self.memory(block, collector)
         aside = self._set_aside(block)
-        self.refine_block(block)
+        dense_inputs = None
+        if self.plan.keeps_dense_inputs and inputs is not None:
+            dense_inputs = self.dense_stream  # None for block 0: the same as `inputs`
+            self.dense_stream = self._dense_outputs(block.module, inputs)
+        self.refine_block(block, dense_inputs)
         self._prune_aside(block, aside)
         if measure:
             self.result.block_error.append(self._pruned_error(i, inputs, block.targets or dense))
@@ -685,6 +700,14 @@ class Run:
                 inputs.hidden = block.targets
         return estimate
 
+    @torch.no_grad()
+    def _dense_outputs(self, module: nn.Module, inputs: BlockInputs) -> list[Tensor]:
+        """The dense block's outputs on the dense model's inputs of it (the dense stream, or `inputs` while
+        no block before was pruned), per calibration batch: the dense stream of the next block."""
+        hidden = inputs.hidden if self.dense_stream is None else self.dense_stream
+        stream = BlockInputs(list(hidden), inputs.args, inputs.kwargs, inputs.by_keyword)
+        return [stream.run(module, j) for j in range(len(stream))]
+
     def refine_model(self) -> None:
         """The run's refinements of stage "model" (llm.refine), before block 0's inputs are captured."""
         for refinement in self.plan.stage("model"):
@@ -694,9 +717,10 @@ class Run:
             finally:  # reverted if this refinement or a later step fails
                 self.model_undo.extend(step.undo)
 
-    def refine_block(self, block: Block) -> None:
+    def refine_block(self, block: Block, dense_inputs: list[Tensor] | None = None) -> None:
         """Masks the block with the run's refinements around it (llm.refine): stage "dense" before the
-        method, stage "masked" after it (given the masks, the dense weights if asked, the targets)."""
+        method, stage "masked" after it (given the masks, the dense weights if asked, the targets, the
+        dense model's inputs of the block `dense_inputs` if kept)."""
         plan = self.plan
         method, masked = plan.method, plan.stage("masked")
         for refinement in plan.stage("dense"):
@@ -713,7 +737,7 @@ class Run:
         for stats, xtx in held.values():
             stats.xtx = xtx
         for refinement in masked:
-            self._gain(refinement, BlockStep(block, method, block.targets, dense, masks))
+            self._gain(refinement, BlockStep(block, method, block.targets, dense, masks, dense_inputs=dense_inputs))
 
     def dense_scores_of(self, block: Block, names: list[str]) -> dict[str, Tensor]:
         """The method's scores of the Linears `names` for a refinement of stage "dense"; for a method that

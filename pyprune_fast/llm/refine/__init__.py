@@ -28,6 +28,8 @@ ones by stage, then by their `order`, whatever order they were named in):
                         its own, as SparseGPT frees XᵀX)
         keeps_targets   whether it reads the block's calibration inputs and dense outputs
         keeps_dense     whether it reads the dense weights after masking (a copy is kept)
+        keeps_dense_inputs  whether it reads the dense model's own inputs of each block: the pipeline
+                        then runs each dense block once more on them (one more copy of the hidden states)
         check(plan)     refuses a run it cannot refine (ValueError), before anything is touched
         refine_(step)   refines in place; returns a Gain(metric, before, after) for the report
         configured(**options), workspace_bytes(linears, forward), record(): as the method protocol's
@@ -57,6 +59,8 @@ from .swap import Swap
 register_refinement(Permute())
 register_refinement(Swap())
 register_refinement(Reconstruct())
+# the Linears refit in call order, each on the inputs the pruned model gives it (reconstruct's docstring)
+register_refinement(Reconstruct("sequential", toward=0.0, name="sequential"))
 
 __all__ = [
     "REFINEMENTS",

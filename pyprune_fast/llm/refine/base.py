@@ -71,6 +71,11 @@ class BlockStep:
         scores   stage "dense": `scores(names)` gives the method's float32 scores of those Linears (higher
                  = kept); for a method that prunes in place (no score per weight), |W_ij|·‖X_j‖₂, the
                  diagonal approximation of SparseGPT's saliency w²/[H⁻¹]_jj.
+        dense_inputs  stage "masked": the hidden states the dense model gives this block, per calibration
+                 batch (the other arguments as block.inputs'), when a refinement of the run
+                 `keeps_dense_inputs`; block.inputs are those of the model pruned so far, and the two
+                 differ by the error of the blocks before. None when they are the same (block 0's, or
+                 propagate="dense").
 
     A refinement of stage "dense" may change the block's parameters only in ways that keep its function
     (a permutation of channels): the targets then stay valid, and it permutes `block.stats` to match (the
@@ -83,6 +88,7 @@ class BlockStep:
     dense: dict[str, Tensor] | None = None
     masks: dict[str, Tensor] | None = None
     scores: Callable[[list[str]], dict[str, Tensor]] | None = None
+    dense_inputs: list[Tensor] | None = None
 
     @property
     def stats(self) -> dict[str, InputStats]:
@@ -100,6 +106,7 @@ class Refinement:
     observes: frozenset[str] = frozenset()  # input statistics it reads, as Method.observes
     keeps_targets: bool = False  # reads block.inputs and the dense outputs (step.targets)
     keeps_dense: bool = False  # reads the dense weights in stage "masked" (step.dense)
+    keeps_dense_inputs: bool = False  # reads the dense model's inputs of each block (step.dense_inputs)
 
     def check(self, plan: Any) -> None:
         """ValueError for a run (llm.pipeline.Plan: method, pattern, granularity, options) the refinement

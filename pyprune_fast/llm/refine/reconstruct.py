@@ -7,6 +7,18 @@ dense block on the calibration inputs, the masks kept exactly (pruned weights st
               by column, done exactly for the final mask. Every row is solved at once by batched
               conjugate gradients preconditioned by diag A (`iterations`, from the method's weights);
               kept only where the undamped layer error falls.
+    "sequential"  per Linear, closed form, against the dense model rather than the dense block: the
+              Linears refit in the order the block calls them (q/k/v, then o_proj on the refit
+              attention, gate/up, then down_proj on the refit MLP), each on the inputs X_p the pruned
+              model gives it, towards the output X_d w_dᵀ the dense model gives at the same place (X_d
+              from the dense model's own inputs of the block, which the pipeline keeps):
+              min ‖X_d w_dᵀ − X_p ŵᵀ‖² + λ‖ŵ − w_d‖², A_SS ŵ_S = (w_d C + λ w_d)_S with A = X_pᵀX_p + λI,
+              C = X_dᵀX_p — so each Linear also corrects the error of the blocks and Linears before it
+              instead of reproducing the dense weights on already-damaged inputs ("linear"). The
+              asymmetric calibration of GPTAQ (Li et al. 2025), and the dense model's outputs as
+              targets as in EBFT's block-wise fine-tuning (Guo et al. 2024), here as one closed form per
+              Linear over its final mask. Costs two partial forwards per group of Linears and batch, and the
+              dense model's block inputs (one more copy of the hidden states, two while a block runs).
     "block"   the block's output (Wanda++'s regional optimisation, Yang et al. 2025): `steps` Adam steps,
               one calibration batch each, on L = ‖f(X; Ŵ) − Y‖² / ‖Y‖² (Y the dense block's outputs),
               the gradients of pruned weights zeroed so they stay 0.
@@ -15,38 +27,44 @@ dense block on the calibration inputs, the masks kept exactly (pruned weights st
               attention and the MLP reconstructed separately.
 
 The gradient modes keep their result only when the block's output error over every calibration batch
-falls; all three report their own error before and after (the Gain)."""
+falls; all four report their own error before and after (the Gain)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ...modeling import first_tensor
+from ..blocks import BlockInputs
 from .base import BlockStep, Gain, Refinement
 from .swap import layer_error
 
-MODES = ("linear", "block", "parts")
+MODES = ("linear", "sequential", "block", "parts")
 
 
-@torch.no_grad()
-def masked_least_squares_(
-    weight: Tensor, keep: Tensor, dense: Tensor, xtx: Tensor, percdamp: float = 0.01, iterations: int = 30
-) -> tuple[float, float]:
-    """Solves every row's masked least squares (module docstring, "linear") in place by preconditioned
-    conjugate gradients from the current weights; the weights change only when the undamped error
-    Σ_r (w_r − ŵ_r) XᵀX (w_r − ŵ_r)ᵀ falls. Returns that error before and after."""
-    work = torch.promote_types(weight.dtype, torch.float32)
-    x, w, h = weight.detach().to(work).clone(), dense.detach().to(work), xtx.detach().to(work)
-    keep = keep.to(x.device)
+class _Stop(Exception):
+    """Ends a forward once the Linears it was run for have been seen."""
+
+
+def _damped(h: Tensor, percdamp: float) -> tuple[Tensor, float]:
+    """A = H + λI with λ = percdamp · mean diag H (SparseGPT's dampening), and λ."""
     a = h.clone()
-    a.diagonal().add_(percdamp * float(h.diagonal().mean()) + torch.finfo(work).tiny)
+    damp = percdamp * float(h.diagonal().mean()) + torch.finfo(h.dtype).tiny
+    a.diagonal().add_(damp)
+    return a, damp
+
+
+def _masked_cg(x: Tensor, keep: Tensor, rhs: Tensor, a: Tensor, iterations: int) -> Tensor:
+    """`iterations` steps of conjugate gradients, preconditioned by diag A, on every row's system
+    (x A)_S = rhs_S over its kept support S (x zero elsewhere), from x; updates x in place."""
+    work = x.dtype
     precondition = a.diagonal().reciprocal()
-    r = ((w - x) @ a) * keep
+    r = (rhs - x @ a) * keep
     z = r * precondition
     p = z.clone()
     rz = (r * z).sum(1)
@@ -60,8 +78,65 @@ def masked_least_squares_(
         rz, previous = (r * z).sum(1), rz
         beta = torch.where(previous > 0, rz / previous.clamp_min(torch.finfo(work).tiny), torch.zeros_like(rz))
         p = z + beta.unsqueeze(1) * p
+    return x
+
+
+@torch.no_grad()
+def masked_least_squares_(
+    weight: Tensor, keep: Tensor, dense: Tensor, xtx: Tensor, percdamp: float = 0.01, iterations: int = 30
+) -> tuple[float, float]:
+    """Solves every row's masked least squares (module docstring, "linear") in place by preconditioned
+    conjugate gradients from the current weights; the weights change only when the undamped error
+    Σ_r (w_r − ŵ_r) XᵀX (w_r − ŵ_r)ᵀ falls. Returns that error before and after."""
+    work = torch.promote_types(weight.dtype, torch.float32)
+    x, w, h = weight.detach().to(work).clone(), dense.detach().to(work), xtx.detach().to(work)
+    keep = keep.to(x.device)
+    a, _ = _damped(h, percdamp)
+    _masked_cg(x, keep, w @ a, a, iterations)
     before = float(layer_error(w, weight.detach().to(work), h).sum())
     after = float(layer_error(w, x, h).sum())
+    if not after < before:
+        return before, before
+    weight.copy_(x.masked_fill(~keep, 0).to(weight.dtype))
+    return before, after
+
+
+@torch.no_grad()
+def dense_target_least_squares_(
+    weight: Tensor,
+    keep: Tensor,
+    dense: Tensor,
+    stats: tuple[Tensor, Tensor, float],
+    percdamp: float = 0.01,
+    iterations: int = 30,
+    toward: float = 1.0,
+) -> tuple[float, float]:
+    """Refits the kept weights of a Linear whose inputs in the pruned model X_p differ from those in the
+    dense model X_d (module docstring, "sequential") in place: every row's
+
+        min over ŵ_S of ‖X_d w_dᵀ − X_p ŵᵀ‖² + λ‖ŵ − w_d‖²,   i.e.   ŵ_S (A + λI)_SS = (w_d C + λ w_d)_S
+
+    with A = X_pᵀX_p, C = X_dᵀX_p and λ = percdamp · mean diag A, by preconditioned conjugate gradients
+    from the current weights. `stats` = (A, C, ‖X_d w_dᵀ‖²). `toward` t < 1 aims at the blend
+    t·X_d w_dᵀ + (1 − t)·X_p w_dᵀ instead (C replaced by t·C + (1 − t)·A; t = 0 is the "linear" solve on
+    these inputs). The weights change only when the undamped error towards that aim falls; returns the
+    error towards the dense model, ‖X_d w_dᵀ − X_p ŵᵀ‖² = ‖X_d w_dᵀ‖² − 2⟨w_d C, ŵ⟩ + Σ_r ŵ_r A ŵ_rᵀ,
+    before and after."""
+    xtx, cross, norm = stats
+    work = torch.promote_types(weight.dtype, torch.float32)
+    x, w = weight.detach().to(work).clone(), dense.detach().to(work)
+    h, c = xtx.detach().to(work), cross.detach().to(work)
+    keep = keep.to(x.device)
+    a, damp = _damped(h, percdamp)
+    target = w @ c
+
+    def error(v: Tensor) -> float:
+        return norm + float(((v @ h) * v).sum() - 2 * (target * v).sum())
+
+    before = error(x)
+    aim = target if toward == 1 else toward * target + (1 - toward) * (w @ h)
+    _masked_cg(x, keep, aim + damp * w, a, iterations)
+    after = error(x)
     if not after < before:
         return before, before
     weight.copy_(x.masked_fill(~keep, 0).to(weight.dtype))
@@ -92,6 +167,109 @@ def _outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
             h.remove()
 
 
+def call_groups(module: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs) -> list[list[str]]:
+    """The block's Linears in the order its forward calls them (on calibration batch 0), grouped where
+    consecutive calls take the same input tensor (q/k/v, gate/up). Linears the forward calls other than
+    once (routed experts, shared layers) are left out: their inputs in the dense and the pruned model
+    are not the same tokens."""
+    calls: list[tuple[str, Tensor]] = []  # the inputs held, so that no later tensor reuses their memory
+    handles = [
+        lin.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0]))) for n, lin in linears.items()
+    ]
+    try:
+        with torch.no_grad():
+            inputs.run(module, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    once = {n for n in linears if sum(c == n for c, _ in calls) == 1}
+    groups: list[list[str]] = []
+    previous = None
+    for n, source in calls:
+        if n not in once:
+            previous = None
+            continue
+        if previous is not None and source is previous:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        previous = source
+    return groups
+
+
+def _group_stats(step: BlockStep, group: list[str], dense_inputs: BlockInputs | None) -> dict[str, tuple]:
+    """(A = Σ_j X_pᵀX_p, C = Σ_j X_dᵀX_p, ‖X_d w_dᵀ‖²) of every Linear of `group` (which share one
+    input): X_p its inputs in the block as it is now (the Linears before it refit) on the pruned
+    model's inputs, X_d its inputs in the dense block on the dense model's, token by token; summed over
+    the calibration batches and the ranks. Each forward stops at the group. Without `dense_inputs`
+    (toward = 0: no dense-model target) X_d = X_p: C is A and no dense forward runs."""
+    block = step.block
+    module, pruned, first, last = block.module, block.inputs, block.linears[group[0]], block.linears[group[-1]]
+    seen: dict[str, Tensor] = {}
+    norms = {n: torch.zeros((), dtype=torch.float64) for n in group}
+
+    def capture(_m, args):
+        seen["x"] = args[0].detach()
+        raise _Stop
+
+    def dense_capture(_m, args):
+        seen["x"] = args[0].detach()
+
+    def output(lin, _args, out, n):
+        y = out.detach().float() if lin.bias is None else (out.detach() - lin.bias.detach()).float()
+        norms[n] += float(y.pow(2).sum())
+        if lin is last:
+            raise _Stop
+
+    dense_weights = {f"{n}.weight": w for n, w in step.dense.items()}
+    xtx = cross = None
+    with torch.no_grad():
+        for j in range(len(pruned)):
+            if dense_inputs is not None:
+                handles = [first.register_forward_pre_hook(dense_capture)]
+                handles += [block.linears[n].register_forward_hook(partial(output, n=n)) for n in group]
+                try:
+                    args, kwargs = dense_inputs.call(j)
+                    functional_call(module, dense_weights, args, kwargs)
+                except _Stop:
+                    pass
+                finally:
+                    for h in handles:
+                        h.remove()
+                xd = seen.pop("x")
+            handle = first.register_forward_pre_hook(capture)
+            try:
+                pruned.run(module, j)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            xp = seen.pop("x")
+            if dense_inputs is None:
+                xp = xp.reshape(-1, xp.shape[-1]).float()
+                xtx = xp.T @ xp if xtx is None else xtx.addmm_(xp.T, xp)
+                continue
+            if xp.shape != xd.shape:
+                raise ValueError(
+                    f"{block.qualified(group[0])}: its inputs in the dense and the pruned model differ in shape "
+                    f"({tuple(xd.shape)} and {tuple(xp.shape)})"
+                )
+            xp, xd = xp.reshape(-1, xp.shape[-1]).float(), xd.reshape(-1, xd.shape[-1]).float()
+            xtx = xp.T @ xp if xtx is None else xtx.addmm_(xp.T, xp)
+            cross = xd.T @ xp if cross is None else cross.addmm_(xd.T, xp)
+    sums = torch.stack([norms[n] for n in group])
+    if block.comm is not None:
+        xtx = block.comm.all_reduce_sum(xtx)
+        cross = None if cross is None else block.comm.all_reduce_sum(cross)
+        sums = block.comm.all_reduce_sum(sums)
+    if dense_inputs is None:
+        cross = xtx
+        sums = torch.stack([((step.dense[n].float() @ xtx) * step.dense[n].float()).sum().double() for n in group])
+    if not (bool(torch.isfinite(xtx).all()) and bool(torch.isfinite(cross).all())):
+        raise ValueError(f"{block.qualified(group[0])}: its input statistics are not finite (non-finite activations)")
+    return {n: (xtx, cross, float(sums[k])) for k, n in enumerate(group)}
+
+
 def _relative(got: Tensor, want: Tensor) -> Tensor:
     return (got.float() - want.float()).pow(2).sum() / want.float().pow(2).sum().clamp_min(1e-30)
 
@@ -116,16 +294,28 @@ def _block_error(step: BlockStep, weights: dict[str, Tensor] | None = None) -> f
 
 class Reconstruct(Refinement):
     """Reconstruction as a refinement of the block pipeline (module docstring). `mode`: "linear",
-    "block" or "parts"; `iterations`: conjugate-gradient iterations ("linear"); `steps`, `lr`: Adam
-    steps and learning rate (the gradient modes); `percdamp`: the dampening of "linear" (the
-    pipeline's, as SparseGPT's, when given by name)."""
+    "sequential", "block" or "parts"; `iterations`: conjugate-gradient iterations (the closed forms);
+    `steps`, `lr`: Adam steps and learning rate (the gradient modes); `percdamp`: the dampening of the
+    closed forms (the pipeline's, as SparseGPT's, when given by name); `toward`: how far "sequential"
+    aims at the dense model's output rather than the dense weights' on the pruned inputs (0: not at
+    all, no dense stream kept; 1: fully — it overfits 8 × 256 calibration tokens on SmolLM2, see
+    benchmarks/README.md); `name`: its key (the registry holds "reconstruct", mode "linear", and
+    "sequential", mode "sequential" with toward=0)."""
 
     name = "reconstruct"
     stage = "masked"
     order = 1  # after swaps: the masks first, then the weights
 
     def __init__(
-        self, mode: str = "linear", *, iterations: int = 30, steps: int = 20, lr: float = 1e-4, percdamp: float = 0.01
+        self,
+        mode: str = "linear",
+        *,
+        iterations: int = 30,
+        steps: int = 20,
+        lr: float = 1e-4,
+        percdamp: float = 0.01,
+        toward: float = 1.0,
+        name: str = "reconstruct",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"reconstruct mode must be one of {MODES}, got {mode!r}")
@@ -135,25 +325,45 @@ class Reconstruct(Refinement):
         for what, value in (("lr", lr), ("percdamp", percdamp)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"reconstruct {what} must be a finite number >= 0, got {value!r}")
+        if isinstance(toward, bool) or not isinstance(toward, (int, float)) or not 0 <= toward <= 1:
+            raise ValueError(f"reconstruct toward must be a number in [0, 1], got {toward!r}")
         self.mode, self.iterations, self.steps, self.lr, self.percdamp = mode, iterations, steps, float(lr), percdamp
+        self.toward, self.name = float(toward), name
         self.observes = frozenset({"xtx"}) if mode == "linear" else frozenset()
         self.keeps_dense = mode != "block"
-        self.keeps_targets = mode != "linear"
+        self.keeps_targets = mode in ("block", "parts")
+        self.keeps_dense_inputs = mode == "sequential" and toward > 0
 
     def configured(self, *, percdamp: float = 0.01, **_options) -> Reconstruct:
-        return Reconstruct(self.mode, iterations=self.iterations, steps=self.steps, lr=self.lr, percdamp=percdamp)
+        return Reconstruct(
+            self.mode,
+            iterations=self.iterations,
+            steps=self.steps,
+            lr=self.lr,
+            percdamp=percdamp,
+            toward=self.toward,
+            name=self.name,
+        )
 
     def record(self) -> dict:
-        return {"mode": self.mode, "iterations": self.iterations, "steps": self.steps, "lr": self.lr}
+        return {
+            "mode": self.mode,
+            "iterations": self.iterations,
+            "steps": self.steps,
+            "lr": self.lr,
+            "toward": self.toward,
+        }
 
     def workspace_bytes(self, linears: dict[str, nn.Linear], forward_bytes: int) -> int:
-        if self.mode == "linear":
-            return max(4 * (2 * lin.in_features**2 + 5 * lin.weight.numel()) for lin in linears.values())
+        if self.mode in ("linear", "sequential"):
+            return max(4 * (3 * lin.in_features**2 + 5 * lin.weight.numel()) for lin in linears.values())
         return 16 * sum(lin.weight.numel() for lin in linears.values()) + 2 * forward_bytes
 
     def refine_(self, step: BlockStep) -> Gain:
         if self.mode == "linear":
             return self._linear(step)
+        if self.mode == "sequential":
+            return self._sequential(step)
         return self._gradient(step)
 
     def _linear(self, step: BlockStep) -> Gain:
@@ -169,6 +379,31 @@ class Reconstruct(Refinement):
             norm += float(layer_error(dense.float(), torch.zeros_like(dense, dtype=torch.float32), xtx.float()).sum())
         scale = 1.0 / norm if norm > 0 else 0.0
         return Gain("layer error", before * scale, after * scale)
+
+    def _sequential(self, step: BlockStep) -> Gain:
+        block = step.block
+        pruned = block.inputs
+        dense_inputs = None
+        if self.toward > 0:
+            hidden = pruned.hidden if step.dense_inputs is None else step.dense_inputs
+            dense_inputs = BlockInputs(list(hidden), pruned.args, pruned.kwargs, pruned.by_keyword)
+        before = after = norm = 0.0
+        for group in call_groups(block.module, block.linears, pruned):
+            stats = _group_stats(step, group, dense_inputs)
+            for n in group:
+                e0, e1 = dense_target_least_squares_(
+                    block.linears[n].weight,
+                    step.masks[n],
+                    step.dense[n],
+                    stats[n],
+                    self.percdamp,
+                    self.iterations,
+                    self.toward,
+                )
+                before, after, norm = before + e0, after + e1, norm + stats[n][2]
+        scale = 1.0 / norm if norm > 0 else 0.0
+        metric = "layer error vs the dense model" if self.toward > 0 else "layer error"
+        return Gain(metric, before * scale, after * scale)
 
     def _gradient(self, step: BlockStep) -> Gain:
         block, inputs = step.block, step.block.inputs
