@@ -186,7 +186,9 @@ def test_the_cli_removes_experts_and_saves_a_standard_directory(tmp_path, capsys
     assert r["structured"]["experts"] == [2, 2] and r["structured"]["standard"]
     pruned = transformers.AutoModelForCausalLM.from_pretrained(out / "experts-reap-0.5")
     assert pruned.config.num_local_experts == 2 and pruned.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
-    assert "experts 2 per MoE layer" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "experts 2 per MoE layer" in md and "| experts removed |" in md and "blocks' removed" not in md
+    assert "ratios 50 % of each MoE layer's routed experts" in md
     assert os.path.isfile(out / "widths.png")
     bad = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--criterion", "flap", "--out",
            str(tmp_path / "bad"), "--quiet"]  # fmt: skip

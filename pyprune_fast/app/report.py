@@ -116,11 +116,21 @@ def _target(target) -> str:
     return target if isinstance(target, str) else f"{100 * target:g} %"
 
 
+def _removed(run: Run) -> tuple[str, str]:
+    """What a structured run's ratio counts: (column name, its meaning) — the blocks' parameters, or with
+    --structure experts each MoE layer's routed experts."""
+    if run.structured.get("structure") == "experts":
+        return "experts removed", "the fraction of each MoE layer's routed experts removed"
+    return "blocks' removed", "the fraction of the decoder (or encoder) blocks' parameters removed"
+
+
 def _setup_lines(run: Run) -> list[str]:
     if run.structured:
+        unit = "of each MoE layer's routed experts" if run.structured.get("structure") == "experts" else (
+            "of the blocks' parameters")  # fmt: skip
         return [
             f"model {run.model}: {_count(run.parameters)} parameters; structured pruning ({run.granularity}) at "
-            f"ratios {', '.join(_target(t) for t in run.targets)} of the blocks' parameters; device {run.device}",
+            f"ratios {', '.join(_target(t) for t in run.targets)} {unit}; device {run.device}",
             *(
                 [f"distilled {run.finetune['steps']} steps (AdamW, lr {run.finetune['lr']:g}): {run.finetune['data']}"]
                 if run.finetune
@@ -495,7 +505,7 @@ def structured_lines(run: Run) -> list[str]:
         speed = "  ".join(f"{name} {cell}" for name, cell in zip(names, _speed(s["speed"])))
         lines.append(
             f"{r.criterion} {_target(r.sparsity)}: parameters {_count(s['params_before'])} → "
-            f"{_count(s['params_after'])} ({100 * r.achieved:.1f} % of the blocks' removed; {_kept(r)}); {speed}"
+            f"{_count(s['params_after'])} ({100 * r.achieved:.1f} % {_removed(run)[0]}; {_kept(r)}); {speed}"
         )
     return lines
 
@@ -505,7 +515,7 @@ def _structured_results(run: Run) -> list[str]:
     the dense model's; else retention), after --distill, kept widths, speed, the saved model."""
     metrics, tuned = list(run.dense), run.finetuned
     speed = ["prefill tok/s dense → pruned", "decode tok/s dense → pruned"] if run.llm else ["items/s dense → pruned"]
-    columns = ["criterion", "ratio", "parameters", "blocks' removed", *metrics]
+    columns = ["criterion", "ratio", "parameters", _removed(run)[0], *metrics]
     columns += [f"{m} after distill" for m in metrics] if tuned else []
     columns += ["kept", *speed, "standard config", "model"]
     out = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
@@ -524,8 +534,8 @@ def _structured_results(run: Run) -> list[str]:
         out.append("| " + " | ".join(cells) + " |")
     out += [
         "",
-        "Parameters: of the whole model, before → after; blocks' removed: the fraction of the decoder (or encoder) "
-        "blocks' parameters removed. Standard config: stock `from_pretrained` loads the saved directory; else "
+        f"Parameters: of the whole model, before → after; {': '.join(_removed(run))}. Standard config: stock "
+        "`from_pretrained` loads the saved directory; else "
         "`llm.load_pretrained` (Hugging Face) or `llm.structured.load_vision` (timm, torchvision). Speed: "
         f"{run.info.get('speed', '')}.",
     ]
