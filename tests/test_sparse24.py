@@ -111,7 +111,7 @@ def test_not_24_is_an_error(device):
     [
         (lambda: ops.compress_24(torch.ones(16, 48)), ValueError, r"in % 32 == 0, got shape \(16, 48\)"),
         (lambda: ops.compress_24(torch.ones(8, 32)), ValueError, r"out % 16 == 0"),
-        (lambda: ops.compress_24(torch.ones(16, 32, dtype=torch.int32)), TypeError, r"w\[0\] must be one of"),
+        (lambda: ops.compress_24(torch.ones(16, 32, dtype=torch.int32)), TypeError, r"^w must be one of"),
         (lambda: ops.compress_24(torch.ones(16, 32), torch.ones(16, 32)), TypeError, "mask must be a bool tensor"),
         (
             lambda: ops.compress_24(torch.ones(16, 32), torch.ones(16, 64, dtype=torch.bool)),

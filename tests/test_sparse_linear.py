@@ -213,6 +213,8 @@ def test_forward_without_per_call_weight_checks_still_refuses_bad_input():
         layer(x.half())
     with pytest.raises(ValueError, match="x must be"):
         layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"^x must be one of float32, float16, bfloat16, got int64$"):
+        layer(torch.ones(3, 128, dtype=torch.long))  # a single tensor is named without an index
     layer.values.requires_grad_(True)
     with pytest.raises(ValueError, match="not differentiable in values"):
         layer(x)

@@ -37,13 +37,14 @@ def check_int(name: str, value: object) -> int:
     return value
 
 
-def check_dtypes(name: str, tensors: Sequence[Tensor], types: tuple[torch.dtype, ...] = FLOAT_TYPES) -> None:
-    """Every element a Tensor of one of `types`."""
-    for i, t in enumerate(tensors):
-        check_tensor(f"{name}[{i}]", t)
+def check_dtypes(name: str, tensors: Sequence[Tensor] | Tensor, types: tuple[torch.dtype, ...] = FLOAT_TYPES) -> None:
+    """Every element a Tensor of one of `types` (a single Tensor: named without an index)."""
+    named = [(name, tensors)] if isinstance(tensors, Tensor) else [(f"{name}[{i}]", t) for i, t in enumerate(tensors)]
+    for label, t in named:
+        check_tensor(label, t)
         if t.dtype not in types:
             allowed = ", ".join(dtype_name(d) for d in types)
-            raise TypeError(f"{name}[{i}] must be one of {allowed}, got {dtype_name(t.dtype)}")
+            raise TypeError(f"{label} must be one of {allowed}, got {dtype_name(t.dtype)}")
 
 
 def check_same_device(named: dict[str, Sequence[Tensor]]) -> None:
@@ -83,7 +84,7 @@ def check_compressed(values: Tensor, meta: Tensor) -> tuple[int, int]:
     """(out, in) of a 2:4-compressed weight: values [out, in/2] float, meta int32 [out/16, in/32, 16]."""
     check_tensor("values", values)
     check_tensor("meta", meta)
-    check_dtypes("values", [values])
+    check_dtypes("values", values)
     if values.dim() != 2 or values.shape[0] % 16 or (2 * values.shape[1]) % 32:
         raise ValueError(
             f"values must be [out, in/2] with out % 16 == 0 and in % 32 == 0, got shape {tuple(values.shape)}"

@@ -42,7 +42,7 @@ def compress_24(w: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         (values [out, in/2], meta int32 [out/16, in/32, 16]).
     """
     check_tensor("w", w)
-    check_dtypes("w", [w])
+    check_dtypes("w", w)
     if w.dim() != 2 or w.shape[0] % 16 or w.shape[1] % 32:
         raise ValueError(f"w must be [out, in] with out % 16 == 0 and in % 32 == 0, got shape {tuple(w.shape)}")
     if mask is not None:
@@ -108,7 +108,7 @@ def sparse24_linear(
     """
     check_tensor("x", x)
     out, cols = check_compressed(values, meta)
-    check_dtypes("x", [x])
+    check_dtypes("x", x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None, 'relu' or 'gelu', got {activation!r}")
     check_features_24(cols, out, "sparse24_linear")
