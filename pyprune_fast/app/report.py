@@ -581,5 +581,6 @@ def widths_plot(run: Run, path: str) -> None:
     )
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
-    fig.suptitle(f"{os.path.basename(run.model.rstrip('/'))}: kept widths per block\n({run.granularity})", fontsize=10)
+    what = "routed experts kept per MoE layer" if experts else "kept widths per block"
+    fig.suptitle(f"{os.path.basename(run.model.rstrip('/'))}: {what}\n({run.granularity})", fontsize=10)
     fig.savefig(path, format="png", dpi=110)
