@@ -71,6 +71,18 @@ def calibration() -> torch.Tensor:
     return torch.randint(0, VOCAB, (N_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(1))
 
 
+def first_moe_inputs(model) -> torch.Tensor:
+    """The hidden states [tokens, hidden] that block 0's MoE layer receives over the calibration windows."""
+    inputs = []
+    handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    with torch.no_grad():
+        for window in calibration():
+            model(input_ids=window[None], use_cache=False)
+    handle.remove()
+    x = torch.cat(inputs)
+    return x.reshape(-1, x.shape[-1])
+
+
 class Recorder(LayerMethod):
     """Magnitude scores that keep the input statistics each Linear was given (by qualified name)."""
 

@@ -13,7 +13,7 @@ import torch
 from pyprune_fast import llm
 from pyprune_fast.errors import UsageError
 from pyprune_fast.llm import moe
-from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, calibration, tiny_moe
+from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, calibration, first_moe_inputs, tiny_moe
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,13 +86,7 @@ def test_removal_equals_the_original_with_those_router_logits_at_minus_inf(arch,
 
 def test_scores_follow_their_formulas():
     model = tiny_moe("mixtral")
-    inputs = []
-    handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
-    with torch.no_grad():
-        for window in calibration():
-            model(input_ids=window[None], use_cache=False)
-    handle.remove()
-    x = torch.cat(inputs).reshape(-1, 32)
+    x = first_moe_inputs(model)
     m = moe.find_moe(model.model.layers[0])[0]
     with torch.no_grad():
         logits = x @ m.router.weight.T

@@ -16,7 +16,7 @@ from pyprune_fast import llm
 from pyprune_fast.errors import UsageError
 from pyprune_fast.llm import moe
 from pyprune_fast.llm.structured.moe_width import WIDTH_KEYS
-from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, calibration, expert_inputs, tiny_moe
+from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, calibration, expert_inputs, first_moe_inputs, tiny_moe
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,13 +101,7 @@ def test_channels_leave_every_expert_and_the_output_is_the_zeroed_original(arch,
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_each_expert_is_scored_and_refitted_on_its_routed_tokens(arch):
     model = tiny_moe(arch)
-    inputs = []
-    handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
-    with torch.no_grad():
-        for window in calibration():
-            model(input_ids=window[None], use_cache=False)
-    handle.remove()
-    x = torch.cat(inputs).reshape(-1, 32)
+    x = first_moe_inputs(model)
     (m,) = moe.find_moe(model.model.layers[0])
     want = {}
     with torch.no_grad():
