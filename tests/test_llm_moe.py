@@ -71,6 +71,15 @@ def calibration() -> torch.Tensor:
     return torch.randint(0, VOCAB, (N_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(1))
 
 
+def save_tiny_moe(directory, arch: str, model=None):
+    """`model` (default tiny_moe(arch)) and the tiny tokenizer saved as an hf:DIR for the CLI; returns DIR."""
+    from tests.test_llm_models import tiny_tokenizer
+
+    (tiny_moe(arch) if model is None else model).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
 def first_moe_inputs(model) -> torch.Tensor:
     """The hidden states [tokens, hidden] that block 0's MoE layer receives over the calibration windows."""
     inputs = []

@@ -13,7 +13,7 @@ import torch
 from pyprune_fast import llm
 from pyprune_fast.errors import UsageError
 from pyprune_fast.llm import moe
-from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, calibration, first_moe_inputs, tiny_moe
+from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, calibration, first_moe_inputs, save_tiny_moe, tiny_moe
 
 transformers = pytest.importorskip("transformers")
 
@@ -163,11 +163,8 @@ def test_the_cli_removes_experts_and_saves_a_standard_directory(tmp_path, capsys
     import os
 
     from pyprune_fast.app import cli
-    from tests.test_llm_models import tiny_tokenizer
 
-    directory = tmp_path / "mixtral"
-    tiny_moe("mixtral").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    directory = save_tiny_moe(tmp_path / "mixtral", "mixtral")
     out = tmp_path / "out"
     argv = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--ratio", "0.5", "--save-model",
             "--out", str(out), "--samples", "2", "--seq-len", "32", "--eval-tokens", "256", "--quiet"]  # fmt: skip
@@ -213,11 +210,8 @@ def test_the_cli_says_how_to_load_a_global_removal(tmp_path, capsys):
     import json
 
     from pyprune_fast.app import cli
-    from tests.test_llm_models import tiny_tokenizer
 
-    directory = tmp_path / "mixtral"
-    tiny_moe("mixtral").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    directory = save_tiny_moe(tmp_path / "mixtral", "mixtral")
     out = tmp_path / "out"
     argv = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--ratio", "0.375", "--allocation",
             "global", "--save-model", "--out", str(out), "--samples", "4", "--seq-len", "16", "--eval-tokens", "256",
@@ -235,11 +229,8 @@ def test_the_cli_says_how_to_load_a_global_removal(tmp_path, capsys):
 
 def test_the_cli_refuses_a_ratio_that_leaves_fewer_experts_than_the_top_k(tmp_path, capsys):
     from pyprune_fast.app import cli
-    from tests.test_llm_models import tiny_tokenizer
 
-    directory = tmp_path / "mixtral"
-    tiny_moe("mixtral").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    directory = save_tiny_moe(tmp_path / "mixtral", "mixtral")
     argv = ["prune", "--model", f"hf:{directory}", "--structure", "experts", "--ratio", "0.75", "--out",
             str(tmp_path / "out"), "--samples", "4", "--seq-len", "16", "--eval-tokens", "256", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 2

@@ -19,7 +19,7 @@ import torch
 from pyprune_fast import llm
 from pyprune_fast.errors import UsageError
 from pyprune_fast.llm import moe
-from tests.test_llm_moe import N_SAMPLES, SEQ_LEN, calibration, tiny_moe
+from tests.test_llm_moe import N_SAMPLES, SEQ_LEN, calibration, save_tiny_moe, tiny_moe
 from tests.test_llm_moe_width import kept_rows, zeroed_original
 
 transformers = pytest.importorskip("transformers")
@@ -234,13 +234,10 @@ def test_global_heads_differ_per_block_and_reload_with_their_sinks(tmp_path):
 
 def test_the_cli_saves_a_global_allocation_that_load_pretrained_loads(tmp_path, capsys):
     from pyprune_fast.app import cli
-    from tests.test_llm_models import tiny_tokenizer
 
-    directory = tmp_path / "qwen2_moe"
     model = tiny_moe("qwen2_moe")
     _split_blocks(model)
-    model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    directory = save_tiny_moe(tmp_path / "qwen2_moe", "qwen2_moe", model)
     out = tmp_path / "out"
     argv = ["prune", "--model", f"hf:{directory}", "--structure", "width", "--criterion", "magnitude", "--ratio",
             "0.25", "--allocation", "global", "--save-model", "--out", str(out), "--samples", "4", "--seq-len", "16",

@@ -16,7 +16,16 @@ from pyprune_fast import llm
 from pyprune_fast.errors import UsageError
 from pyprune_fast.llm import moe
 from pyprune_fast.llm.structured.moe_width import WIDTH_KEYS
-from tests.test_llm_moe import ARCHS, N_SAMPLES, SEQ_LEN, calibration, expert_inputs, first_moe_inputs, tiny_moe
+from tests.test_llm_moe import (
+    ARCHS,
+    N_SAMPLES,
+    SEQ_LEN,
+    calibration,
+    expert_inputs,
+    first_moe_inputs,
+    save_tiny_moe,
+    tiny_moe,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -190,11 +199,8 @@ def test_the_cli_prunes_expert_widths_and_saves_a_standard_directory(tmp_path, c
     import json
 
     from pyprune_fast.app import cli
-    from tests.test_llm_models import tiny_tokenizer
 
-    directory = tmp_path / "qwen2_moe"
-    tiny_moe("qwen2_moe").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    directory = save_tiny_moe(tmp_path / "qwen2_moe", "qwen2_moe")
     out = tmp_path / "out"
     argv = ["prune", "--model", f"hf:{directory}", "--structure", "width", "--criterion", "wanda", "--ratio", "0.25",
             "--save-model", "--out", str(out), "--samples", "4", "--seq-len", "16", "--eval-tokens", "256",
