@@ -4,6 +4,7 @@ and usage errors (exit 2) before anything runs."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -99,3 +100,16 @@ def test_the_encoder_is_refined_block_by_block_with_each_gain_reported(tmp_path,
             assert doc["model"][f"{name} 2:4: refine {refinement}"].startswith("layer error")
     for result in doc["results"]:
         assert result["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_encoder_takes_the_sequential_refit_and_its_layer_error_falls(tmp_path, capsys):
+    out = str(tmp_path / "enc")
+    argv = ["prune", "--criterion", "wanda", "--granularity", "2:4", "--batches", "2", "--out", out, "--quiet"]
+    assert cli.main([*argv, "--refine", "sequential"]) == 0, capsys.readouterr().err
+    with open(os.path.join(out, "report.json")) as f:
+        doc = json.load(f)
+    gain = re.match(r"layer error (\S+) → (\S+) \(mean of (\d+) blocks\)", doc["model"]["wanda 2:4: refine sequential"])
+    assert gain is not None, doc["model"]
+    before, after, blocks = float(gain[1]), float(gain[2]), int(gain[3])
+    assert blocks == 6 and after < before
+    assert doc["results"][0]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)

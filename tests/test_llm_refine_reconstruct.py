@@ -102,6 +102,8 @@ def test_block_reconstruction_lowers_the_measured_block_errors():
         ({"steps": 1.5}, "steps must be a positive int"),
         ({"lr": float("nan")}, "lr must be a finite number"),
         ({"percdamp": -1}, "percdamp must be a finite number"),
+        ({"rank": -1}, "rank must be an int >= 0"),
+        ({"rank": True}, "rank must be an int >= 0"),
     ],
 )
 def test_bad_reconstruct_options_are_refused(kwargs, match):

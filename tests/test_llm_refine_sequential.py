@@ -12,6 +12,7 @@ import torch
 from pyprune_fast import llm
 from pyprune_fast.llm.refine import Gain, Reconstruct, Refinement
 from pyprune_fast.llm.refine.reconstruct import call_groups, dense_target_least_squares_, masked_least_squares_
+from pyprune_fast.llm.refine.swap import layer_error
 from tests.test_llm_models import tiny_causal_lm
 from tests.test_llm_pipeline import N_SAMPLES, SEQ_LEN, calibration, run
 from tests.test_llm_refine_swap import nm_keep, problem, row_keep
@@ -43,13 +44,15 @@ def stats_of(xd, xp, w):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("kind", ["2:4", "row"])
-def test_the_dense_target_solve_equals_lstsq_on_each_rows_support(seed, kind):
+@pytest.mark.parametrize("rank", [0, 3])
+def test_the_dense_target_solve_equals_lstsq_on_each_rows_support(seed, kind, rank):
     xd, xp, w = inputs_pair(seed)
     keep = nm_keep(w, xp) if kind == "2:4" else row_keep(w, xp, 7)
     weight = w * keep
     percdamp = 0.01
     damp = percdamp * float((xp.T @ xp).diagonal().mean())
-    before, after = dense_target_least_squares_(weight, keep, w, stats_of(xd, xp, w), percdamp, iterations=16)
+    stats = stats_of(xd, xp, w)
+    before, after = dense_target_least_squares_(weight, keep, w, stats, percdamp, iterations=16, rank=rank)
     torch.testing.assert_close(weight, lstsq_reference(xd, xp, w, keep, damp), rtol=1e-7, atol=1e-9)
     assert not bool(weight[~keep].any())
     # the returned errors are the undamped ‖X_d w_dᵀ − X_p ŵᵀ‖², measured directly
@@ -65,6 +68,37 @@ def test_the_dense_target_solve_is_the_plain_solve_when_the_inputs_agree():
     masked_least_squares_(a, keep, w, x.T @ x, 0.01, iterations=16)
     dense_target_least_squares_(b, keep, w, stats_of(x, x, w), 0.01, iterations=16)
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def outlier_problem(seed, d=128, tokens=512, rows=24):
+    """Inputs like an LLM's calibration activations: a few feature directions with 30-100× the scale of
+    the rest (outlier features), which make XᵀX ill-conditioned beyond what its diagonal shows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g, dtype=torch.float64)
+    strong = torch.randn(tokens, 4, generator=g, dtype=torch.float64) * torch.tensor([100.0, 60.0, 40.0, 30.0])
+    x = x + strong @ torch.randn(4, d, generator=g, dtype=torch.float64) / d**0.5
+    return x, torch.randn(rows, d, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_low_rank_preconditioner_converges_faster_than_the_diagonal(seed):
+    x, w = outlier_problem(seed)
+    keep = nm_keep(w, x)
+    h = x.T @ x
+    best = w * keep
+    masked_least_squares_(best, keep, w, h, 0.01, iterations=400, rank=0)
+    exact = lstsq_reference(x, x, w, keep, 0.01 * float(h.diagonal().mean()))
+    torch.testing.assert_close(best, exact, rtol=1e-6, atol=1e-8)  # the common optimum
+
+    def excess(rank):
+        weight = w * keep
+        masked_least_squares_(weight, keep, w, h, 0.01, iterations=6, rank=rank)
+        assert not bool(weight[~keep].any())
+        e, e0, e1 = (float(layer_error(w, v, h).sum()) for v in (exact, w * keep, weight))
+        return (e1 - e) / (e0 - e)
+
+    jacobi, low_rank = excess(0), excess(8)
+    assert -1e-6 < low_rank < 0.01 * jacobi, (low_rank, jacobi)
 
 
 def test_the_dense_target_solve_never_raises_the_undamped_error():
