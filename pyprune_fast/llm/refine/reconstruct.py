@@ -6,11 +6,10 @@ dense block on the calibration inputs, the masks kept exactly (pruned weights st
               towards the dense weights), i.e. A_SS ŵ_S = (A w)_S — the solve SparseGPT's OBS sweep
               approximates column by column, done exactly for the final mask. The refinements' percdamp
               is their own, 0.1 by default, ten times SparseGPT's: on a few thousand calibration tokens
-              the exact refit otherwise fits them too closely (SmolLM2 at 50 %: perplexity 25.50 at
-              0.01, 23.83 at 0.1, 24.21 at 0.3; benchmarks/README.md). Every row is solved at once by batched
-              conjugate gradients (`iterations`, from the method's weights), preconditioned by diag A
-              plus A's top `rank` eigenpairs on each row's support (_preconditioner); kept only where
-              the undamped layer error falls.
+              the exact refit otherwise fits them too closely (the sweep: benchmarks/README.md). Every
+              row is solved at once by batched conjugate gradients (`iterations`, from the method's
+              weights), preconditioned by diag A plus A's top `rank` eigenpairs on each row's support
+              (_preconditioner); kept only where the undamped layer error falls.
     "sequential"  per Linear, closed form, against the dense model rather than the dense block: the
               Linears refit in the order the block calls them (q/k/v, then o_proj on the refit
               attention, gate/up, then down_proj on the refit MLP), each on the inputs X_p the pruned
@@ -59,7 +58,7 @@ class _Stop(Exception):
 
 
 def _damped(h: Tensor, percdamp: float) -> tuple[Tensor, float]:
-    """A = H + λI with λ = percdamp · mean diag H (SparseGPT's dampening), and λ."""
+    """A = H + λI with λ = percdamp · mean diag H (a ridge towards the dense weights), and λ."""
     a = h.clone()
     damp = percdamp * float(h.diagonal().mean()) + torch.finfo(h.dtype).tiny
     a.diagonal().add_(damp)
@@ -72,13 +71,13 @@ def _preconditioner(a: Tensor, keep: Tensor, rank: int, floor: float) -> Callabl
     eigenpairs of A (a randomized range finder: three products with A and a small eigh) and D the rest
     of A's diagonal, inverted on each support by Woodbury: D_S⁻¹ − D_S⁻¹U_S (Λ⁻¹ + U_SᵀD_S⁻¹U_S)⁻¹ U_SᵀD_S⁻¹,
     one rank × rank Cholesky factor per row. Calibration activations of LLMs have a few dominant
-    directions (outlier features) that diag A cannot see: on SmolLM2's Linears this reaches in 10
-    iterations the accuracy Jacobi reaches in 30 (benchmarks/README.md). `floor` (> 0) bounds D and Λ
-    from below."""
+    directions (outlier features) that diag A cannot see, and which slow the diagonal preconditioner
+    down (its accuracy against iterations: benchmarks/README.md). `floor` (> 0) bounds D and Λ from
+    below."""
     d = a.shape[0]
     diag = a.diagonal()
+    jacobi = diag.clamp_min(floor).reciprocal()
     if rank == 0 or d <= 2 * rank:
-        jacobi = diag.clamp_min(floor).reciprocal()
         return lambda r: r * jacobi
     g = torch.Generator(device=a.device).manual_seed(0)
     q = torch.linalg.qr(a @ torch.randn(d, rank + 8, generator=g, device=a.device, dtype=a.dtype)).Q
@@ -91,7 +90,6 @@ def _preconditioner(a: Tensor, keep: Tensor, rank: int, floor: float) -> Callabl
     small = torch.diag_embed(lam.reciprocal()) + (keep.to(a.dtype) @ outer.reshape(d, -1)).view(-1, rank, rank)
     factor, info = torch.linalg.cholesky_ex(small)
     if bool(info.any()):
-        jacobi = diag.clamp_min(floor).reciprocal()
         return lambda r: r * jacobi
 
     def apply(r: Tensor) -> Tensor:
@@ -149,9 +147,15 @@ def masked_least_squares_(
     x, w, h = weight.detach().to(work).clone(), dense.detach().to(work), xtx.detach().to(work)
     keep = keep.to(x.device)
     a, damp = _damped(h, percdamp)
-    _masked_cg(x, x @ a, keep, w @ a, a, iterations, _preconditioner(a, keep, rank, _floor(a, damp)))
-    before = float(layer_error(w, weight.detach().to(work), h).sum())
-    after = float(layer_error(w, x, h).sum())
+    wa, xa = w @ a, x @ a
+
+    def error(v: Tensor, va: Tensor) -> float:  # Σ_r (w_r − v_r) H (w_r − v_r)ᵀ, H = A − λI, from v A
+        d = w - v
+        return float((((wa - va) - damp * d) * d).sum())
+
+    before = error(x, xa)
+    _masked_cg(x, xa, keep, wa, a, iterations, _preconditioner(a, keep, rank, _floor(a, damp)))
+    after = error(x, xa)
     if not after < before:
         return before, before
     weight.copy_(x.masked_fill(~keep, 0).to(weight.dtype))
@@ -359,8 +363,8 @@ class Reconstruct(Refinement):
     closed forms, a ridge towards the dense weights (its own, not the method's: module docstring);
     `rank`: the eigenpairs of XᵀX in the conjugate gradients' preconditioner (0: diag XᵀX only);
     `toward`: how far "sequential" aims at the dense model's output rather than the dense weights' on
-    the pruned inputs (0: not at all, no dense stream kept; 1: fully — it overfits 8 × 256 calibration
-    tokens on SmolLM2; 0.5 helps with 16 × 256, at more cost: benchmarks/README.md); `name`: its key
+    the pruned inputs (0: not at all, no dense stream kept; 1: fully — on a few thousand calibration
+    tokens it overfits them; measured in benchmarks/README.md); `name`: its key
     (the registry holds "reconstruct", mode "linear", and "sequential", mode "sequential" with
     toward=0)."""
 
