@@ -116,18 +116,23 @@ def _target(target) -> str:
     return target if isinstance(target, str) else f"{100 * target:g} %"
 
 
+def _removes_experts(run: Run) -> bool:
+    """Whether a structured run removed routed experts (--structure experts): its ratios count each MoE
+    layer's experts, not the blocks' parameters."""
+    return run.structured.get("structure") == "experts"
+
+
 def _removed(run: Run) -> tuple[str, str]:
     """What a structured run's ratio counts: (column name, its meaning) — the blocks' parameters, or with
     --structure experts each MoE layer's routed experts."""
-    if run.structured.get("structure") == "experts":
+    if _removes_experts(run):
         return "experts removed", "the fraction of each MoE layer's routed experts removed"
     return "blocks' removed", "the fraction of the decoder (or encoder) blocks' parameters removed"
 
 
 def _setup_lines(run: Run) -> list[str]:
     if run.structured:
-        unit = "of each MoE layer's routed experts" if run.structured.get("structure") == "experts" else (
-            "of the blocks' parameters")  # fmt: skip
+        unit = "of each MoE layer's routed experts" if _removes_experts(run) else "of the blocks' parameters"
         return [
             f"model {run.model}: {_count(run.parameters)} parameters; structured pruning ({run.granularity}) at "
             f"ratios {', '.join(_target(t) for t in run.targets)} {unit}; device {run.device}",
@@ -552,7 +557,7 @@ def widths_plot(run: Run, path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     dense = run.structured["dense"]
-    experts = run.structured["structure"] == "experts"  # one panel: the routed experts kept per MoE layer
+    experts = _removes_experts(run)  # one panel: the routed experts kept per MoE layer
     rows = (("experts", "routed experts kept"),) if experts else (("intermediate", "MLP channels kept"),
                                                                   ("heads", "attention heads kept"))  # fmt: skip
     n = len(dense[rows[0][0]])

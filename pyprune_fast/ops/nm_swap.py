@@ -35,7 +35,6 @@ def nm_swap_gains(channel_scores: Tensor, perm: Tensor, positions: Tensor, n: in
     Returns:
         [P, C] float32 (float64 for float64 scores), summed in double across rows.
     """
-    check_tensor("channel_scores", channel_scores)
     check_dtypes("channel_scores", channel_scores, SCORE_TYPES)
     n, m = check_n_m(n, m)
     if channel_scores.dim() != 2 or channel_scores.shape[0] % m:

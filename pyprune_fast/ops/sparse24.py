@@ -41,7 +41,6 @@ def compress_24(w: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     Returns:
         (values [out, in/2], meta int32 [out/16, in/32, 16]).
     """
-    check_tensor("w", w)
     check_dtypes("w", w)
     if w.dim() != 2 or w.shape[0] % 16 or w.shape[1] % 32:
         raise ValueError(f"w must be [out, in] with out % 16 == 0 and in % 32 == 0, got shape {tuple(w.shape)}")
